@@ -1,0 +1,165 @@
+//! Builds the state, starts the actors, runs the HTTP server on a given listener, and shuts it
+//! all down in order: stop accepting, cancel turns (each stores its partial reply), close the
+//! sockets, flush storage.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use actix_web::middleware::from_fn;
+use actix_web::{web, App, HttpServer};
+use secrecy::SecretString;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::conversation::{Deps, Registry};
+use crate::metrics::Metrics;
+use crate::provider::{ProviderActor, Router};
+use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
+use crate::store::{Store, StoreError};
+use crate::tenant::Auth;
+use crate::tokens::ContextBudget;
+
+/// Arbiters that host conversation actors.
+const CONVERSATION_ARBITERS: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A running server.
+pub struct AppHandle {
+    pub addr: SocketAddr,
+    pub dev_mode: bool,
+    server: actix_web::dev::ServerHandle,
+    state: web::Data<AppState>,
+    arbiters: Vec<Arbiter>,
+    shutdown_timeout: std::time::Duration,
+}
+
+/// Whether `listen` is a loopback address (development mode is allowed only there).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+/// Starts parley on `listener` with an open `store`; must run inside an actix system.
+///
+/// # Errors
+/// When there is no admin key on a non-loopback address, or a part cannot start.
+pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppHandle, AppError> {
+    let config = Arc::new(config);
+    let addr = listener.local_addr()?;
+    let admin_key = std::env::var(&config.auth.admin_key_env).ok().filter(|k| !k.is_empty()).map(SecretString::from);
+    let dev_mode = admin_key.is_none();
+    if dev_mode && !is_loopback(&addr) {
+        return Err(AppError::Refused(format!(
+            "no admin key: set {} to serve on {addr} (development mode runs only on loopback)",
+            config.auth.admin_key_env
+        )));
+    }
+    let metrics = Metrics::new()?;
+    let http = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .pool_idle_timeout(std::time::Duration::from_secs(90))
+        .build()?;
+
+    let provider_arbiter = Arbiter::new();
+    let actors: HashMap<String, Addr<ProviderActor>> = config
+        .providers
+        .iter()
+        .map(|p| {
+            let actor = ProviderActor::new(p, http.clone(), |name| std::env::var(name).ok());
+            (p.name.clone(), ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor))
+        })
+        .collect();
+    let routes = config.routes.iter().map(|r| {
+        let targets = r.targets.iter().map(|t| (t.provider.as_str(), t.model.as_str())).collect();
+        (r.model.as_str(), targets)
+    });
+    let router = Router::new(routes, &actors);
+
+    let arbiters: Vec<Arbiter> = (0..CONVERSATION_ARBITERS).map(|_| Arbiter::new()).collect();
+    let deps = Arc::new(Deps {
+        store: store.clone(),
+        router,
+        budget: ContextBudget::new(config.context.budget_tokens, config.context.reserve_output_tokens),
+        metrics: metrics.clone(),
+        idle_timeout: config.idle_timeout(),
+        max_queued_turns: config.server.max_queued_turns,
+        shutdown: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let registry = Registry::new(deps, arbiters.iter().map(Arbiter::handle).collect());
+    let state = web::Data::new(AppState {
+        config: Arc::clone(&config),
+        auth: Auth::new(store, admin_key, dev_mode),
+        registry,
+        metrics,
+        sockets: SocketHub::default(),
+    });
+
+    let max_body = config.server.max_frame_bytes;
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .wrap(from_fn(CatchPanic::handle))
+            .wrap(tracing_actix_web::TracingLogger::default())
+            .configure(|c| routes::configure(c, max_body))
+    })
+    .listen(listener)?
+    .disable_signals()
+    .shutdown_timeout(config.server.shutdown_timeout_secs);
+    if config.server.workers > 0 {
+        server = server.workers(config.server.workers);
+    }
+    let server = server.run();
+    let handle = server.handle();
+    actix::spawn(async move {
+        if let Err(e) = server.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    let mut all_arbiters = arbiters;
+    all_arbiters.push(provider_arbiter);
+    Ok(AppHandle { addr, dev_mode, server: handle, state, arbiters: all_arbiters, shutdown_timeout: config.shutdown_timeout() })
+}
+
+impl AppHandle {
+    /// The shared state (for tests and benches that look inside).
+    pub fn state(&self) -> &web::Data<AppState> {
+        &self.state
+    }
+
+    /// Stops accepting, cancels turns and waits until their replies are stored, closes the
+    /// sockets, stops the server and flushes storage.
+    ///
+    /// # Errors
+    /// When the final flush fails.
+    pub async fn shutdown(self) -> Result<(), StoreError> {
+        tracing::info!("shutting down");
+        self.server.pause().await;
+        self.state.registry.shutdown(self.shutdown_timeout).await;
+        self.state.sockets.close_all();
+        self.server.stop(true).await;
+        let flushed = self.state.store().flush().await;
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+        flushed?;
+        tracing::info!("storage flushed; bye");
+        Ok(())
+    }
+}

@@ -1,0 +1,490 @@
+//! Configuration: one struct, read once at start, immutable afterwards (`Arc<Config>`).
+//!
+//! Layering, lowest first: the embedded default (PROTOCOL §1), the TOML file (`--config` or
+//! `PARLEY_CONFIG`), then flags (which clap also fills from `PARLEY_LISTEN` / `PARLEY_DATA_DIR`).
+//! The file names environment variables, never secrets; [`Config::validate`] checks that they
+//! are set and collects every problem with the path of the field it concerns.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub auth: AuthConfig,
+    pub context: ContextConfig,
+    pub cache: CacheConfig,
+    pub server: ServerConfig,
+    pub providers: Vec<ProviderConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The environment variable that holds the admin key.
+    pub admin_key_env: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    pub budget_tokens: u32,
+    pub reserve_output_tokens: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    pub min_similarity: f32,
+    pub ttl_secs: u64,
+}
+
+/// Settings of the edges and of actor lifecycles (parley additions to PROTOCOL §2).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Largest WebSocket frame (and HTTP JSON body) accepted, in bytes.
+    pub max_frame_bytes: usize,
+    /// A conversation actor with no subscriber and no work stops after this long.
+    pub idle_timeout_secs: u64,
+    /// How long shutdown waits for in-flight turns to store what they have.
+    pub shutdown_timeout_secs: u64,
+    /// Turns waiting behind the running one, per conversation, before `rate_limited`.
+    pub max_queued_turns: usize,
+    /// HTTP worker threads (0 = one per core).
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderKind {
+    Openai,
+    Anthropic,
+    Mock,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    #[serde(default)]
+    pub api_keys_env: Vec<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub rpm: u32,
+    #[serde(default)]
+    pub tpm: u32,
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// `mock` only: delay before the first token.
+    #[serde(default)]
+    pub ttft_ms: Option<u64>,
+    /// `mock` only: streaming pace (0 = as fast as possible).
+    #[serde(default)]
+    pub tokens_per_sec: Option<f64>,
+    /// `mock` only: the seed of the reply generator.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub model: String,
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub provider: String,
+    pub model: String,
+}
+
+fn default_timeout_secs() -> u64 {
+    60
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self { admin_key_env: "PARLEY_ADMIN_KEY".into() }
+    }
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        Self { budget_tokens: 8192, reserve_output_tokens: 1024 }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { enabled: true, min_similarity: 0.92, ttl_secs: 86_400 }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            idle_timeout_secs: 300,
+            shutdown_timeout_secs: 10,
+            max_queued_turns: 32,
+            workers: 0,
+        }
+    }
+}
+
+impl ProviderConfig {
+    /// The built-in mock provider, as the embedded default serves it.
+    pub fn builtin_mock() -> Self {
+        Self {
+            name: "mock".into(),
+            kind: ProviderKind::Mock,
+            base_url: None,
+            api_key_env: None,
+            api_keys_env: Vec::new(),
+            region: Some("local".into()),
+            rpm: 0,
+            tpm: 0,
+            timeout_secs: default_timeout_secs(),
+            ttft_ms: None,
+            tokens_per_sec: None,
+            seed: None,
+        }
+    }
+
+    fn hosted(name: &str, kind: ProviderKind, base_url: &str, key_env: &str) -> Self {
+        Self {
+            name: name.into(),
+            kind,
+            base_url: Some(base_url.into()),
+            api_key_env: Some(key_env.into()),
+            region: None,
+            ..Self::builtin_mock()
+        }
+    }
+
+    /// The base URL, with the kind's public endpoint when none is configured.
+    pub fn base_url(&self) -> &str {
+        match (&self.base_url, self.kind) {
+            (Some(url), _) => url.trim_end_matches('/'),
+            (None, ProviderKind::Openai) => "https://api.openai.com/v1",
+            (None, ProviderKind::Anthropic) => "https://api.anthropic.com/v1",
+            (None, ProviderKind::Mock) => "",
+        }
+    }
+
+    /// The environment variables that hold this provider's keys, in order.
+    pub fn key_envs(&self) -> Vec<&str> {
+        self.api_key_env.iter().chain(&self.api_keys_env).map(String::as_str).collect()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self::embedded(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
+    }
+}
+
+impl Config {
+    /// The embedded default of PROTOCOL §1; `has_env` tells which provider keys are set.
+    pub fn embedded(has_env: impl Fn(&str) -> bool) -> Self {
+        let mut providers = vec![ProviderConfig::builtin_mock()];
+        let mut default_targets = Vec::new();
+        if has_env("OPENAI_API_KEY") {
+            let p = ProviderConfig::hosted(
+                "openai",
+                ProviderKind::Openai,
+                "https://api.openai.com/v1",
+                "OPENAI_API_KEY",
+            );
+            providers.push(p);
+            default_targets.push(target("openai", "gpt-4o-mini"));
+        }
+        if has_env("ANTHROPIC_API_KEY") {
+            let p = ProviderConfig::hosted(
+                "anthropic",
+                ProviderKind::Anthropic,
+                "https://api.anthropic.com/v1",
+                "ANTHROPIC_API_KEY",
+            );
+            providers.push(p);
+            default_targets.push(target("anthropic", "claude-3-5-haiku-latest"));
+        }
+        if default_targets.is_empty() {
+            default_targets.push(target("mock", "mock-1"));
+        }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./data"),
+            auth: AuthConfig::default(),
+            context: ContextConfig::default(),
+            cache: CacheConfig::default(),
+            server: ServerConfig::default(),
+            providers,
+            routes: vec![
+                RouteConfig { model: "mock".into(), targets: vec![target("mock", "mock-1")] },
+                RouteConfig { model: "default".into(), targets: default_targets },
+            ],
+        }
+    }
+
+    /// Parses a TOML document (without validating it).
+    ///
+    /// # Errors
+    /// `Parse` with the TOML error, which names the offending key and line.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// `Read` when the file cannot be read, `Parse` when it is not a valid config.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// The listen address as a socket address.
+    ///
+    /// # Errors
+    /// `Invalid` naming `listen` when it does not parse.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|e| ConfigError::Invalid(vec![format!("listen: {:?}: {e}", self.listen)]))
+    }
+
+    /// Checks everything that can be checked before start, and names each problem's field.
+    ///
+    /// # Errors
+    /// `Invalid` with every problem found.
+    pub fn validate(&self, has_env: impl Fn(&str) -> bool) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Err(ConfigError::Invalid(p)) = self.listen_addr() {
+            problems.extend(p);
+        }
+        let ctx = &self.context;
+        if ctx.budget_tokens == 0 {
+            problems.push("context.budget_tokens: must be greater than 0".into());
+        }
+        if ctx.reserve_output_tokens >= ctx.budget_tokens {
+            problems.push(format!(
+                "context.reserve_output_tokens: {} leaves no room in budget_tokens {}",
+                ctx.reserve_output_tokens, ctx.budget_tokens
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.cache.min_similarity) {
+            problems.push("cache.min_similarity: must be between 0 and 1".into());
+        }
+        if self.server.max_frame_bytes < 1024 {
+            problems.push("server.max_frame_bytes: must be at least 1024".into());
+        }
+        let mut names = HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            validate_provider(i, p, &has_env, &mut problems);
+            if !names.insert(p.name.as_str()) {
+                problems.push(format!("providers[{i}].name: duplicate provider {:?}", p.name));
+            }
+        }
+        let mut models = HashSet::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if r.model.is_empty() {
+                problems.push(format!("routes[{i}].model: must not be empty"));
+            }
+            if !models.insert(r.model.as_str()) {
+                problems.push(format!("routes[{i}].model: duplicate route {:?}", r.model));
+            }
+            if r.targets.is_empty() {
+                problems.push(format!("routes[{i}].targets: needs at least one target"));
+            }
+            for (j, t) in r.targets.iter().enumerate() {
+                if !names.contains(t.provider.as_str()) {
+                    problems.push(format!(
+                        "routes[{i}].targets[{j}].provider: unknown provider {:?}",
+                        t.provider
+                    ));
+                }
+            }
+        }
+        if self.routes.is_empty() {
+            problems.push("routes: at least one route is needed".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.idle_timeout_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_timeout_secs)
+    }
+}
+
+fn validate_provider(
+    i: usize,
+    p: &ProviderConfig,
+    has_env: &impl Fn(&str) -> bool,
+    problems: &mut Vec<String>,
+) {
+    if p.name.is_empty() {
+        problems.push(format!("providers[{i}].name: must not be empty"));
+    }
+    if let Some(url) = &p.base_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            problems.push(format!("providers[{i}].base_url: {url:?} is not an http(s) URL"));
+        }
+    }
+    if p.api_key_env.is_some() && !p.api_keys_env.is_empty() {
+        problems.push(format!("providers[{i}].api_keys_env: give api_key_env or api_keys_env, not both"));
+    }
+    for env in p.key_envs() {
+        if !has_env(env) {
+            let field = if p.api_key_env.as_deref() == Some(env) { "api_key_env" } else { "api_keys_env" };
+            problems.push(format!("providers[{i}].{field}: environment variable {env} is not set"));
+        }
+    }
+    match p.kind {
+        ProviderKind::Anthropic if p.key_envs().is_empty() => {
+            problems.push(format!("providers[{i}].api_key_env: anthropic needs an API key"));
+        }
+        ProviderKind::Openai | ProviderKind::Anthropic => {
+            if p.ttft_ms.is_some() || p.tokens_per_sec.is_some() || p.seed.is_some() {
+                problems.push(format!(
+                    "providers[{i}]: ttft_ms, tokens_per_sec and seed apply to kind \"mock\" only"
+                ));
+            }
+        }
+        ProviderKind::Mock => {}
+    }
+    if p.timeout_secs == 0 {
+        problems.push(format!("providers[{i}].timeout_secs: must be greater than 0"));
+    }
+}
+
+fn target(provider: &str, model: &str) -> TargetConfig {
+    TargetConfig { provider: provider.into(), model: model.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn embedded_default_serves_mock_and_default() {
+        let cfg = Config::embedded(|_| false);
+        assert_eq!(cfg.listen, "127.0.0.1:8080");
+        let routes: Vec<_> = cfg.routes.iter().map(|r| r.model.as_str()).collect();
+        assert_eq!(routes, ["mock", "default"]);
+        assert_eq!(cfg.routes[1].targets[0].provider, "mock");
+        cfg.validate(|_| false).unwrap();
+    }
+
+    #[test]
+    fn embedded_default_prefers_openai_then_anthropic() {
+        let cfg = Config::embedded(|_| true);
+        let t: Vec<_> = cfg.routes[1].targets.iter().map(|t| t.provider.as_str()).collect();
+        assert_eq!(t, ["openai", "anthropic"]);
+        assert_eq!(cfg.routes[1].targets[1].model, "claude-3-5-haiku-latest");
+    }
+
+    #[test]
+    fn unknown_provider_in_route_is_named() {
+        let cfg = parse(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "mock"
+            [[routes]]
+            model = "m"
+            targets = [{ provider = "a", model = "x" }, { provider = "foo", model = "y" }]
+            "#,
+        )
+        .unwrap();
+        let err = cfg.validate(|_| true).unwrap_err().to_string();
+        assert!(err.contains("routes[0].targets[1].provider: unknown provider \"foo\""), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_and_bad_toml_are_refused() {
+        let err = parse("listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        let err = parse("listen = ").unwrap_err().to_string();
+        assert!(err.contains("invalid config file"), "{err}");
+    }
+
+    #[test]
+    fn unset_key_env_is_named() {
+        let cfg = parse(
+            r#"
+            [[providers]]
+            name = "openai"
+            kind = "openai"
+            api_key_env = "NOPE_KEY"
+            [[routes]]
+            model = "m"
+            targets = [{ provider = "openai", model = "gpt" }]
+            "#,
+        )
+        .unwrap();
+        let err = cfg.validate(|_| false).unwrap_err().to_string();
+        assert!(err.contains("providers[0].api_key_env: environment variable NOPE_KEY"), "{err}");
+    }
+
+    #[test]
+    fn collects_every_problem() {
+        let cfg = parse(
+            r#"
+            listen = "nowhere"
+            [context]
+            budget_tokens = 100
+            reserve_output_tokens = 100
+            "#,
+        )
+        .unwrap();
+        let Err(ConfigError::Invalid(problems)) = cfg.validate(|_| true) else { panic!() };
+        assert!(problems.len() >= 3, "{problems:?}");
+    }
+}

@@ -1,0 +1,271 @@
+//! `ConversationActor`: owns one live conversation's seq counter, its queue of pending turns and
+//! its subscribers. History lives in sled, not here. Turns run one at a time as spawned tasks so
+//! `Cancel` and `Subscribe` get through while a reply streams. A turn that panics is caught at
+//! the task boundary: its listeners get `internal`, and the actor stops so that its `Supervisor`
+//! restarts it from the store.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio_util::sync::CancellationToken;
+
+use super::fanout::{Fanout, Scope, SinkId};
+use super::frames::{ErrorFrame, ServerFrame, Sink};
+use super::messages::{Cancel, Posted, PostUserMessage, Shutdown, Subscribe, TurnOptions, Unsubscribe};
+use super::registry::Registry;
+use super::turn::{self, done_frame, TurnInput};
+use super::Deps;
+use crate::error::{ApiError, ErrorCode};
+use crate::store::ConversationRecord;
+use crate::tokens::{fit_history, Encoding};
+
+const MAILBOX: usize = 256;
+/// The most stored messages one `subscribe` replays; older ones are paged over REST.
+pub const MAX_REPLAY: usize = 50_000;
+
+struct Queued {
+    client_id: String,
+    content: String,
+    tokens: u32,
+    options: TurnOptions,
+}
+
+struct Running {
+    client_id: String,
+    cancel: CancellationToken,
+    /// Cancelled when the turn's task has ended, whatever the way.
+    ended: CancellationToken,
+}
+
+pub struct ConversationActor {
+    record: ConversationRecord,
+    encoding: Encoding,
+    deps: Arc<Deps>,
+    registry: Registry,
+    fanout: Fanout,
+    queue: VecDeque<Queued>,
+    running: Option<Running>,
+    last_active: Instant,
+    stopping: bool,
+}
+
+impl ConversationActor {
+    pub fn new(record: ConversationRecord, deps: Arc<Deps>, registry: Registry) -> Self {
+        let encoding = deps.router.encoding(&record.model);
+        Self {
+            record,
+            encoding,
+            deps,
+            registry,
+            fanout: Fanout::default(),
+            queue: VecDeque::new(),
+            running: None,
+            last_active: Instant::now(),
+            stopping: false,
+        }
+    }
+
+    fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if self.running.is_some() || self.stopping {
+            return;
+        }
+        let Some(q) = self.queue.pop_front() else { return };
+        let input = TurnInput {
+            conversation: self.record.id.clone(),
+            route: q.options.model.clone().unwrap_or_else(|| self.record.model.clone()),
+            system: self.record.system.clone(),
+            system_tokens: self.record.system.as_ref().map(|_| self.record.system_tokens),
+            encoding: self.encoding,
+            user_seq: self.record.last_seq + 1,
+            client_id: q.client_id.clone(),
+            content: q.content,
+            tokens: q.tokens,
+            options: q.options,
+        };
+        let cancel = self.deps.shutdown.child_token();
+        let ended = CancellationToken::new();
+        let task = turn::run(Arc::clone(&self.deps), self.fanout.clone(), input, cancel.clone());
+        let guard = ended.clone().drop_guard();
+        let handle = self.deps.tasks.spawn(async move {
+            let _ended = guard;
+            task.await
+        });
+        self.running = Some(Running { client_id: q.client_id, cancel, ended });
+        ctx.spawn(actix::fut::wrap_future(handle).map(|res, act: &mut Self, ctx| act.turn_ended(res, ctx)));
+    }
+
+    fn turn_ended(&mut self, res: Result<u64, tokio::task::JoinError>, ctx: &mut Context<Self>) {
+        let Some(running) = self.running.take() else { return };
+        self.last_active = Instant::now();
+        match res {
+            Ok(last_seq) => self.record.last_seq = last_seq,
+            Err(e) => {
+                tracing::error!(conversation = %self.record.id, error = %e, "turn panicked; restarting the conversation");
+                let mut frame = ErrorFrame::new(&ApiError::internal());
+                frame.conversation = Some(self.record.id.clone());
+                frame.client_id = Some(running.client_id.clone());
+                self.fanout.broadcast(&ServerFrame::Error(frame), Some(&running.client_id));
+                self.fanout.end_turn(&running.client_id);
+                // The supervisor restarts us; `restarting` reloads `last_seq` from the store.
+                ctx.stop();
+                return;
+            }
+        }
+        self.fanout.end_turn(&running.client_id);
+        self.start_next(ctx);
+    }
+
+    fn reload(&mut self) {
+        match self.deps.store.conversation(&self.record.id) {
+            Ok(Some(rec)) => self.record = rec,
+            Ok(None) => self.stopping = true,
+            Err(e) => tracing::error!(conversation = %self.record.id, error = %e, "cannot reload conversation"),
+        }
+    }
+
+    fn listen(&self, listener: Option<(SinkId, Sink, Scope)>) -> Option<Sink> {
+        let (id, sink, scope) = listener?;
+        self.fanout.add(id, sink.clone(), scope);
+        Some(sink)
+    }
+
+    /// A `client_id` already stored: answer its original ack, and its done when the reply exists.
+    fn replay_duplicate(&self, seq: u64, client_id: String, sink: Option<Sink>) -> Result<Posted, ApiError> {
+        let Some(sink) = sink else { return Ok(Posted::Duplicate) };
+        let conv = self.record.id.clone();
+        sink.deliver(&ServerFrame::Ack { conversation: conv.clone(), client_id, seq }.encode());
+        if let Some(done) = self.deps.store.message(&conv, seq + 1)?.and_then(|r| done_frame(&conv, &r)) {
+            sink.deliver(&ServerFrame::Done(done).encode());
+        }
+        Ok(Posted::Duplicate)
+    }
+
+    fn check_idle(&mut self, ctx: &mut Context<Self>) {
+        self.fanout.prune();
+        let idle = self.running.is_none() && self.queue.is_empty() && self.fanout.is_empty();
+        if idle && self.last_active.elapsed() >= self.deps.idle_timeout {
+            tracing::debug!(conversation = %self.record.id, "conversation idle; stopping its actor");
+            self.registry.forget(&self.record.id, &ctx.address());
+            self.stopping = true;
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for ConversationActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        let every = (self.deps.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        ctx.run_interval(every, Self::check_idle);
+        self.start_next(ctx);
+    }
+}
+
+impl Supervised for ConversationActor {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.running = None;
+        self.reload();
+    }
+}
+
+impl Handler<Subscribe> for ConversationActor {
+    type Result = Result<u64, ApiError>;
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        let conv = self.record.id.clone();
+        let last_seq = self.record.last_seq;
+        msg.sink.deliver(&ServerFrame::Subscribed { conversation: conv.clone(), last_seq }.encode());
+        if let Some(after) = msg.after_seq {
+            for m in self.deps.store.messages_after(&conv, after, MAX_REPLAY)? {
+                let frame = ServerFrame::Message { conversation: conv.clone(), message: m.into() };
+                msg.sink.deliver_replay(&frame.encode());
+            }
+        }
+        self.fanout.add(msg.sink_id, msg.sink, Scope::Conversation);
+        Ok(last_seq)
+    }
+}
+
+impl Handler<Unsubscribe> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
+        self.fanout.remove(msg.sink_id);
+    }
+}
+
+impl Handler<PostUserMessage> for ConversationActor {
+    type Result = Result<Posted, ApiError>;
+
+    fn handle(&mut self, msg: PostUserMessage, ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        if self.stopping {
+            return Err(ApiError::not_found("conversation"));
+        }
+        let cid = msg.client_id;
+        if let Some(seq) = self.deps.store.seq_for_client_id(&self.record.id, &cid)? {
+            let sink = self.listen(msg.listener.map(|(id, sink, scope)| match scope {
+                // The reply may still be streaming: the HTTP caller listens to that turn.
+                Scope::Turn(_) => (id, sink, Scope::Turn(cid.clone())),
+                s => (id, sink, s),
+            }));
+            return self.replay_duplicate(seq, cid, sink);
+        }
+        let pending = self.running.as_ref().is_some_and(|r| r.client_id == cid)
+            || self.queue.iter().any(|q| q.client_id == cid);
+        if pending {
+            self.listen(msg.listener);
+            return Ok(Posted::Duplicate);
+        }
+        let route = msg.options.model.as_deref().unwrap_or(&self.record.model);
+        if !self.deps.router.has_route(route) {
+            return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {route:?} does not exist")));
+        }
+        let system = self.record.system.as_ref().map(|_| self.record.system_tokens);
+        fit_history(self.deps.budget, system, msg.tokens, [])
+            .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+        if self.queue.len() >= self.deps.max_queued_turns {
+            let err = ApiError::new(ErrorCode::RateLimited, "too many turns queued in this conversation");
+            return Err(err.with_retry_after(Duration::from_secs(1)));
+        }
+        self.listen(msg.listener);
+        self.queue.push_back(Queued { client_id: cid, content: msg.content, tokens: msg.tokens, options: msg.options });
+        self.start_next(ctx);
+        Ok(Posted::Queued)
+    }
+}
+
+impl Handler<Cancel> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Cancel, _ctx: &mut Self::Context) {
+        if let Some(running) = &self.running {
+            running.cancel.cancel();
+        }
+    }
+}
+
+impl Handler<Shutdown> for ConversationActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
+        self.stopping = true;
+        self.queue.clear();
+        self.registry.forget(&self.record.id, &ctx.address());
+        let ended = self.running.as_ref().map(|r| {
+            r.cancel.cancel();
+            r.ended.clone()
+        });
+        ctx.stop();
+        Box::pin(async move {
+            if let Some(ended) = ended {
+                ended.cancelled().await;
+            }
+        })
+    }
+}

@@ -1,0 +1,177 @@
+//! Server → client frames (PROTOCOL §5) and the sinks they are delivered to.
+//!
+//! A frame is serialised once and shared by every subscriber. A sink is a WebSocket session (an
+//! actor `Recipient`) or a channel (an HTTP request waiting for its reply); both are bounded, and
+//! a subscriber that cannot keep up is dropped with a close notice rather than buffered forever.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::ConversationId;
+use crate::store::{MessageRecord, Role, Usage};
+
+/// A stored message as clients see it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WireMessage {
+    pub seq: u64,
+    pub role: Role,
+    pub content: String,
+    pub created_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+}
+
+impl From<MessageRecord> for WireMessage {
+    fn from(m: MessageRecord) -> Self {
+        Self {
+            seq: m.seq,
+            role: m.role,
+            content: m.content,
+            created_at: m.created_at,
+            client_id: m.client_id,
+            finish_reason: m.finish_reason,
+        }
+    }
+}
+
+/// The `done` frame's body.
+#[derive(Debug, Clone, Serialize)]
+pub struct Done {
+    pub conversation: ConversationId,
+    pub reply_to: u64,
+    pub seq: u64,
+    pub finish_reason: String,
+    pub usage: Usage,
+    pub cached: bool,
+    pub provider: String,
+    pub model: String,
+    pub ttft_ms: Option<u64>,
+}
+
+/// The `error` frame's body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl ErrorFrame {
+    pub fn new(err: &ApiError) -> Self {
+        Self {
+            code: err.code,
+            message: err.message.clone(),
+            conversation: None,
+            client_id: None,
+            reply_to: None,
+            retry_after_ms: err.retry_after_ms(),
+        }
+    }
+}
+
+/// Every frame the server sends.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Created { client_id: String, conversation: ConversationId },
+    Subscribed { conversation: ConversationId, last_seq: u64 },
+    Ack { conversation: ConversationId, client_id: String, seq: u64 },
+    Delta { conversation: ConversationId, reply_to: u64, text: String },
+    Done(Done),
+    Message {
+        conversation: ConversationId,
+        #[serde(flatten)]
+        message: WireMessage,
+    },
+    Error(ErrorFrame),
+}
+
+impl ServerFrame {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Created { .. } => "created",
+            Self::Subscribed { .. } => "subscribed",
+            Self::Ack { .. } => "ack",
+            Self::Delta { .. } => "delta",
+            Self::Done(_) => "done",
+            Self::Message { .. } => "message",
+            Self::Error(_) => "error",
+        }
+    }
+
+    /// Serialises the frame once for every sink.
+    pub fn encode(&self) -> Outbound {
+        // Serialising these plain structs cannot fail; an empty object keeps the socket alive.
+        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
+        Outbound::Frame { frame: Arc::new(self.clone()), json: json.into() }
+    }
+}
+
+/// Close code for a socket that could not keep up (1013, "try again later").
+pub const CLOSE_LAGGING: u16 = 1013;
+
+/// What is delivered to a sink.
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "()")]
+pub enum Outbound {
+    Frame { frame: Arc<ServerFrame>, json: Arc<str> },
+    /// The subscriber fell behind or lost its right to listen; the socket closes with `code`.
+    Close { code: u16, reason: &'static str },
+}
+
+/// Where frames of a conversation are delivered.
+#[derive(Clone)]
+pub enum Sink {
+    Socket(Recipient<Outbound>),
+    Channel(mpsc::Sender<Outbound>),
+}
+
+impl Sink {
+    /// Delivers without waiting; `false` means the sink is gone or full and should be dropped.
+    pub fn deliver(&self, out: &Outbound) -> bool {
+        match self {
+            Self::Socket(r) => match r.try_send(out.clone()) {
+                Ok(()) => true,
+                Err(SendError::Full(_)) => {
+                    // Beyond capacity on purpose: a close notice must reach a lagging socket.
+                    r.do_send(Outbound::Close { code: CLOSE_LAGGING, reason: "subscriber fell behind" });
+                    false
+                }
+                Err(SendError::Closed(_)) => false,
+            },
+            Self::Channel(tx) => tx.try_send(out.clone()).is_ok(),
+        }
+    }
+
+    /// Delivers a replay frame: a socket takes it past its mailbox capacity, since the replay is
+    /// bounded by what is stored and must not be cut short.
+    pub fn deliver_replay(&self, out: &Outbound) {
+        match self {
+            Self::Socket(r) => r.do_send(out.clone()),
+            Self::Channel(tx) => {
+                let _ = tx.try_send(out.clone());
+            }
+        }
+    }
+
+    /// Whether the listener behind the sink is gone.
+    pub fn is_closed(&self) -> bool {
+        match self {
+            Self::Socket(r) => !r.connected(),
+            Self::Channel(tx) => tx.is_closed(),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! The messages a conversation actor answers. Commands are imperative; notices are past tense.
+
+use actix::prelude::*;
+
+use super::fanout::{Scope, SinkId};
+use super::frames::Sink;
+use crate::error::ApiError;
+
+/// Per-turn options of a user message (PROTOCOL §5 `options`).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TurnOptions {
+    /// A route to use for this turn instead of the conversation's.
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    #[serde(default)]
+    pub cache: Option<bool>,
+}
+
+/// Subscribes a sink; the actor sends `subscribed`, then the replay after `after_seq` if given,
+/// then live traffic. Answers the conversation's `last_seq`.
+#[derive(Message)]
+#[rtype(result = "Result<u64, ApiError>")]
+pub struct Subscribe {
+    pub sink_id: SinkId,
+    pub sink: Sink,
+    pub after_seq: Option<u64>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe {
+    pub sink_id: SinkId,
+}
+
+/// Queues a user turn. The `ack`, `delta`s and `done` reach the conversation's subscribers and
+/// `listener`; a `client_id` seen before appends nothing and replays the original answer.
+#[derive(Message)]
+#[rtype(result = "Result<Posted, ApiError>")]
+pub struct PostUserMessage {
+    pub client_id: String,
+    pub content: String,
+    /// Content tokens, counted by the caller off the actor's thread.
+    pub tokens: u32,
+    pub options: TurnOptions,
+    /// Who hears this turn: a socket (which is thereby subscribed) or an HTTP request.
+    pub listener: Option<(SinkId, Sink, Scope)>,
+}
+
+/// What became of a posted message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Posted {
+    Queued,
+    Duplicate,
+}
+
+/// Stops the generation in progress, if any.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Cancel;
+
+/// Cancels everything and stops the actor (conversation deleted, or server shutting down).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;

@@ -1,0 +1,150 @@
+//! `Registry`: conversation id → the address of its live actor, started on demand on one of the
+//! conversation arbiters under a `Supervisor`, forgotten when the actor idles out or is shut down.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use parking_lot::Mutex;
+
+use super::actor::ConversationActor;
+use super::messages::Shutdown;
+use super::Deps;
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::{unix_now, ConversationId, TenantId};
+use crate::store::ConversationRecord;
+use crate::tokens;
+
+#[derive(Clone)]
+pub struct Registry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    deps: Arc<Deps>,
+    actors: Mutex<HashMap<ConversationId, Addr<ConversationActor>>>,
+    arbiters: Vec<ArbiterHandle>,
+    next: AtomicUsize,
+}
+
+/// A live conversation actor and the conversation's route.
+pub struct Live {
+    pub addr: Addr<ConversationActor>,
+    pub model: String,
+}
+
+/// What a client gives to create a conversation.
+#[derive(Debug, Default, Clone)]
+pub struct NewConversation {
+    pub model: Option<String>,
+    pub system: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl Registry {
+    /// `arbiters` host the conversation actors (at least one).
+    pub fn new(deps: Arc<Deps>, arbiters: Vec<ArbiterHandle>) -> Self {
+        Self { inner: Arc::new(Inner { deps, actors: Mutex::new(HashMap::new()), arbiters, next: AtomicUsize::new(0) }) }
+    }
+
+    pub fn deps(&self) -> &Deps {
+        &self.inner.deps
+    }
+
+    /// Creates and durably stores a conversation of `tenant`.
+    ///
+    /// # Errors
+    /// `model_not_found` for an unknown route, `too_large` for a system prompt over the budget.
+    pub async fn create(&self, tenant: &TenantId, new: NewConversation) -> Result<ConversationRecord, ApiError> {
+        let deps = self.deps();
+        let model = new.model.unwrap_or_else(|| "default".into());
+        if !deps.router.has_route(&model) {
+            return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {model:?} does not exist")));
+        }
+        let system_tokens = match &new.system {
+            Some(s) => tokens::count_async(deps.router.encoding(&model), s.clone()).await,
+            None => 0,
+        };
+        if new.system.is_some() {
+            tokens::fit_history(deps.budget, Some(system_tokens), 0, [])
+                .map_err(|e| ApiError::new(ErrorCode::TooLarge, format!("system prompt: {e}")))?;
+        }
+        let record = ConversationRecord {
+            id: ConversationId::generate(),
+            tenant: tenant.clone(),
+            model,
+            system: new.system,
+            system_tokens,
+            metadata: new.metadata.unwrap_or_else(|| serde_json::json!({})),
+            created_at: unix_now(),
+            last_seq: 0,
+        };
+        deps.store.create_conversation(&record).await?;
+        Ok(record)
+    }
+
+    /// The live actor of a conversation of `tenant`, started if needed, with the
+    /// conversation's route (model).
+    ///
+    /// # Errors
+    /// `not_found` when the conversation does not exist or belongs to another tenant.
+    pub fn get(&self, id: &ConversationId, tenant: &TenantId) -> Result<Live, ApiError> {
+        let record = self.deps().store.owned_conversation(id, tenant)?;
+        let model = record.model.clone();
+        let mut actors = self.inner.actors.lock();
+        if let Some(addr) = actors.get(id).filter(|a| a.connected()) {
+            return Ok(Live { addr: addr.clone(), model });
+        }
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len().max(1);
+        let arbiter = self.inner.arbiters.get(i).cloned().unwrap_or_else(Arbiter::current);
+        let (deps, registry) = (Arc::clone(&self.inner.deps), self.clone());
+        let addr = Supervisor::start_in_arbiter(&arbiter, move |_| ConversationActor::new(record, deps, registry));
+        actors.insert(id.clone(), addr.clone());
+        Ok(Live { addr, model })
+    }
+
+    /// Deletes a conversation: stops its actor (cancelling its turn), then removes its data.
+    ///
+    /// # Errors
+    /// `not_found` as for [`Registry::get`]; storage failures.
+    pub async fn delete(&self, id: &ConversationId, tenant: &TenantId) -> Result<(), ApiError> {
+        self.deps().store.owned_conversation(id, tenant)?;
+        let live = self.inner.actors.lock().remove(id);
+        if let Some(addr) = live {
+            // A stopped actor has nothing to wait for.
+            let _ = addr.send(Shutdown).await;
+        }
+        self.deps().store.delete_conversation(id).await?;
+        Ok(())
+    }
+
+    /// The live actor of a conversation, without starting one.
+    pub fn peek(&self, id: &ConversationId) -> Option<Addr<ConversationActor>> {
+        self.inner.actors.lock().get(id).cloned()
+    }
+
+    /// Forgets `addr` as the actor of `id` (only if it still is).
+    pub(super) fn forget(&self, id: &ConversationId, addr: &Addr<ConversationActor>) {
+        let mut actors = self.inner.actors.lock();
+        if actors.get(id) == Some(addr) {
+            actors.remove(id);
+        }
+    }
+
+    /// Number of live conversation actors.
+    pub fn live(&self) -> usize {
+        self.inner.actors.lock().len()
+    }
+
+    /// Cancels every turn and waits (up to `timeout`) until each has stored what it had.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let deps = self.deps();
+        deps.shutdown.cancel();
+        deps.tasks.close();
+        if tokio::time::timeout(timeout, deps.tasks.wait()).await.is_err() {
+            tracing::error!(remaining = deps.tasks.len(), "turns still running at shutdown timeout");
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! One turn: store the user message, build the context within the budget, stream the reply from
+//! the router to every subscriber, store the reply, answer `done` (or `error`).
+//!
+//! A turn runs as its own task so the actor's mailbox stays free for `Cancel` and `Subscribe`.
+//! Ordering guarantees: the user message is durable before `ack`; the reply is durable before
+//! `done`; the deltas' concatenation is exactly the stored content.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::fanout::Fanout;
+use super::frames::{Done, ErrorFrame, ServerFrame};
+use super::messages::TurnOptions;
+use super::Deps;
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::{unix_now, ConversationId};
+use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
+use crate::store::{MessageRecord, ReplyMeta, Role, Usage};
+use crate::tokens::{self, fit_history, Encoding};
+
+/// Everything a turn needs to know about its conversation and message.
+pub struct TurnInput {
+    pub conversation: ConversationId,
+    pub route: String,
+    pub system: Option<String>,
+    pub system_tokens: Option<u32>,
+    pub encoding: Encoding,
+    pub user_seq: u64,
+    pub client_id: String,
+    pub content: String,
+    pub tokens: u32,
+    pub options: TurnOptions,
+}
+
+/// How a reply ended, before it is stored.
+struct Ending {
+    finish_reason: &'static str,
+    error: Option<ApiError>,
+    usage: Option<Usage>,
+    model: Option<String>,
+}
+
+/// Runs one turn; answers the conversation's `last_seq` afterwards.
+pub async fn run(deps: Arc<Deps>, fanout: Fanout, input: TurnInput, cancel: CancellationToken) -> u64 {
+    let span = tracing::info_span!(
+        "turn",
+        conversation = %input.conversation,
+        seq = input.user_seq,
+        model = %input.route,
+        provider = tracing::field::Empty,
+        ttft_ms = tracing::field::Empty,
+    );
+    run_inner(&deps, &fanout, input, &cancel).instrument(span).await
+}
+
+async fn run_inner(deps: &Deps, fanout: &Fanout, input: TurnInput, cancel: &CancellationToken) -> u64 {
+    let conv = input.conversation.clone();
+    let cid = input.client_id.clone();
+    let fail = |err: ApiError, reply_to: Option<u64>| {
+        let mut frame = ErrorFrame::new(&err);
+        frame.conversation = Some(conv.clone());
+        frame.client_id = Some(cid.clone());
+        frame.reply_to = reply_to;
+        fanout.broadcast(&ServerFrame::Error(frame), Some(&cid));
+    };
+
+    let user = MessageRecord {
+        seq: input.user_seq,
+        role: Role::User,
+        content: input.content.clone(),
+        created_at: unix_now(),
+        client_id: Some(input.client_id.clone()),
+        finish_reason: None,
+        tokens: input.tokens,
+        reply: None,
+    };
+    if let Err(e) = deps.store.append_message(&conv, &user).await {
+        fail(e.into(), None);
+        return input.user_seq - 1;
+    }
+    let ack = ServerFrame::Ack { conversation: conv.clone(), client_id: cid.clone(), seq: input.user_seq };
+    fanout.broadcast(&ack, Some(&cid));
+
+    #[cfg(feature = "fault-injection")]
+    if input.content.contains("[[parley:panic]]") {
+        panic!("fault injection: turn panicked");
+    }
+
+    let (request, prompt_tokens) = match build_request(deps, &input) {
+        Ok(r) => r,
+        Err(e) => {
+            fail(e, Some(input.user_seq));
+            return input.user_seq;
+        }
+    };
+    let reply_seq = input.user_seq + 1;
+    let begun = Instant::now();
+    let mut text = String::new();
+    let started = tokio::select! {
+        () = cancel.cancelled() => None,
+        started = deps.router.start(&input.route, request) => Some(started),
+    };
+    let (ending, provider, model, ttft) = match started {
+        None => (ending("cancelled", None), String::new(), String::new(), None),
+        Some(Err(e)) => {
+            let err: ApiError = e.into();
+            (ending("error", Some(err)), String::new(), String::new(), None)
+        }
+        Some(Ok(started)) => {
+            let span = tracing::Span::current();
+            span.record("provider", started.provider.as_str());
+            span.record("ttft_ms", started.ttft.as_millis() as u64);
+            let (provider, model, ttft) = (started.provider.clone(), started.model.clone(), started.ttft);
+            let ending = stream(fanout, &conv, &cid, input.user_seq, started, &mut text, cancel).await;
+            (ending, provider, model, Some(ttft))
+        }
+    };
+    deps.metrics.observe_turn(&provider, ttft, ending.error.as_ref().map(|e| e.code));
+
+    let completion_tokens = tokens::count_async(input.encoding, text.clone()).await;
+    let usage = ending.usage.unwrap_or_else(|| Usage::new(prompt_tokens, completion_tokens));
+    let model = ending.model.unwrap_or(model);
+    let reply = MessageRecord {
+        seq: reply_seq,
+        role: Role::Assistant,
+        content: text,
+        created_at: unix_now(),
+        client_id: None,
+        finish_reason: Some(ending.finish_reason.to_owned()),
+        tokens: completion_tokens,
+        reply: Some(ReplyMeta {
+            reply_to: input.user_seq,
+            usage,
+            cached: false,
+            provider: provider.clone(),
+            model: model.clone(),
+            ttft_ms: ttft.map(|t| t.as_millis() as u64),
+        }),
+    };
+    if let Err(e) = deps.store.append_message(&conv, &reply).await {
+        fail(e.into(), Some(input.user_seq));
+        return input.user_seq;
+    }
+    deps.metrics.add_tokens(&provider, usage);
+    tracing::debug!(elapsed_ms = begun.elapsed().as_millis() as u64, finish_reason = ending.finish_reason, "turn finished");
+    match ending.error {
+        Some(err) => fail(err, Some(input.user_seq)),
+        None => {
+            if let Some(done) = done_frame(&conv, &reply) {
+                fanout.broadcast(&ServerFrame::Done(done), Some(&cid));
+            }
+        }
+    }
+    reply_seq
+}
+
+/// Forwards deltas until the reply ends, fails, or is cancelled.
+async fn stream(
+    fanout: &Fanout,
+    conv: &ConversationId,
+    client_id: &str,
+    reply_to: u64,
+    started: crate::provider::Started,
+    text: &mut String,
+    cancel: &CancellationToken,
+) -> Ending {
+    let mut rest = started.rest;
+    let mut next = Some(started.first);
+    loop {
+        let event = match next.take() {
+            Some(e) => e,
+            None => tokio::select! {
+                () = cancel.cancelled() => return ending("cancelled", None),
+                e = rest.recv() => e.unwrap_or_else(|| {
+                    UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
+                        provider: started.provider.clone(),
+                        message: "generation ended without a result".into(),
+                    })
+                }),
+            },
+        };
+        match event {
+            UpstreamEvent::Delta(delta) => {
+                text.push_str(&delta);
+                let frame = ServerFrame::Delta { conversation: conv.clone(), reply_to, text: delta };
+                fanout.broadcast(&frame, Some(client_id));
+            }
+            UpstreamEvent::Finished { finish_reason, usage, model } => {
+                let reason = match finish_reason.as_str() {
+                    "length" => "length",
+                    "content_filter" => "content_filter",
+                    "tool_calls" => "tool_calls",
+                    _ => "stop",
+                };
+                return Ending { finish_reason: reason, error: None, usage, model };
+            }
+            UpstreamEvent::Failed(e) if !text.is_empty() => {
+                tracing::warn!(error = %e, "upstream stream broke after text was sent");
+                let err = ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string());
+                return ending("interrupted", Some(err));
+            }
+            UpstreamEvent::Failed(e) => return ending("error", Some(e.into())),
+        }
+    }
+}
+
+fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
+    Ending { finish_reason, error, usage: None, model: None }
+}
+
+/// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message.
+fn build_request(deps: &Deps, input: &TurnInput) -> Result<(ChatRequest, u32), ApiError> {
+    let mut taken = Vec::new();
+    let mut read_error = None;
+    let history = deps
+        .store
+        .messages_newest_first(&input.conversation)
+        .filter_map(|m| m.map_err(|e| read_error = Some(e)).ok())
+        .filter(|m| m.seq < input.user_seq && !m.content.is_empty())
+        .map(|m| {
+            let t = m.tokens;
+            taken.push(m);
+            t
+        });
+    let fitted = fit_history(deps.budget, input.system_tokens, input.tokens, history);
+    if let Some(e) = read_error {
+        return Err(e.into());
+    }
+    let (n, prompt_tokens) = fitted.map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+    taken.truncate(n);
+    let mut messages = Vec::with_capacity(n + 2);
+    if let Some(system) = &input.system {
+        messages.push(ChatMessage { role: "system", content: system.clone() });
+    }
+    messages.extend(taken.into_iter().rev().map(|m| ChatMessage { role: m.role.as_str(), content: m.content }));
+    messages.push(ChatMessage { role: "user", content: input.content.clone() });
+    let request = ChatRequest {
+        model: String::new(),
+        messages,
+        max_tokens: input.options.max_tokens,
+        temperature: input.options.temperature,
+    };
+    Ok((request, prompt_tokens))
+}
+
+/// The `done` frame of a stored reply (`None` for a message that is not a reply).
+pub fn done_frame(conv: &ConversationId, reply: &MessageRecord) -> Option<Done> {
+    let meta = reply.reply.as_ref()?;
+    Some(Done {
+        conversation: conv.clone(),
+        reply_to: meta.reply_to,
+        seq: reply.seq,
+        finish_reason: reply.finish_reason.clone().unwrap_or_else(|| "stop".into()),
+        usage: meta.usage,
+        cached: meta.cached,
+        provider: meta.provider.clone(),
+        model: meta.model.clone(),
+        ttft_ms: meta.ttft_ms,
+    })
+}

@@ -1,0 +1,30 @@
+//! parley: a self-hosted LLM conversation server.
+//!
+//! Map of the crate, edges first:
+//! - [`cli`]: the command line of PROTOCOL §1.
+//! - [`config`]: `Config`, its embedded default, layering and validation.
+//! - [`app`]: builds the state, starts the actors, runs the HTTP server, shuts down cleanly.
+//! - [`server`]: the edges: HTTP routes (OpenAI, conversations, admin, health), SSE, WebSocket.
+//! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
+//! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
+//! - [`tokens`]: token counting (tiktoken-rs) and context trimming.
+//! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
+//! - [`store`]: the only module that touches sled.
+//! - [`mock_upstream`]: the fake provider used by the CLI, the tests and the benches.
+//! - [`error`]: the protocol's error codes, one mapping to HTTP and WebSocket.
+//! - [`metrics`], [`telemetry`]: Prometheus registry and tracing setup.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod conversation;
+pub mod error;
+pub mod ids;
+pub mod metrics;
+pub mod mock_upstream;
+pub mod provider;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod tenant;
+pub mod tokens;

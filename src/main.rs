@@ -1,0 +1,99 @@
+//! `parley`: parse the command line, load the config, start tracing, run `serve` or
+//! `mock-upstream` until SIGINT/SIGTERM.
+
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use clap::Parser;
+use parley::cli::{Cli, Command, MockArgs, ServeArgs};
+use parley::config::Config;
+use parley::store::Store;
+use parley::{app, mock_upstream, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    match cli.command {
+        Command::Serve(args) => serve(&args),
+        Command::MockUpstream(args) => mock(&args),
+    }
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = &args.listen {
+        config.listen.clone_from(listen);
+    }
+    if let Some(dir) = &args.data_dir {
+        config.data_dir.clone_from(dir);
+    }
+    config.validate(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))?;
+    Ok(config)
+}
+
+fn serve(args: &ServeArgs) -> ExitCode {
+    let config = match load_config(args) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(async move {
+        let store = Store::open(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot open storage in {}: {e}", config.data_dir.display()))?;
+        let listener =
+            TcpListener::bind(&config.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let handle = app::start(config, listener, store)?;
+        if handle.dev_mode {
+            tracing::warn!("development mode: no admin key set; requests without a key act as tenant \"local\"");
+        }
+        tracing::info!("listening on {}", handle.addr);
+        wait_for_signal().await;
+        handle.shutdown().await?;
+        Ok::<_, anyhow::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+fn mock(args: &MockArgs) -> ExitCode {
+    let system = actix_web::rt::System::new();
+    let result = system.block_on(async move {
+        tokio::select! {
+            served = mock_upstream::serve(args) => served,
+            () = wait_for_signal() => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&anyhow::Error::from(e)),
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    tracing::error!("{e:#}");
+    // Also on stderr without the log decoration, for people reading a failed start.
+    eprintln!("parley: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        if let (Ok(mut term), Ok(mut int)) = (term, int) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,206 @@
+//! The OpenAI Chat Completions wire format, for OpenAI and every compatible server (vLLM,
+//! Ollama, LM Studio, `parley mock-upstream`). Requests always stream upstream, asking for the
+//! final usage chunk, so time to first token is measured and deltas are forwarded as they come.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::sse::{self, Decoded, Decoder};
+use super::{parse_retry_after, ChatRequest, ProviderError, UpstreamEvent};
+use crate::store::Usage;
+
+/// A client of one OpenAI-compatible provider.
+pub struct OpenAiClient {
+    name: String,
+    url: String,
+    keys: Vec<SecretString>,
+    next_key: AtomicUsize,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+impl OpenAiClient {
+    pub fn new(name: &str, base_url: &str, keys: Vec<SecretString>, http: reqwest::Client, timeout: Duration) -> Self {
+        Self {
+            name: name.to_owned(),
+            url: format!("{base_url}/chat/completions"),
+            keys,
+            next_key: AtomicUsize::new(0),
+            http,
+            timeout,
+        }
+    }
+
+    /// Runs one streaming generation into `tx`.
+    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
+        let mut body = json!({
+            "model": req.model,
+            "messages": req.messages,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if let Some(max) = req.max_tokens {
+            body["max_tokens"] = max.into();
+        }
+        if let Some(t) = req.temperature {
+            body["temperature"] = t.into();
+        }
+        let mut request = self.http.post(&self.url).json(&body);
+        if !self.keys.is_empty() {
+            let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
+            request = request.bearer_auth(self.keys[i].expose_secret());
+        }
+        let response = match send(&self.name, request, self.timeout, &tx).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                let _ = tx.send(UpstreamEvent::Failed(e)).await;
+                return;
+            }
+            None => return,
+        };
+        sse::pump(&self.name, response.bytes_stream(), OpenAiDecoder::default(), self.timeout, &tx).await;
+    }
+}
+
+/// Sends a request and checks its status; `None` when the consumer went away meanwhile.
+pub(super) async fn send(
+    provider: &str,
+    request: reqwest::RequestBuilder,
+    timeout: Duration,
+    tx: &mpsc::Sender<UpstreamEvent>,
+) -> Option<Result<reqwest::Response, ProviderError>> {
+    let sent = tokio::select! {
+        () = tx.closed() => return None,
+        sent = tokio::time::timeout(timeout, request.send()) => sent,
+    };
+    let response = match sent {
+        Err(_) => return Some(Err(ProviderError::Timeout { provider: provider.into() })),
+        Ok(Err(e)) if e.is_timeout() => return Some(Err(ProviderError::Timeout { provider: provider.into() })),
+        // Without the URL: it is ours, and the error's source chain says what went wrong.
+        Ok(Err(e)) => {
+            let message = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            return Some(Err(ProviderError::Connect { provider: provider.into(), message }));
+        }
+        Ok(Ok(r)) => r,
+    };
+    let status = response.status();
+    if status.is_success() {
+        return Some(Ok(response));
+    }
+    let retry_after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
+    let body = tokio::time::timeout(timeout, response.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
+    Some(Err(ProviderError::Status {
+        provider: provider.into(),
+        status: status.as_u16(),
+        message: sse::error_message(&body),
+        retry_after,
+    }))
+}
+
+/// Reads `chat.completion.chunk` events.
+#[derive(Debug, Default)]
+pub struct OpenAiDecoder {
+    finish_reason: Option<String>,
+    usage: Option<Usage>,
+    model: Option<String>,
+}
+
+impl Decoder for OpenAiDecoder {
+    fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, String> {
+        let data = data.trim();
+        if data == "[DONE]" {
+            return Ok(Decoded::End);
+        }
+        if data.is_empty() {
+            return Ok(Decoded::Nothing);
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).map_err(|e| format!("chunk is not JSON: {e}"))?;
+        if let Some(err) = chunk.get("error") {
+            let msg = err.get("message").and_then(|m| m.as_str()).unwrap_or("upstream error");
+            return Ok(Decoded::Error(msg.to_owned()));
+        }
+        if let Some(model) = chunk.get("model").and_then(|m| m.as_str()) {
+            self.model.get_or_insert_with(|| model.to_owned());
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
+            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+            self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
+        }
+        let choice = chunk.get("choices").and_then(|c| c.get(0));
+        if let Some(reason) = choice.and_then(|c| c.get("finish_reason")).and_then(|r| r.as_str()) {
+            self.finish_reason = Some(reason.to_owned());
+        }
+        let text = choice.and_then(|c| c.pointer("/delta/content")).and_then(|t| t.as_str());
+        Ok(text.map_or(Decoded::Nothing, |t| Decoded::Delta(t.to_owned())))
+    }
+
+    fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>) {
+        (self.finish_reason.clone(), self.usage, self.model.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    async fn run_chunks(chunks: Vec<&'static str>) -> Vec<UpstreamEvent> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let body = stream::iter(chunks.into_iter().map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))));
+        sse::pump("p", body, OpenAiDecoder::default(), Duration::from_secs(5), &tx).await;
+        drop(tx);
+        let mut out = Vec::new();
+        while let Some(e) = rx.recv().await {
+            out.push(e);
+        }
+        out
+    }
+
+    fn texts(events: &[UpstreamEvent]) -> String {
+        events.iter().filter_map(|e| if let UpstreamEvent::Delta(t) = e { Some(t.as_str()) } else { None }).collect()
+    }
+
+    #[tokio::test]
+    async fn events_split_across_chunks_and_several_per_chunk() {
+        let events = run_chunks(vec![
+            ": keep-alive\n\n",
+            "data: {\"model\":\"m1\",\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"de",
+            "lta\":{\"content\":\"lo\"}}]}\r\n\r\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\ndata: [DONE]\n\n",
+        ])
+        .await;
+        assert_eq!(texts(&events), "Hello");
+        match events.last() {
+            Some(UpstreamEvent::Finished { finish_reason, usage, model }) => {
+                assert_eq!(finish_reason, "stop");
+                assert_eq!(*usage, Some(Usage::new(5, 2)));
+                assert_eq!(model.as_deref(), Some("m1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn broken_stream_after_text_is_interrupted() {
+        let events = run_chunks(vec!["data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"]).await;
+        assert_eq!(texts(&events), "Hi");
+        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Interrupted { .. }))));
+    }
+
+    #[tokio::test]
+    async fn error_event_and_garbage() {
+        let events = run_chunks(vec!["data: {\"error\":{\"message\":\"overloaded\"}}\n\n"]).await;
+        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Status { status: 502, .. }))));
+        let events = run_chunks(vec!["data: not json\n\n"]).await;
+        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Protocol { .. }))));
+    }
+}

@@ -1,0 +1,144 @@
+//! Upstream SSE → [`UpstreamEvent`]s, shared by the OpenAI and Anthropic formats.
+//!
+//! eventsource-stream does the framing (events split across network chunks, several events per
+//! chunk, CRLF, comments and keep-alives); a [`Decoder`] turns each event of one wire format into
+//! deltas and the final result. [`pump`] drives one response into the consumer's channel, stops
+//! as soon as the consumer goes away (which drops, and so closes, the upstream connection), and
+//! times out a stream that goes silent.
+
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures_util::{Stream, StreamExt};
+use tokio::sync::mpsc;
+
+use super::{ProviderError, UpstreamEvent};
+use crate::store::Usage;
+
+/// What one SSE event meant.
+#[derive(Debug, PartialEq)]
+pub enum Decoded {
+    Nothing,
+    Delta(String),
+    /// The stream says it is complete (`[DONE]`, `message_stop`).
+    End,
+    /// The upstream reported an error inside the stream.
+    Error(String),
+}
+
+/// One wire format's reading of SSE events.
+pub trait Decoder {
+    /// Reads one event (`event` is `"message"` when the stream gave no name).
+    fn decode(&mut self, event: &str, data: &str) -> Result<Decoded, String>;
+    /// The finish reason, usage and model seen so far.
+    fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>);
+}
+
+/// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
+pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &mpsc::Sender<UpstreamEvent>)
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+    D: Decoder,
+{
+    let mut events = body.eventsource();
+    let mut sent_text = false;
+    let failure = loop {
+        let next = tokio::select! {
+            () = tx.closed() => return,
+            next = tokio::time::timeout(idle, events.next()) => next,
+        };
+        let event = match next {
+            Err(_) => break interrupted_or(provider, sent_text, "no data before the idle timeout"),
+            Ok(None) => match decoder.outcome() {
+                (Some(_), ..) => break None,
+                _ => break interrupted_or(provider, sent_text, "stream ended before completion"),
+            },
+            Ok(Some(Err(e))) => break interrupted_or(provider, sent_text, &e.to_string()),
+            Ok(Some(Ok(event))) => event,
+        };
+        let name = if event.event.is_empty() { "message" } else { event.event.as_str() };
+        match decoder.decode(name, &event.data) {
+            Ok(Decoded::Nothing) => {}
+            Ok(Decoded::Delta(text)) => {
+                if text.is_empty() {
+                    continue;
+                }
+                sent_text = true;
+                if tx.send(UpstreamEvent::Delta(text)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Decoded::End) => break None,
+            Ok(Decoded::Error(message)) if sent_text => {
+                break Some(ProviderError::Interrupted { provider: provider.into(), message })
+            }
+            Ok(Decoded::Error(message)) => {
+                break Some(ProviderError::Status { provider: provider.into(), status: 502, message, retry_after: None })
+            }
+            Err(message) => break Some(ProviderError::Protocol { provider: provider.into(), message }),
+        }
+    };
+    let last = match failure {
+        Some(err) => UpstreamEvent::Failed(err),
+        None => {
+            let (finish_reason, usage, model) = decoder.outcome();
+            let finish_reason = finish_reason.unwrap_or_else(|| "stop".into());
+            UpstreamEvent::Finished { finish_reason, usage, model }
+        }
+    };
+    // The consumer may be gone already; nothing is left to tell it then.
+    let _ = tx.send(last).await;
+}
+
+fn interrupted_or(provider: &str, sent_text: bool, message: &str) -> Option<ProviderError> {
+    let provider = provider.to_owned();
+    let message = message.to_owned();
+    Some(if sent_text {
+        ProviderError::Interrupted { provider, message }
+    } else {
+        ProviderError::Connect { provider, message }
+    })
+}
+
+/// Reads an upstream error body into a short message (the OpenAI and Anthropic shapes both keep
+/// it at `error.message`), never echoing more than a bounded prefix.
+pub fn error_message(body: &[u8]) -> String {
+    const MAX: usize = 512;
+    let parsed: Option<String> = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned));
+    let raw = parsed.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    // Upstreams quote parts of a rejected key ("Incorrect API key provided: sk-ab***yz").
+    let mut msg = raw
+        .split(' ')
+        .map(|w| if looks_like_secret(w) { "[redacted]" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if msg.len() > MAX {
+        let mut cut = MAX;
+        while !msg.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        msg.truncate(cut);
+    }
+    msg
+}
+
+fn looks_like_secret(word: &str) -> bool {
+    let w = word.trim_matches(|c: char| !c.is_alphanumeric());
+    ["sk-", "sk_", "pk-", "key-", "Bearer"].iter().any(|p| w.starts_with(p)) || word.contains("***")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_reads_openai_shape_and_hides_keys() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz. See docs.","type":"x"}}"#;
+        assert_eq!(error_message(body), "Incorrect API key provided: [redacted] See docs.");
+        assert_eq!(error_message(b"plain text"), "plain text");
+        assert_eq!(error_message(&[b'a'; 2000]).len(), 512);
+    }
+}

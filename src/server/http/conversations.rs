@@ -1,0 +1,176 @@
+//! The conversation REST API (PROTOCOL §4): create, read, page messages, post a turn (JSON or
+//! SSE), cancel, delete. A posted turn goes through the same actor as WebSocket turns, so every
+//! subscribed socket sees it too.
+
+use actix_web::{web, HttpResponse};
+use futures_util::stream;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::conversation::messages::{Cancel, PostUserMessage, TurnOptions};
+use crate::conversation::{next_sink_id, NewConversation, Outbound, Scope, ServerFrame, Sink, WireMessage};
+use crate::error::ApiError;
+use crate::ids::ConversationId;
+use crate::server::auth::Client;
+use crate::server::{sse, AppState};
+use crate::store::ConversationRecord;
+use crate::tokens;
+
+/// Frames buffered for one HTTP turn before the request is dropped as too slow.
+const TURN_BUFFER: usize = 4096;
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostBody {
+    content: String,
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    options: TurnOptions,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Page {
+    #[serde(default)]
+    after_seq: u64,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// Parses a conversation id from a path; a malformed id names no conversation.
+pub fn parse_id(raw: &str) -> Result<ConversationId, ApiError> {
+    ConversationId::parse(raw).ok_or_else(|| ApiError::not_found("conversation"))
+}
+
+pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": rec.id,
+        "object": "conversation",
+        "model": rec.model,
+        "system": rec.system,
+        "created_at": rec.created_at,
+        "metadata": rec.metadata,
+        "last_seq": rec.last_seq,
+    })
+}
+
+pub async fn create(Client(p): Client, state: web::Data<AppState>, body: web::Json<CreateBody>) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let new = NewConversation { model: body.model, system: body.system, metadata: body.metadata };
+    p.check_model(new.model.as_deref().unwrap_or("default"))?;
+    let rec = state.registry.create(&p.tenant, new).await?;
+    Ok(HttpResponse::Created().json(conversation_json(&rec)))
+}
+
+pub async fn get(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let rec = state.store().owned_conversation(&parse_id(&id)?, &p.tenant)?;
+    Ok(HttpResponse::Ok().json(conversation_json(&rec)))
+}
+
+pub async fn delete(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    state.registry.delete(&parse_id(&id)?, &p.tenant).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+pub async fn list_messages(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    page: web::Query<Page>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    state.store().owned_conversation(&id, &p.tenant)?;
+    let limit = page.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let data: Vec<WireMessage> = state.store().messages_after(&id, page.after_seq, limit)?.into_iter().map(Into::into).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data })))
+}
+
+pub async fn cancel(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let live = state.registry.get(&parse_id(&id)?, &p.tenant)?;
+    live.addr.send(Cancel).await?;
+    Ok(HttpResponse::Accepted().json(serde_json::json!({})))
+}
+
+pub async fn post_message(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: web::Json<PostBody>,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(&id)?;
+    let body = body.into_inner();
+    let live = state.registry.get(&id, &p.tenant)?;
+    p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
+    let tokens = tokens::count_async(state.router().encoding(&live.model), body.content.clone()).await;
+    let client_id = body.client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let (tx, rx) = mpsc::channel(TURN_BUFFER);
+    let listener = (next_sink_id(), Sink::Channel(tx), Scope::Turn(client_id.clone()));
+    let post = PostUserMessage { client_id, content: body.content, tokens, options: body.options, listener: Some(listener) };
+    live.addr.send(post).await??;
+    if body.stream {
+        Ok(sse::response(turn_events(rx)))
+    } else {
+        wait_reply(&state, &id, rx).await
+    }
+}
+
+/// The turn's frames as SSE events, ending after `done` or `error`.
+fn turn_events(rx: mpsc::Receiver<Outbound>) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
+    stream::unfold((rx, false), |(mut rx, ended)| async move {
+        if ended {
+            return None;
+        }
+        loop {
+            match rx.recv().await? {
+                Outbound::Frame { frame, json } => {
+                    let last = matches!(*frame, ServerFrame::Done(_) | ServerFrame::Error(_));
+                    return Some((Ok(sse::event(Some(frame.kind()), &json)), (rx, last)));
+                }
+                Outbound::Close { .. } => return None,
+            }
+        }
+    })
+}
+
+/// Waits for the turn's end and answers the stored reply.
+async fn wait_reply(state: &AppState, id: &ConversationId, mut rx: mpsc::Receiver<Outbound>) -> Result<HttpResponse, ApiError> {
+    while let Some(out) = rx.recv().await {
+        let Outbound::Frame { frame, .. } = out else { break };
+        match &*frame {
+            ServerFrame::Done(done) => {
+                let msg = state.store().message(id, done.seq)?.ok_or_else(ApiError::internal)?;
+                return Ok(HttpResponse::Ok().json(serde_json::json!({
+                    "message": WireMessage::from(msg),
+                    "usage": done.usage,
+                    "cached": done.cached,
+                    "provider": done.provider,
+                    "model": done.model,
+                })));
+            }
+            ServerFrame::Error(e) => {
+                let mut err = ApiError::new(e.code, e.message.clone());
+                err.retry_after = e.retry_after_ms.map(std::time::Duration::from_millis);
+                return Err(err);
+            }
+            _ => {}
+        }
+    }
+    tracing::error!(conversation = %id, "turn ended without done or error");
+    Err(ApiError::internal())
+}

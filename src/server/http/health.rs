@@ -1,0 +1,24 @@
+//! `/healthz`, `/readyz`, `/metrics`: no key needed.
+
+use actix_web::{web, HttpResponse};
+
+use crate::server::AppState;
+
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready once storage answers and at least one route has a target.
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let storage = state.store().conversation(&crate::ids::ConversationId::generate()).is_ok();
+    let providers = !state.router().route_names().is_empty();
+    if storage && providers {
+        HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "not_ready", "storage": storage, "providers": providers}))
+    }
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+}

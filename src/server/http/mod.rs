@@ -1,0 +1,6 @@
+//! HTTP handlers, one file per surface. Each stays short and delegates to the core.
+
+pub mod admin;
+pub mod conversations;
+pub mod health;
+pub mod openai;

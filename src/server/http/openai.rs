@@ -1,0 +1,217 @@
+//! The OpenAI-compatible surface: `GET /v1/models` and stateless `POST /v1/chat/completions`
+//! (JSON, or SSE chunks ending in `data: [DONE]`, with a usage chunk when asked), shaped so the
+//! official SDKs work unchanged against `http://HOST/v1`.
+
+use actix_web::{web, HttpResponse};
+use futures_util::{stream, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::unix_now;
+use crate::provider::{ChatMessage, ChatRequest, Started, UpstreamEvent};
+use crate::server::auth::Client;
+use crate::server::{sse, AppState};
+use crate::store::Usage;
+use crate::tokens::{self, MESSAGE_FRAMING_TOKENS};
+
+/// The request body. Unknown fields are accepted (SDKs send many) and ignored.
+#[derive(Deserialize)]
+pub struct ChatCompletionBody {
+    model: String,
+    messages: Vec<InMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct InMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+pub async fn models(Client(p): Client, state: web::Data<AppState>) -> HttpResponse {
+    let data: Vec<Value> = state
+        .router()
+        .route_names()
+        .into_iter()
+        .filter(|m| p.may_use(m))
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "parley"}))
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+pub async fn chat_completions(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    body: web::Json<ChatCompletionBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if !state.router().has_route(&body.model) {
+        return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {:?} does not exist", body.model)));
+    }
+    p.check_model(&body.model)?;
+    let messages = convert_messages(body.messages)?;
+    let encoding = state.router().encoding(&body.model);
+    let prompt_tokens = messages.iter().map(|m| tokens::count(encoding, &m.content) + MESSAGE_FRAMING_TOKENS).sum();
+    let request = ChatRequest {
+        model: String::new(),
+        messages,
+        max_tokens: body.max_completion_tokens.or(body.max_tokens),
+        temperature: body.temperature,
+    };
+    let started = state.router().start(&body.model, request).await?;
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let meta = Meta { id, created: unix_now(), model: started.model.clone(), prompt_tokens, encoding };
+    if body.stream {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        Ok(sse::response(chunks(started, meta, include_usage)))
+    } else {
+        complete(started, meta).await
+    }
+}
+
+/// OpenAI message content is a string or a list of parts; text parts are joined.
+fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty"));
+    }
+    messages
+        .into_iter()
+        .map(|m| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => return Err(ApiError::bad_request(format!("unsupported message role {other:?}"))),
+            };
+            let content = match m.content {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s,
+                Some(Value::Array(parts)) => parts
+                    .iter()
+                    .filter_map(|part| part.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(""),
+                Some(_) => return Err(ApiError::bad_request("message content must be a string or a list of parts")),
+            };
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+struct Meta {
+    id: String,
+    created: i64,
+    model: String,
+    prompt_tokens: u32,
+    encoding: tokens::Encoding,
+}
+
+impl Meta {
+    fn usage(&self, reported: Option<Usage>, text: &str) -> Usage {
+        reported.unwrap_or_else(|| Usage::new(self.prompt_tokens, tokens::count(self.encoding, text)))
+    }
+
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        json!({
+            "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        })
+    }
+}
+
+async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError> {
+    let mut rest = started.rest;
+    let mut next = Some(started.first);
+    let mut text = String::new();
+    loop {
+        let event = match next.take() {
+            Some(e) => e,
+            None => rest.recv().await.ok_or_else(|| ApiError::new(ErrorCode::UpstreamInterrupted, "upstream stream ended"))?,
+        };
+        match event {
+            UpstreamEvent::Delta(t) => text.push_str(&t),
+            UpstreamEvent::Failed(e) if !text.is_empty() => {
+                return Err(ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string()))
+            }
+            UpstreamEvent::Failed(e) => return Err(e.into()),
+            UpstreamEvent::Finished { finish_reason, usage, model } => {
+                let usage = meta.usage(usage, &text);
+                return Ok(HttpResponse::Ok().json(json!({
+                    "id": meta.id, "object": "chat.completion", "created": meta.created,
+                    "model": model.unwrap_or(meta.model),
+                    "choices": [{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": finish_reason,
+                    }],
+                    "usage": usage,
+                })));
+            }
+        }
+    }
+}
+
+/// The SSE chunks of a streamed completion: a role chunk, content chunks, a finish chunk, the
+/// usage chunk when asked, then `[DONE]`. A failure mid-stream is sent as an error event.
+fn chunks(started: Started, meta: Meta, include_usage: bool) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
+    let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
+    let state = (Some(started.first), started.rest, meta, String::new(), false);
+    let body = stream::unfold(state, move |(mut next, mut rest, meta, mut text, ended)| async move {
+        if ended {
+            return None;
+        }
+        let event = match next.take() {
+            Some(e) => e,
+            None => rest.recv().await.unwrap_or_else(|| {
+                UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
+                    provider: String::new(),
+                    message: "upstream stream ended".into(),
+                })
+            }),
+        };
+        let (out, ended) = match event {
+            UpstreamEvent::Delta(t) => {
+                text.push_str(&t);
+                (sse::event(None, &meta.chunk(json!({"content": t}), None).to_string()), false)
+            }
+            UpstreamEvent::Finished { finish_reason, usage, .. } => {
+                let mut out = sse::event(None, &meta.chunk(json!({}), Some(&finish_reason)).to_string()).to_vec();
+                if include_usage {
+                    let usage = meta.usage(usage, &text);
+                    let chunk = json!({
+                        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                        "model": meta.model, "choices": [], "usage": usage,
+                    });
+                    out.extend_from_slice(&sse::event(None, &chunk.to_string()));
+                }
+                out.extend_from_slice(&sse::event(None, "[DONE]"));
+                (bytes::Bytes::from(out), true)
+            }
+            UpstreamEvent::Failed(e) => {
+                let code = if text.is_empty() { e.code() } else { ErrorCode::UpstreamInterrupted };
+                let err = ApiError::new(code, e.to_string());
+                (sse::event(None, &err.body().to_string()), true)
+            }
+        };
+        Some((Ok(out), (next, rest, meta, text, ended)))
+    });
+    stream::once(async move { Ok(sse::event(None, &first.to_string())) }).chain(body)
+}
+

@@ -1,0 +1,40 @@
+//! The edges: HTTP routes (OpenAI-compatible, conversations, admin, health), SSE and the
+//! WebSocket session. Handlers decode, authenticate and delegate to `conversation`, `provider`
+//! and `tenant`; the core never depends on this module.
+
+pub mod auth;
+pub mod http;
+mod panic;
+pub mod routes;
+pub mod sse;
+pub mod ws;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::conversation::Registry;
+use crate::metrics::Metrics;
+use crate::provider::Router;
+use crate::store::Store;
+use crate::tenant::Auth;
+
+pub use panic::CatchPanic;
+
+/// Shared state of every handler.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub auth: Auth,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub sockets: ws::SocketHub,
+}
+
+impl AppState {
+    pub fn store(&self) -> &Store {
+        &self.registry.deps().store
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.registry.deps().router
+    }
+}

@@ -1,0 +1,103 @@
+//! Client → server frames (PROTOCOL §5), and their decoding into typed frames or a
+//! `bad_request` that names what is wrong.
+
+use serde::Deserialize;
+
+use crate::conversation::messages::TurnOptions;
+use crate::error::ApiError;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Create {
+        client_id: String,
+        #[serde(default)]
+        model: Option<String>,
+        #[serde(default)]
+        system: Option<String>,
+        #[serde(default)]
+        metadata: Option<serde_json::Value>,
+    },
+    Subscribe {
+        conversation: String,
+        #[serde(default)]
+        after_seq: Option<u64>,
+    },
+    UserMessage {
+        conversation: String,
+        client_id: String,
+        content: String,
+        #[serde(default)]
+        options: Option<TurnOptions>,
+    },
+    Cancel {
+        conversation: String,
+    },
+}
+
+/// A frame that could not be decoded, with whatever ids could be read from it for the answer.
+#[derive(Debug)]
+pub struct BadFrame {
+    pub error: ApiError,
+    pub conversation: Option<String>,
+    pub client_id: Option<String>,
+}
+
+/// Decodes one text frame.
+///
+/// # Errors
+/// [`BadFrame`] for invalid JSON, a missing or unknown `type`, or missing or mistyped fields.
+pub fn decode(text: &str) -> Result<ClientFrame, BadFrame> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| BadFrame {
+        error: ApiError::bad_request(format!("invalid JSON: {e}")),
+        conversation: None,
+        client_id: None,
+    })?;
+    let field = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+    let (conversation, client_id) = (field("conversation"), field("client_id"));
+    if !value.is_object() {
+        let error = ApiError::bad_request("a frame must be a JSON object with a \"type\"");
+        return Err(BadFrame { error, conversation, client_id });
+    }
+    if value.get("type").is_none() {
+        let error = ApiError::bad_request("missing field `type`");
+        return Err(BadFrame { error, conversation, client_id });
+    }
+    serde_json::from_value(value).map_err(|e| BadFrame {
+        error: ApiError::bad_request(format!("invalid frame: {e}")),
+        conversation,
+        client_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_every_type() {
+        assert!(matches!(decode(r#"{"type":"create","client_id":"c"}"#), Ok(ClientFrame::Create { .. })));
+        assert!(matches!(
+            decode(r#"{"type":"subscribe","conversation":"x","after_seq":3}"#),
+            Ok(ClientFrame::Subscribe { after_seq: Some(3), .. })
+        ));
+        assert!(matches!(
+            decode(r#"{"type":"user_message","conversation":"x","client_id":"c","content":"hi","options":{"max_tokens":5}}"#),
+            Ok(ClientFrame::UserMessage { .. })
+        ));
+        assert!(matches!(decode(r#"{"type":"cancel","conversation":"x"}"#), Ok(ClientFrame::Cancel { .. })));
+    }
+
+    #[test]
+    fn bad_frames_say_why() {
+        let msg = |t: &str| decode(t).unwrap_err().error.message;
+        assert!(msg("{nope").starts_with("invalid JSON"));
+        assert!(msg(r#"{"type":"dance"}"#).contains("unknown variant"));
+        assert!(msg(r#"{"conversation":"x"}"#).contains("missing field `type`"));
+        assert!(msg(r#"[1]"#).contains("JSON object"));
+        let bad = decode(r#"{"type":"user_message","conversation":"x","client_id":"c"}"#).unwrap_err();
+        assert!(bad.error.message.contains("missing field `content`"));
+        assert_eq!(bad.client_id.as_deref(), Some("c"));
+        assert_eq!(bad.conversation.as_deref(), Some("x"));
+    }
+}

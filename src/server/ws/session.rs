@@ -1,0 +1,176 @@
+//! `WsSession`: one WebSocket. It stays thin: frames in are decoded and queued, in order, to the
+//! session's command task ([`commands`](super::commands)); frames out arrive as [`Outbound`]
+//! messages and are written as text. It pings every [`PING_INTERVAL`] and drops a peer silent
+//! for [`CLIENT_TIMEOUT`]; a frame over the size limit closes the socket with 1009.
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::web;
+use actix_http::ws::Item;
+use actix_web_actors::ws::{self, CloseCode, CloseReason};
+use tokio::sync::mpsc;
+
+use super::commands::{self, CommandCtx};
+use super::frames::{decode, ClientFrame};
+use crate::conversation::frames::ErrorFrame;
+use crate::conversation::{next_sink_id, Outbound, ServerFrame, SinkId};
+use crate::error::{ApiError, ErrorCode};
+use crate::server::AppState;
+use crate::tenant::Principal;
+
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
+/// Frames delivered to the socket that may wait in its mailbox.
+const MAILBOX: usize = 8192;
+/// Client frames that may wait for the command task.
+const INBOX: usize = 256;
+
+pub struct WsSession {
+    state: web::Data<AppState>,
+    principal: Principal,
+    sink_id: SinkId,
+    heartbeat: Instant,
+    max_frame: usize,
+    inbox: Option<mpsc::Sender<ClientFrame>>,
+    /// A fragmented text message being reassembled.
+    partial: Option<Vec<u8>>,
+}
+
+impl WsSession {
+    pub fn new(state: web::Data<AppState>, principal: Principal, max_frame: usize) -> Self {
+        Self {
+            state,
+            principal,
+            sink_id: next_sink_id(),
+            heartbeat: Instant::now(),
+            max_frame,
+            inbox: None,
+            partial: None,
+        }
+    }
+
+    fn send_error(ctx: &mut ws::WebsocketContext<Self>, frame: ErrorFrame) {
+        if let Outbound::Frame { json, .. } = ServerFrame::Error(frame).encode() {
+            ctx.text(&*json);
+        }
+    }
+
+    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        let frame = match decode(text) {
+            Ok(frame) => frame,
+            Err(bad) => {
+                let mut frame = ErrorFrame::new(&bad.error);
+                frame.conversation = bad.conversation.and_then(|c| crate::ids::ConversationId::parse(&c));
+                frame.client_id = bad.client_id;
+                return Self::send_error(ctx, frame);
+            }
+        };
+        let Some(inbox) = &self.inbox else { return };
+        if inbox.try_send(frame).is_err() {
+            let err = ApiError::new(ErrorCode::RateLimited, "too many frames in flight on this socket")
+                .with_retry_after(Duration::from_secs(1));
+            Self::send_error(ctx, ErrorFrame::new(&err));
+        }
+    }
+
+    fn close(ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, description: &str) {
+        ctx.close(Some(CloseReason { code, description: Some(description.to_owned()) }));
+        ctx.stop();
+    }
+}
+
+impl Actor for WsSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        ctx.run_interval(PING_INTERVAL, |act, ctx| {
+            if act.heartbeat.elapsed() > CLIENT_TIMEOUT {
+                tracing::debug!("websocket peer timed out");
+                ctx.stop();
+                return;
+            }
+            ctx.ping(b"");
+        });
+        let me = ctx.address().recipient::<Outbound>();
+        self.state.sockets.register(self.sink_id, self.principal.key_id.clone(), me.clone());
+        let (tx, rx) = mpsc::channel(INBOX);
+        self.inbox = Some(tx);
+        let cmd = CommandCtx::new(self.state.clone(), self.principal.clone(), self.sink_id, me);
+        actix::spawn(commands::run(cmd, rx));
+        self.state.metrics.ws_connections.inc();
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.state.sockets.unregister(self.sink_id);
+        self.state.metrics.ws_connections.dec();
+    }
+}
+
+impl Handler<Outbound> for WsSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
+        match msg {
+            Outbound::Frame { json, .. } => ctx.text(&*json),
+            Outbound::Close { code, reason } => Self::close(ctx, CloseCode::from(code), reason),
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.heartbeat = Instant::now();
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(ws::ProtocolError::Overflow) => return Self::close(ctx, CloseCode::Size, "frame too large"),
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket protocol error");
+                return Self::close(ctx, CloseCode::Protocol, "protocol error");
+            }
+        };
+        match msg {
+            ws::Message::Text(text) => self.on_text(&text, ctx),
+            ws::Message::Binary(_) => {
+                Self::send_error(ctx, ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")));
+            }
+            ws::Message::Continuation(item) => self.on_continuation(item, ctx),
+            ws::Message::Ping(bytes) => ctx.pong(&bytes),
+            ws::Message::Pong(_) | ws::Message::Nop => {}
+            ws::Message::Close(reason) => {
+                ctx.close(reason);
+                ctx.stop();
+            }
+        }
+    }
+}
+
+impl WsSession {
+    fn on_continuation(&mut self, item: Item, ctx: &mut ws::WebsocketContext<Self>) {
+        let (bytes, last) = match item {
+            Item::FirstText(b) => {
+                self.partial = Some(Vec::new());
+                (b, false)
+            }
+            Item::FirstBinary(_) => {
+                self.partial = None;
+                return Self::send_error(ctx, ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")));
+            }
+            Item::Continue(b) => (b, false),
+            Item::Last(b) => (b, true),
+        };
+        let Some(buf) = self.partial.as_mut() else { return };
+        if buf.len() + bytes.len() > self.max_frame {
+            return Self::close(ctx, CloseCode::Size, "frame too large");
+        }
+        buf.extend_from_slice(&bytes);
+        if last {
+            let buf = self.partial.take().unwrap_or_default();
+            match String::from_utf8(buf) {
+                Ok(text) => self.on_text(&text, ctx),
+                Err(_) => Self::close(ctx, CloseCode::Invalid, "text is not UTF-8"),
+            }
+        }
+    }
+}

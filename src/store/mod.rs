@@ -1,0 +1,337 @@
+//! The only module that touches sled: typed trees, key encoding, durable appends, flush.
+//!
+//! Trees:
+//! - `conversations`: conversation id → [`ConversationRecord`]
+//! - `messages`: conversation id ‖ seq (u64 big-endian) → [`MessageRecord`], so a prefix scan
+//!   walks one conversation in `seq` order (and backwards, newest first, for trimming)
+//! - `client_ids`: conversation id ‖ client id → seq of the user message (idempotency)
+//! - `keys`: SHA-256 of a key's secret → [`KeyRecord`]; `key_ids`: key id → that hash
+//!
+//! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
+//! message the caller acknowledges has reached the disk.
+
+mod records;
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+pub use records::{ConversationRecord, KeyRecord, MessageRecord, ReplyMeta, Role, Usage};
+
+use crate::error::{ApiError, ErrorCode};
+use crate::ids::{ConversationId, TenantId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored record {tree}/{key} is corrupt: {message}")]
+    Corrupt { tree: &'static str, key: String, message: String },
+    #[error("conversation {0} not found")]
+    NoConversation(ConversationId),
+    #[error("seq conflict in conversation {conversation}: expected {expected}, got {got}")]
+    SeqConflict { conversation: ConversationId, expected: u64, got: u64 },
+}
+
+impl StoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::NoConversation(_) => ErrorCode::NotFound,
+            Self::Sled(_) | Self::Corrupt { .. } | Self::SeqConflict { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err.code() {
+            ErrorCode::NotFound => ApiError::not_found("conversation"),
+            _ => {
+                tracing::error!(error = %err, "store failed");
+                ApiError::internal()
+            }
+        }
+    }
+}
+
+/// The handle to parley's storage; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    conversations: sled::Tree,
+    messages: sled::Tree,
+    client_ids: sled::Tree,
+    keys: sled::Tree,
+    key_ids: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    ///
+    /// # Errors
+    /// When sled cannot open the directory (missing permissions, held by another process).
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        Ok(Self {
+            conversations: db.open_tree("conversations")?,
+            messages: db.open_tree("messages")?,
+            client_ids: db.open_tree("client_ids")?,
+            keys: db.open_tree("keys")?,
+            key_ids: db.open_tree("key_ids")?,
+            db,
+        })
+    }
+
+    /// Waits until everything written so far is on disk.
+    ///
+    /// # Errors
+    /// When the disk write fails.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Flushes from synchronous code (shutdown).
+    ///
+    /// # Errors
+    /// When the disk write fails.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // ---- conversations ----
+
+    /// Stores a new conversation and waits until it is durable.
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub async fn create_conversation(&self, rec: &ConversationRecord) -> Result<(), StoreError> {
+        self.conversations.insert(rec.id.as_bytes(), encode(rec)?)?;
+        self.flush().await
+    }
+
+    /// The conversation, if it exists.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationRecord>, StoreError> {
+        self.conversations
+            .get(id.as_bytes())?
+            .map(|v| decode("conversations", id.as_str(), &v))
+            .transpose()
+    }
+
+    /// The conversation if it exists and belongs to `tenant`; another tenant's is "not found".
+    ///
+    /// # Errors
+    /// `NoConversation` when absent or owned by someone else.
+    pub fn owned_conversation(
+        &self,
+        id: &ConversationId,
+        tenant: &TenantId,
+    ) -> Result<ConversationRecord, StoreError> {
+        match self.conversation(id)? {
+            Some(rec) if &rec.tenant == tenant => Ok(rec),
+            _ => Err(StoreError::NoConversation(id.clone())),
+        }
+    }
+
+    /// Removes a conversation with all its messages and index entries, durably.
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub async fn delete_conversation(&self, id: &ConversationId) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for kv in self.messages.scan_prefix(id.as_bytes()) {
+            batch.remove(kv?.0);
+        }
+        self.messages.apply_batch(batch)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.client_ids.scan_prefix(id.as_bytes()) {
+            batch.remove(kv?.0);
+        }
+        self.client_ids.apply_batch(batch)?;
+        self.conversations.remove(id.as_bytes())?;
+        self.flush().await
+    }
+
+    // ---- messages ----
+
+    /// Appends `msg` as the next message of the conversation, atomically with its client-id
+    /// index entry and the header's `last_seq`, then waits until it is durable.
+    ///
+    /// # Errors
+    /// `SeqConflict` when `msg.seq` is not `last_seq + 1`; storage failures.
+    pub async fn append_message(&self, id: &ConversationId, msg: &MessageRecord) -> Result<(), StoreError> {
+        let value = encode(msg)?;
+        let result = (&self.conversations, &self.messages, &self.client_ids).transaction(
+            |(convs, msgs, cids)| {
+                let raw = convs
+                    .get(id.as_bytes())?
+                    .ok_or(ConflictableTransactionError::Abort(StoreError::NoConversation(id.clone())))?;
+                let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if msg.seq != header.last_seq + 1 {
+                    return Err(ConflictableTransactionError::Abort(StoreError::SeqConflict {
+                        conversation: id.clone(),
+                        expected: header.last_seq + 1,
+                        got: msg.seq,
+                    }));
+                }
+                header.last_seq = msg.seq;
+                msgs.insert(message_key(id, msg.seq).as_slice(), value.as_slice())?;
+                if let (Role::User, Some(cid)) = (msg.role, &msg.client_id) {
+                    cids.insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
+                }
+                let header = encode(&header).map_err(ConflictableTransactionError::Abort)?;
+                convs.insert(id.as_bytes(), header)?;
+                Ok(())
+            },
+        );
+        match result {
+            Ok(()) => self.flush().await,
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// One stored message.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn message(&self, id: &ConversationId, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+        let key = message_key(id, seq);
+        self.messages.get(key)?.map(|v| decode("messages", id.as_str(), &v)).transpose()
+    }
+
+    /// Up to `limit` messages with `seq > after`, in `seq` order.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn messages_after(
+        &self,
+        id: &ConversationId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        let start = message_key(id, after.saturating_add(1));
+        let end = message_key(id, u64::MAX);
+        self.messages
+            .range(start..=end)
+            .take(limit)
+            .map(|kv| decode("messages", id.as_str(), &kv?.1))
+            .collect()
+    }
+
+    /// The conversation's messages newest first, read lazily (trimming stops early).
+    pub fn messages_newest_first<'a>(
+        &'a self,
+        id: &'a ConversationId,
+    ) -> impl Iterator<Item = Result<MessageRecord, StoreError>> + 'a {
+        self.messages
+            .scan_prefix(id.as_bytes())
+            .rev()
+            .map(move |kv| decode("messages", id.as_str(), &kv?.1))
+    }
+
+    /// The seq of the user message sent with `client_id`, if there is one.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt index entry.
+    pub fn seq_for_client_id(&self, id: &ConversationId, client_id: &str) -> Result<Option<u64>, StoreError> {
+        let Some(raw) = self.client_ids.get(client_key(id, client_id))? else { return Ok(None) };
+        let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            tree: "client_ids",
+            key: id.to_string(),
+            message: "seq is not 8 bytes".into(),
+        })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    // ---- keys ----
+
+    /// Stores a key record under the hash of its secret.
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub async fn put_key(&self, hash: &str, rec: &KeyRecord) -> Result<(), StoreError> {
+        (&self.keys, &self.key_ids)
+            .transaction(|(keys, ids)| {
+                keys.insert(hash.as_bytes(), encode(rec).map_err(ConflictableTransactionError::Abort)?)?;
+                ids.insert(rec.id.as_bytes(), hash.as_bytes())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush().await
+    }
+
+    /// The key whose secret hashes to `hash`.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.keys.get(hash.as_bytes())?.map(|v| decode("keys", "<hash>", &v)).transpose()
+    }
+
+    /// Every key, without secrets (none are stored).
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.keys.iter().values().map(|v| decode("keys", "<hash>", &v?)).collect()
+    }
+
+    /// Revokes a key; answers whether it existed.
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub async fn delete_key(&self, id: &str) -> Result<bool, StoreError> {
+        let Some(hash) = self.key_ids.remove(id.as_bytes())? else { return Ok(false) };
+        self.keys.remove(hash)?;
+        self.flush().await?;
+        Ok(true)
+    }
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn message_key(id: &ConversationId, seq: u64) -> [u8; ConversationId::LEN + 8] {
+    let mut key = [0u8; ConversationId::LEN + 8];
+    key[..ConversationId::LEN].copy_from_slice(id.as_bytes());
+    key[ConversationId::LEN..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn client_key(id: &ConversationId, client_id: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(ConversationId::LEN + client_id.len());
+    key.extend_from_slice(id.as_bytes());
+    key.extend_from_slice(client_id.as_bytes());
+    key
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        tree: "encode",
+        key: String::new(),
+        message: e.to_string(),
+    })
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, raw: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: key.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

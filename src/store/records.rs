@@ -1,0 +1,102 @@
+//! The records parley keeps in sled, serialised as JSON values.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConversationId, TenantId};
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+/// A conversation's header; its messages are stored apart, keyed by `seq`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationRecord {
+    pub id: ConversationId,
+    pub tenant: TenantId,
+    /// The route (model name) the client asked for.
+    pub model: String,
+    #[serde(default)]
+    pub system: Option<String>,
+    /// Tokens of the system prompt's content (0 without one).
+    #[serde(default)]
+    pub system_tokens: u32,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    pub created_at: i64,
+    pub last_seq: u64,
+}
+
+/// Token usage of one reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
+    }
+}
+
+/// What produced an assistant message; kept so a resent `client_id` gets the original `done`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplyMeta {
+    pub reply_to: u64,
+    pub usage: Usage,
+    pub cached: bool,
+    pub provider: String,
+    pub model: String,
+    pub ttft_ms: Option<u64>,
+}
+
+/// One stored message of a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub seq: u64,
+    pub role: Role,
+    pub content: String,
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
+    /// Content tokens under the conversation's encoding, counted once when stored.
+    pub tokens: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<ReplyMeta>,
+}
+
+/// An API key, stored under the SHA-256 of its secret; the secret itself is never stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub id: String,
+    pub tenant: TenantId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// The first characters of the key, enough for a human to tell keys apart.
+    pub prefix: String,
+    pub created_at: i64,
+}

@@ -1,0 +1,100 @@
+use super::*;
+
+fn conv(store_tenant: &str) -> ConversationRecord {
+    ConversationRecord {
+        id: ConversationId::generate(),
+        tenant: TenantId(store_tenant.into()),
+        model: "mock".into(),
+        system: Some("be brief".into()),
+        system_tokens: 2,
+        metadata: serde_json::json!({"k": 1}),
+        created_at: 1,
+        last_seq: 0,
+    }
+}
+
+fn msg(seq: u64, role: Role, client_id: Option<&str>) -> MessageRecord {
+    MessageRecord {
+        seq,
+        role,
+        content: format!("message {seq}"),
+        created_at: 2,
+        client_id: client_id.map(str::to_owned),
+        finish_reason: None,
+        tokens: 3,
+        reply: None,
+    }
+}
+
+#[tokio::test]
+async fn appends_in_seq_order_and_indexes_client_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let c = conv("t");
+    store.create_conversation(&c).await.unwrap();
+    store.append_message(&c.id, &msg(1, Role::User, Some("a"))).await.unwrap();
+    store.append_message(&c.id, &msg(2, Role::Assistant, None)).await.unwrap();
+    let err = store.append_message(&c.id, &msg(2, Role::User, Some("b"))).await.unwrap_err();
+    assert!(matches!(err, StoreError::SeqConflict { expected: 3, got: 2, .. }), "{err}");
+
+    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2);
+    assert_eq!(store.seq_for_client_id(&c.id, "a").unwrap(), Some(1));
+    assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), None);
+    let after: Vec<u64> = store.messages_after(&c.id, 0, 10).unwrap().iter().map(|m| m.seq).collect();
+    assert_eq!(after, [1, 2]);
+    let newest: Vec<u64> = store.messages_newest_first(&c.id).map(|m| m.unwrap().seq).collect();
+    assert_eq!(newest, [2, 1]);
+}
+
+#[tokio::test]
+async fn conversations_are_scoped_and_deleted_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (a, b) = (conv("t1"), conv("t1"));
+    for c in [&a, &b] {
+        store.create_conversation(c).await.unwrap();
+        store.append_message(&c.id, &msg(1, Role::User, Some("x"))).await.unwrap();
+    }
+    assert!(store.owned_conversation(&a.id, &TenantId("t2".into())).is_err());
+    store.delete_conversation(&a.id).await.unwrap();
+    assert!(store.conversation(&a.id).unwrap().is_none());
+    assert!(store.messages_after(&a.id, 0, 10).unwrap().is_empty());
+    assert_eq!(store.seq_for_client_id(&a.id, "x").unwrap(), None);
+    // The neighbour is untouched.
+    assert_eq!(store.messages_after(&b.id, 0, 10).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = conv("t");
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store.create_conversation(&c).await.unwrap();
+        store.append_message(&c.id, &msg(1, Role::User, Some("a"))).await.unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.messages_after(&c.id, 0, 10).unwrap()[0].content, "message 1");
+}
+
+#[tokio::test]
+async fn keys_round_trip_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rec = KeyRecord {
+        id: "key_1".into(),
+        tenant: TenantId("acme".into()),
+        rpm: Some(60),
+        tpm: None,
+        daily_tokens: None,
+        models: None,
+        prefix: "pk-ab".into(),
+        created_at: 0,
+    };
+    store.put_key("h1", &rec).await.unwrap();
+    assert_eq!(store.key_by_hash("h1").unwrap().unwrap().tenant.0, "acme");
+    assert_eq!(store.list_keys().unwrap().len(), 1);
+    assert!(store.delete_key("key_1").await.unwrap());
+    assert!(!store.delete_key("key_1").await.unwrap());
+    assert!(store.key_by_hash("h1").unwrap().is_none());
+}

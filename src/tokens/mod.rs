@@ -1,0 +1,10 @@
+//! Token counting (tiktoken-rs lives only here) and context trimming.
+//!
+//! `tokenizer` picks the encoding of a model and counts; `budget` is pure arithmetic that decides
+//! which stored messages fit the budget of PROTOCOL §6.
+
+mod budget;
+mod tokenizer;
+
+pub use budget::{fit_history, ContextBudget, TooLarge, MESSAGE_FRAMING_TOKENS};
+pub use tokenizer::{count, count_async, Encoding};
