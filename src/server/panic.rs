@@ -6,7 +6,6 @@ use std::panic::AssertUnwindSafe;
 use actix_web::body::{BoxBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
-use actix_web::ResponseError;
 use futures_util::FutureExt;
 
 use crate::error::ApiError;
@@ -23,12 +22,14 @@ impl CatchPanic {
         req: ServiceRequest,
         next: Next<impl MessageBody + 'static>,
     ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-        let http_req = req.request().clone();
+        // The request cannot be cloned here (routing needs it unshared); an error answer is
+        // rendered by actix from `ApiError`'s `ResponseError` impl.
+        let path = req.path().to_owned();
         match AssertUnwindSafe(next.call(req)).catch_unwind().await {
             Ok(res) => res.map(ServiceResponse::map_into_boxed_body),
             Err(_) => {
-                tracing::error!(path = %http_req.path(), "handler panicked");
-                Ok(ServiceResponse::new(http_req, ApiError::internal().error_response()))
+                tracing::error!(%path, "handler panicked");
+                Err(ApiError::internal().into())
             }
         }
     }

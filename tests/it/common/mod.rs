@@ -1,0 +1,384 @@
+//! Shared harness: the real server on an ephemeral port (in-process, on its own actix system
+//! thread, or as the built binary), the real mock upstream, WebSocket and HTTP clients, and
+//! `wait_until` for conditions with deadlines instead of sleeps.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use parley::config::{Config, ProviderConfig, ProviderKind, RouteConfig, TargetConfig};
+pub use parley::mock_upstream::{Behaviour, MockUpstream};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub async fn wait_until<F: FnMut() -> bool>(deadline: Duration, mut cond: F) -> bool {
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// A config with the built-in `mock` route, plus route `up` → provider `up` (kind openai) at
+/// `upstream` when given.
+pub fn config_with(upstream: Option<&MockUpstream>) -> Config {
+    let mut cfg = Config::embedded(|_| false);
+    cfg.server.idle_timeout_secs = 60;
+    cfg.server.shutdown_timeout_secs = 5;
+    cfg.server.workers = 2;
+    cfg.auth.admin_key_env = unique_env("PARLEY_IT_ADMIN");
+    if let Some(up) = upstream {
+        cfg.providers.push(openai_provider("up", &up.base_url()));
+        cfg.routes.push(route("up", &[("up", "mock-1")]));
+    }
+    cfg
+}
+
+pub fn openai_provider(name: &str, base_url: &str) -> ProviderConfig {
+    ProviderConfig {
+        name: name.into(),
+        kind: ProviderKind::Openai,
+        base_url: Some(base_url.into()),
+        timeout_secs: 5,
+        region: None,
+        ..ProviderConfig::builtin_mock()
+    }
+}
+
+pub fn route(model: &str, targets: &[(&str, &str)]) -> RouteConfig {
+    RouteConfig {
+        model: model.into(),
+        targets: targets.iter().map(|(p, m)| TargetConfig { provider: (*p).into(), model: (*m).into() }).collect(),
+    }
+}
+
+/// A process-unique environment variable name (tests run in parallel threads).
+pub fn unique_env(prefix: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The real app on `127.0.0.1:0` with a tempdir store, on its own actix system thread.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub admin_key: Option<String>,
+}
+
+impl TestServer {
+    /// Development mode (no admin key): requests without a key are tenant `local`.
+    pub fn start(cfg: Config) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let mut s = Self::start_in(cfg, &dir, None);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// With an admin key: every request needs a key.
+    pub fn start_with_admin(cfg: Config) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let mut s = Self::start_in(cfg, &dir, Some("adm-test-secret".into()));
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// On an existing data directory (restart tests).
+    pub fn start_in(mut cfg: Config, dir: &Path, admin_key: Option<String>) -> Self {
+        if let Some(k) = &admin_key {
+            // A unique variable name per server, so parallel tests do not see each other's.
+            cfg.auth.admin_key_env = unique_env("PARLEY_IT_ADMIN");
+            std::env::set_var(&cfg.auth.admin_key_env, k);
+        }
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let data = dir.to_owned();
+        let thread = std::thread::spawn(move || {
+            let system = actix_web::rt::System::new();
+            system.block_on(async move {
+                let store = parley::store::Store::open(&data).unwrap();
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let handle = parley::app::start(cfg, listener, store).unwrap();
+                addr_tx.send(handle.addr).unwrap();
+                let _ = stop_rx.await;
+                handle.shutdown().await.unwrap();
+            });
+        });
+        let addr = addr_rx.recv_timeout(TIMEOUT).expect("server did not start");
+        Self { addr, dir: dir.to_owned(), _tmp: None, stop: Some(stop_tx), thread: Some(thread), admin_key }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// Graceful shutdown; waits until storage is flushed.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Creates a key for `tenant` through the admin API; answers `(id, secret)`.
+    pub async fn create_key(&self, body: Value) -> (String, String) {
+        let resp = http()
+            .post(self.url("/admin/keys"))
+            .bearer_auth(self.admin_key.as_deref().unwrap_or(""))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let v: Value = resp.json().await.unwrap();
+        (v["id"].as_str().unwrap().to_owned(), v["key"].as_str().unwrap().to_owned())
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder().timeout(TIMEOUT).build().unwrap()
+}
+
+/// Creates a conversation over REST; answers its id.
+pub async fn create_conversation(server: &TestServer, key: Option<&str>, body: Value) -> String {
+    let mut req = http().post(server.url("/v1/conversations")).json(&body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.unwrap();
+    assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
+    let v: Value = resp.json().await.unwrap();
+    v["id"].as_str().unwrap().to_owned()
+}
+
+/// Stored messages of a conversation over REST.
+pub async fn messages(server: &TestServer, key: Option<&str>, id: &str) -> Vec<Value> {
+    let mut req = http().get(server.url(&format!("/v1/conversations/{id}/messages?limit=1000")));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let v: Value = req.send().await.unwrap().json().await.unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client speaking the protocol's JSON frames.
+pub struct Ws {
+    pub stream: WsStream,
+}
+
+impl Ws {
+    pub async fn connect(server: &TestServer, key: Option<&str>) -> Self {
+        Self::try_connect(server, key).await.expect("websocket connect failed")
+    }
+
+    pub async fn try_connect(server: &TestServer, key: Option<&str>) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = server.ws_url().into_client_request().unwrap();
+        if let Some(k) = key {
+            req.headers_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Self { stream })
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.stream.send(Message::Text(frame.to_string())).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, text: &str) {
+        self.stream.send(Message::Text(text.to_owned())).await.unwrap();
+    }
+
+    /// The next JSON frame (pings are answered by tungstenite itself).
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv(TIMEOUT).await.expect("no frame before the timeout")
+    }
+
+    pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.stream.next()).await.ok()?? {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Frames up to and including the first one for which `stop` holds.
+    pub async fn recv_until(&mut self, mut stop: impl FnMut(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let f = self.recv().await;
+            let done = stop(&f);
+            out.push(f);
+            if done {
+                return out;
+            }
+        }
+    }
+
+    /// The close frame's code, waiting up to `timeout`.
+    pub async fn close_code(&mut self, timeout: Duration) -> Option<u16> {
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match tokio::time::timeout(left, self.stream.next()).await.ok()? {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// Creates a conversation; answers its id.
+    pub async fn create(&mut self, model: &str) -> String {
+        self.send(json!({"type": "create", "client_id": "c-create", "model": model})).await;
+        let f = self.recv().await;
+        assert_eq!(f["type"], "created", "{f}");
+        f["conversation"].as_str().unwrap().to_owned()
+    }
+
+    /// Sends a user message and collects frames until its `done` or `error`.
+    pub async fn turn(&mut self, conv: &str, client_id: &str, content: &str) -> Vec<Value> {
+        self.send(json!({"type": "user_message", "conversation": conv, "client_id": client_id, "content": content})).await;
+        self.recv_until(|f| is_end_of(f, client_id)).await
+    }
+}
+
+/// Whether `f` ends the turn of `client_id` (its `done`, or an `error` naming it).
+pub fn is_end_of(f: &Value, client_id: &str) -> bool {
+    f["type"] == "done" || (f["type"] == "error" && f["client_id"] == client_id)
+}
+
+/// The concatenated `delta` texts among `frames`.
+pub fn delta_text(frames: &[Value]) -> String {
+    frames.iter().filter(|f| f["type"] == "delta").map(|f| f["text"].as_str().unwrap()).collect()
+}
+
+/// The mock's reply to exactly these messages (for asserting on deterministic text).
+pub fn mock_reply(seed: u64, messages: &[(&str, &str)]) -> String {
+    let msgs: Vec<_> = messages
+        .iter()
+        .map(|(r, c)| parley::mock_upstream::generator::MockMessage { role: (*r).into(), content: (*c).into() })
+        .collect();
+    parley::mock_upstream::generator::plan(seed, &msgs, None).text()
+}
+
+/// The built binary, run as a child process (startup, SIGTERM and `kill -9` tests).
+pub struct BinServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl BinServer {
+    /// Runs `parley serve --config FILE` and waits for its "listening on" line.
+    pub fn start(config_toml: &str, dir: &Path, envs: &[(&str, &str)]) -> Self {
+        let cfg_path = dir.join("parley.toml");
+        std::fs::write(&cfg_path, config_toml).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
+        cmd.args(["serve", "--config"]).arg(&cfg_path).args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.join("data"));
+        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").env_remove("PARLEY_CONFIG");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("binary did not log its address");
+        Self { child, addr: strip_ansi(&addr).parse().unwrap(), log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BinServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
