@@ -155,9 +155,13 @@ impl AppHandle {
         self.state.sockets.close_all();
         self.server.stop(true).await;
         let flushed = self.state.store().flush().await;
+        // Joining the arbiters drops the actors they host, and with them the last handles on
+        // the store, so its directory lock is released when this returns.
         for arbiter in &self.arbiters {
             arbiter.stop();
         }
+        let arbiters = self.arbiters;
+        let _ = tokio::task::spawn_blocking(move || arbiters.into_iter().for_each(|a| drop(a.join()))).await;
         flushed?;
         tracing::info!("storage flushed; bye");
         Ok(())

@@ -30,7 +30,16 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(dir) = &args.data_dir {
         config.data_dir.clone_from(dir);
     }
-    config.validate(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))?;
+    let has_env = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    config.validate(has_env)?;
+    // Refuse before binding: development mode (no admin key) is for loopback only.
+    let addr = config.listen_addr()?;
+    if !has_env(&config.auth.admin_key_env) && !app::is_loopback(&addr) {
+        anyhow::bail!(
+            "no admin key: set {} to serve on {addr} (development mode runs only on loopback)",
+            config.auth.admin_key_env
+        );
+    }
     Ok(config)
 }
 

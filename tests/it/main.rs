@@ -2,4 +2,5 @@
 //! ephemeral ports against the real mock upstream, over real sockets.
 
 mod common;
+mod lifecycle;
 mod ws;

@@ -318,6 +318,11 @@ impl BinServer {
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        Self::spawn(cmd)
+    }
+
+    /// Runs a prepared `parley serve` command and waits for its "listening on" line.
+    pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
