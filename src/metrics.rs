@@ -16,6 +16,7 @@ pub struct Metrics {
     tokens: IntCounterVec,
     errors: IntCounterVec,
     pub ws_connections: IntGauge,
+    pub live_conversations: IntGauge,
 }
 
 impl Metrics {
@@ -34,12 +35,14 @@ impl Metrics {
         let tokens = IntCounterVec::new(Opts::new("parley_tokens_total", "Tokens by provider and kind"), &["provider", "kind"])?;
         let errors = IntCounterVec::new(Opts::new("parley_errors_total", "Failed turns by provider and code"), &["provider", "code"])?;
         let ws_connections = IntGauge::new("parley_ws_connections", "Open WebSocket connections")?;
+        let live_conversations = IntGauge::new("parley_live_conversations", "Conversation actors in memory")?;
         registry.register(Box::new(turns.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ws_connections.clone()))?;
-        Ok(Self { registry, turns, ttft, tokens, errors, ws_connections })
+        registry.register(Box::new(live_conversations.clone()))?;
+        Ok(Self { registry, turns, ttft, tokens, errors, ws_connections, live_conversations })
     }
 
     pub fn observe_turn(&self, provider: &str, ttft: Option<Duration>, error: Option<ErrorCode>) {

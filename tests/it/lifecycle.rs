@@ -195,3 +195,33 @@ async fn embedded_default_serves_mock_and_default_without_a_file() {
     assert_eq!(resp["choices"][0]["message"]["content"].as_str().unwrap(), mock_reply(0, &[("user", "hi")]));
     assert!(bin.log.lock().unwrap().iter().any(|l| l.contains("development mode")));
 }
+
+fn gauge(metrics: &str, name: &str) -> Option<i64> {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn idle_conversation_actors_stop_and_come_back_from_storage() {
+    let mut cfg = config_with(None);
+    cfg.server.idle_timeout_secs = 1;
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("mock").await;
+    ws.turn(&conv, "a", "hello").await;
+    let live = || async {
+        let text = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        gauge(&text, "parley_live_conversations")
+    };
+    assert_eq!(live().await, Some(1));
+    drop(ws);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while live().await != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "idle actor was not stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The next turn starts a fresh actor that continues from the stored seq.
+    let mut ws = Ws::connect(&server, None).await;
+    let frames = ws.turn(&conv, "b", "again").await;
+    assert_eq!(frames[0]["seq"], 3);
+    assert_eq!(frames.last().unwrap()["seq"], 4);
+}

@@ -20,5 +20,6 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.metrics.live_conversations.set(i64::try_from(state.registry.live()).unwrap_or(i64::MAX));
     HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
 }
