@@ -16,7 +16,10 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Server {
@@ -40,7 +43,10 @@ impl Server {
         });
         cfg.routes.push(RouteConfig {
             model: "up".into(),
-            targets: vec![TargetConfig { provider: "up".into(), model: "mock-1".into() }],
+            targets: vec![TargetConfig {
+                provider: "up".into(),
+                model: "mock-1".into(),
+            }],
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -56,7 +62,12 @@ impl Server {
             });
         });
         let addr = addr_rx.recv().unwrap();
-        Self { addr, stop: Some(stop_tx), thread: Some(thread), _dir: dir }
+        Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
     }
 }
 
@@ -72,20 +83,35 @@ impl Drop for Server {
 }
 
 /// One conversation: `turns` turns in a row; answers the TTFT of each completed turn.
-async fn conversation(addr: std::net::SocketAddr, turns: u64, words: u64, deadline: Instant) -> Vec<Duration> {
-    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await else {
+async fn conversation(
+    addr: std::net::SocketAddr,
+    turns: u64,
+    words: u64,
+    deadline: Instant,
+) -> Vec<Duration> {
+    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await
+    else {
         return Vec::new();
     };
-    let _ = ws.send(Message::Text(json!({"type": "create", "client_id": "c", "model": "up"}).to_string())).await;
+    let _ = ws
+        .send(Message::Text(
+            json!({"type": "create", "client_id": "c", "model": "up"}).to_string(),
+        ))
+        .await;
     let mut conv = None;
     let mut ttfts = Vec::new();
     let mut turn = 0;
     let mut sent_at = Instant::now();
     let mut first_seen = false;
     while Instant::now() < deadline {
-        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await else { break };
+        let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(30), ws.next()).await
+        else {
+            break;
+        };
         let Message::Text(text) = msg else { continue };
-        let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
+        let Ok(frame) = serde_json::from_str::<Value>(&text) else {
+            continue;
+        };
         match frame["type"].as_str() {
             Some("created") => conv = frame["conversation"].as_str().map(str::to_owned),
             Some("delta") if !first_seen => {
@@ -130,10 +156,17 @@ fn main() {
     let words = env_or("LOAD_WORDS", 30);
     let seconds = env_or("LOAD_SECONDS", 60);
 
-    let upstream =
-        MockUpstream::spawn(Behaviour { ttft: Duration::from_millis(upstream_ttft), ..Behaviour::default() }).unwrap();
+    let upstream = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(upstream_ttft),
+        ..Behaviour::default()
+    })
+    .unwrap();
     let server = Server::start(&upstream);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(seconds);
     let mut ttfts: Vec<Duration> = rt.block_on(async {

@@ -21,7 +21,11 @@ fn record() -> ConversationRecord {
 fn message(seq: u64) -> MessageRecord {
     MessageRecord {
         seq,
-        role: if seq % 2 == 1 { Role::User } else { Role::Assistant },
+        role: if seq % 2 == 1 {
+            Role::User
+        } else {
+            Role::Assistant
+        },
         content: "a message of ordinary length, some sixty characters or so.".repeat(4),
         created_at: 0,
         client_id: (seq % 2 == 1).then(|| format!("c{seq}")),
@@ -32,7 +36,10 @@ fn message(seq: u64) -> MessageRecord {
 }
 
 fn bench_append(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let conv = record();
@@ -51,7 +58,10 @@ fn bench_append(c: &mut Criterion) {
 }
 
 fn bench_replay(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let mut group = c.benchmark_group("store/replay");
@@ -59,7 +69,8 @@ fn bench_replay(c: &mut Criterion) {
         let conv = record();
         rt.block_on(store.create_conversation(&conv)).unwrap();
         for seq in 1..=n {
-            rt.block_on(store.append_message(&conv.id, &message(seq))).unwrap();
+            rt.block_on(store.append_message(&conv.id, &message(seq)))
+                .unwrap();
         }
         group.bench_with_input(BenchmarkId::from_parameter(n), &conv.id, |b, id| {
             b.iter(|| store.messages_after(id, 0, usize::MAX).unwrap().len());

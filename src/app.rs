@@ -61,7 +61,10 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppHandle, AppError> {
     let config = Arc::new(config);
     let addr = listener.local_addr()?;
-    let admin_key = std::env::var(&config.auth.admin_key_env).ok().filter(|k| !k.is_empty()).map(SecretString::from);
+    let admin_key = std::env::var(&config.auth.admin_key_env)
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(SecretString::from);
     let dev_mode = admin_key.is_none();
     if dev_mode && !is_loopback(&addr) {
         return Err(AppError::Refused(format!(
@@ -72,6 +75,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     let metrics = Metrics::new()?;
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
+        .tcp_nodelay(true)
         .pool_idle_timeout(std::time::Duration::from_secs(90))
         .build()?;
 
@@ -81,11 +85,18 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         .iter()
         .map(|p| {
             let actor = ProviderActor::new(p, http.clone(), |name| std::env::var(name).ok());
-            (p.name.clone(), ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor))
+            (
+                p.name.clone(),
+                ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor),
+            )
         })
         .collect();
     let routes = config.routes.iter().map(|r| {
-        let targets = r.targets.iter().map(|t| (t.provider.as_str(), t.model.as_str())).collect();
+        let targets = r
+            .targets
+            .iter()
+            .map(|t| (t.provider.as_str(), t.model.as_str()))
+            .collect();
         (r.model.as_str(), targets)
     });
     let router = Router::new(routes, &actors);
@@ -94,7 +105,10 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     let deps = Arc::new(Deps {
         store: store.clone(),
         router,
-        budget: ContextBudget::new(config.context.budget_tokens, config.context.reserve_output_tokens),
+        budget: ContextBudget::new(
+            config.context.budget_tokens,
+            config.context.reserve_output_tokens,
+        ),
         metrics: metrics.clone(),
         idle_timeout: config.idle_timeout(),
         max_queued_turns: config.server.max_queued_turns,
@@ -119,6 +133,8 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
             .wrap(tracing_actix_web::TracingLogger::default())
             .configure(|c| routes::configure(c, max_body))
     })
+    // Streamed deltas are small writes: without NODELAY, Nagle holds each one for the peer's ACK.
+    .tcp_nodelay(true)
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(config.server.shutdown_timeout_secs);
@@ -134,7 +150,14 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     });
     let mut all_arbiters = arbiters;
     all_arbiters.push(provider_arbiter);
-    Ok(AppHandle { addr, dev_mode, server: handle, state, arbiters: all_arbiters, shutdown_timeout: config.shutdown_timeout() })
+    Ok(AppHandle {
+        addr,
+        dev_mode,
+        server: handle,
+        state,
+        arbiters: all_arbiters,
+        shutdown_timeout: config.shutdown_timeout(),
+    })
 }
 
 impl AppHandle {
@@ -161,7 +184,9 @@ impl AppHandle {
             arbiter.stop();
         }
         let arbiters = self.arbiters;
-        let _ = tokio::task::spawn_blocking(move || arbiters.into_iter().for_each(|a| drop(a.join()))).await;
+        let _ =
+            tokio::task::spawn_blocking(move || arbiters.into_iter().for_each(|a| drop(a.join())))
+                .await;
         flushed?;
         tracing::info!("storage flushed; bye");
         Ok(())

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "parley", version, about = "Self-hosted LLM conversation server")]
+#[command(
+    name = "parley",
+    version,
+    about = "Self-hosted LLM conversation server"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -54,9 +54,9 @@ impl ErrorCode {
             Self::Forbidden => "permission_error",
             Self::NotFound | Self::ModelNotFound => "not_found_error",
             Self::RateLimited | Self::QuotaExceeded => "rate_limit_error",
-            Self::UpstreamError
-            | Self::UpstreamUnavailable
-            | Self::UpstreamInterrupted => "upstream_error",
+            Self::UpstreamError | Self::UpstreamUnavailable | Self::UpstreamInterrupted => {
+                "upstream_error"
+            }
             Self::Internal => "server_error",
         }
     }
@@ -92,7 +92,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), retry_after: None }
+        Self {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
@@ -113,7 +117,8 @@ impl ApiError {
     }
     /// The `retry_after_ms` field of the WebSocket error frame.
     pub fn retry_after_ms(&self) -> Option<u64> {
-        self.retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        self.retry_after
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
     /// The OpenAI-shaped body `{"error": {...}}`.
     pub fn body(&self) -> serde_json::Value {

@@ -34,7 +34,10 @@ impl ConversationId {
     /// Accepts only ids of the server's own form; anything else cannot name a conversation.
     pub fn parse(s: &str) -> Option<Self> {
         let hex = s.strip_prefix(Self::PREFIX)?;
-        let ok = hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let ok = hex.len() == 32
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         ok.then(|| Self(s.to_owned()))
     }
 
@@ -87,7 +90,13 @@ mod tests {
         let id = ConversationId::generate();
         assert_eq!(id.as_str().len(), ConversationId::LEN);
         assert_eq!(ConversationId::parse(id.as_str()), Some(id));
-        for bad in ["", "conv_", "conv_XYZ", "conv_0123456789abcdef0123456789ABCDEF", "../etc"] {
+        for bad in [
+            "",
+            "conv_",
+            "conv_XYZ",
+            "conv_0123456789abcdef0123456789ABCDEF",
+            "../etc",
+        ] {
             assert_eq!(ConversationId::parse(bad), None, "{bad}");
         }
     }

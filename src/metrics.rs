@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 use crate::error::ErrorCode;
 use crate::store::Usage;
@@ -26,41 +28,76 @@ impl Metrics {
     /// Only on an invalid metric definition (a bug), reported at start.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let turns = IntCounterVec::new(Opts::new("parley_turns_total", "Turns by provider and outcome"), &["provider", "outcome"])?;
+        let turns = IntCounterVec::new(
+            Opts::new("parley_turns_total", "Turns by provider and outcome"),
+            &["provider", "outcome"],
+        )?;
         let buckets = vec![0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
         let ttft = HistogramVec::new(
-            HistogramOpts::new("parley_ttft_seconds", "Time to first token by provider").buckets(buckets),
+            HistogramOpts::new("parley_ttft_seconds", "Time to first token by provider")
+                .buckets(buckets),
             &["provider"],
         )?;
-        let tokens = IntCounterVec::new(Opts::new("parley_tokens_total", "Tokens by provider and kind"), &["provider", "kind"])?;
-        let errors = IntCounterVec::new(Opts::new("parley_errors_total", "Failed turns by provider and code"), &["provider", "code"])?;
+        let tokens = IntCounterVec::new(
+            Opts::new("parley_tokens_total", "Tokens by provider and kind"),
+            &["provider", "kind"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new("parley_errors_total", "Failed turns by provider and code"),
+            &["provider", "code"],
+        )?;
         let ws_connections = IntGauge::new("parley_ws_connections", "Open WebSocket connections")?;
-        let live_conversations = IntGauge::new("parley_live_conversations", "Conversation actors in memory")?;
+        let live_conversations =
+            IntGauge::new("parley_live_conversations", "Conversation actors in memory")?;
         registry.register(Box::new(turns.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ws_connections.clone()))?;
         registry.register(Box::new(live_conversations.clone()))?;
-        Ok(Self { registry, turns, ttft, tokens, errors, ws_connections, live_conversations })
+        Ok(Self {
+            registry,
+            turns,
+            ttft,
+            tokens,
+            errors,
+            ws_connections,
+            live_conversations,
+        })
     }
 
     pub fn observe_turn(&self, provider: &str, ttft: Option<Duration>, error: Option<ErrorCode>) {
-        let provider = if provider.is_empty() { "none" } else { provider };
+        let provider = if provider.is_empty() {
+            "none"
+        } else {
+            provider
+        };
         let outcome = if error.is_some() { "error" } else { "ok" };
         self.turns.with_label_values(&[provider, outcome]).inc();
         if let Some(t) = ttft {
-            self.ttft.with_label_values(&[provider]).observe(t.as_secs_f64());
+            self.ttft
+                .with_label_values(&[provider])
+                .observe(t.as_secs_f64());
         }
         if let Some(code) = error {
-            self.errors.with_label_values(&[provider, code.as_str()]).inc();
+            self.errors
+                .with_label_values(&[provider, code.as_str()])
+                .inc();
         }
     }
 
     pub fn add_tokens(&self, provider: &str, usage: Usage) {
-        let provider = if provider.is_empty() { "none" } else { provider };
-        self.tokens.with_label_values(&[provider, "prompt"]).inc_by(u64::from(usage.prompt_tokens));
-        self.tokens.with_label_values(&[provider, "completion"]).inc_by(u64::from(usage.completion_tokens));
+        let provider = if provider.is_empty() {
+            "none"
+        } else {
+            provider
+        };
+        self.tokens
+            .with_label_values(&[provider, "prompt"])
+            .inc_by(u64::from(usage.prompt_tokens));
+        self.tokens
+            .with_label_values(&[provider, "completion"])
+            .inc_by(u64::from(usage.completion_tokens));
     }
 
     /// The text exposition format.

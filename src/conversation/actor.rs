@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::fanout::{Fanout, Scope, SinkId};
 use super::frames::{ErrorFrame, ServerFrame, Sink};
-use super::messages::{Cancel, Posted, PostUserMessage, Shutdown, Subscribe, TurnOptions, Unsubscribe};
+use super::messages::{
+    Cancel, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
+};
 use super::registry::Registry;
 use super::turn::{self, done_frame, TurnInput};
 use super::Deps;
@@ -71,12 +73,22 @@ impl ConversationActor {
         if self.running.is_some() || self.stopping {
             return;
         }
-        let Some(q) = self.queue.pop_front() else { return };
+        let Some(q) = self.queue.pop_front() else {
+            return;
+        };
         let input = TurnInput {
             conversation: self.record.id.clone(),
-            route: q.options.model.clone().unwrap_or_else(|| self.record.model.clone()),
+            route: q
+                .options
+                .model
+                .clone()
+                .unwrap_or_else(|| self.record.model.clone()),
             system: self.record.system.clone(),
-            system_tokens: self.record.system.as_ref().map(|_| self.record.system_tokens),
+            system_tokens: self
+                .record
+                .system
+                .as_ref()
+                .map(|_| self.record.system_tokens),
             encoding: self.encoding,
             user_seq: self.record.last_seq + 1,
             client_id: q.client_id.clone(),
@@ -86,18 +98,32 @@ impl ConversationActor {
         };
         let cancel = self.deps.shutdown.child_token();
         let ended = CancellationToken::new();
-        let task = turn::run(Arc::clone(&self.deps), self.fanout.clone(), input, cancel.clone());
+        let task = turn::run(
+            Arc::clone(&self.deps),
+            self.fanout.clone(),
+            input,
+            cancel.clone(),
+        );
         let guard = ended.clone().drop_guard();
         let handle = self.deps.tasks.spawn(async move {
             let _ended = guard;
             task.await
         });
-        self.running = Some(Running { client_id: q.client_id, cancel, ended });
-        ctx.spawn(actix::fut::wrap_future(handle).map(|res, act: &mut Self, ctx| act.turn_ended(res, ctx)));
+        self.running = Some(Running {
+            client_id: q.client_id,
+            cancel,
+            ended,
+        });
+        ctx.spawn(
+            actix::fut::wrap_future(handle)
+                .map(|res, act: &mut Self, ctx| act.turn_ended(res, ctx)),
+        );
     }
 
     fn turn_ended(&mut self, res: Result<u64, tokio::task::JoinError>, ctx: &mut Context<Self>) {
-        let Some(running) = self.running.take() else { return };
+        let Some(running) = self.running.take() else {
+            return;
+        };
         self.last_active = Instant::now();
         match res {
             Ok(last_seq) => self.record.last_seq = last_seq,
@@ -106,7 +132,8 @@ impl ConversationActor {
                 let mut frame = ErrorFrame::new(&ApiError::internal());
                 frame.conversation = Some(self.record.id.clone());
                 frame.client_id = Some(running.client_id.clone());
-                self.fanout.broadcast(&ServerFrame::Error(frame), Some(&running.client_id));
+                self.fanout
+                    .broadcast(&ServerFrame::Error(frame), Some(&running.client_id));
                 self.fanout.end_turn(&running.client_id);
                 // The supervisor restarts us; `restarting` reloads `last_seq` from the store.
                 ctx.stop();
@@ -121,7 +148,9 @@ impl ConversationActor {
         match self.deps.store.conversation(&self.record.id) {
             Ok(Some(rec)) => self.record = rec,
             Ok(None) => self.stopping = true,
-            Err(e) => tracing::error!(conversation = %self.record.id, error = %e, "cannot reload conversation"),
+            Err(e) => {
+                tracing::error!(conversation = %self.record.id, error = %e, "cannot reload conversation")
+            }
         }
     }
 
@@ -132,11 +161,30 @@ impl ConversationActor {
     }
 
     /// A `client_id` already stored: answer its original ack, and its done when the reply exists.
-    fn replay_duplicate(&self, seq: u64, client_id: String, sink: Option<Sink>) -> Result<Posted, ApiError> {
-        let Some(sink) = sink else { return Ok(Posted::Duplicate) };
+    fn replay_duplicate(
+        &self,
+        seq: u64,
+        client_id: String,
+        sink: Option<Sink>,
+    ) -> Result<Posted, ApiError> {
+        let Some(sink) = sink else {
+            return Ok(Posted::Duplicate);
+        };
         let conv = self.record.id.clone();
-        sink.deliver(&ServerFrame::Ack { conversation: conv.clone(), client_id, seq }.encode());
-        if let Some(done) = self.deps.store.message(&conv, seq + 1)?.and_then(|r| done_frame(&conv, &r)) {
+        sink.deliver(
+            &ServerFrame::Ack {
+                conversation: conv.clone(),
+                client_id,
+                seq,
+            }
+            .encode(),
+        );
+        if let Some(done) = self
+            .deps
+            .store
+            .message(&conv, seq + 1)?
+            .and_then(|r| done_frame(&conv, &r))
+        {
             sink.deliver(&ServerFrame::Done(done).encode());
         }
         Ok(Posted::Duplicate)
@@ -159,7 +207,8 @@ impl Actor for ConversationActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX);
-        let every = (self.deps.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+        let every =
+            (self.deps.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(every, Self::check_idle);
         self.start_next(ctx);
     }
@@ -178,11 +227,27 @@ impl Handler<Subscribe> for ConversationActor {
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         let conv = self.record.id.clone();
-        let last_seq = self.record.last_seq;
-        msg.sink.deliver(&ServerFrame::Subscribed { conversation: conv.clone(), last_seq }.encode());
+        // A running turn stores its messages before this actor hears that it ended (and its
+        // `done` may already have been answered), so the stored header is the truth here.
+        let stored = self
+            .deps
+            .store
+            .conversation(&conv)?
+            .map_or(0, |rec| rec.last_seq);
+        let last_seq = stored.max(self.record.last_seq);
+        msg.sink.deliver(
+            &ServerFrame::Subscribed {
+                conversation: conv.clone(),
+                last_seq,
+            }
+            .encode(),
+        );
         if let Some(after) = msg.after_seq {
             for m in self.deps.store.messages_after(&conv, after, MAX_REPLAY)? {
-                let frame = ServerFrame::Message { conversation: conv.clone(), message: m.into() };
+                let frame = ServerFrame::Message {
+                    conversation: conv.clone(),
+                    message: m.into(),
+                };
                 msg.sink.deliver_replay(&frame.encode());
             }
         }
@@ -224,17 +289,32 @@ impl Handler<PostUserMessage> for ConversationActor {
         }
         let route = msg.options.model.as_deref().unwrap_or(&self.record.model);
         if !self.deps.router.has_route(route) {
-            return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {route:?} does not exist")));
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("model {route:?} does not exist"),
+            ));
         }
-        let system = self.record.system.as_ref().map(|_| self.record.system_tokens);
+        let system = self
+            .record
+            .system
+            .as_ref()
+            .map(|_| self.record.system_tokens);
         fit_history(self.deps.budget, system, msg.tokens, [])
             .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
         if self.queue.len() >= self.deps.max_queued_turns {
-            let err = ApiError::new(ErrorCode::RateLimited, "too many turns queued in this conversation");
+            let err = ApiError::new(
+                ErrorCode::RateLimited,
+                "too many turns queued in this conversation",
+            );
             return Err(err.with_retry_after(Duration::from_secs(1)));
         }
         self.listen(msg.listener);
-        self.queue.push_back(Queued { client_id: cid, content: msg.content, tokens: msg.tokens, options: msg.options });
+        self.queue.push_back(Queued {
+            client_id: cid,
+            content: msg.content,
+            tokens: msg.tokens,
+            options: msg.options,
+        });
         self.start_next(ctx);
         Ok(Posted::Queued)
     }

@@ -70,6 +70,8 @@ impl Fanout {
 
     /// Forgets the sinks that listened only to the turn of `client_id`.
     pub fn end_turn(&self, client_id: &str) {
-        self.inner.lock().retain(|_, (_, scope)| !matches!(scope, Scope::Turn(c) if c == client_id));
+        self.inner
+            .lock()
+            .retain(|_, (_, scope)| !matches!(scope, Scope::Turn(c) if c == client_id));
     }
 }

@@ -86,10 +86,24 @@ impl ErrorFrame {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    Created { client_id: String, conversation: ConversationId },
-    Subscribed { conversation: ConversationId, last_seq: u64 },
-    Ack { conversation: ConversationId, client_id: String, seq: u64 },
-    Delta { conversation: ConversationId, reply_to: u64, text: String },
+    Created {
+        client_id: String,
+        conversation: ConversationId,
+    },
+    Subscribed {
+        conversation: ConversationId,
+        last_seq: u64,
+    },
+    Ack {
+        conversation: ConversationId,
+        client_id: String,
+        seq: u64,
+    },
+    Delta {
+        conversation: ConversationId,
+        reply_to: u64,
+        text: String,
+    },
     Done(Done),
     Message {
         conversation: ConversationId,
@@ -116,7 +130,10 @@ impl ServerFrame {
     pub fn encode(&self) -> Outbound {
         // Serialising these plain structs cannot fail; an empty object keeps the socket alive.
         let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".into());
-        Outbound::Frame { frame: Arc::new(self.clone()), json: json.into() }
+        Outbound::Frame {
+            frame: Arc::new(self.clone()),
+            json: json.into(),
+        }
     }
 }
 
@@ -127,7 +144,10 @@ pub const CLOSE_LAGGING: u16 = 1013;
 #[derive(Debug, Clone, Message)]
 #[rtype(result = "()")]
 pub enum Outbound {
-    Frame { frame: Arc<ServerFrame>, json: Arc<str> },
+    Frame {
+        frame: Arc<ServerFrame>,
+        json: Arc<str>,
+    },
     /// The subscriber fell behind or lost its right to listen; the socket closes with `code`.
     Close { code: u16, reason: &'static str },
 }
@@ -147,7 +167,10 @@ impl Sink {
                 Ok(()) => true,
                 Err(SendError::Full(_)) => {
                     // Beyond capacity on purpose: a close notice must reach a lagging socket.
-                    r.do_send(Outbound::Close { code: CLOSE_LAGGING, reason: "subscriber fell behind" });
+                    r.do_send(Outbound::Close {
+                        code: CLOSE_LAGGING,
+                        reason: "subscriber fell behind",
+                    });
                     false
                 }
                 Err(SendError::Closed(_)) => false,

@@ -46,7 +46,14 @@ pub struct NewConversation {
 impl Registry {
     /// `arbiters` host the conversation actors (at least one).
     pub fn new(deps: Arc<Deps>, arbiters: Vec<ArbiterHandle>) -> Self {
-        Self { inner: Arc::new(Inner { deps, actors: Mutex::new(HashMap::new()), arbiters, next: AtomicUsize::new(0) }) }
+        Self {
+            inner: Arc::new(Inner {
+                deps,
+                actors: Mutex::new(HashMap::new()),
+                arbiters,
+                next: AtomicUsize::new(0),
+            }),
+        }
     }
 
     pub fn deps(&self) -> &Deps {
@@ -57,11 +64,18 @@ impl Registry {
     ///
     /// # Errors
     /// `model_not_found` for an unknown route, `too_large` for a system prompt over the budget.
-    pub async fn create(&self, tenant: &TenantId, new: NewConversation) -> Result<ConversationRecord, ApiError> {
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        new: NewConversation,
+    ) -> Result<ConversationRecord, ApiError> {
         let deps = self.deps();
         let model = new.model.unwrap_or_else(|| "default".into());
         if !deps.router.has_route(&model) {
-            return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {model:?} does not exist")));
+            return Err(ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!("model {model:?} does not exist"),
+            ));
         }
         let system_tokens = match &new.system {
             Some(s) => tokens::count_async(deps.router.encoding(&model), s.clone()).await,
@@ -95,12 +109,22 @@ impl Registry {
         let model = record.model.clone();
         let mut actors = self.inner.actors.lock();
         if let Some(addr) = actors.get(id).filter(|a| a.connected()) {
-            return Ok(Live { addr: addr.clone(), model });
+            return Ok(Live {
+                addr: addr.clone(),
+                model,
+            });
         }
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len().max(1);
-        let arbiter = self.inner.arbiters.get(i).cloned().unwrap_or_else(Arbiter::current);
+        let arbiter = self
+            .inner
+            .arbiters
+            .get(i)
+            .cloned()
+            .unwrap_or_else(Arbiter::current);
         let (deps, registry) = (Arc::clone(&self.inner.deps), self.clone());
-        let addr = Supervisor::start_in_arbiter(&arbiter, move |_| ConversationActor::new(record, deps, registry));
+        let addr = Supervisor::start_in_arbiter(&arbiter, move |_| {
+            ConversationActor::new(record, deps, registry)
+        });
         actors.insert(id.clone(), addr.clone());
         Ok(Live { addr, model })
     }
@@ -143,8 +167,14 @@ impl Registry {
         let deps = self.deps();
         deps.shutdown.cancel();
         deps.tasks.close();
-        if tokio::time::timeout(timeout, deps.tasks.wait()).await.is_err() {
-            tracing::error!(remaining = deps.tasks.len(), "turns still running at shutdown timeout");
+        if tokio::time::timeout(timeout, deps.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                remaining = deps.tasks.len(),
+                "turns still running at shutdown timeout"
+            );
         }
     }
 }

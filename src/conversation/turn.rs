@@ -44,7 +44,12 @@ struct Ending {
 }
 
 /// Runs one turn; answers the conversation's `last_seq` afterwards.
-pub async fn run(deps: Arc<Deps>, fanout: Fanout, input: TurnInput, cancel: CancellationToken) -> u64 {
+pub async fn run(
+    deps: Arc<Deps>,
+    fanout: Fanout,
+    input: TurnInput,
+    cancel: CancellationToken,
+) -> u64 {
     let span = tracing::info_span!(
         "turn",
         conversation = %input.conversation,
@@ -53,10 +58,17 @@ pub async fn run(deps: Arc<Deps>, fanout: Fanout, input: TurnInput, cancel: Canc
         provider = tracing::field::Empty,
         ttft_ms = tracing::field::Empty,
     );
-    run_inner(&deps, &fanout, input, &cancel).instrument(span).await
+    run_inner(&deps, &fanout, input, &cancel)
+        .instrument(span)
+        .await
 }
 
-async fn run_inner(deps: &Deps, fanout: &Fanout, input: TurnInput, cancel: &CancellationToken) -> u64 {
+async fn run_inner(
+    deps: &Deps,
+    fanout: &Fanout,
+    input: TurnInput,
+    cancel: &CancellationToken,
+) -> u64 {
     let conv = input.conversation.clone();
     let cid = input.client_id.clone();
     let fail = |err: ApiError, reply_to: Option<u64>| {
@@ -81,7 +93,11 @@ async fn run_inner(deps: &Deps, fanout: &Fanout, input: TurnInput, cancel: &Canc
         fail(e.into(), None);
         return input.user_seq - 1;
     }
-    let ack = ServerFrame::Ack { conversation: conv.clone(), client_id: cid.clone(), seq: input.user_seq };
+    let ack = ServerFrame::Ack {
+        conversation: conv.clone(),
+        client_id: cid.clone(),
+        seq: input.user_seq,
+    };
     fanout.broadcast(&ack, Some(&cid));
 
     #[cfg(feature = "fault-injection")]
@@ -104,24 +120,50 @@ async fn run_inner(deps: &Deps, fanout: &Fanout, input: TurnInput, cancel: &Canc
         started = deps.router.start(&input.route, request) => Some(started),
     };
     let (ending, provider, model, ttft) = match started {
-        None => (ending("cancelled", None), String::new(), String::new(), None),
+        None => (
+            ending("cancelled", None),
+            String::new(),
+            String::new(),
+            None,
+        ),
         Some(Err(e)) => {
             let err: ApiError = e.into();
-            (ending("error", Some(err)), String::new(), String::new(), None)
+            (
+                ending("error", Some(err)),
+                String::new(),
+                String::new(),
+                None,
+            )
         }
         Some(Ok(started)) => {
             let span = tracing::Span::current();
             span.record("provider", started.provider.as_str());
             span.record("ttft_ms", started.ttft.as_millis() as u64);
-            let (provider, model, ttft) = (started.provider.clone(), started.model.clone(), started.ttft);
-            let ending = stream(fanout, &conv, &cid, input.user_seq, started, &mut text, cancel).await;
+            let (provider, model, ttft) = (
+                started.provider.clone(),
+                started.model.clone(),
+                started.ttft,
+            );
+            let ending = stream(
+                fanout,
+                &conv,
+                &cid,
+                input.user_seq,
+                started,
+                &mut text,
+                cancel,
+            )
+            .await;
             (ending, provider, model, Some(ttft))
         }
     };
-    deps.metrics.observe_turn(&provider, ttft, ending.error.as_ref().map(|e| e.code));
+    deps.metrics
+        .observe_turn(&provider, ttft, ending.error.as_ref().map(|e| e.code));
 
     let completion_tokens = tokens::count_async(input.encoding, text.clone()).await;
-    let usage = ending.usage.unwrap_or_else(|| Usage::new(prompt_tokens, completion_tokens));
+    let usage = ending
+        .usage
+        .unwrap_or_else(|| Usage::new(prompt_tokens, completion_tokens));
     let model = ending.model.unwrap_or(model);
     let reply = MessageRecord {
         seq: reply_seq,
@@ -145,7 +187,11 @@ async fn run_inner(deps: &Deps, fanout: &Fanout, input: TurnInput, cancel: &Canc
         return input.user_seq;
     }
     deps.metrics.add_tokens(&provider, usage);
-    tracing::debug!(elapsed_ms = begun.elapsed().as_millis() as u64, finish_reason = ending.finish_reason, "turn finished");
+    tracing::debug!(
+        elapsed_ms = begun.elapsed().as_millis() as u64,
+        finish_reason = ending.finish_reason,
+        "turn finished"
+    );
     match ending.error {
         Some(err) => fail(err, Some(input.user_seq)),
         None => {
@@ -185,17 +231,30 @@ async fn stream(
         match event {
             UpstreamEvent::Delta(delta) => {
                 text.push_str(&delta);
-                let frame = ServerFrame::Delta { conversation: conv.clone(), reply_to, text: delta };
+                let frame = ServerFrame::Delta {
+                    conversation: conv.clone(),
+                    reply_to,
+                    text: delta,
+                };
                 fanout.broadcast(&frame, Some(client_id));
             }
-            UpstreamEvent::Finished { finish_reason, usage, model } => {
+            UpstreamEvent::Finished {
+                finish_reason,
+                usage,
+                model,
+            } => {
                 let reason = match finish_reason.as_str() {
                     "length" => "length",
                     "content_filter" => "content_filter",
                     "tool_calls" => "tool_calls",
                     _ => "stop",
                 };
-                return Ending { finish_reason: reason, error: None, usage, model };
+                return Ending {
+                    finish_reason: reason,
+                    error: None,
+                    usage,
+                    model,
+                };
             }
             UpstreamEvent::Failed(e) if !text.is_empty() => {
                 tracing::warn!(error = %e, "upstream stream broke after text was sent");
@@ -208,7 +267,12 @@ async fn stream(
 }
 
 fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
-    Ending { finish_reason, error, usage: None, model: None }
+    Ending {
+        finish_reason,
+        error,
+        usage: None,
+        model: None,
+    }
 }
 
 /// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message.
@@ -229,14 +293,24 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<(ChatRequest, u32), A
     if let Some(e) = read_error {
         return Err(e.into());
     }
-    let (n, prompt_tokens) = fitted.map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+    let (n, prompt_tokens) =
+        fitted.map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
     taken.truncate(n);
     let mut messages = Vec::with_capacity(n + 2);
     if let Some(system) = &input.system {
-        messages.push(ChatMessage { role: "system", content: system.clone() });
+        messages.push(ChatMessage {
+            role: "system",
+            content: system.clone(),
+        });
     }
-    messages.extend(taken.into_iter().rev().map(|m| ChatMessage { role: m.role.as_str(), content: m.content }));
-    messages.push(ChatMessage { role: "user", content: input.content.clone() });
+    messages.extend(taken.into_iter().rev().map(|m| ChatMessage {
+        role: m.role.as_str(),
+        content: m.content,
+    }));
+    messages.push(ChatMessage {
+        role: "user",
+        content: input.content.clone(),
+    });
     let request = ChatRequest {
         model: String::new(),
         messages,

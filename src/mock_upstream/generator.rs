@@ -22,9 +22,9 @@ const WORDS: &[&str] = &[
     "amber", "bright", "canyon", "delta", "ember", "falcon", "garden", "harbor", "island",
     "jasmine", "kettle", "lantern", "meadow", "nectar", "orbit", "pebble", "quartz", "river",
     "saffron", "timber", "umbra", "velvet", "willow", "xenon", "yonder", "zephyr", "atlas",
-    "breeze", "cobalt", "dune", "echo", "fjord", "glacier", "horizon", "ivory", "juniper",
-    "kelp", "lumen", "mosaic", "nova", "opal", "prism", "quill", "ripple", "summit", "tundra",
-    "ultra", "vista", "wander", "yarrow", "zenith", "acorn", "basil", "cedar", "dawn", "fern",
+    "breeze", "cobalt", "dune", "echo", "fjord", "glacier", "horizon", "ivory", "juniper", "kelp",
+    "lumen", "mosaic", "nova", "opal", "prism", "quill", "ripple", "summit", "tundra", "ultra",
+    "vista", "wander", "yarrow", "zenith", "acorn", "basil", "cedar", "dawn", "fern",
 ];
 
 /// One message of a request, as the generator sees it.
@@ -63,10 +63,16 @@ impl Plan {
 
 /// Plans the reply to `messages` under `seed`. `max_tokens` cuts the reply (`length`).
 pub fn plan(seed: u64, messages: &[MockMessage], max_tokens: Option<u32>) -> Plan {
-    let last_user = messages.iter().rev().find(|m| m.role == "user").map_or("", |m| m.content.as_str());
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map_or("", |m| m.content.as_str());
     let directives = Directives::parse(last_user);
     let mut rng = SplitMix64(fnv1a(seed, messages));
-    let n_words = directives.words.unwrap_or_else(|| 8 + (rng.next() % 24) as usize);
+    let n_words = directives
+        .words
+        .unwrap_or_else(|| 8 + (rng.next() % 24) as usize);
 
     let mut chunks = Vec::with_capacity(n_words + 1);
     if directives.echo {
@@ -182,7 +188,10 @@ mod tests {
     use super::*;
 
     fn user(text: &str) -> Vec<MockMessage> {
-        vec![MockMessage { role: "user".into(), content: text.into() }]
+        vec![MockMessage {
+            role: "user".into(),
+            content: text.into(),
+        }]
     }
 
     #[test]
@@ -201,9 +210,17 @@ mod tests {
         assert_eq!(p.chunks.len(), 3);
         assert_eq!(p.fault, Some(Fault::DropAfter(2)));
         assert_eq!(p.ttft, Some(Duration::from_millis(5)));
-        assert_eq!(plan(0, &user("[[mock:status=503]]"), None).fault, Some(Fault::Status(503)));
-        assert_eq!(plan(0, &user("[[mock:hang]]"), None).fault, Some(Fault::Hang));
-        assert!(plan(0, &user("hi [[mock:echo]]"), None).text().starts_with("hi [[mock:echo]] |"));
+        assert_eq!(
+            plan(0, &user("[[mock:status=503]]"), None).fault,
+            Some(Fault::Status(503))
+        );
+        assert_eq!(
+            plan(0, &user("[[mock:hang]]"), None).fault,
+            Some(Fault::Hang)
+        );
+        assert!(plan(0, &user("hi [[mock:echo]]"), None)
+            .text()
+            .starts_with("hi [[mock:echo]] |"));
         // Unterminated or unknown directives are ignored.
         assert_eq!(plan(0, &user("[[mock:status=500"), None).fault, None);
     }

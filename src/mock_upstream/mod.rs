@@ -54,7 +54,12 @@ pub struct MockState {
 impl MockState {
     fn new(behaviour: Behaviour) -> Self {
         let draws = Mutex::new(behaviour.seed ^ 0x5eed);
-        Self { behaviour: RwLock::new(behaviour), requests: AtomicU64::new(0), received: Mutex::new(VecDeque::new()), draws }
+        Self {
+            behaviour: RwLock::new(behaviour),
+            requests: AtomicU64::new(0),
+            received: Mutex::new(VecDeque::new()),
+            draws,
+        }
     }
 
     fn record(&self, body: &serde_json::Value) {
@@ -96,22 +101,29 @@ impl MockUpstream {
         let state = Arc::new(MockState::new(behaviour));
         let (tx, rx) = std::sync::mpsc::channel();
         let thread_state = Arc::clone(&state);
-        let thread = std::thread::Builder::new().name("mock-upstream".into()).spawn(move || {
-            let system = actix_web::rt::System::new();
-            system.block_on(async move {
-                match server::build(listener, thread_state, 1) {
-                    Ok(server) => {
-                        let _ = tx.send(Ok(server.handle()));
-                        let _ = server.await;
+        let thread = std::thread::Builder::new()
+            .name("mock-upstream".into())
+            .spawn(move || {
+                let system = actix_web::rt::System::new();
+                system.block_on(async move {
+                    match server::build(listener, thread_state, 1) {
+                        Ok(server) => {
+                            let _ = tx.send(Ok(server.handle()));
+                            let _ = server.await;
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                    }
-                }
-            });
-        })?;
+                });
+            })?;
         let handle = rx.recv().map_err(std::io::Error::other)??;
-        Ok(Self { addr, state, handle, thread: Some(thread) })
+        Ok(Self {
+            addr,
+            state,
+            handle,
+            thread: Some(thread),
+        })
     }
 
     pub fn addr(&self) -> SocketAddr {

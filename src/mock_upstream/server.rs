@@ -16,7 +16,11 @@ use super::MockState;
 const HANG: Duration = Duration::from_secs(600);
 
 /// Builds the mock's server on `listener` (`workers` 0 = one per core).
-pub fn build(listener: TcpListener, state: Arc<MockState>, workers: usize) -> std::io::Result<actix_web::dev::Server> {
+pub fn build(
+    listener: TcpListener,
+    state: Arc<MockState>,
+    workers: usize,
+) -> std::io::Result<actix_web::dev::Server> {
     let data = web::Data::from(state);
     let mut server = HttpServer::new(move || {
         App::new()
@@ -28,6 +32,7 @@ pub fn build(listener: TcpListener, state: Arc<MockState>, workers: usize) -> st
             .route("/v1/models", web::get().to(models))
             .route("/mock/stats", web::get().to(stats))
     })
+    .tcp_nodelay(true)
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(1);
@@ -55,7 +60,10 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
     state.record(&body);
     let behaviour = state.behaviour.read().clone();
     let messages = read_messages(&body);
-    let max_tokens = body.get("max_tokens").and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok());
+    let max_tokens = body
+        .get("max_tokens")
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok());
     let plan = generator::plan(behaviour.seed, &messages, max_tokens);
     tokio::time::sleep(plan.ttft.unwrap_or(behaviour.ttft)).await;
 
@@ -75,9 +83,16 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
         }
         _ => {}
     }
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock-1").to_owned();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-1")
+        .to_owned();
     let streaming = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let tps = plan.tokens_per_sec.unwrap_or(behaviour.tokens_per_sec);
     match (wire, streaming) {
         (Wire::OpenAi, false) => HttpResponse::Ok().json(openai_json(&plan, &model)),
@@ -95,31 +110,55 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
 fn read_messages(body: &Value) -> Vec<MockMessage> {
     let text = |c: &Value| match c {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
         _ => String::new(),
     };
     let mut out = Vec::new();
     if let Some(system) = body.get("system") {
-        out.push(MockMessage { role: "system".into(), content: text(system) });
+        out.push(MockMessage {
+            role: "system".into(),
+            content: text(system),
+        });
     }
-    for m in body.get("messages").and_then(Value::as_array).into_iter().flatten() {
-        let role = m.get("role").and_then(Value::as_str).unwrap_or("user").to_owned();
-        out.push(MockMessage { role, content: m.get("content").map(text).unwrap_or_default() });
+    for m in body
+        .get("messages")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or("user")
+            .to_owned();
+        out.push(MockMessage {
+            role,
+            content: m.get("content").map(text).unwrap_or_default(),
+        });
     }
     out
 }
 
 fn error_response(status: u16, wire: Wire) -> HttpResponse {
-    let code = actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
+    let code = actix_web::http::StatusCode::from_u16(status)
+        .unwrap_or(actix_web::http::StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = HttpResponse::build(code);
     if status == 429 {
         resp.insert_header(("Retry-After", "1"));
     }
     let message = format!("mock upstream fault: status {status}");
     match wire {
-        Wire::OpenAi => resp.json(json!({"error": {"message": message, "type": "server_error", "code": status}})),
+        Wire::OpenAi => resp
+            .json(json!({"error": {"message": message, "type": "server_error", "code": status}})),
         Wire::Anthropic => {
-            let kind = if status == 429 { "rate_limit_error" } else { "api_error" };
+            let kind = if status == 429 {
+                "rate_limit_error"
+            } else {
+                "api_error"
+            };
             resp.json(json!({"type": "error", "error": {"type": kind, "message": message}}))
         }
     }
@@ -164,8 +203,15 @@ fn openai_events(plan: &Plan, model: &str, include_usage: bool) -> Vec<String> {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![data(&chunk(json!({"role": "assistant", "content": ""}), None))];
-    events.extend(plan.chunks.iter().map(|c| data(&chunk(json!({"content": c}), None))));
+    let mut events = vec![data(&chunk(
+        json!({"role": "assistant", "content": ""}),
+        None,
+    ))];
+    events.extend(
+        plan.chunks
+            .iter()
+            .map(|c| data(&chunk(json!({"content": c}), None))),
+    );
     events.push(data(&chunk(json!({}), Some(plan.finish_reason))));
     if include_usage {
         let u = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
@@ -200,15 +246,29 @@ fn data(v: &Value) -> String {
 
 /// Streams `events` at `tps` chunks per second; `DropAfter(n)` breaks the connection after the
 /// n-th content chunk.
-fn stream_response(events: Vec<String>, fault: Option<Fault>, tps: f64, wire: Wire) -> HttpResponse {
-    let gap = if tps > 0.0 { Duration::from_secs_f64(1.0 / tps) } else { Duration::ZERO };
+fn stream_response(
+    events: Vec<String>,
+    fault: Option<Fault>,
+    tps: f64,
+    wire: Wire,
+) -> HttpResponse {
+    let gap = if tps > 0.0 {
+        Duration::from_secs_f64(1.0 / tps)
+    } else {
+        Duration::ZERO
+    };
     let drop_at = match fault {
         Some(Fault::DropAfter(n)) => Some(n + 1),
         _ => None,
     };
     let body = stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
         if drop_at == Some(i) {
-            return Err(actix_web::error::ErrorInternalServerError("mock: connection dropped"));
+            // A body error drops the connection with whatever is still buffered: yield first, so
+            // that the chunks streamed so far are flushed to the client before the drop.
+            tokio::task::yield_now().await;
+            return Err(actix_web::error::ErrorInternalServerError(
+                "mock: connection dropped",
+            ));
         }
         if i > 1 && !gap.is_zero() {
             tokio::time::sleep(gap).await;
@@ -216,23 +276,38 @@ fn stream_response(events: Vec<String>, fault: Option<Fault>, tps: f64, wire: Wi
         Ok::<_, actix_web::Error>(Bytes::from(event))
     });
     let _ = wire;
-    HttpResponse::Ok().content_type("text/event-stream").insert_header(("Cache-Control", "no-cache")).streaming(body)
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body)
 }
 
 async fn embeddings(state: web::Data<MockState>, body: web::Json<Value>) -> HttpResponse {
-    let inputs: Vec<String> = match body.get("input") {
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items.iter().map(|i| i.as_str().unwrap_or_default().to_owned()).collect(),
-        _ => return HttpResponse::BadRequest().json(json!({"error": {"message": "input is required", "type": "invalid_request_error"}})),
-    };
+    let inputs: Vec<String> =
+        match body.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| i.as_str().unwrap_or_default().to_owned())
+                .collect(),
+            _ => return HttpResponse::BadRequest().json(
+                json!({"error": {"message": "input is required", "type": "invalid_request_error"}}),
+            ),
+        };
     let seed = state.behaviour.read().seed;
     let data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .map(|(i, text)| json!({"object": "embedding", "index": i, "embedding": embed(seed, text)}))
         .collect();
-    let tokens: u32 = inputs.iter().map(|t| crate::tokens::count(crate::tokens::Encoding::Cl100kBase, t)).sum();
-    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock-embed");
+    let tokens: u32 = inputs
+        .iter()
+        .map(|t| crate::tokens::count(crate::tokens::Encoding::Cl100kBase, t))
+        .sum();
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock-embed");
     HttpResponse::Ok().json(json!({"object": "list", "data": data, "model": model,
                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
 }
@@ -259,5 +334,6 @@ async fn models() -> HttpResponse {
 }
 
 async fn stats(state: web::Data<MockState>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"requests": state.requests.load(std::sync::atomic::Ordering::Relaxed)}))
+    HttpResponse::Ok()
+        .json(json!({"requests": state.requests.load(std::sync::atomic::Ordering::Relaxed)}))
 }

@@ -42,14 +42,32 @@ pub struct ProviderActor {
 
 impl ProviderActor {
     /// Builds the actor of one configured provider, resolving its key variables from `env`.
-    pub fn new(cfg: &ProviderConfig, http: reqwest::Client, env: impl Fn(&str) -> Option<String>) -> Self {
-        let keys: Vec<SecretString> =
-            cfg.key_envs().into_iter().filter_map(|name| env(name)).map(SecretString::from).collect();
+    pub fn new(
+        cfg: &ProviderConfig,
+        http: reqwest::Client,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        let keys: Vec<SecretString> = cfg
+            .key_envs()
+            .into_iter()
+            .filter_map(|name| env(name))
+            .map(SecretString::from)
+            .collect();
         let backend = match cfg.kind {
-            ProviderKind::Openai => Backend::OpenAi(OpenAiClient::new(&cfg.name, cfg.base_url(), keys, http, cfg.timeout())),
-            ProviderKind::Anthropic => {
-                Backend::Anthropic(AnthropicClient::new(&cfg.name, cfg.base_url(), keys, http, cfg.timeout()))
-            }
+            ProviderKind::Openai => Backend::OpenAi(OpenAiClient::new(
+                &cfg.name,
+                cfg.base_url(),
+                keys,
+                http,
+                cfg.timeout(),
+            )),
+            ProviderKind::Anthropic => Backend::Anthropic(AnthropicClient::new(
+                &cfg.name,
+                cfg.base_url(),
+                keys,
+                http,
+                cfg.timeout(),
+            )),
             ProviderKind::Mock => Backend::Mock(MockBackend::new(
                 &cfg.name,
                 cfg.seed.unwrap_or(0),
@@ -57,7 +75,11 @@ impl ProviderActor {
                 cfg.tokens_per_sec.unwrap_or(0.0),
             )),
         };
-        Self { name: cfg.name.clone(), backend: Arc::new(backend), in_flight: Arc::new(AtomicUsize::new(0)) }
+        Self {
+            name: cfg.name.clone(),
+            backend: Arc::new(backend),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+        }
     }
 }
 

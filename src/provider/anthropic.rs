@@ -29,7 +29,13 @@ pub struct AnthropicClient {
 }
 
 impl AnthropicClient {
-    pub fn new(name: &str, base_url: &str, keys: Vec<SecretString>, http: reqwest::Client, timeout: Duration) -> Self {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        keys: Vec<SecretString>,
+        http: reqwest::Client,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             url: format!("{base_url}/messages"),
@@ -42,7 +48,11 @@ impl AnthropicClient {
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
         let body = request_body(&req);
-        let mut request = self.http.post(&self.url).header("anthropic-version", API_VERSION).json(&body);
+        let mut request = self
+            .http
+            .post(&self.url)
+            .header("anthropic-version", API_VERSION)
+            .json(&body);
         if !self.keys.is_empty() {
             let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
             request = request.header("x-api-key", self.keys[i].expose_secret());
@@ -55,13 +65,25 @@ impl AnthropicClient {
             }
             None => return,
         };
-        sse::pump(&self.name, response.bytes_stream(), AnthropicDecoder::default(), self.timeout, &tx).await;
+        sse::pump(
+            &self.name,
+            response.bytes_stream(),
+            AnthropicDecoder::default(),
+            self.timeout,
+            &tx,
+        )
+        .await;
     }
 }
 
 /// The Messages API body of a request.
 pub fn request_body(req: &ChatRequest) -> serde_json::Value {
-    let system: Vec<&str> = req.messages.iter().filter(|m| m.role == "system").map(|m| m.content.as_str()).collect();
+    let system: Vec<&str> = req
+        .messages
+        .iter()
+        .filter(|m| m.role == "system")
+        .map(|m| m.content.as_str())
+        .collect();
     let mut messages: Vec<ChatMessage> = Vec::new();
     for m in req.messages.iter().filter(|m| m.role != "system") {
         match messages.last_mut() {
@@ -99,17 +121,29 @@ impl Decoder for AnthropicDecoder {
     fn decode(&mut self, event: &str, data: &str) -> Result<Decoded, String> {
         let v: serde_json::Value = match event {
             "ping" => return Ok(Decoded::Nothing),
-            _ => serde_json::from_str(data).map_err(|e| format!("{event} event is not JSON: {e}"))?,
+            _ => {
+                serde_json::from_str(data).map_err(|e| format!("{event} event is not JSON: {e}"))?
+            }
         };
-        let num = |p: &str| v.pointer(p).and_then(serde_json::Value::as_u64).and_then(|n| u32::try_from(n).ok());
+        let num = |p: &str| {
+            v.pointer(p)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+        };
         match event {
             "message_start" => {
                 self.input_tokens = num("/message/usage/input_tokens").unwrap_or(0);
-                self.model = v.pointer("/message/model").and_then(|m| m.as_str()).map(str::to_owned);
+                self.model = v
+                    .pointer("/message/model")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned);
                 Ok(Decoded::Nothing)
             }
             "content_block_delta" => {
-                let text = v.pointer("/delta/text").and_then(|t| t.as_str()).unwrap_or_default();
+                let text = v
+                    .pointer("/delta/text")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default();
                 Ok(Decoded::Delta(text.to_owned()))
             }
             "message_delta" => {
@@ -126,7 +160,10 @@ impl Decoder for AnthropicDecoder {
                 Ok(Decoded::End)
             }
             "error" => {
-                let msg = v.pointer("/error/message").and_then(|m| m.as_str()).unwrap_or("upstream error");
+                let msg = v
+                    .pointer("/error/message")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("upstream error");
                 Ok(Decoded::Error(msg.to_owned()))
             }
             _ => Ok(Decoded::Nothing),
@@ -134,7 +171,9 @@ impl Decoder for AnthropicDecoder {
     }
 
     fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>) {
-        let usage = self.output_tokens.map(|out| Usage::new(self.input_tokens, out));
+        let usage = self
+            .output_tokens
+            .map(|out| Usage::new(self.input_tokens, out));
         (self.finish_reason.clone(), usage, self.model.clone())
     }
 }
@@ -163,8 +202,19 @@ mod tests {
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
         );
         let (tx, mut rx) = mpsc::channel(64);
-        let s = stream::iter(body.as_bytes().chunks(7).map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c))));
-        sse::pump("a", s, AnthropicDecoder::default(), Duration::from_secs(5), &tx).await;
+        let s = stream::iter(
+            body.as_bytes()
+                .chunks(7)
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c))),
+        );
+        sse::pump(
+            "a",
+            s,
+            AnthropicDecoder::default(),
+            Duration::from_secs(5),
+            &tx,
+        )
+        .await;
         drop(tx);
         let mut text = String::new();
         let mut end = None;
@@ -176,7 +226,11 @@ mod tests {
         }
         assert_eq!(text, "Hi there");
         match end {
-            Some(UpstreamEvent::Finished { finish_reason, usage, model }) => {
+            Some(UpstreamEvent::Finished {
+                finish_reason,
+                usage,
+                model,
+            }) => {
                 assert_eq!(finish_reason, "length");
                 assert_eq!(usage, Some(Usage::new(9, 2)));
                 assert_eq!(model.as_deref(), Some("claude-x"));
@@ -187,10 +241,18 @@ mod tests {
 
     #[test]
     fn system_goes_apart_and_roles_alternate() {
-        let msg = |role, content: &str| ChatMessage { role, content: content.into() };
+        let msg = |role, content: &str| ChatMessage {
+            role,
+            content: content.into(),
+        };
         let req = ChatRequest {
             model: "m".into(),
-            messages: vec![msg("system", "be kind"), msg("user", "a"), msg("user", "b"), msg("assistant", "c")],
+            messages: vec![
+                msg("system", "be kind"),
+                msg("user", "a"),
+                msg("user", "b"),
+                msg("assistant", "c"),
+            ],
             max_tokens: None,
             temperature: None,
         };

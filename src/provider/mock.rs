@@ -18,14 +18,22 @@ pub struct MockBackend {
 
 impl MockBackend {
     pub fn new(name: &str, seed: u64, ttft: Duration, tokens_per_sec: f64) -> Self {
-        Self { name: name.to_owned(), seed, ttft, tokens_per_sec }
+        Self {
+            name: name.to_owned(),
+            seed,
+            ttft,
+            tokens_per_sec,
+        }
     }
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
         let messages: Vec<MockMessage> = req
             .messages
             .iter()
-            .map(|m| MockMessage { role: m.role.to_owned(), content: m.content.clone() })
+            .map(|m| MockMessage {
+                role: m.role.to_owned(),
+                content: m.content.clone(),
+            })
             .collect();
         let plan = generator::plan(self.seed, &messages, req.max_tokens);
         let ttft = plan.ttft.unwrap_or(self.ttft);
@@ -42,7 +50,14 @@ impl MockBackend {
             Some(Fault::Status(status)) => {
                 let retry_after = (status == 429).then_some(Duration::from_secs(1));
                 let message = format!("mock fault: status {status}");
-                let _ = tx.send(fail(ProviderError::Status { provider, status, message, retry_after })).await;
+                let _ = tx
+                    .send(fail(ProviderError::Status {
+                        provider,
+                        status,
+                        message,
+                        retry_after,
+                    }))
+                    .await;
                 return;
             }
             Some(Fault::Hang) => {
@@ -54,7 +69,9 @@ impl MockBackend {
         for (i, chunk) in plan.chunks.iter().enumerate() {
             if plan.fault == Some(Fault::DropAfter(i)) {
                 let message = "mock fault: connection dropped".to_owned();
-                let _ = tx.send(fail(ProviderError::Interrupted { provider, message })).await;
+                let _ = tx
+                    .send(fail(ProviderError::Interrupted { provider, message }))
+                    .await;
                 return;
             }
             if i > 0 && !wait(gap, &tx).await {

@@ -46,7 +46,11 @@ pub struct ChatRequest {
 #[derive(Debug, Clone)]
 pub enum UpstreamEvent {
     Delta(String),
-    Finished { finish_reason: String, usage: Option<Usage>, model: Option<String> },
+    Finished {
+        finish_reason: String,
+        usage: Option<Usage>,
+        model: Option<String>,
+    },
     Failed(ProviderError),
 }
 
@@ -54,7 +58,12 @@ pub enum UpstreamEvent {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     #[error("{provider} answered {status}: {message}")]
-    Status { provider: String, status: u16, message: String, retry_after: Option<Duration> },
+    Status {
+        provider: String,
+        status: u16,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("{provider} could not be reached: {message}")]
     Connect { provider: String, message: String },
     #[error("{provider} timed out")]

@@ -24,7 +24,13 @@ pub struct OpenAiClient {
 }
 
 impl OpenAiClient {
-    pub fn new(name: &str, base_url: &str, keys: Vec<SecretString>, http: reqwest::Client, timeout: Duration) -> Self {
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        keys: Vec<SecretString>,
+        http: reqwest::Client,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             url: format!("{base_url}/chat/completions"),
@@ -62,7 +68,14 @@ impl OpenAiClient {
             }
             None => return,
         };
-        sse::pump(&self.name, response.bytes_stream(), OpenAiDecoder::default(), self.timeout, &tx).await;
+        sse::pump(
+            &self.name,
+            response.bytes_stream(),
+            OpenAiDecoder::default(),
+            self.timeout,
+            &tx,
+        )
+        .await;
     }
 }
 
@@ -78,12 +91,24 @@ pub(super) async fn send(
         sent = tokio::time::timeout(timeout, request.send()) => sent,
     };
     let response = match sent {
-        Err(_) => return Some(Err(ProviderError::Timeout { provider: provider.into() })),
-        Ok(Err(e)) if e.is_timeout() => return Some(Err(ProviderError::Timeout { provider: provider.into() })),
+        Err(_) => {
+            return Some(Err(ProviderError::Timeout {
+                provider: provider.into(),
+            }))
+        }
+        Ok(Err(e)) if e.is_timeout() => {
+            return Some(Err(ProviderError::Timeout {
+                provider: provider.into(),
+            }))
+        }
         // Without the URL: it is ours, and the error's source chain says what went wrong.
         Ok(Err(e)) => {
-            let message = std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
-            return Some(Err(ProviderError::Connect { provider: provider.into(), message }));
+            let message =
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string);
+            return Some(Err(ProviderError::Connect {
+                provider: provider.into(),
+                message,
+            }));
         }
         Ok(Ok(r)) => r,
     };
@@ -96,7 +121,11 @@ pub(super) async fn send(
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_retry_after);
-    let body = tokio::time::timeout(timeout, response.bytes()).await.ok().and_then(Result::ok).unwrap_or_default();
+    let body = tokio::time::timeout(timeout, response.bytes())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default();
     Some(Err(ProviderError::Status {
         provider: provider.into(),
         status: status.as_u16(),
@@ -122,23 +151,37 @@ impl Decoder for OpenAiDecoder {
         if data.is_empty() {
             return Ok(Decoded::Nothing);
         }
-        let chunk: serde_json::Value = serde_json::from_str(data).map_err(|e| format!("chunk is not JSON: {e}"))?;
+        let chunk: serde_json::Value =
+            serde_json::from_str(data).map_err(|e| format!("chunk is not JSON: {e}"))?;
         if let Some(err) = chunk.get("error") {
-            let msg = err.get("message").and_then(|m| m.as_str()).unwrap_or("upstream error");
+            let msg = err
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("upstream error");
             return Ok(Decoded::Error(msg.to_owned()));
         }
         if let Some(model) = chunk.get("model").and_then(|m| m.as_str()) {
             self.model.get_or_insert_with(|| model.to_owned());
         }
         if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
-            let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64).and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+            let n = |k: &str| {
+                u.get(k)
+                    .and_then(serde_json::Value::as_u64)
+                    .and_then(|v| u32::try_from(v).ok())
+                    .unwrap_or(0)
+            };
             self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
         }
         let choice = chunk.get("choices").and_then(|c| c.get(0));
-        if let Some(reason) = choice.and_then(|c| c.get("finish_reason")).and_then(|r| r.as_str()) {
+        if let Some(reason) = choice
+            .and_then(|c| c.get("finish_reason"))
+            .and_then(|r| r.as_str())
+        {
             self.finish_reason = Some(reason.to_owned());
         }
-        let text = choice.and_then(|c| c.pointer("/delta/content")).and_then(|t| t.as_str());
+        let text = choice
+            .and_then(|c| c.pointer("/delta/content"))
+            .and_then(|t| t.as_str());
         Ok(text.map_or(Decoded::Nothing, |t| Decoded::Delta(t.to_owned())))
     }
 
@@ -154,8 +197,19 @@ mod tests {
 
     async fn run_chunks(chunks: Vec<&'static str>) -> Vec<UpstreamEvent> {
         let (tx, mut rx) = mpsc::channel(64);
-        let body = stream::iter(chunks.into_iter().map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))));
-        sse::pump("p", body, OpenAiDecoder::default(), Duration::from_secs(5), &tx).await;
+        let body = stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))),
+        );
+        sse::pump(
+            "p",
+            body,
+            OpenAiDecoder::default(),
+            Duration::from_secs(5),
+            &tx,
+        )
+        .await;
         drop(tx);
         let mut out = Vec::new();
         while let Some(e) = rx.recv().await {
@@ -165,7 +219,16 @@ mod tests {
     }
 
     fn texts(events: &[UpstreamEvent]) -> String {
-        events.iter().filter_map(|e| if let UpstreamEvent::Delta(t) = e { Some(t.as_str()) } else { None }).collect()
+        events
+            .iter()
+            .filter_map(|e| {
+                if let UpstreamEvent::Delta(t) = e {
+                    Some(t.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -180,7 +243,11 @@ mod tests {
         .await;
         assert_eq!(texts(&events), "Hello");
         match events.last() {
-            Some(UpstreamEvent::Finished { finish_reason, usage, model }) => {
+            Some(UpstreamEvent::Finished {
+                finish_reason,
+                usage,
+                model,
+            }) => {
                 assert_eq!(finish_reason, "stop");
                 assert_eq!(*usage, Some(Usage::new(5, 2)));
                 assert_eq!(model.as_deref(), Some("m1"));
@@ -191,16 +258,31 @@ mod tests {
 
     #[tokio::test]
     async fn broken_stream_after_text_is_interrupted() {
-        let events = run_chunks(vec!["data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n"]).await;
+        let events = run_chunks(vec![
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        ])
+        .await;
         assert_eq!(texts(&events), "Hi");
-        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Interrupted { .. }))));
+        assert!(matches!(
+            events.last(),
+            Some(UpstreamEvent::Failed(ProviderError::Interrupted { .. }))
+        ));
     }
 
     #[tokio::test]
     async fn error_event_and_garbage() {
         let events = run_chunks(vec!["data: {\"error\":{\"message\":\"overloaded\"}}\n\n"]).await;
-        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Status { status: 502, .. }))));
+        assert!(matches!(
+            events.last(),
+            Some(UpstreamEvent::Failed(ProviderError::Status {
+                status: 502,
+                ..
+            }))
+        ));
         let events = run_chunks(vec!["data: not json\n\n"]).await;
-        assert!(matches!(events.last(), Some(UpstreamEvent::Failed(ProviderError::Protocol { .. }))));
+        assert!(matches!(
+            events.last(),
+            Some(UpstreamEvent::Failed(ProviderError::Protocol { .. }))
+        ));
     }
 }

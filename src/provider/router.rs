@@ -25,7 +25,9 @@ pub enum RouterError {
 impl From<RouterError> for ApiError {
     fn from(err: RouterError) -> Self {
         match err {
-            RouterError::UnknownRoute(_) => ApiError::new(ErrorCode::ModelNotFound, err.to_string()),
+            RouterError::UnknownRoute(_) => {
+                ApiError::new(ErrorCode::ModelNotFound, err.to_string())
+            }
             RouterError::Provider(e) => e.into(),
             RouterError::Mailbox(e) => e.into(),
         }
@@ -68,7 +70,11 @@ impl Router {
                     .into_iter()
                     .filter_map(|(p, m)| {
                         let addr = actors.get(p)?.clone();
-                        Some(Target { provider: p.to_owned(), model: m.to_owned(), addr })
+                        Some(Target {
+                            provider: p.to_owned(),
+                            model: m.to_owned(),
+                            addr,
+                        })
                     })
                     .collect();
                 (name.to_owned(), targets)
@@ -90,7 +96,11 @@ impl Router {
 
     /// The tokenizer for budgeting a route: its first target's model.
     pub fn encoding(&self, route: &str) -> Encoding {
-        let model = self.routes.get(route).and_then(|t| t.first()).map_or("", |t| t.model.as_str());
+        let model = self
+            .routes
+            .get(route)
+            .and_then(|t| t.first())
+            .map_or("", |t| t.model.as_str());
         Encoding::for_model(model)
     }
 
@@ -99,7 +109,10 @@ impl Router {
     /// # Errors
     /// `UnknownRoute`; otherwise the last target's error when every target failed before text.
     pub async fn start(&self, route: &str, mut req: ChatRequest) -> Result<Started, RouterError> {
-        let targets = self.routes.get(route).ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
+        let targets = self
+            .routes
+            .get(route)
+            .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
         let begun = Instant::now();
         let mut last_err = None;
         for (i, target) in targets.iter().enumerate() {

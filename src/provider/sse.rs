@@ -35,8 +35,13 @@ pub trait Decoder {
 }
 
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
-pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &mpsc::Sender<UpstreamEvent>)
-where
+pub async fn pump<S, E, D>(
+    provider: &str,
+    body: S,
+    mut decoder: D,
+    idle: Duration,
+    tx: &mpsc::Sender<UpstreamEvent>,
+) where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
     D: Decoder,
@@ -57,7 +62,11 @@ where
             Ok(Some(Err(e))) => break interrupted_or(provider, sent_text, &e.to_string()),
             Ok(Some(Ok(event))) => event,
         };
-        let name = if event.event.is_empty() { "message" } else { event.event.as_str() };
+        let name = if event.event.is_empty() {
+            "message"
+        } else {
+            event.event.as_str()
+        };
         match decoder.decode(name, &event.data) {
             Ok(Decoded::Nothing) => {}
             Ok(Decoded::Delta(text)) => {
@@ -71,12 +80,25 @@ where
             }
             Ok(Decoded::End) => break None,
             Ok(Decoded::Error(message)) if sent_text => {
-                break Some(ProviderError::Interrupted { provider: provider.into(), message })
+                break Some(ProviderError::Interrupted {
+                    provider: provider.into(),
+                    message,
+                })
             }
             Ok(Decoded::Error(message)) => {
-                break Some(ProviderError::Status { provider: provider.into(), status: 502, message, retry_after: None })
+                break Some(ProviderError::Status {
+                    provider: provider.into(),
+                    status: 502,
+                    message,
+                    retry_after: None,
+                })
             }
-            Err(message) => break Some(ProviderError::Protocol { provider: provider.into(), message }),
+            Err(message) => {
+                break Some(ProviderError::Protocol {
+                    provider: provider.into(),
+                    message,
+                })
+            }
         }
     };
     let last = match failure {
@@ -84,7 +106,11 @@ where
         None => {
             let (finish_reason, usage, model) = decoder.outcome();
             let finish_reason = finish_reason.unwrap_or_else(|| "stop".into());
-            UpstreamEvent::Finished { finish_reason, usage, model }
+            UpstreamEvent::Finished {
+                finish_reason,
+                usage,
+                model,
+            }
         }
     };
     // The consumer may be gone already; nothing is left to tell it then.
@@ -107,12 +133,22 @@ pub fn error_message(body: &[u8]) -> String {
     const MAX: usize = 512;
     let parsed: Option<String> = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.pointer("/error/message").and_then(|m| m.as_str()).map(str::to_owned));
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        });
     let raw = parsed.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
     // Upstreams quote parts of a rejected key ("Incorrect API key provided: sk-ab***yz").
     let mut msg = raw
         .split(' ')
-        .map(|w| if looks_like_secret(w) { "[redacted]" } else { w })
+        .map(|w| {
+            if looks_like_secret(w) {
+                "[redacted]"
+            } else {
+                w
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ");
     if msg.len() > MAX {
@@ -127,7 +163,10 @@ pub fn error_message(body: &[u8]) -> String {
 
 fn looks_like_secret(word: &str) -> bool {
     let w = word.trim_matches(|c: char| !c.is_alphanumeric());
-    ["sk-", "sk_", "pk-", "key-", "Bearer"].iter().any(|p| w.starts_with(p)) || word.contains("***")
+    ["sk-", "sk_", "pk-", "key-", "Bearer"]
+        .iter()
+        .any(|p| w.starts_with(p))
+        || word.contains("***")
 }
 
 #[cfg(test)]
@@ -137,7 +176,10 @@ mod tests {
     #[test]
     fn error_message_reads_openai_shape_and_hides_keys() {
         let body = br#"{"error":{"message":"Incorrect API key provided: sk-abc***xyz. See docs.","type":"x"}}"#;
-        assert_eq!(error_message(body), "Incorrect API key provided: [redacted] See docs.");
+        assert_eq!(
+            error_message(body),
+            "Incorrect API key provided: [redacted] See docs."
+        );
         assert_eq!(error_message(b"plain text"), "plain text");
         assert_eq!(error_message(&[b'a'; 2000]).len(), 512);
     }

@@ -11,9 +11,16 @@ use crate::tenant::Principal;
 
 /// The bearer token of a request, if any.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    let header = req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = header.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 /// The `access_token` query parameter (WebSocket upgrades only).
@@ -40,7 +47,11 @@ impl FromRequest for Client {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(state(req).and_then(|s| s.auth.client(bearer(req))).map(Client))
+        ready(
+            state(req)
+                .and_then(|s| s.auth.client(bearer(req)))
+                .map(Client),
+        )
     }
 }
 
@@ -52,6 +63,10 @@ impl FromRequest for Admin {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(state(req).and_then(|s| s.auth.admin(bearer(req))).map(|()| Admin))
+        ready(
+            state(req)
+                .and_then(|s| s.auth.admin(bearer(req)))
+                .map(|()| Admin),
+        )
     }
 }

@@ -10,29 +10,52 @@ use crate::error::{ApiError, ErrorCode};
 
 /// Registers every route; `max_body` bounds JSON bodies.
 pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
-    cfg.app_data(web::JsonConfig::default().limit(max_body).error_handler(json_error))
-        .app_data(web::QueryConfig::default().error_handler(query_error))
-        .app_data(web::PathConfig::default().error_handler(path_error))
-        .route("/healthz", web::get().to(health::healthz))
-        .route("/readyz", web::get().to(health::readyz))
-        .route("/metrics", web::get().to(health::metrics))
-        .route("/v1/models", web::get().to(openai::models))
-        .route("/v1/chat/completions", web::post().to(openai::chat_completions))
-        .route("/v1/conversations", web::post().to(conversations::create))
-        .route("/v1/conversations/{id}", web::get().to(conversations::get))
-        .route("/v1/conversations/{id}", web::delete().to(conversations::delete))
-        .route("/v1/conversations/{id}/messages", web::get().to(conversations::list_messages))
-        .route("/v1/conversations/{id}/messages", web::post().to(conversations::post_message))
-        .route("/v1/conversations/{id}/cancel", web::post().to(conversations::cancel))
-        .route("/v1/ws", web::get().to(ws::connect))
-        .route("/admin/keys", web::post().to(admin::create_key))
-        .route("/admin/keys", web::get().to(admin::list_keys))
-        .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
-        .default_service(web::to(not_found));
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(max_body)
+            .error_handler(json_error),
+    )
+    .app_data(web::QueryConfig::default().error_handler(query_error))
+    .app_data(web::PathConfig::default().error_handler(path_error))
+    .route("/healthz", web::get().to(health::healthz))
+    .route("/readyz", web::get().to(health::readyz))
+    .route("/metrics", web::get().to(health::metrics))
+    .route("/v1/models", web::get().to(openai::models))
+    .route(
+        "/v1/chat/completions",
+        web::post().to(openai::chat_completions),
+    )
+    .route("/v1/conversations", web::post().to(conversations::create))
+    .route("/v1/conversations/{id}", web::get().to(conversations::get))
+    .route(
+        "/v1/conversations/{id}",
+        web::delete().to(conversations::delete),
+    )
+    .route(
+        "/v1/conversations/{id}/messages",
+        web::get().to(conversations::list_messages),
+    )
+    .route(
+        "/v1/conversations/{id}/messages",
+        web::post().to(conversations::post_message),
+    )
+    .route(
+        "/v1/conversations/{id}/cancel",
+        web::post().to(conversations::cancel),
+    )
+    .route("/v1/ws", web::get().to(ws::connect))
+    .route("/admin/keys", web::post().to(admin::create_key))
+    .route("/admin/keys", web::get().to(admin::list_keys))
+    .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
+    .default_service(web::to(not_found));
 }
 
 async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
-    Err(ApiError::not_found(&format!("{} {}", req.method(), req.path())))
+    Err(ApiError::not_found(&format!(
+        "{} {}",
+        req.method(),
+        req.path()
+    )))
 }
 
 fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
@@ -40,7 +63,9 @@ fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
         JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
             ApiError::new(ErrorCode::TooLarge, "request body is too large")
         }
-        JsonPayloadError::ContentType => ApiError::bad_request("expected Content-Type: application/json"),
+        JsonPayloadError::ContentType => {
+            ApiError::bad_request("expected Content-Type: application/json")
+        }
         other => ApiError::bad_request(format!("invalid JSON body: {other}")),
     };
     api.into()

@@ -28,18 +28,30 @@ pub enum StoreError {
     #[error("storage failed: {0}")]
     Sled(#[from] sled::Error),
     #[error("stored record {tree}/{key} is corrupt: {message}")]
-    Corrupt { tree: &'static str, key: String, message: String },
+    Corrupt {
+        tree: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("storage task failed: {0}")]
+    Task(String),
     #[error("conversation {0} not found")]
     NoConversation(ConversationId),
     #[error("seq conflict in conversation {conversation}: expected {expected}, got {got}")]
-    SeqConflict { conversation: ConversationId, expected: u64, got: u64 },
+    SeqConflict {
+        conversation: ConversationId,
+        expected: u64,
+        got: u64,
+    },
 }
 
 impl StoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NoConversation(_) => ErrorCode::NotFound,
-            Self::Sled(_) | Self::Corrupt { .. } | Self::SeqConflict { .. } => ErrorCode::Internal,
+            Self::Sled(_) | Self::Corrupt { .. } | Self::SeqConflict { .. } | Self::Task(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }
@@ -73,7 +85,10 @@ impl Store {
     /// # Errors
     /// When sled cannot open the directory (missing permissions, held by another process).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
         Ok(Self {
             conversations: db.open_tree("conversations")?,
             messages: db.open_tree("messages")?,
@@ -89,8 +104,16 @@ impl Store {
     /// # Errors
     /// When the disk write fails.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        // sled's `flush_async` can stall when many callers wait on it at once; a blocking
+        // flush on the blocking pool is dependable, and concurrent callers share the fsync.
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(flushed) => {
+                flushed?;
+                Ok(())
+            }
+            Err(e) => Err(StoreError::Task(e.to_string())),
+        }
     }
 
     /// Flushes from synchronous code (shutdown).
@@ -117,7 +140,10 @@ impl Store {
     ///
     /// # Errors
     /// On a storage failure or a corrupt record.
-    pub fn conversation(&self, id: &ConversationId) -> Result<Option<ConversationRecord>, StoreError> {
+    pub fn conversation(
+        &self,
+        id: &ConversationId,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
         self.conversations
             .get(id.as_bytes())?
             .map(|v| decode("conversations", id.as_str(), &v))
@@ -165,21 +191,29 @@ impl Store {
     ///
     /// # Errors
     /// `SeqConflict` when `msg.seq` is not `last_seq + 1`; storage failures.
-    pub async fn append_message(&self, id: &ConversationId, msg: &MessageRecord) -> Result<(), StoreError> {
+    pub async fn append_message(
+        &self,
+        id: &ConversationId,
+        msg: &MessageRecord,
+    ) -> Result<(), StoreError> {
         let value = encode(msg)?;
         let result = (&self.conversations, &self.messages, &self.client_ids).transaction(
             |(convs, msgs, cids)| {
                 let raw = convs
                     .get(id.as_bytes())?
-                    .ok_or(ConflictableTransactionError::Abort(StoreError::NoConversation(id.clone())))?;
+                    .ok_or(ConflictableTransactionError::Abort(
+                        StoreError::NoConversation(id.clone()),
+                    ))?;
                 let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)
                     .map_err(ConflictableTransactionError::Abort)?;
                 if msg.seq != header.last_seq + 1 {
-                    return Err(ConflictableTransactionError::Abort(StoreError::SeqConflict {
-                        conversation: id.clone(),
-                        expected: header.last_seq + 1,
-                        got: msg.seq,
-                    }));
+                    return Err(ConflictableTransactionError::Abort(
+                        StoreError::SeqConflict {
+                            conversation: id.clone(),
+                            expected: header.last_seq + 1,
+                            got: msg.seq,
+                        },
+                    ));
                 }
                 header.last_seq = msg.seq;
                 msgs.insert(message_key(id, msg.seq).as_slice(), value.as_slice())?;
@@ -202,9 +236,16 @@ impl Store {
     ///
     /// # Errors
     /// On a storage failure or a corrupt record.
-    pub fn message(&self, id: &ConversationId, seq: u64) -> Result<Option<MessageRecord>, StoreError> {
+    pub fn message(
+        &self,
+        id: &ConversationId,
+        seq: u64,
+    ) -> Result<Option<MessageRecord>, StoreError> {
         let key = message_key(id, seq);
-        self.messages.get(key)?.map(|v| decode("messages", id.as_str(), &v)).transpose()
+        self.messages
+            .get(key)?
+            .map(|v| decode("messages", id.as_str(), &v))
+            .transpose()
     }
 
     /// Up to `limit` messages with `seq > after`, in `seq` order.
@@ -241,8 +282,14 @@ impl Store {
     ///
     /// # Errors
     /// On a storage failure or a corrupt index entry.
-    pub fn seq_for_client_id(&self, id: &ConversationId, client_id: &str) -> Result<Option<u64>, StoreError> {
-        let Some(raw) = self.client_ids.get(client_key(id, client_id))? else { return Ok(None) };
+    pub fn seq_for_client_id(
+        &self,
+        id: &ConversationId,
+        client_id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(raw) = self.client_ids.get(client_key(id, client_id))? else {
+            return Ok(None);
+        };
         let bytes: [u8; 8] = raw.as_ref().try_into().map_err(|_| StoreError::Corrupt {
             tree: "client_ids",
             key: id.to_string(),
@@ -260,7 +307,10 @@ impl Store {
     pub async fn put_key(&self, hash: &str, rec: &KeyRecord) -> Result<(), StoreError> {
         (&self.keys, &self.key_ids)
             .transaction(|(keys, ids)| {
-                keys.insert(hash.as_bytes(), encode(rec).map_err(ConflictableTransactionError::Abort)?)?;
+                keys.insert(
+                    hash.as_bytes(),
+                    encode(rec).map_err(ConflictableTransactionError::Abort)?,
+                )?;
                 ids.insert(rec.id.as_bytes(), hash.as_bytes())?;
                 Ok(())
             })
@@ -273,7 +323,10 @@ impl Store {
     /// # Errors
     /// On a storage failure or a corrupt record.
     pub fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>, StoreError> {
-        self.keys.get(hash.as_bytes())?.map(|v| decode("keys", "<hash>", &v)).transpose()
+        self.keys
+            .get(hash.as_bytes())?
+            .map(|v| decode("keys", "<hash>", &v))
+            .transpose()
     }
 
     /// Every key, without secrets (none are stored).
@@ -281,7 +334,11 @@ impl Store {
     /// # Errors
     /// On a storage failure or a corrupt record.
     pub fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
-        self.keys.iter().values().map(|v| decode("keys", "<hash>", &v?)).collect()
+        self.keys
+            .iter()
+            .values()
+            .map(|v| decode("keys", "<hash>", &v?))
+            .collect()
     }
 
     /// Revokes a key; answers whether it existed.
@@ -289,7 +346,9 @@ impl Store {
     /// # Errors
     /// On a storage failure.
     pub async fn delete_key(&self, id: &str) -> Result<bool, StoreError> {
-        let Some(hash) = self.key_ids.remove(id.as_bytes())? else { return Ok(false) };
+        let Some(hash) = self.key_ids.remove(id.as_bytes())? else {
+            return Ok(false);
+        };
         self.keys.remove(hash)?;
         self.flush().await?;
         Ok(true)

@@ -32,17 +32,44 @@ async fn appends_in_seq_order_and_indexes_client_ids() {
     let store = Store::open(dir.path()).unwrap();
     let c = conv("t");
     store.create_conversation(&c).await.unwrap();
-    store.append_message(&c.id, &msg(1, Role::User, Some("a"))).await.unwrap();
-    store.append_message(&c.id, &msg(2, Role::Assistant, None)).await.unwrap();
-    let err = store.append_message(&c.id, &msg(2, Role::User, Some("b"))).await.unwrap_err();
-    assert!(matches!(err, StoreError::SeqConflict { expected: 3, got: 2, .. }), "{err}");
+    store
+        .append_message(&c.id, &msg(1, Role::User, Some("a")))
+        .await
+        .unwrap();
+    store
+        .append_message(&c.id, &msg(2, Role::Assistant, None))
+        .await
+        .unwrap();
+    let err = store
+        .append_message(&c.id, &msg(2, Role::User, Some("b")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::SeqConflict {
+                expected: 3,
+                got: 2,
+                ..
+            }
+        ),
+        "{err}"
+    );
 
     assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2);
     assert_eq!(store.seq_for_client_id(&c.id, "a").unwrap(), Some(1));
     assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), None);
-    let after: Vec<u64> = store.messages_after(&c.id, 0, 10).unwrap().iter().map(|m| m.seq).collect();
+    let after: Vec<u64> = store
+        .messages_after(&c.id, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
     assert_eq!(after, [1, 2]);
-    let newest: Vec<u64> = store.messages_newest_first(&c.id).map(|m| m.unwrap().seq).collect();
+    let newest: Vec<u64> = store
+        .messages_newest_first(&c.id)
+        .map(|m| m.unwrap().seq)
+        .collect();
     assert_eq!(newest, [2, 1]);
 }
 
@@ -53,9 +80,14 @@ async fn conversations_are_scoped_and_deleted_whole() {
     let (a, b) = (conv("t1"), conv("t1"));
     for c in [&a, &b] {
         store.create_conversation(c).await.unwrap();
-        store.append_message(&c.id, &msg(1, Role::User, Some("x"))).await.unwrap();
+        store
+            .append_message(&c.id, &msg(1, Role::User, Some("x")))
+            .await
+            .unwrap();
     }
-    assert!(store.owned_conversation(&a.id, &TenantId("t2".into())).is_err());
+    assert!(store
+        .owned_conversation(&a.id, &TenantId("t2".into()))
+        .is_err());
     store.delete_conversation(&a.id).await.unwrap();
     assert!(store.conversation(&a.id).unwrap().is_none());
     assert!(store.messages_after(&a.id, 0, 10).unwrap().is_empty());
@@ -71,10 +103,16 @@ async fn survives_reopen() {
     {
         let store = Store::open(dir.path()).unwrap();
         store.create_conversation(&c).await.unwrap();
-        store.append_message(&c.id, &msg(1, Role::User, Some("a"))).await.unwrap();
+        store
+            .append_message(&c.id, &msg(1, Role::User, Some("a")))
+            .await
+            .unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.messages_after(&c.id, 0, 10).unwrap()[0].content, "message 1");
+    assert_eq!(
+        store.messages_after(&c.id, 0, 10).unwrap()[0].content,
+        "message 1"
+    );
 }
 
 #[tokio::test]

@@ -67,7 +67,11 @@ impl Auth {
     /// as tenant `local` (no admin key, loopback listener).
     pub fn new(store: Store, admin_key: Option<SecretString>, dev_mode: bool) -> Self {
         let admin_hash = admin_key.map(|k| hash(k.expose_secret()));
-        Self { store, admin_hash, dev_mode }
+        Self {
+            store,
+            admin_hash,
+            dev_mode,
+        }
     }
 
     pub fn dev_mode(&self) -> bool {
@@ -81,17 +85,31 @@ impl Auth {
     pub fn client(&self, token: Option<&str>) -> Result<Principal, ApiError> {
         let Some(token) = token else {
             return if self.dev_mode {
-                Ok(Principal { tenant: TenantId::local(), key_id: None, models: None })
+                Ok(Principal {
+                    tenant: TenantId::local(),
+                    key_id: None,
+                    models: None,
+                })
             } else {
                 Err(ApiError::unauthorized())
             };
         };
         let digest = hash(token);
         if self.admin_hash == Some(digest) {
-            return Err(ApiError::new(ErrorCode::Unauthorized, "the admin key is for /admin only"));
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "the admin key is for /admin only",
+            ));
         }
-        let rec = self.store.key_by_hash(&hex::encode(digest))?.ok_or_else(ApiError::unauthorized)?;
-        Ok(Principal { tenant: rec.tenant, key_id: Some(rec.id), models: rec.models })
+        let rec = self
+            .store
+            .key_by_hash(&hex::encode(digest))?
+            .ok_or_else(ApiError::unauthorized)?;
+        Ok(Principal {
+            tenant: rec.tenant,
+            key_id: Some(rec.id),
+            models: rec.models,
+        })
     }
 
     /// Checks an `/admin/*` request.
@@ -129,7 +147,9 @@ impl Auth {
             prefix: secret[..7].to_owned(),
             created_at: unix_now(),
         };
-        self.store.put_key(&hex::encode(hash(&secret)), &rec).await?;
+        self.store
+            .put_key(&hex::encode(hash(&secret)), &rec)
+            .await?;
         Ok((rec, SecretString::from(secret)))
     }
 
@@ -164,14 +184,26 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let auth = Auth::new(store, Some(SecretString::from("admin-secret")), false);
         let (rec, secret) = auth
-            .create_key(NewKey { tenant: "acme".into(), rpm: None, tpm: None, daily_tokens: None, models: Some(vec!["mock".into()]) })
+            .create_key(NewKey {
+                tenant: "acme".into(),
+                rpm: None,
+                tpm: None,
+                daily_tokens: None,
+                models: Some(vec!["mock".into()]),
+            })
             .await
             .unwrap();
         let p = auth.client(Some(secret.expose_secret())).unwrap();
         assert_eq!(p.tenant.0, "acme");
         assert!(p.check_model("mock").is_ok());
-        assert_eq!(p.check_model("default").unwrap_err().code, ErrorCode::Forbidden);
-        assert_eq!(auth.client(Some("admin-secret")).unwrap_err().code, ErrorCode::Unauthorized);
+        assert_eq!(
+            p.check_model("default").unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(
+            auth.client(Some("admin-secret")).unwrap_err().code,
+            ErrorCode::Unauthorized
+        );
         assert_eq!(auth.client(None).unwrap_err().code, ErrorCode::Unauthorized);
         assert!(auth.admin(Some("admin-secret")).is_ok());
         assert!(auth.admin(Some(secret.expose_secret())).is_err());

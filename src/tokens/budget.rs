@@ -11,7 +11,9 @@ pub struct ContextBudget {
 
 impl ContextBudget {
     pub fn new(budget_tokens: u32, reserve_output_tokens: u32) -> Self {
-        Self { limit: budget_tokens.saturating_sub(reserve_output_tokens) }
+        Self {
+            limit: budget_tokens.saturating_sub(reserve_output_tokens),
+        }
     }
 }
 
@@ -41,7 +43,10 @@ pub fn fit_history(
     let cost = |tokens: u32| tokens.saturating_add(MESSAGE_FRAMING_TOKENS);
     let mut used = cost(new_message_tokens).saturating_add(system_tokens.map_or(0, cost));
     if used > budget.limit {
-        return Err(TooLarge { needed: used, limit: budget.limit });
+        return Err(TooLarge {
+            needed: used,
+            limit: budget.limit,
+        });
     }
     let mut taken = 0;
     for tokens in history_newest_first {
@@ -87,8 +92,20 @@ mod tests {
 
     #[test]
     fn oversized_new_message_is_refused() {
-        assert_eq!(fit_history(B, Some(10), 83, []), Err(TooLarge { needed: 101, limit: 100 }));
-        assert_eq!(fit_history(B, None, 97, []), Err(TooLarge { needed: 101, limit: 100 }));
+        assert_eq!(
+            fit_history(B, Some(10), 83, []),
+            Err(TooLarge {
+                needed: 101,
+                limit: 100
+            })
+        );
+        assert_eq!(
+            fit_history(B, None, 97, []),
+            Err(TooLarge {
+                needed: 101,
+                limit: 100
+            })
+        );
     }
 
     #[test]

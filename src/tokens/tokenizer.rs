@@ -66,7 +66,10 @@ mod tests {
     fn model_encodings() {
         assert_eq!(Encoding::for_model("gpt-4o-mini"), Encoding::O200kBase);
         assert_eq!(Encoding::for_model("gpt-4"), Encoding::Cl100kBase);
-        assert_eq!(Encoding::for_model("claude-3-5-haiku-latest"), Encoding::Cl100kBase);
+        assert_eq!(
+            Encoding::for_model("claude-3-5-haiku-latest"),
+            Encoding::Cl100kBase
+        );
         assert_eq!(Encoding::for_model("mock-1"), Encoding::Cl100kBase);
     }
 }

@@ -45,7 +45,9 @@ async fn graceful_restart_keeps_history_and_numbering() {
 }
 
 async fn ws_to(addr: &str) -> Ws {
-    let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws")).await.unwrap();
+    let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+        .await
+        .unwrap();
     Ws { stream }
 }
 
@@ -57,14 +59,18 @@ async fn kill_9_loses_no_acked_message_and_no_done_reply() {
     let conv = ws.create("mock").await;
     let mut done_texts = Vec::new();
     for i in 0..5 {
-        let frames = ws.turn(&conv, &format!("k{i}"), &format!("message {i}")).await;
+        let frames = ws
+            .turn(&conv, &format!("k{i}"), &format!("message {i}"))
+            .await;
         assert_eq!(frames.last().unwrap()["type"], "done");
         done_texts.push(delta_text(&frames));
     }
     // A last message that is acked while its reply is still streaming.
-    ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "last",
-                   "content": "slow [[mock:words=500,tps=10]]"}))
-        .await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "last",
+                   "content": "slow [[mock:words=500,tps=10]]"}),
+    )
+    .await;
     let ack = ws.recv().await;
     assert_eq!(ack["type"], "ack");
     bin.kill9();
@@ -94,9 +100,11 @@ async fn sigterm_stores_the_partial_reply_and_exits_zero() {
     let mut bin = BinServer::start(MOCK_ONLY, tmp.path(), &[]);
     let mut ws = ws_to(&bin.addr.to_string()).await;
     let conv = ws.create("mock").await;
-    ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "s",
-                   "content": "long [[mock:words=500,tps=20]]"}))
-        .await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "s",
+                   "content": "long [[mock:words=500,tps=20]]"}),
+    )
+    .await;
     let mut seen = ws.recv_until(|f| f["type"] == "delta").await;
     let status = tokio::task::spawn_blocking(move || {
         let status = bin.terminate();
@@ -109,7 +117,12 @@ async fn sigterm_stores_the_partial_reply_and_exits_zero() {
     assert_eq!(done["finish_reason"], "cancelled");
     let (status, bin) = status.await.unwrap();
     assert!(status.success(), "exit status {status:?}");
-    assert!(bin.log.lock().unwrap().iter().any(|l| l.contains("storage flushed")));
+    assert!(bin
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("storage flushed")));
     drop(bin);
 
     let bin = BinServer::start(MOCK_ONLY, tmp.path(), &[]);
@@ -133,7 +146,11 @@ async fn sigterm_stores_the_partial_reply_and_exits_zero() {
 fn refused(config: Option<&str>, args: &[&str], envs: &[(&str, &str)]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
-    cmd.arg("serve").args(["--data-dir"]).arg(tmp.path().join("data")).env("NO_COLOR", "1").env_remove("PARLEY_CONFIG");
+    cmd.arg("serve")
+        .args(["--data-dir"])
+        .arg(tmp.path().join("data"))
+        .env("NO_COLOR", "1")
+        .env_remove("PARLEY_CONFIG");
     if let Some(text) = config {
         let path = tmp.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
@@ -144,7 +161,10 @@ fn refused(config: Option<&str>, args: &[&str], envs: &[(&str, &str)]) -> String
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "serve started with a bad configuration");
+    assert!(
+        !out.status.success(),
+        "serve started with a bad configuration"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -163,12 +183,19 @@ fn bad_configurations_are_refused_with_the_field_named() {
     let unset = "[[providers]]\nname = \"o\"\nkind = \"openai\"\napi_key_env = \"PARLEY_IT_SURELY_UNSET\"\n\
                  [[routes]]\nmodel = \"m\"\ntargets = [{ provider = \"o\", model = \"gpt\" }]\n";
     let err = refused(Some(unset), &[], &[]);
-    assert!(err.contains("providers[0].api_key_env") && err.contains("PARLEY_IT_SURELY_UNSET"), "{err}");
+    assert!(
+        err.contains("providers[0].api_key_env") && err.contains("PARLEY_IT_SURELY_UNSET"),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_loopback_without_admin_key_is_refused() {
-    let err = refused(None, &["--listen", "0.0.0.0:0"], &[("PARLEY_ADMIN_KEY", "")]);
+    let err = refused(
+        None,
+        &["--listen", "0.0.0.0:0"],
+        &[("PARLEY_ADMIN_KEY", "")],
+    );
     assert!(err.contains("admin key"), "{err}");
 }
 
@@ -176,12 +203,28 @@ fn non_loopback_without_admin_key_is_refused() {
 async fn embedded_default_serves_mock_and_default_without_a_file() {
     let tmp = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"]).arg(tmp.path().join("data"));
-    cmd.env("NO_COLOR", "1").env_remove("PARLEY_CONFIG").env_remove("OPENAI_API_KEY").env_remove("ANTHROPIC_API_KEY");
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("data"));
+    cmd.env("NO_COLOR", "1")
+        .env_remove("PARLEY_CONFIG")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY");
     cmd.env_remove("PARLEY_ADMIN_KEY");
     let bin = BinServer::spawn(cmd);
-    let models: Value = http().get(bin.url("/v1/models")).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let models: Value = http()
+        .get(bin.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["default", "mock"]);
     let resp: Value = http()
         .post(bin.url("/v1/chat/completions"))
@@ -192,12 +235,22 @@ async fn embedded_default_serves_mock_and_default_without_a_file() {
         .json()
         .await
         .unwrap();
-    assert_eq!(resp["choices"][0]["message"]["content"].as_str().unwrap(), mock_reply(0, &[("user", "hi")]));
-    assert!(bin.log.lock().unwrap().iter().any(|l| l.contains("development mode")));
+    assert_eq!(
+        resp["choices"][0]["message"]["content"].as_str().unwrap(),
+        mock_reply(0, &[("user", "hi")])
+    );
+    assert!(bin
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("development mode")));
 }
 
 fn gauge(metrics: &str, name: &str) -> Option<i64> {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
 }
 
 #[tokio::test]
@@ -209,14 +262,24 @@ async fn idle_conversation_actors_stop_and_come_back_from_storage() {
     let conv = ws.create("mock").await;
     ws.turn(&conv, "a", "hello").await;
     let live = || async {
-        let text = http().get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = http()
+            .get(server.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         gauge(&text, "parley_live_conversations")
     };
     assert_eq!(live().await, Some(1));
     drop(ws);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while live().await != Some(0) {
-        assert!(std::time::Instant::now() < deadline, "idle actor was not stopped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle actor was not stopped"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     // The next turn starts a fresh actor that continues from the stored seq.

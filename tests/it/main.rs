@@ -1,6 +1,12 @@
 //! One integration binary (faster to build and link than one per file): the real server on
 //! ephemeral ports against the real mock upstream, over real sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod auth;
 mod common;
+mod context;
+mod http;
 mod lifecycle;
+mod openai;
 mod ws;

@@ -10,7 +10,11 @@ use crate::server::AppState;
 use crate::store::KeyRecord;
 use crate::tenant::NewKey;
 
-pub async fn create_key(_: Admin, state: web::Data<AppState>, body: web::Json<NewKey>) -> Result<HttpResponse, ApiError> {
+pub async fn create_key(
+    _: Admin,
+    state: web::Data<AppState>,
+    body: web::Json<NewKey>,
+) -> Result<HttpResponse, ApiError> {
     let (rec, secret) = state.auth.create_key(body.into_inner()).await?;
     let mut json = key_json(&rec);
     json["key"] = secret.expose_secret().into();
@@ -23,7 +27,11 @@ pub async fn list_keys(_: Admin, state: web::Data<AppState>) -> Result<HttpRespo
     Ok(HttpResponse::Ok().json(serde_json::json!({ "data": keys })))
 }
 
-pub async fn revoke_key(_: Admin, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn revoke_key(
+    _: Admin,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     if !state.auth.revoke(&id).await? {
         return Err(ApiError::not_found("key"));
     }

@@ -8,7 +8,9 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::conversation::messages::{Cancel, PostUserMessage, TurnOptions};
-use crate::conversation::{next_sink_id, NewConversation, Outbound, Scope, ServerFrame, Sink, WireMessage};
+use crate::conversation::{
+    next_sink_id, NewConversation, Outbound, Scope, ServerFrame, Sink, WireMessage,
+};
 use crate::error::ApiError;
 use crate::ids::ConversationId;
 use crate::server::auth::Client;
@@ -70,20 +72,38 @@ pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
     })
 }
 
-pub async fn create(Client(p): Client, state: web::Data<AppState>, body: web::Json<CreateBody>) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    body: web::Json<CreateBody>,
+) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    let new = NewConversation { model: body.model, system: body.system, metadata: body.metadata };
+    let new = NewConversation {
+        model: body.model,
+        system: body.system,
+        metadata: body.metadata,
+    };
     p.check_model(new.model.as_deref().unwrap_or("default"))?;
     let rec = state.registry.create(&p.tenant, new).await?;
     Ok(HttpResponse::Created().json(conversation_json(&rec)))
 }
 
-pub async fn get(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let rec = state.store().owned_conversation(&parse_id(&id)?, &p.tenant)?;
+pub async fn get(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let rec = state
+        .store()
+        .owned_conversation(&parse_id(&id)?, &p.tenant)?;
     Ok(HttpResponse::Ok().json(conversation_json(&rec)))
 }
 
-pub async fn delete(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     state.registry.delete(&parse_id(&id)?, &p.tenant).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -97,11 +117,20 @@ pub async fn list_messages(
     let id = parse_id(&id)?;
     state.store().owned_conversation(&id, &p.tenant)?;
     let limit = page.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
-    let data: Vec<WireMessage> = state.store().messages_after(&id, page.after_seq, limit)?.into_iter().map(Into::into).collect();
+    let data: Vec<WireMessage> = state
+        .store()
+        .messages_after(&id, page.after_seq, limit)?
+        .into_iter()
+        .map(Into::into)
+        .collect();
     Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": data })))
 }
 
-pub async fn cancel(Client(p): Client, state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn cancel(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let live = state.registry.get(&parse_id(&id)?, &p.tenant)?;
     live.addr.send(Cancel).await?;
     Ok(HttpResponse::Accepted().json(serde_json::json!({})))
@@ -117,11 +146,24 @@ pub async fn post_message(
     let body = body.into_inner();
     let live = state.registry.get(&id, &p.tenant)?;
     p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
-    let tokens = tokens::count_async(state.router().encoding(&live.model), body.content.clone()).await;
-    let client_id = body.client_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let tokens =
+        tokens::count_async(state.router().encoding(&live.model), body.content.clone()).await;
+    let client_id = body
+        .client_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let (tx, rx) = mpsc::channel(TURN_BUFFER);
-    let listener = (next_sink_id(), Sink::Channel(tx), Scope::Turn(client_id.clone()));
-    let post = PostUserMessage { client_id, content: body.content, tokens, options: body.options, listener: Some(listener) };
+    let listener = (
+        next_sink_id(),
+        Sink::Channel(tx),
+        Scope::Turn(client_id.clone()),
+    );
+    let post = PostUserMessage {
+        client_id,
+        content: body.content,
+        tokens,
+        options: body.options,
+        listener: Some(listener),
+    };
     live.addr.send(post).await??;
     if body.stream {
         Ok(sse::response(turn_events(rx)))
@@ -131,7 +173,9 @@ pub async fn post_message(
 }
 
 /// The turn's frames as SSE events, ending after `done` or `error`.
-fn turn_events(rx: mpsc::Receiver<Outbound>) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
+fn turn_events(
+    rx: mpsc::Receiver<Outbound>,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
     stream::unfold((rx, false), |(mut rx, ended)| async move {
         if ended {
             return None;
@@ -149,12 +193,21 @@ fn turn_events(rx: mpsc::Receiver<Outbound>) -> impl futures_util::Stream<Item =
 }
 
 /// Waits for the turn's end and answers the stored reply.
-async fn wait_reply(state: &AppState, id: &ConversationId, mut rx: mpsc::Receiver<Outbound>) -> Result<HttpResponse, ApiError> {
+async fn wait_reply(
+    state: &AppState,
+    id: &ConversationId,
+    mut rx: mpsc::Receiver<Outbound>,
+) -> Result<HttpResponse, ApiError> {
     while let Some(out) = rx.recv().await {
-        let Outbound::Frame { frame, .. } = out else { break };
+        let Outbound::Frame { frame, .. } = out else {
+            break;
+        };
         match &*frame {
             ServerFrame::Done(done) => {
-                let msg = state.store().message(id, done.seq)?.ok_or_else(ApiError::internal)?;
+                let msg = state
+                    .store()
+                    .message(id, done.seq)?
+                    .ok_or_else(ApiError::internal)?;
                 return Ok(HttpResponse::Ok().json(serde_json::json!({
                     "message": WireMessage::from(msg),
                     "usage": done.usage,

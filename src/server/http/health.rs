@@ -10,16 +10,26 @@ pub async fn healthz() -> HttpResponse {
 
 /// Ready once storage answers and at least one route has a target.
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let storage = state.store().conversation(&crate::ids::ConversationId::generate()).is_ok();
+    let storage = state
+        .store()
+        .conversation(&crate::ids::ConversationId::generate())
+        .is_ok();
     let providers = !state.router().route_names().is_empty();
     if storage && providers {
         HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
     } else {
-        HttpResponse::ServiceUnavailable().json(serde_json::json!({"status": "not_ready", "storage": storage, "providers": providers}))
+        HttpResponse::ServiceUnavailable().json(
+            serde_json::json!({"status": "not_ready", "storage": storage, "providers": providers}),
+        )
     }
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    state.metrics.live_conversations.set(i64::try_from(state.registry.live()).unwrap_or(i64::MAX));
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.metrics.render())
+    state
+        .metrics
+        .live_conversations
+        .set(i64::try_from(state.registry.live()).unwrap_or(i64::MAX));
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render())
 }

@@ -63,12 +63,18 @@ pub async fn chat_completions(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     if !state.router().has_route(&body.model) {
-        return Err(ApiError::new(ErrorCode::ModelNotFound, format!("model {:?} does not exist", body.model)));
+        return Err(ApiError::new(
+            ErrorCode::ModelNotFound,
+            format!("model {:?} does not exist", body.model),
+        ));
     }
     p.check_model(&body.model)?;
     let messages = convert_messages(body.messages)?;
     let encoding = state.router().encoding(&body.model);
-    let prompt_tokens = messages.iter().map(|m| tokens::count(encoding, &m.content) + MESSAGE_FRAMING_TOKENS).sum();
+    let prompt_tokens = messages
+        .iter()
+        .map(|m| tokens::count(encoding, &m.content) + MESSAGE_FRAMING_TOKENS)
+        .sum();
     let request = ChatRequest {
         model: String::new(),
         messages,
@@ -77,7 +83,13 @@ pub async fn chat_completions(
     };
     let started = state.router().start(&body.model, request).await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
-    let meta = Meta { id, created: unix_now(), model: started.model.clone(), prompt_tokens, encoding };
+    let meta = Meta {
+        id,
+        created: unix_now(),
+        model: started.model.clone(),
+        prompt_tokens,
+        encoding,
+    };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         Ok(sse::response(chunks(started, meta, include_usage)))
@@ -98,7 +110,11 @@ fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiErr
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                other => return Err(ApiError::bad_request(format!("unsupported message role {other:?}"))),
+                other => {
+                    return Err(ApiError::bad_request(format!(
+                        "unsupported message role {other:?}"
+                    )))
+                }
             };
             let content = match m.content {
                 None | Some(Value::Null) => String::new(),
@@ -108,7 +124,11 @@ fn convert_messages(messages: Vec<InMessage>) -> Result<Vec<ChatMessage>, ApiErr
                     .filter_map(|part| part.get("text").and_then(Value::as_str))
                     .collect::<Vec<_>>()
                     .join(""),
-                Some(_) => return Err(ApiError::bad_request("message content must be a string or a list of parts")),
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "message content must be a string or a list of parts",
+                    ))
+                }
             };
             Ok(ChatMessage { role, content })
         })
@@ -125,7 +145,8 @@ struct Meta {
 
 impl Meta {
     fn usage(&self, reported: Option<Usage>, text: &str) -> Usage {
-        reported.unwrap_or_else(|| Usage::new(self.prompt_tokens, tokens::count(self.encoding, text)))
+        reported
+            .unwrap_or_else(|| Usage::new(self.prompt_tokens, tokens::count(self.encoding, text)))
     }
 
     fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
@@ -143,7 +164,9 @@ async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError
     loop {
         let event = match next.take() {
             Some(e) => e,
-            None => rest.recv().await.ok_or_else(|| ApiError::new(ErrorCode::UpstreamInterrupted, "upstream stream ended"))?,
+            None => rest.recv().await.ok_or_else(|| {
+                ApiError::new(ErrorCode::UpstreamInterrupted, "upstream stream ended")
+            })?,
         };
         match event {
             UpstreamEvent::Delta(t) => text.push_str(&t),
@@ -151,7 +174,11 @@ async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError
                 return Err(ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string()))
             }
             UpstreamEvent::Failed(e) => return Err(e.into()),
-            UpstreamEvent::Finished { finish_reason, usage, model } => {
+            UpstreamEvent::Finished {
+                finish_reason,
+                usage,
+                model,
+            } => {
                 let usage = meta.usage(usage, &text);
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
@@ -170,48 +197,75 @@ async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError
 
 /// The SSE chunks of a streamed completion: a role chunk, content chunks, a finish chunk, the
 /// usage chunk when asked, then `[DONE]`. A failure mid-stream is sent as an error event.
-fn chunks(started: Started, meta: Meta, include_usage: bool) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
+fn chunks(
+    started: Started,
+    meta: Meta,
+    include_usage: bool,
+) -> impl futures_util::Stream<Item = Result<bytes::Bytes, actix_web::Error>> {
     let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
-    let state = (Some(started.first), started.rest, meta, String::new(), false);
-    let body = stream::unfold(state, move |(mut next, mut rest, meta, mut text, ended)| async move {
-        if ended {
-            return None;
-        }
-        let event = match next.take() {
-            Some(e) => e,
-            None => rest.recv().await.unwrap_or_else(|| {
-                UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
-                    provider: String::new(),
-                    message: "upstream stream ended".into(),
-                })
-            }),
-        };
-        let (out, ended) = match event {
-            UpstreamEvent::Delta(t) => {
-                text.push_str(&t);
-                (sse::event(None, &meta.chunk(json!({"content": t}), None).to_string()), false)
+    let state = (
+        Some(started.first),
+        started.rest,
+        meta,
+        String::new(),
+        false,
+    );
+    let body = stream::unfold(
+        state,
+        move |(mut next, mut rest, meta, mut text, ended)| async move {
+            if ended {
+                return None;
             }
-            UpstreamEvent::Finished { finish_reason, usage, .. } => {
-                let mut out = sse::event(None, &meta.chunk(json!({}), Some(&finish_reason)).to_string()).to_vec();
-                if include_usage {
-                    let usage = meta.usage(usage, &text);
-                    let chunk = json!({
-                        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
-                        "model": meta.model, "choices": [], "usage": usage,
-                    });
-                    out.extend_from_slice(&sse::event(None, &chunk.to_string()));
+            let event = match next.take() {
+                Some(e) => e,
+                None => rest.recv().await.unwrap_or_else(|| {
+                    UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
+                        provider: String::new(),
+                        message: "upstream stream ended".into(),
+                    })
+                }),
+            };
+            let (out, ended) = match event {
+                UpstreamEvent::Delta(t) => {
+                    text.push_str(&t);
+                    (
+                        sse::event(None, &meta.chunk(json!({"content": t}), None).to_string()),
+                        false,
+                    )
                 }
-                out.extend_from_slice(&sse::event(None, "[DONE]"));
-                (bytes::Bytes::from(out), true)
-            }
-            UpstreamEvent::Failed(e) => {
-                let code = if text.is_empty() { e.code() } else { ErrorCode::UpstreamInterrupted };
-                let err = ApiError::new(code, e.to_string());
-                (sse::event(None, &err.body().to_string()), true)
-            }
-        };
-        Some((Ok(out), (next, rest, meta, text, ended)))
-    });
+                UpstreamEvent::Finished {
+                    finish_reason,
+                    usage,
+                    ..
+                } => {
+                    let mut out = sse::event(
+                        None,
+                        &meta.chunk(json!({}), Some(&finish_reason)).to_string(),
+                    )
+                    .to_vec();
+                    if include_usage {
+                        let usage = meta.usage(usage, &text);
+                        let chunk = json!({
+                            "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                            "model": meta.model, "choices": [], "usage": usage,
+                        });
+                        out.extend_from_slice(&sse::event(None, &chunk.to_string()));
+                    }
+                    out.extend_from_slice(&sse::event(None, "[DONE]"));
+                    (bytes::Bytes::from(out), true)
+                }
+                UpstreamEvent::Failed(e) => {
+                    let code = if text.is_empty() {
+                        e.code()
+                    } else {
+                        ErrorCode::UpstreamInterrupted
+                    };
+                    let err = ApiError::new(code, e.to_string());
+                    (sse::event(None, &err.body().to_string()), true)
+                }
+            };
+            Some((Ok(out), (next, rest, meta, text, ended)))
+        },
+    );
     stream::once(async move { Ok(sse::event(None, &first.to_string())) }).chain(body)
 }
-

@@ -27,8 +27,19 @@ pub struct CommandCtx {
 }
 
 impl CommandCtx {
-    pub fn new(state: web::Data<AppState>, principal: Principal, sink_id: SinkId, socket: Recipient<Outbound>) -> Self {
-        Self { state, principal, sink_id, socket, subscribed: HashSet::new() }
+    pub fn new(
+        state: web::Data<AppState>,
+        principal: Principal,
+        sink_id: SinkId,
+        socket: Recipient<Outbound>,
+    ) -> Self {
+        Self {
+            state,
+            principal,
+            sink_id,
+            socket,
+            subscribed: HashSet::new(),
+        }
     }
 
     fn send(&self, frame: &ServerFrame) {
@@ -36,7 +47,12 @@ impl CommandCtx {
         self.socket.do_send(frame.encode());
     }
 
-    fn fail(&self, err: &ApiError, conversation: Option<ConversationId>, client_id: Option<String>) {
+    fn fail(
+        &self,
+        err: &ApiError,
+        conversation: Option<ConversationId>,
+        client_id: Option<String>,
+    ) {
         let mut frame = ErrorFrame::new(err);
         frame.conversation = conversation;
         frame.client_id = client_id;
@@ -55,39 +71,70 @@ pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<ClientFrame>) {
     }
     for id in &cx.subscribed {
         if let Some(addr) = cx.state.registry.peek(id) {
-            addr.do_send(Unsubscribe { sink_id: cx.sink_id });
+            addr.do_send(Unsubscribe {
+                sink_id: cx.sink_id,
+            });
         }
     }
 }
 
 async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
     match frame {
-        ClientFrame::Create { client_id, model, system, metadata } => {
-            let new = NewConversation { model, system, metadata };
-            let created = match cx.principal.check_model(new.model.as_deref().unwrap_or("default")) {
+        ClientFrame::Create {
+            client_id,
+            model,
+            system,
+            metadata,
+        } => {
+            let new = NewConversation {
+                model,
+                system,
+                metadata,
+            };
+            let created = match cx
+                .principal
+                .check_model(new.model.as_deref().unwrap_or("default"))
+            {
                 Ok(()) => cx.state.registry.create(&cx.principal.tenant, new).await,
                 Err(e) => Err(e),
             };
             match created {
-                Ok(rec) => cx.send(&ServerFrame::Created { client_id, conversation: rec.id }),
+                Ok(rec) => cx.send(&ServerFrame::Created {
+                    client_id,
+                    conversation: rec.id,
+                }),
                 Err(e) => cx.fail(&e, None, Some(client_id)),
             }
         }
-        ClientFrame::Subscribe { conversation, after_seq } => {
-            let Some(id) = parse(cx, &conversation, None) else { return };
+        ClientFrame::Subscribe {
+            conversation,
+            after_seq,
+        } => {
+            let Some(id) = parse(cx, &conversation, None) else {
+                return;
+            };
             if let Err(e) = subscribe(cx, &id, after_seq).await {
                 cx.fail(&e, Some(id), None);
             }
         }
-        ClientFrame::UserMessage { conversation, client_id, content, options } => {
-            let Some(id) = parse(cx, &conversation, Some(&client_id)) else { return };
+        ClientFrame::UserMessage {
+            conversation,
+            client_id,
+            content,
+            options,
+        } => {
+            let Some(id) = parse(cx, &conversation, Some(&client_id)) else {
+                return;
+            };
             let options = options.unwrap_or_default();
             if let Err(e) = post(cx, &id, client_id.clone(), content, options).await {
                 cx.fail(&e, Some(id), Some(client_id));
             }
         }
         ClientFrame::Cancel { conversation } => {
-            let Some(id) = parse(cx, &conversation, None) else { return };
+            let Some(id) = parse(cx, &conversation, None) else {
+                return;
+            };
             match cx.state.registry.get(&id, &cx.principal.tenant) {
                 Ok(live) => live.addr.do_send(Cancel),
                 Err(e) => cx.fail(&e, Some(id), None),
@@ -99,14 +146,28 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
 fn parse(cx: &CommandCtx, raw: &str, client_id: Option<&str>) -> Option<ConversationId> {
     let id = ConversationId::parse(raw);
     if id.is_none() {
-        cx.fail(&ApiError::not_found("conversation"), None, client_id.map(str::to_owned));
+        cx.fail(
+            &ApiError::not_found("conversation"),
+            None,
+            client_id.map(str::to_owned),
+        );
     }
     id
 }
 
-async fn subscribe(cx: &mut CommandCtx, id: &ConversationId, after_seq: Option<u64>) -> Result<(), ApiError> {
+async fn subscribe(
+    cx: &mut CommandCtx,
+    id: &ConversationId,
+    after_seq: Option<u64>,
+) -> Result<(), ApiError> {
     let live = cx.state.registry.get(id, &cx.principal.tenant)?;
-    live.addr.send(Subscribe { sink_id: cx.sink_id, sink: cx.sink(), after_seq }).await??;
+    live.addr
+        .send(Subscribe {
+            sink_id: cx.sink_id,
+            sink: cx.sink(),
+            after_seq,
+        })
+        .await??;
     cx.subscribed.insert(id.clone());
     Ok(())
 }
@@ -119,10 +180,20 @@ async fn post(
     options: crate::conversation::messages::TurnOptions,
 ) -> Result<(), ApiError> {
     let live = cx.state.registry.get(id, &cx.principal.tenant)?;
-    cx.principal.check_model(options.model.as_deref().unwrap_or(&live.model))?;
-    let tokens = tokens::count_async(cx.state.router().encoding(&live.model), content.clone()).await;
+    cx.principal
+        .check_model(options.model.as_deref().unwrap_or(&live.model))?;
+    let tokens =
+        tokens::count_async(cx.state.router().encoding(&live.model), content.clone()).await;
     let listener = Some((cx.sink_id, cx.sink(), Scope::Conversation));
-    live.addr.send(PostUserMessage { client_id, content, tokens, options, listener }).await??;
+    live.addr
+        .send(PostUserMessage {
+            client_id,
+            content,
+            tokens,
+            options,
+            listener,
+        })
+        .await??;
     cx.subscribed.insert(id.clone());
     Ok(())
 }

@@ -57,11 +57,19 @@ pub fn decode(text: &str) -> Result<ClientFrame, BadFrame> {
     let (conversation, client_id) = (field("conversation"), field("client_id"));
     if !value.is_object() {
         let error = ApiError::bad_request("a frame must be a JSON object with a \"type\"");
-        return Err(BadFrame { error, conversation, client_id });
+        return Err(BadFrame {
+            error,
+            conversation,
+            client_id,
+        });
     }
     if value.get("type").is_none() {
         let error = ApiError::bad_request("missing field `type`");
-        return Err(BadFrame { error, conversation, client_id });
+        return Err(BadFrame {
+            error,
+            conversation,
+            client_id,
+        });
     }
     serde_json::from_value(value).map_err(|e| BadFrame {
         error: ApiError::bad_request(format!("invalid frame: {e}")),
@@ -76,16 +84,27 @@ mod tests {
 
     #[test]
     fn decodes_every_type() {
-        assert!(matches!(decode(r#"{"type":"create","client_id":"c"}"#), Ok(ClientFrame::Create { .. })));
+        assert!(matches!(
+            decode(r#"{"type":"create","client_id":"c"}"#),
+            Ok(ClientFrame::Create { .. })
+        ));
         assert!(matches!(
             decode(r#"{"type":"subscribe","conversation":"x","after_seq":3}"#),
-            Ok(ClientFrame::Subscribe { after_seq: Some(3), .. })
+            Ok(ClientFrame::Subscribe {
+                after_seq: Some(3),
+                ..
+            })
         ));
         assert!(matches!(
-            decode(r#"{"type":"user_message","conversation":"x","client_id":"c","content":"hi","options":{"max_tokens":5}}"#),
+            decode(
+                r#"{"type":"user_message","conversation":"x","client_id":"c","content":"hi","options":{"max_tokens":5}}"#
+            ),
             Ok(ClientFrame::UserMessage { .. })
         ));
-        assert!(matches!(decode(r#"{"type":"cancel","conversation":"x"}"#), Ok(ClientFrame::Cancel { .. })));
+        assert!(matches!(
+            decode(r#"{"type":"cancel","conversation":"x"}"#),
+            Ok(ClientFrame::Cancel { .. })
+        ));
     }
 
     #[test]
@@ -95,7 +114,8 @@ mod tests {
         assert!(msg(r#"{"type":"dance"}"#).contains("unknown variant"));
         assert!(msg(r#"{"conversation":"x"}"#).contains("missing field `type`"));
         assert!(msg(r#"[1]"#).contains("JSON object"));
-        let bad = decode(r#"{"type":"user_message","conversation":"x","client_id":"c"}"#).unwrap_err();
+        let bad =
+            decode(r#"{"type":"user_message","conversation":"x","client_id":"c"}"#).unwrap_err();
         assert!(bad.error.message.contains("missing field `content`"));
         assert_eq!(bad.client_id.as_deref(), Some("c"));
         assert_eq!(bad.conversation.as_deref(), Some("x"));

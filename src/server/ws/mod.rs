@@ -16,7 +16,11 @@ use super::auth::{access_token, bearer};
 use super::AppState;
 use crate::error::ApiError;
 
-pub async fn connect(req: HttpRequest, payload: web::Payload, state: web::Data<AppState>) -> Result<HttpResponse, actix_web::Error> {
+pub async fn connect(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, actix_web::Error> {
     let query_token = access_token(&req);
     let token = bearer(&req).map(str::to_owned).or(query_token);
     let principal = state.auth.client(token.as_deref())?;

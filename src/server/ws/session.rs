@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::web;
 use actix_http::ws::Item;
+use actix_web::web;
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
 use tokio::sync::mpsc;
 
@@ -61,21 +61,29 @@ impl WsSession {
             Ok(frame) => frame,
             Err(bad) => {
                 let mut frame = ErrorFrame::new(&bad.error);
-                frame.conversation = bad.conversation.and_then(|c| crate::ids::ConversationId::parse(&c));
+                frame.conversation = bad
+                    .conversation
+                    .and_then(|c| crate::ids::ConversationId::parse(&c));
                 frame.client_id = bad.client_id;
                 return Self::send_error(ctx, frame);
             }
         };
         let Some(inbox) = &self.inbox else { return };
         if inbox.try_send(frame).is_err() {
-            let err = ApiError::new(ErrorCode::RateLimited, "too many frames in flight on this socket")
-                .with_retry_after(Duration::from_secs(1));
+            let err = ApiError::new(
+                ErrorCode::RateLimited,
+                "too many frames in flight on this socket",
+            )
+            .with_retry_after(Duration::from_secs(1));
             Self::send_error(ctx, ErrorFrame::new(&err));
         }
     }
 
     fn close(ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, description: &str) {
-        ctx.close(Some(CloseReason { code, description: Some(description.to_owned()) }));
+        ctx.close(Some(CloseReason {
+            code,
+            description: Some(description.to_owned()),
+        }));
         ctx.stop();
     }
 }
@@ -94,7 +102,9 @@ impl Actor for WsSession {
             ctx.ping(b"");
         });
         let me = ctx.address().recipient::<Outbound>();
-        self.state.sockets.register(self.sink_id, self.principal.key_id.clone(), me.clone());
+        self.state
+            .sockets
+            .register(self.sink_id, self.principal.key_id.clone(), me.clone());
         let (tx, rx) = mpsc::channel(INBOX);
         self.inbox = Some(tx);
         let cmd = CommandCtx::new(self.state.clone(), self.principal.clone(), self.sink_id, me);
@@ -124,7 +134,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
         self.heartbeat = Instant::now();
         let msg = match msg {
             Ok(msg) => msg,
-            Err(ws::ProtocolError::Overflow) => return Self::close(ctx, CloseCode::Size, "frame too large"),
+            Err(ws::ProtocolError::Overflow) => {
+                return Self::close(ctx, CloseCode::Size, "frame too large")
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "websocket protocol error");
                 return Self::close(ctx, CloseCode::Protocol, "protocol error");
@@ -133,7 +145,10 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
         match msg {
             ws::Message::Text(text) => self.on_text(&text, ctx),
             ws::Message::Binary(_) => {
-                Self::send_error(ctx, ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")));
+                Self::send_error(
+                    ctx,
+                    ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")),
+                );
             }
             ws::Message::Continuation(item) => self.on_continuation(item, ctx),
             ws::Message::Ping(bytes) => ctx.pong(&bytes),
@@ -155,12 +170,17 @@ impl WsSession {
             }
             Item::FirstBinary(_) => {
                 self.partial = None;
-                return Self::send_error(ctx, ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")));
+                return Self::send_error(
+                    ctx,
+                    ErrorFrame::new(&ApiError::bad_request("frames must be JSON text")),
+                );
             }
             Item::Continue(b) => (b, false),
             Item::Last(b) => (b, true),
         };
-        let Some(buf) = self.partial.as_mut() else { return };
+        let Some(buf) = self.partial.as_mut() else {
+            return;
+        };
         if buf.len() + bytes.len() > self.max_frame {
             return Self::close(ctx, CloseCode::Size, "frame too large");
         }

@@ -60,14 +60,24 @@ pub fn openai_provider(name: &str, base_url: &str) -> ProviderConfig {
 pub fn route(model: &str, targets: &[(&str, &str)]) -> RouteConfig {
     RouteConfig {
         model: model.into(),
-        targets: targets.iter().map(|(p, m)| TargetConfig { provider: (*p).into(), model: (*m).into() }).collect(),
+        targets: targets
+            .iter()
+            .map(|(p, m)| TargetConfig {
+                provider: (*p).into(),
+                model: (*m).into(),
+            })
+            .collect(),
     }
 }
 
 /// A process-unique environment variable name (tests run in parallel threads).
 pub fn unique_env(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The real app on `127.0.0.1:0` with a tempdir store, on its own actix system thread.
@@ -121,7 +131,14 @@ impl TestServer {
             });
         });
         let addr = addr_rx.recv_timeout(TIMEOUT).expect("server did not start");
-        Self { addr, dir: dir.to_owned(), _tmp: None, stop: Some(stop_tx), thread: Some(thread), admin_key }
+        Self {
+            addr,
+            dir: dir.to_owned(),
+            _tmp: None,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            admin_key,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -157,7 +174,10 @@ impl TestServer {
             .unwrap();
         assert_eq!(resp.status(), 201);
         let v: Value = resp.json().await.unwrap();
-        (v["id"].as_str().unwrap().to_owned(), v["key"].as_str().unwrap().to_owned())
+        (
+            v["id"].as_str().unwrap().to_owned(),
+            v["key"].as_str().unwrap().to_owned(),
+        )
     }
 }
 
@@ -193,7 +213,8 @@ pub async fn messages(server: &TestServer, key: Option<&str>, id: &str) -> Vec<V
     v["data"].as_array().unwrap().clone()
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket client speaking the protocol's JSON frames.
 pub struct Ws {
@@ -202,37 +223,72 @@ pub struct Ws {
 
 impl Ws {
     pub async fn connect(server: &TestServer, key: Option<&str>) -> Self {
-        Self::try_connect(server, key).await.expect("websocket connect failed")
+        Self::try_connect(server, key)
+            .await
+            .expect("websocket connect failed")
     }
 
-    pub async fn try_connect(server: &TestServer, key: Option<&str>) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+    pub async fn try_connect(
+        server: &TestServer,
+        key: Option<&str>,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let mut req = server.ws_url().into_client_request().unwrap();
         if let Some(k) = key {
-            req.headers_mut().insert("authorization", format!("Bearer {k}").parse().unwrap());
+            req.headers_mut()
+                .insert("authorization", format!("Bearer {k}").parse().unwrap());
         }
         let (stream, _) = tokio_tungstenite::connect_async(req).await?;
         Ok(Self { stream })
     }
 
+    /// Connects to `url` as given (e.g. with `?access_token=`), without an `Authorization` header.
+    pub async fn try_connect_url(url: &str) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        let (stream, _) = tokio_tungstenite::connect_async(url).await?;
+        Ok(Self { stream })
+    }
+
+    /// Sends a binary frame (the protocol wants text).
+    pub async fn send_binary(&mut self, bytes: Vec<u8>) {
+        self.stream.send(Message::Binary(bytes)).await.unwrap();
+    }
+
+    /// Asserts that no frame arrives within `quiet` (the socket stays silent).
+    pub async fn assert_silent(&mut self, quiet: Duration) {
+        if let Some(f) = self.try_recv(quiet).await {
+            panic!("expected no frame, got {f}");
+        }
+    }
+
     pub async fn send(&mut self, frame: Value) {
-        self.stream.send(Message::Text(frame.to_string())).await.unwrap();
+        self.stream
+            .send(Message::Text(frame.to_string()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, text: &str) {
-        self.stream.send(Message::Text(text.to_owned())).await.unwrap();
+        self.stream
+            .send(Message::Text(text.to_owned()))
+            .await
+            .unwrap();
     }
 
     /// The next JSON frame (pings are answered by tungstenite itself).
     pub async fn recv(&mut self) -> Value {
-        self.try_recv(TIMEOUT).await.expect("no frame before the timeout")
+        self.try_recv(TIMEOUT)
+            .await
+            .expect("no frame before the timeout")
     }
 
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
         let end = Instant::now() + timeout;
         loop {
             let left = end.checked_duration_since(Instant::now())?;
-            match tokio::time::timeout(left, self.stream.next()).await.ok()?? {
+            match tokio::time::timeout(left, self.stream.next())
+                .await
+                .ok()??
+            {
                 Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
                 Ok(Message::Close(_)) | Err(_) => return None,
                 Ok(_) => {}
@@ -268,7 +324,8 @@ impl Ws {
 
     /// Creates a conversation; answers its id.
     pub async fn create(&mut self, model: &str) -> String {
-        self.send(json!({"type": "create", "client_id": "c-create", "model": model})).await;
+        self.send(json!({"type": "create", "client_id": "c-create", "model": model}))
+            .await;
         let f = self.recv().await;
         assert_eq!(f["type"], "created", "{f}");
         f["conversation"].as_str().unwrap().to_owned()
@@ -288,14 +345,21 @@ pub fn is_end_of(f: &Value, client_id: &str) -> bool {
 
 /// The concatenated `delta` texts among `frames`.
 pub fn delta_text(frames: &[Value]) -> String {
-    frames.iter().filter(|f| f["type"] == "delta").map(|f| f["text"].as_str().unwrap()).collect()
+    frames
+        .iter()
+        .filter(|f| f["type"] == "delta")
+        .map(|f| f["text"].as_str().unwrap())
+        .collect()
 }
 
 /// The mock's reply to exactly these messages (for asserting on deterministic text).
 pub fn mock_reply(seed: u64, messages: &[(&str, &str)]) -> String {
     let msgs: Vec<_> = messages
         .iter()
-        .map(|(r, c)| parley::mock_upstream::generator::MockMessage { role: (*r).into(), content: (*c).into() })
+        .map(|(r, c)| parley::mock_upstream::generator::MockMessage {
+            role: (*r).into(),
+            content: (*c).into(),
+        })
         .collect();
     parley::mock_upstream::generator::plan(seed, &msgs, None).text()
 }
@@ -313,8 +377,13 @@ impl BinServer {
         let cfg_path = dir.join("parley.toml");
         std::fs::write(&cfg_path, config_toml).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_parley"));
-        cmd.args(["serve", "--config"]).arg(&cfg_path).args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir.join("data"));
-        cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").env_remove("PARLEY_CONFIG");
+        cmd.args(["serve", "--config"])
+            .arg(&cfg_path)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"));
+        cmd.env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("PARLEY_CONFIG");
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -323,7 +392,11 @@ impl BinServer {
 
     /// Runs a prepared `parley serve` command and waits for its "listening on" line.
     pub fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let stderr = child.stderr.take().unwrap();
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -336,8 +409,14 @@ impl BinServer {
                 log2.lock().unwrap().push(line);
             }
         });
-        let addr = rx.recv_timeout(Duration::from_secs(20)).expect("binary did not log its address");
-        Self { child, addr: strip_ansi(&addr).parse().unwrap(), log }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("binary did not log its address");
+        Self {
+            child,
+            addr: strip_ansi(&addr).parse().unwrap(),
+            log,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -386,4 +465,104 @@ fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// The OpenAI error `type` the protocol pairs with each error `code` (PROTOCOL §4, §5).
+pub fn openai_error_type(code: &str) -> &'static str {
+    match code {
+        "bad_request" | "too_large" | "blocked" => "invalid_request_error",
+        "unauthorized" => "authentication_error",
+        "forbidden" => "permission_error",
+        "not_found" | "model_not_found" => "not_found_error",
+        "rate_limited" | "quota_exceeded" => "rate_limit_error",
+        "upstream_error" | "upstream_unavailable" | "upstream_interrupted" => "upstream_error",
+        "internal" => "server_error",
+        other => panic!("not a protocol error code: {other}"),
+    }
+}
+
+/// Checks that `resp` is an error of `status` in the OpenAI shape with exactly `code` (and its
+/// type), and nothing else in the body; answers the body.
+pub async fn expect_error(resp: reqwest::Response, status: u16, code: &str) -> Value {
+    let got = resp.status().as_u16();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let text = resp.text().await.unwrap();
+    assert_eq!(got, status, "{text}");
+    assert!(
+        ctype.starts_with("application/json"),
+        "content-type {ctype:?} of {text}"
+    );
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    let err = body["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no error object: {body}"));
+    assert_eq!(body.as_object().unwrap().len(), 1, "{body}");
+    let mut keys: Vec<_> = err.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["code", "message", "type"], "{body}");
+    assert_eq!(err["code"], code, "{body}");
+    assert_eq!(err["type"], openai_error_type(code), "{body}");
+    assert!(!err["message"].as_str().unwrap().is_empty(), "{body}");
+    body
+}
+
+/// The body `{"error": {"message", "type", "code"}}` the server answers for `code`.
+pub fn error_body(code: &str, message: &str) -> Value {
+    json!({"error": {"message": message, "type": openai_error_type(code), "code": code}})
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Splits an SSE body into its events (`event:` and `data:` lines; comments skipped).
+pub fn sse_events(body: &str) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    for block in body.replace("\r\n", "\n").split("\n\n") {
+        let mut event = None;
+        let mut data: Vec<&str> = Vec::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                event = Some(v.trim_start().to_owned());
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v));
+            }
+        }
+        if event.is_some() || !data.is_empty() {
+            out.push(SseEvent {
+                event,
+                data: data.join("\n"),
+            });
+        }
+    }
+    out
+}
+
+/// The mock's whole plan for exactly these messages (reply text and token counts).
+pub fn mock_plan(seed: u64, messages: &[(&str, &str)]) -> parley::mock_upstream::generator::Plan {
+    let msgs: Vec<_> = messages
+        .iter()
+        .map(|(r, c)| parley::mock_upstream::generator::MockMessage {
+            role: (*r).into(),
+            content: (*c).into(),
+        })
+        .collect();
+    parley::mock_upstream::generator::plan(seed, &msgs, None)
+}
+
+/// A request with `Authorization: Bearer key` when `key` is given.
+pub fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::RequestBuilder {
+    match key {
+        Some(k) => req.bearer_auth(k),
+        None => req,
+    }
 }
