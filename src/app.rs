@@ -20,7 +20,7 @@ use crate::provider::{ProviderActor, Router};
 use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
 use crate::store::{Store, StoreError};
 use crate::tenant::Auth;
-use crate::tokens::ContextBudget;
+use crate::tokens::{ContextBudget, Encoding};
 
 /// Arbiters that host conversation actors.
 const CONVERSATION_ARBITERS: usize = 2;
@@ -73,6 +73,12 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         )));
     }
     let metrics = Metrics::new()?;
+    // Loading a tiktoken vocabulary takes tens of milliseconds: do it now, not in a first turn.
+    tokio::task::spawn_blocking(|| {
+        for encoding in [Encoding::Cl100kBase, Encoding::O200kBase] {
+            crate::tokens::count(encoding, "warm up");
+        }
+    });
     let http = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .tcp_nodelay(true)

@@ -17,7 +17,7 @@ use super::messages::{
     Cancel, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
 };
 use super::registry::Registry;
-use super::turn::{self, done_frame, TurnInput};
+use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
 use crate::error::{ApiError, ErrorCode};
 use crate::store::ConversationRecord;
@@ -129,6 +129,7 @@ impl ConversationActor {
             Ok(last_seq) => self.record.last_seq = last_seq,
             Err(e) => {
                 tracing::error!(conversation = %self.record.id, error = %e, "turn panicked; restarting the conversation");
+                self.store_failed_reply(&running.client_id);
                 let mut frame = ErrorFrame::new(&ApiError::internal());
                 frame.conversation = Some(self.record.id.clone());
                 frame.client_id = Some(running.client_id.clone());
@@ -142,6 +143,33 @@ impl ConversationActor {
         }
         self.fanout.end_turn(&running.client_id);
         self.start_next(ctx);
+    }
+
+    /// After a panicked turn: if its user message was stored without a reply, stores an
+    /// `internal` error reply (flushed in the background; the next turn flushes anyway).
+    fn store_failed_reply(&mut self, client_id: &str) {
+        let store = &self.deps.store;
+        let conv = &self.record.id;
+        let Ok(Some(user_seq)) = store.seq_for_client_id(conv, client_id) else {
+            return;
+        };
+        let replied = matches!(store.message(conv, user_seq + 1), Ok(Some(_)));
+        if replied {
+            return;
+        }
+        match store.append_message_unflushed(conv, &failed_reply(user_seq, &ApiError::internal())) {
+            Ok(()) => {
+                let store = store.clone();
+                actix::spawn(async move {
+                    if let Err(e) = store.flush().await {
+                        tracing::error!(error = %e, "flush after a panicked turn failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(conversation = %conv, error = %e, "cannot store the failed reply")
+            }
+        }
     }
 
     fn reload(&mut self) {
@@ -174,18 +202,18 @@ impl ConversationActor {
         sink.deliver(
             &ServerFrame::Ack {
                 conversation: conv.clone(),
-                client_id,
+                client_id: client_id.clone(),
                 seq,
             }
             .encode(),
         );
-        if let Some(done) = self
+        if let Some(outcome) = self
             .deps
             .store
             .message(&conv, seq + 1)?
-            .and_then(|r| done_frame(&conv, &r))
+            .and_then(|r| outcome_frame(&conv, &r, &client_id))
         {
-            sink.deliver(&ServerFrame::Done(done).encode());
+            sink.deliver(&outcome.encode());
         }
         Ok(Posted::Duplicate)
     }

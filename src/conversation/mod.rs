@@ -19,7 +19,7 @@ pub use actor::{ConversationActor, MAX_REPLAY};
 pub use fanout::{next_sink_id, Scope, SinkId};
 pub use frames::{Outbound, ServerFrame, Sink, WireMessage};
 pub use registry::{Live, NewConversation, Registry};
-pub use turn::done_frame;
+pub use turn::outcome_frame;
 
 use crate::metrics::Metrics;
 use crate::provider::Router;

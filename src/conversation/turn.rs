@@ -18,7 +18,7 @@ use super::Deps;
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{unix_now, ConversationId};
 use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
-use crate::store::{MessageRecord, ReplyMeta, Role, Usage};
+use crate::store::{MessageRecord, ReplyMeta, Role, StoredError, Usage};
 use crate::tokens::{self, fit_history, Encoding};
 
 /// Everything a turn needs to know about its conversation and message.
@@ -180,6 +180,10 @@ async fn run_inner(
             provider: provider.clone(),
             model: model.clone(),
             ttft_ms: ttft.map(|t| t.as_millis() as u64),
+            error: ending.error.as_ref().map(|e| StoredError {
+                code: e.code,
+                message: e.message.clone(),
+            }),
         }),
     };
     if let Err(e) = deps.store.append_message(&conv, &reply).await {
@@ -195,8 +199,8 @@ async fn run_inner(
     match ending.error {
         Some(err) => fail(err, Some(input.user_seq)),
         None => {
-            if let Some(done) = done_frame(&conv, &reply) {
-                fanout.broadcast(&ServerFrame::Done(done), Some(&cid));
+            if let Some(done) = outcome_frame(&conv, &reply, &cid) {
+                fanout.broadcast(&done, Some(&cid));
             }
         }
     }
@@ -320,10 +324,25 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<(ChatRequest, u32), A
     Ok((request, prompt_tokens))
 }
 
-/// The `done` frame of a stored reply (`None` for a message that is not a reply).
-pub fn done_frame(conv: &ConversationId, reply: &MessageRecord) -> Option<Done> {
+/// How a stored reply ended, as the frame that announced it: `done`, or `error` for a turn
+/// that failed (`None` for a message that is not a reply).
+pub fn outcome_frame(
+    conv: &ConversationId,
+    reply: &MessageRecord,
+    client_id: &str,
+) -> Option<ServerFrame> {
     let meta = reply.reply.as_ref()?;
-    Some(Done {
+    if let Some(err) = &meta.error {
+        return Some(ServerFrame::Error(ErrorFrame {
+            code: err.code,
+            message: err.message.clone(),
+            conversation: Some(conv.clone()),
+            client_id: Some(client_id.to_owned()),
+            reply_to: Some(meta.reply_to),
+            retry_after_ms: None,
+        }));
+    }
+    Some(ServerFrame::Done(Done {
         conversation: conv.clone(),
         reply_to: meta.reply_to,
         seq: reply.seq,
@@ -333,5 +352,31 @@ pub fn done_frame(conv: &ConversationId, reply: &MessageRecord) -> Option<Done> 
         provider: meta.provider.clone(),
         model: meta.model.clone(),
         ttft_ms: meta.ttft_ms,
-    })
+    }))
+}
+
+/// The reply stored for a turn that ended without one (its task panicked), so that history
+/// keeps alternating and a resent client id learns how the turn ended.
+pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
+    MessageRecord {
+        seq: user_seq + 1,
+        role: Role::Assistant,
+        content: String::new(),
+        created_at: unix_now(),
+        client_id: None,
+        finish_reason: Some("error".into()),
+        tokens: 0,
+        reply: Some(ReplyMeta {
+            reply_to: user_seq,
+            usage: Usage::default(),
+            cached: false,
+            provider: String::new(),
+            model: String::new(),
+            ttft_ms: None,
+            error: Some(StoredError {
+                code: err.code,
+                message: err.message.clone(),
+            }),
+        }),
+    }
 }

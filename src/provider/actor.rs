@@ -50,7 +50,7 @@ impl ProviderActor {
         let keys: Vec<SecretString> = cfg
             .key_envs()
             .into_iter()
-            .filter_map(|name| env(name))
+            .filter_map(env)
             .map(SecretString::from)
             .collect();
         let backend = match cfg.kind {

@@ -12,6 +12,7 @@ use crate::error::{ApiError, ErrorCode};
 pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     cfg.app_data(
         web::JsonConfig::default()
+            .content_type_required(false)
             .limit(max_body)
             .error_handler(json_error),
     )

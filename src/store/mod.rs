@@ -18,7 +18,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-pub use records::{ConversationRecord, KeyRecord, MessageRecord, ReplyMeta, Role, Usage};
+pub use records::{
+    ConversationRecord, KeyRecord, MessageRecord, ReplyMeta, Role, StoredError, Usage,
+};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};
@@ -196,6 +198,20 @@ impl Store {
         id: &ConversationId,
         msg: &MessageRecord,
     ) -> Result<(), StoreError> {
+        self.append_message_unflushed(id, msg)?;
+        self.flush().await
+    }
+
+    /// [`Store::append_message`] without waiting for the disk: for synchronous callers that
+    /// flush afterwards.
+    ///
+    /// # Errors
+    /// As [`Store::append_message`].
+    pub fn append_message_unflushed(
+        &self,
+        id: &ConversationId,
+        msg: &MessageRecord,
+    ) -> Result<(), StoreError> {
         let value = encode(msg)?;
         let result = (&self.conversations, &self.messages, &self.client_ids).transaction(
             |(convs, msgs, cids)| {
@@ -225,11 +241,7 @@ impl Store {
                 Ok(())
             },
         );
-        match result {
-            Ok(()) => self.flush().await,
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        result.map_err(tx_error)
     }
 
     /// One stored message.

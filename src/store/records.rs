@@ -68,6 +68,16 @@ pub struct ReplyMeta {
     pub provider: String,
     pub model: String,
     pub ttft_ms: Option<u64>,
+    /// How the turn failed, for a reply that ended in an error (replayed to a resent client id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<StoredError>,
+}
+
+/// The error a turn ended with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredError {
+    pub code: crate::error::ErrorCode,
+    pub message: String,
 }
 
 /// One stored message of a conversation.

@@ -534,6 +534,15 @@ async fn upstream_failure_on_a_rest_turn_is_502() {
     let stored = messages(&server, None, &conv).await;
     assert_eq!(stored[0]["content"], "boom [[mock:status=500]]");
     assert_eq!(stored[0]["seq"], 1);
+    // Resending it answers the same failure, without a second upstream call.
+    let resp = post_message(
+        &server,
+        &conv,
+        json!({"content": "boom [[mock:status=500]]", "client_id": "f1"}),
+    )
+    .await;
+    expect_error(resp, 502, "upstream_error").await;
+    assert_eq!(up.requests(), 1);
 
     // Streamed, the failure is the last event, the JSON of the WebSocket error frame.
     let resp = post_message(

@@ -589,6 +589,10 @@ async fn upstream_failures_are_reported_and_stored() {
     assert_eq!(stored[1]["content"], "");
     assert_eq!(stored[1]["finish_reason"], "error");
     assert_eq!(up.requests(), 1);
+    // A resend of the failed message is answered as it was the first time, and not retried.
+    let again = ws.turn(&conv, "m1", "fail [[mock:status=500]]").await;
+    assert_eq!(again, frames);
+    assert_eq!(up.requests(), 1);
 
     // The stream breaks after text was sent.
     let conv2 = ws.create("up").await;
@@ -692,25 +696,32 @@ async fn a_panicking_turn_answers_internal_and_the_conversation_recovers() {
     // Other subscribers hear it too.
     assert_eq!(watcher.recv_until(|f| f["type"] == "error").await, frames);
 
-    // The socket is open and the conversation goes on with the stored numbering.
+    // The socket is open; the panicked turn was stored with an `internal` error reply, so the
+    // history still alternates and the conversation goes on with the stored numbering.
     let frames = ws.turn(&conv, "p2", "after the panic").await;
     assert_eq!(frames[0]["type"], "ack", "{frames:?}");
-    assert_eq!(frames[0]["seq"], 2);
+    assert_eq!(frames[0]["seq"], 3);
     let done = frames.last().unwrap();
     assert_eq!(done["type"], "done", "{frames:?}");
-    assert_eq!(done["seq"], 3);
-    assert_eq!(done["reply_to"], 2);
+    assert_eq!(done["seq"], 4);
+    assert_eq!(done["reply_to"], 3);
     assert_eq!(done["finish_reason"], "stop");
     // Subscribers survive the restart.
     assert_eq!(watcher.recv_until(|f| f["type"] == "done").await, frames);
     let stored = messages(&server, None, &conv).await;
-    let seqs: Vec<_> = stored.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
-    assert_eq!(seqs, [1, 2, 3], "{stored:?}");
+    let roles: Vec<_> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "user", "assistant"],
+        "{stored:?}"
+    );
     assert_eq!(stored[0]["client_id"], "p1");
-    assert_eq!(stored[1]["content"], "after the panic");
-    assert_eq!(stored[2]["content"], delta_text(&frames).as_str());
+    assert_eq!(stored[1]["finish_reason"], "error");
+    assert_eq!(stored[1]["content"], "");
+    assert_eq!(stored[2]["content"], "after the panic");
+    assert_eq!(stored[3]["content"], delta_text(&frames).as_str());
 
-    // Resending the panicked message appends nothing.
+    // Resending the panicked message appends nothing and answers how it ended.
     ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "p1", "content": "boom [[parley:panic]]"}))
         .await;
     let again = ws.recv().await;
@@ -718,13 +729,17 @@ async fn a_panicking_turn_answers_internal_and_the_conversation_recovers() {
         again,
         json!({"type": "ack", "conversation": conv, "client_id": "p1", "seq": 1})
     );
+    let outcome = ws.recv().await;
+    assert_error(&outcome, "internal");
+    assert_eq!(outcome["client_id"], "p1");
+    assert_eq!(outcome["reply_to"], 1);
 
     // Another conversation is unaffected.
     let frames = ws.turn(&other, "o2", "after").await;
     assert_eq!(frames[0]["seq"], 3);
     assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
     assert_eq!(frames.last().unwrap()["seq"], 4);
-    assert_eq!(messages(&server, None, &conv).await.len(), 3);
+    assert_eq!(messages(&server, None, &conv).await.len(), 4);
     ws.assert_silent(QUIET).await;
 }
 

@@ -180,14 +180,12 @@ fn turn_events(
         if ended {
             return None;
         }
-        loop {
-            match rx.recv().await? {
-                Outbound::Frame { frame, json } => {
-                    let last = matches!(*frame, ServerFrame::Done(_) | ServerFrame::Error(_));
-                    return Some((Ok(sse::event(Some(frame.kind()), &json)), (rx, last)));
-                }
-                Outbound::Close { .. } => return None,
+        match rx.recv().await? {
+            Outbound::Frame { frame, json } => {
+                let last = matches!(*frame, ServerFrame::Done(_) | ServerFrame::Error(_));
+                Some((Ok(sse::event(Some(frame.kind()), &json)), (rx, last)))
             }
+            Outbound::Close { .. } => None,
         }
     })
 }

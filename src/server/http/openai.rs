@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::unix_now;
+use crate::metrics::Metrics;
 use crate::provider::{ChatMessage, ChatRequest, Started, UpstreamEvent};
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
@@ -89,6 +90,9 @@ pub async fn chat_completions(
         model: started.model.clone(),
         prompt_tokens,
         encoding,
+        provider: started.provider.clone(),
+        ttft: started.ttft,
+        metrics: state.metrics.clone(),
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -141,9 +145,24 @@ struct Meta {
     model: String,
     prompt_tokens: u32,
     encoding: tokens::Encoding,
+    provider: String,
+    ttft: std::time::Duration,
+    metrics: Metrics,
 }
 
 impl Meta {
+    /// Counts the request in the metrics, with the tokens generated so far.
+    fn record(&self, usage: Usage, error: Option<ErrorCode>) {
+        self.metrics
+            .observe_turn(&self.provider, Some(self.ttft), error);
+        self.metrics.add_tokens(&self.provider, usage);
+    }
+
+    fn fail(&self, code: ErrorCode, message: String, text: &str) -> ApiError {
+        self.record(self.usage(None, text), Some(code));
+        ApiError::new(code, message)
+    }
+
     fn usage(&self, reported: Option<Usage>, text: &str) -> Usage {
         reported
             .unwrap_or_else(|| Usage::new(self.prompt_tokens, tokens::count(self.encoding, text)))
@@ -164,22 +183,31 @@ async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError
     loop {
         let event = match next.take() {
             Some(e) => e,
-            None => rest.recv().await.ok_or_else(|| {
-                ApiError::new(ErrorCode::UpstreamInterrupted, "upstream stream ended")
-            })?,
+            None => rest.recv().await.unwrap_or_else(|| {
+                UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
+                    provider: meta.provider.clone(),
+                    message: "upstream stream ended".into(),
+                })
+            }),
         };
         match event {
             UpstreamEvent::Delta(t) => text.push_str(&t),
             UpstreamEvent::Failed(e) if !text.is_empty() => {
-                return Err(ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string()))
+                return Err(meta.fail(ErrorCode::UpstreamInterrupted, e.to_string(), &text))
             }
-            UpstreamEvent::Failed(e) => return Err(e.into()),
+            UpstreamEvent::Failed(e) => {
+                let retry_after = e.retry_after();
+                let mut err = meta.fail(e.code(), e.to_string(), &text);
+                err.retry_after = retry_after;
+                return Err(err);
+            }
             UpstreamEvent::Finished {
                 finish_reason,
                 usage,
                 model,
             } => {
                 let usage = meta.usage(usage, &text);
+                meta.record(usage, None);
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
                     "model": model.unwrap_or(meta.model),
@@ -243,8 +271,9 @@ fn chunks(
                         &meta.chunk(json!({}), Some(&finish_reason)).to_string(),
                     )
                     .to_vec();
+                    let usage = meta.usage(usage, &text);
+                    meta.record(usage, None);
                     if include_usage {
-                        let usage = meta.usage(usage, &text);
                         let chunk = json!({
                             "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
                             "model": meta.model, "choices": [], "usage": usage,
@@ -260,7 +289,7 @@ fn chunks(
                     } else {
                         ErrorCode::UpstreamInterrupted
                     };
-                    let err = ApiError::new(code, e.to_string());
+                    let err = meta.fail(code, e.to_string(), &text);
                     (sse::event(None, &err.body().to_string()), true)
                 }
             };

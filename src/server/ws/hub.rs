@@ -13,9 +13,12 @@ pub const CLOSE_REVOKED: u16 = 1008;
 /// Close code at server shutdown (1001, going away).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 
+/// An open socket: the key it was opened with (none in development mode) and its recipient.
+type Socket = (Option<String>, Recipient<Outbound>);
+
 #[derive(Default)]
 pub struct SocketHub {
-    sockets: Mutex<HashMap<u64, (Option<String>, Recipient<Outbound>)>>,
+    sockets: Mutex<HashMap<u64, Socket>>,
 }
 
 impl SocketHub {
