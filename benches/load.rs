@@ -41,13 +41,10 @@ impl Server {
             region: None,
             ..ProviderConfig::builtin_mock()
         });
-        cfg.routes.push(RouteConfig {
-            model: "up".into(),
-            targets: vec![TargetConfig {
-                provider: "up".into(),
-                model: "mock-1".into(),
-            }],
-        });
+        cfg.routes.push(RouteConfig::new(
+            "up",
+            vec![TargetConfig::new("up", "mock-1")],
+        ));
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let data = dir.path().to_owned();

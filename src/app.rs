@@ -2,7 +2,6 @@
 //! all down in order: stop accepting, cancel turns (each stores its partial reply), close the
 //! sockets, flush storage.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
@@ -16,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::conversation::{Deps, Registry};
 use crate::metrics::Metrics;
-use crate::provider::{ProviderActor, Router};
+use crate::provider::{ProviderActor, ProviderHandle, Router};
 use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
 use crate::store::{Store, StoreError};
 use crate::tenant::Auth;
@@ -86,26 +85,22 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         .build()?;
 
     let provider_arbiter = Arbiter::new();
-    let actors: HashMap<String, Addr<ProviderActor>> = config
+    let providers: Vec<ProviderHandle> = config
         .providers
         .iter()
         .map(|p| {
             let actor = ProviderActor::new(p, http.clone(), |name| std::env::var(name).ok());
-            (
-                p.name.clone(),
-                ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor),
-            )
+            let (stats, prefill) = (actor.stats(), actor.supports_prefill());
+            let addr = ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor);
+            ProviderHandle {
+                name: p.name.clone(),
+                addr,
+                stats,
+                prefill,
+            }
         })
         .collect();
-    let routes = config.routes.iter().map(|r| {
-        let targets = r
-            .targets
-            .iter()
-            .map(|t| (t.provider.as_str(), t.model.as_str()))
-            .collect();
-        (r.model.as_str(), targets)
-    });
-    let router = Router::new(routes, &actors);
+    let router = Router::new(&config.routes, providers, config.retry.clone());
 
     let arbiters: Vec<Arbiter> = (0..CONVERSATION_ARBITERS).map(|_| Arbiter::new()).collect();
     let deps = Arc::new(Deps {

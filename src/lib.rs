@@ -8,6 +8,7 @@
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
 //! - [`tokens`]: token counting (tiktoken-rs) and context trimming.
+//! - [`limits`]: token buckets, circuit breaker, backoff: state machines with the clock passed in.
 //! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
 //! - [`store`]: the only module that touches sled.
 //! - [`mock_upstream`]: the fake provider used by the CLI, the tests and the benches.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod conversation;
 pub mod error;
 pub mod ids;
+pub mod limits;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod provider;

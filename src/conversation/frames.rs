@@ -111,6 +111,14 @@ pub enum ServerFrame {
         message: WireMessage,
     },
     Error(ErrorFrame),
+    /// Something the client may want to know mid-turn (`provider_switched`).
+    Notice {
+        conversation: ConversationId,
+        reply_to: u64,
+        code: &'static str,
+        message: String,
+        provider: String,
+    },
 }
 
 impl ServerFrame {
@@ -123,6 +131,7 @@ impl ServerFrame {
             Self::Done(_) => "done",
             Self::Message { .. } => "message",
             Self::Error(_) => "error",
+            Self::Notice { .. } => "notice",
         }
     }
 

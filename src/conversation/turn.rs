@@ -41,6 +41,8 @@ struct Ending {
     error: Option<ApiError>,
     usage: Option<Usage>,
     model: Option<String>,
+    /// The provider that finished the reply, when it is not the one that started it.
+    provider: Option<String>,
 }
 
 /// Runs one turn; answers the conversation's `last_seq` afterwards.
@@ -117,7 +119,7 @@ async fn run_inner(
     let mut text = String::new();
     let started = tokio::select! {
         () = cancel.cancelled() => None,
-        started = deps.router.start(&input.route, request) => Some(started),
+        started = deps.router.start(&input.route, request.clone(), prompt_tokens) => Some(started),
     };
     let (ending, provider, model, ttft) = match started {
         None => (
@@ -144,16 +146,18 @@ async fn run_inner(
                 started.model.clone(),
                 started.ttft,
             );
-            let ending = stream(
+            let ctx = StreamCtx {
                 fanout,
-                &conv,
-                &cid,
-                input.user_seq,
-                started,
-                &mut text,
-                cancel,
-            )
-            .await;
+                conv: &conv,
+                client_id: &cid,
+                reply_to: input.user_seq,
+                deps,
+                route: &input.route,
+                request: &request,
+                tokens: prompt_tokens,
+            };
+            let ending = stream(&ctx, started, &mut text, cancel).await;
+            let provider = ending.provider.clone().unwrap_or(provider);
             (ending, provider, model, Some(ttft))
         }
     };
@@ -207,26 +211,42 @@ async fn run_inner(
     reply_seq
 }
 
-/// Forwards deltas until the reply ends, fails, or is cancelled.
-async fn stream(
-    fanout: &Fanout,
-    conv: &ConversationId,
-    client_id: &str,
+/// What the streaming loop needs besides the stream itself.
+struct StreamCtx<'a> {
+    fanout: &'a Fanout,
+    conv: &'a ConversationId,
+    client_id: &'a str,
     reply_to: u64,
+    deps: &'a Deps,
+    route: &'a str,
+    request: &'a ChatRequest,
+    tokens: u32,
+}
+
+/// How many times one reply may move to another target after its stream broke.
+const MAX_SWITCHES: usize = 2;
+
+/// Forwards deltas until the reply ends, fails, or is cancelled. With the route's
+/// `continue_on_fallback`, a stream that breaks after text moves to another target, which
+/// continues from the partial reply; the client's deltas simply go on.
+async fn stream(
+    cx: &StreamCtx<'_>,
     started: crate::provider::Started,
     text: &mut String,
     cancel: &CancellationToken,
 ) -> Ending {
+    let mut provider = started.provider;
     let mut rest = started.rest;
     let mut next = Some(started.first);
+    let mut switches = 0;
     loop {
         let event = match next.take() {
             Some(e) => e,
             None => tokio::select! {
-                () = cancel.cancelled() => return ending("cancelled", None),
+                () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
                 e = rest.recv() => e.unwrap_or_else(|| {
                     UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
-                        provider: started.provider.clone(),
+                        provider: provider.clone(),
                         message: "generation ended without a result".into(),
                     })
                 }),
@@ -236,11 +256,11 @@ async fn stream(
             UpstreamEvent::Delta(delta) => {
                 text.push_str(&delta);
                 let frame = ServerFrame::Delta {
-                    conversation: conv.clone(),
-                    reply_to,
+                    conversation: cx.conv.clone(),
+                    reply_to: cx.reply_to,
                     text: delta,
                 };
-                fanout.broadcast(&frame, Some(client_id));
+                cx.fanout.broadcast(&frame, Some(cx.client_id));
             }
             UpstreamEvent::Finished {
                 finish_reason,
@@ -253,20 +273,63 @@ async fn stream(
                     "tool_calls" => "tool_calls",
                     _ => "stop",
                 };
-                return Ending {
+                let done = Ending {
                     finish_reason: reason,
                     error: None,
                     usage,
                     model,
+                    provider: None,
                 };
+                return done.switched(switches, &provider);
             }
             UpstreamEvent::Failed(e) if !text.is_empty() => {
-                tracing::warn!(error = %e, "upstream stream broke after text was sent");
+                tracing::warn!(error = %e, %provider, "upstream stream broke after text was sent");
+                if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
+                    let resumed = tokio::select! {
+                        () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
+                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, text, &provider) => r,
+                    };
+                    match resumed {
+                        Ok(s) => {
+                            tracing::info!(from = %provider, to = %s.provider, "reply continues on another target");
+                            let notice = ServerFrame::Notice {
+                                conversation: cx.conv.clone(),
+                                reply_to: cx.reply_to,
+                                code: "provider_switched",
+                                message: format!(
+                                    "the reply continues on {} after {provider} failed",
+                                    s.provider
+                                ),
+                                provider: s.provider.clone(),
+                            };
+                            cx.fanout.broadcast(&notice, Some(cx.client_id));
+                            switches += 1;
+                            provider = s.provider;
+                            rest = s.rest;
+                            next = Some(s.first);
+                            continue;
+                        }
+                        Err(e2) => {
+                            tracing::warn!(error = %e2, "no target could continue the reply")
+                        }
+                    }
+                }
                 let err = ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string());
-                return ending("interrupted", Some(err));
+                return ending("interrupted", Some(err)).switched(switches, &provider);
             }
             UpstreamEvent::Failed(e) => return ending("error", Some(e.into())),
         }
+    }
+}
+
+impl Ending {
+    /// After a switch the upstream's usage covers only the last part: count it ourselves.
+    fn switched(mut self, switches: usize, provider: &str) -> Self {
+        if switches > 0 {
+            self.usage = None;
+            self.provider = Some(provider.to_owned());
+        }
+        self
     }
 }
 
@@ -276,6 +339,7 @@ fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
         error,
         usage: None,
         model: None,
+        provider: None,
     }
 }
 

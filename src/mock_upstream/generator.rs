@@ -68,7 +68,14 @@ pub fn plan(seed: u64, messages: &[MockMessage], max_tokens: Option<u32>) -> Pla
         .rev()
         .find(|m| m.role == "user")
         .map_or("", |m| m.content.as_str());
-    let directives = Directives::parse(last_user);
+    // A request that ends with an assistant prefix continues a reply: the faults asked for by
+    // the user message were meant for the first attempt, not for the continuation.
+    let continuing = messages.last().is_some_and(|m| m.role == "assistant");
+    let directives = if continuing {
+        Directives::default()
+    } else {
+        Directives::parse(last_user)
+    };
     let mut rng = SplitMix64(fnv1a(seed, messages));
     let n_words = directives
         .words

@@ -29,6 +29,8 @@ pub struct Behaviour {
     pub error_rate: f64,
     pub rate_limit_rate: f64,
     pub seed: u64,
+    /// Break every streamed reply after this many chunks (tests set it; no CLI flag).
+    pub drop_after: Option<usize>,
 }
 
 impl From<&MockArgs> for Behaviour {
@@ -39,6 +41,7 @@ impl From<&MockArgs> for Behaviour {
             error_rate: a.error_rate,
             rate_limit_rate: a.rate_limit_rate,
             seed: a.seed,
+            drop_after: None,
         }
     }
 }

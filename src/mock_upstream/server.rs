@@ -73,7 +73,7 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
     } else if drawn < behaviour.error_rate + behaviour.rate_limit_rate {
         Some(Fault::Status(429))
     } else {
-        plan.fault
+        plan.fault.or(behaviour.drop_after.map(Fault::DropAfter))
     };
     match fault {
         Some(Fault::Status(status)) => return error_response(status, wire),
@@ -102,7 +102,7 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
                 Wire::OpenAi => openai_events(&plan, &model, include_usage),
                 Wire::Anthropic => anthropic_events(&plan, &model),
             };
-            stream_response(events, plan.fault, tps, wire)
+            stream_response(events, fault, tps, wire)
         }
     }
 }

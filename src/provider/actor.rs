@@ -1,85 +1,276 @@
-//! `ProviderActor`: the one path to a provider. It owns the provider's client and credentials,
-//! counts requests in flight, and spawns each generation as a task feeding a bounded channel.
-//! Rate-limit buckets, concurrency caps and the circuit breaker belong here as well.
+//! `ProviderActor`: the one path to a provider. It owns one [`Deployment`] per API key, each
+//! with its buckets, concurrency cap and breaker. A request goes to the least busy deployment
+//! that can take it; one that cannot wait now waits in a bounded queue up to the provider's
+//! `queue_timeout_ms`, else is refused with `Limited` (or `Unavailable` when every breaker is
+//! open) so the router can move on. Each generation runs as a task that forwards its events and
+//! reports back how it ended, which feeds the buckets, the breaker and the latency figures.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use secrecy::SecretString;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use super::anthropic::AnthropicClient;
-use super::mock::MockBackend;
-use super::openai::OpenAiClient;
-use super::{ChatRequest, ProviderError, UpstreamEvent, STREAM_BUFFER};
-use crate::config::{ProviderConfig, ProviderKind};
+use super::backend::Backend;
+use super::deployment::{Deployment, DeploymentInfo, Outcome, Refusal};
+use super::{ChatRequest, ProviderError, RateHeaders, UpstreamEvent, STREAM_BUFFER};
+use crate::config::ProviderConfig;
+use crate::limits::Transition;
 
 /// Mailbox capacity: requests beyond this wait in the sender's `send()`.
 const MAILBOX: usize = 1024;
 
-enum Backend {
-    OpenAi(OpenAiClient),
-    Anthropic(AnthropicClient),
-    Mock(MockBackend),
+/// Figures the router reads without a round trip (for `least_busy`).
+#[derive(Debug, Default)]
+pub struct ProviderStats {
+    pub in_flight: AtomicUsize,
+    /// Recent time to first token in microseconds (0 = unknown).
+    pub ttft_us: AtomicU64,
 }
 
-impl Backend {
-    async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
-        match self {
-            Self::OpenAi(c) => c.run(req, tx).await,
-            Self::Anthropic(c) => c.run(req, tx).await,
-            Self::Mock(m) => m.run(req, tx).await,
-        }
-    }
+/// A generation admitted by a provider: its events, and which deployment serves it.
+pub struct Generation {
+    pub rx: mpsc::Receiver<UpstreamEvent>,
+    pub key_index: usize,
+}
+
+type Reply = oneshot::Sender<Result<Generation, ProviderError>>;
+
+struct Waiting {
+    req: ChatRequest,
+    tokens: u32,
+    reply: Reply,
+    deadline: Instant,
 }
 
 pub struct ProviderActor {
     name: String,
-    backend: Arc<Backend>,
-    in_flight: Arc<AtomicUsize>,
+    deployments: Vec<Deployment>,
+    queue: VecDeque<Waiting>,
+    max_queue: usize,
+    queue_timeout: Duration,
+    stats: Arc<ProviderStats>,
+    recheck: Option<SpawnHandle>,
 }
 
 impl ProviderActor {
-    /// Builds the actor of one configured provider, resolving its key variables from `env`.
+    /// Builds the actor of one configured provider, resolving its key variables from `env`:
+    /// one deployment per key (one keyless deployment when it has none).
     pub fn new(
         cfg: &ProviderConfig,
         http: reqwest::Client,
         env: impl Fn(&str) -> Option<String>,
     ) -> Self {
-        let keys: Vec<SecretString> = cfg
+        let now = Instant::now();
+        let mut keys: Vec<Option<SecretString>> = cfg
             .key_envs()
             .into_iter()
             .filter_map(env)
-            .map(SecretString::from)
+            .map(|k| Some(SecretString::from(k)))
             .collect();
-        let backend = match cfg.kind {
-            ProviderKind::Openai => Backend::OpenAi(OpenAiClient::new(
-                &cfg.name,
-                cfg.base_url(),
-                keys,
-                http,
-                cfg.timeout(),
-            )),
-            ProviderKind::Anthropic => Backend::Anthropic(AnthropicClient::new(
-                &cfg.name,
-                cfg.base_url(),
-                keys,
-                http,
-                cfg.timeout(),
-            )),
-            ProviderKind::Mock => Backend::Mock(MockBackend::new(
-                &cfg.name,
-                cfg.seed.unwrap_or(0),
-                std::time::Duration::from_millis(cfg.ttft_ms.unwrap_or(0)),
-                cfg.tokens_per_sec.unwrap_or(0.0),
-            )),
-        };
+        if keys.is_empty() {
+            keys.push(None);
+        }
+        let deployments = keys
+            .into_iter()
+            .map(|key| Deployment::new(cfg, Backend::new(cfg, key, http.clone()), now))
+            .collect();
         Self {
             name: cfg.name.clone(),
-            backend: Arc::new(backend),
-            in_flight: Arc::new(AtomicUsize::new(0)),
+            deployments,
+            queue: VecDeque::new(),
+            max_queue: cfg.max_queue,
+            queue_timeout: Duration::from_millis(cfg.queue_timeout_ms),
+            stats: Arc::new(ProviderStats::default()),
+            recheck: None,
         }
+    }
+
+    pub fn stats(&self) -> Arc<ProviderStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Whether this provider continues a reply from an assistant prefix.
+    pub fn supports_prefill(&self) -> bool {
+        self.deployments
+            .first()
+            .is_some_and(|d| d.backend.supports_prefill())
+    }
+
+    /// Starts `req` on the least busy deployment that can take it now.
+    fn try_start(
+        &mut self,
+        req: ChatRequest,
+        tokens: u32,
+        ctx: &mut Context<Self>,
+    ) -> Result<Generation, (ChatRequest, Refusal)> {
+        let now = Instant::now();
+        let mut refusal: Option<Refusal> = None;
+        let mut best: Option<(u32, usize)> = None;
+        for (i, d) in self.deployments.iter_mut().enumerate() {
+            match d.check(tokens, now) {
+                Ok(()) => best = best.min(Some((d.in_flight, i))).or(Some((d.in_flight, i))),
+                Err(r) => refusal = Some(merge(refusal, r)),
+            }
+        }
+        let Some((_, i)) = best else {
+            return Err((
+                req,
+                refusal.unwrap_or(Refusal::Full(Duration::from_millis(50))),
+            ));
+        };
+        if let Some(t) = self.deployments[i].take(tokens, now) {
+            self.trace(i, t);
+        }
+        self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        Ok(self.spawn_generation(i, req, tokens, ctx))
+    }
+
+    fn spawn_generation(
+        &self,
+        key_index: usize,
+        req: ChatRequest,
+        tokens: u32,
+        ctx: &mut Context<Self>,
+    ) -> Generation {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let backend = Arc::clone(&self.deployments[key_index].backend);
+        let me = ctx.address();
+        let span =
+            tracing::debug_span!("upstream", provider = %self.name, model = %req.model, key_index);
+        actix::spawn(tracing::Instrument::instrument(
+            async move {
+                let (outcome, headers) = forward(&backend, req, tx).await;
+                me.do_send(GenerationEnded {
+                    key_index,
+                    tokens,
+                    outcome,
+                    headers,
+                });
+            },
+            span,
+        ));
+        Generation { rx, key_index }
+    }
+
+    /// Serves the queue in order: starts what fits, refuses what waited too long.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        self.recheck = None;
+        let mut next_wait: Option<Duration> = None;
+        while let Some(w) = self.queue.pop_front() {
+            if w.reply.is_closed() {
+                continue;
+            }
+            let now = Instant::now();
+            match self.try_start(w.req, w.tokens, ctx) {
+                Ok(generation) => {
+                    let _ = w.reply.send(Ok(generation));
+                }
+                Err((_, Refusal::Open(wait))) => {
+                    let _ = w.reply.send(Err(self.unavailable(wait)));
+                }
+                Err((req, Refusal::Full(wait))) if now < w.deadline => {
+                    next_wait = Some(wait.min(w.deadline - now));
+                    self.queue.push_front(Waiting { req, ..w });
+                    break;
+                }
+                Err((_, Refusal::Full(wait))) => {
+                    let _ = w.reply.send(Err(self.limited(wait)));
+                }
+            }
+        }
+        if let Some(wait) = next_wait {
+            let wait = wait.max(Duration::from_millis(1));
+            self.recheck = Some(ctx.run_later(wait, |act, ctx| act.drain(ctx)));
+        }
+    }
+
+    fn limited(&self, wait: Duration) -> ProviderError {
+        ProviderError::Limited {
+            provider: self.name.clone(),
+            retry_after: wait.max(Duration::from_millis(1)),
+        }
+    }
+
+    fn unavailable(&self, wait: Duration) -> ProviderError {
+        ProviderError::Unavailable {
+            provider: self.name.clone(),
+            message: "circuit breaker open".into(),
+            retry_after: Some(wait),
+        }
+    }
+
+    fn trace(&self, key_index: usize, t: Transition) {
+        match t {
+            Transition::Opened => {
+                tracing::warn!(provider = %self.name, key_index, "circuit breaker opened")
+            }
+            Transition::HalfOpened => {
+                tracing::info!(provider = %self.name, key_index, "circuit breaker half-open: probing")
+            }
+            Transition::Closed => {
+                tracing::info!(provider = %self.name, key_index, "circuit breaker closed")
+            }
+        }
+    }
+}
+
+/// The refusal that tells the caller most: any deployment merely full beats all being open.
+fn merge(a: Option<Refusal>, b: Refusal) -> Refusal {
+    match (a, b) {
+        (None, r) => r,
+        (Some(Refusal::Full(x)), Refusal::Full(y)) => Refusal::Full(x.min(y)),
+        (Some(Refusal::Open(x)), Refusal::Open(y)) => Refusal::Open(x.min(y)),
+        (Some(full @ Refusal::Full(_)), Refusal::Open(_))
+        | (Some(Refusal::Open(_)), full @ Refusal::Full(_)) => full,
+    }
+}
+
+/// Runs the backend and forwards its events to `tx`, noting how the generation ended.
+async fn forward(
+    backend: &Backend,
+    req: ChatRequest,
+    tx: mpsc::Sender<UpstreamEvent>,
+) -> (Outcome, RateHeaders) {
+    let seen = super::Observed::default();
+    let (inner_tx, mut inner_rx) = mpsc::channel(STREAM_BUFFER);
+    let begun = Instant::now();
+    let run = backend.run(req, inner_tx, &seen);
+    let relay = async {
+        let mut ttft = None;
+        while let Some(event) = inner_rx.recv().await {
+            ttft.get_or_insert_with(|| begun.elapsed());
+            let outcome = match &event {
+                UpstreamEvent::Delta(_) => None,
+                UpstreamEvent::Finished { usage, .. } => Some(Outcome::Succeeded {
+                    usage: *usage,
+                    ttft: ttft.unwrap_or_default(),
+                }),
+                UpstreamEvent::Failed(e) => Some(Outcome::Failed {
+                    status: status_of(e),
+                }),
+            };
+            if tx.send(event).await.is_err() {
+                return Outcome::Abandoned;
+            }
+            if let Some(outcome) = outcome {
+                return outcome;
+            }
+        }
+        Outcome::Abandoned
+    };
+    let ((), outcome) = tokio::join!(run, relay);
+    let headers = *seen.lock();
+    (outcome, headers)
+}
+
+fn status_of(e: &ProviderError) -> Option<u16> {
+    match e {
+        ProviderError::Status { status, .. } => Some(*status),
+        _ => None,
     }
 }
 
@@ -88,44 +279,147 @@ impl Actor for ProviderActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX);
-        tracing::debug!(provider = %self.name, "provider actor started");
+        tracing::debug!(provider = %self.name, deployments = self.deployments.len(), "provider actor started");
     }
 }
 
-/// Starts one generation; the answer is the channel its events arrive on.
+/// Asks for a generation; the answer arrives on `reply` once a deployment takes it (or it is
+/// refused), so a request waiting for a slot never blocks the actor's mailbox.
 #[derive(Message)]
-#[rtype(result = "Result<mpsc::Receiver<UpstreamEvent>, ProviderError>")]
-pub struct Dispatch(pub ChatRequest);
+#[rtype(result = "()")]
+pub struct Dispatch {
+    pub req: ChatRequest,
+    /// Prompt tokens, reserved against the tokens-per-minute bucket.
+    pub tokens: u32,
+    pub reply: Reply,
+}
 
 impl Handler<Dispatch> for ProviderActor {
-    type Result = Result<mpsc::Receiver<UpstreamEvent>, ProviderError>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Dispatch, _ctx: &mut Self::Context) -> Self::Result {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let backend = Arc::clone(&self.backend);
-        let in_flight = Arc::clone(&self.in_flight);
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::debug_span!("upstream", provider = %self.name, model = %msg.0.model);
-        actix::spawn(tracing::Instrument::instrument(
-            async move {
-                backend.run(msg.0, tx).await;
-                in_flight.fetch_sub(1, Ordering::Relaxed);
-            },
-            span,
-        ));
-        Ok(rx)
+    fn handle(&mut self, msg: Dispatch, ctx: &mut Self::Context) {
+        let Dispatch { req, tokens, reply } = msg;
+        if !self.queue.is_empty() {
+            // Others wait already: keep the order.
+            return self.enqueue(
+                Waiting {
+                    req,
+                    tokens,
+                    reply,
+                    deadline: Instant::now() + self.queue_timeout,
+                },
+                ctx,
+            );
+        }
+        match self.try_start(req, tokens, ctx) {
+            Ok(generation) => {
+                let _ = reply.send(Ok(generation));
+            }
+            Err((_, Refusal::Open(wait))) => {
+                let _ = reply.send(Err(self.unavailable(wait)));
+            }
+            Err((req, Refusal::Full(_))) => {
+                self.enqueue(
+                    Waiting {
+                        req,
+                        tokens,
+                        reply,
+                        deadline: Instant::now() + self.queue_timeout,
+                    },
+                    ctx,
+                );
+            }
+        }
     }
 }
 
-/// How many generations the provider is serving now.
+impl ProviderActor {
+    fn enqueue(&mut self, w: Waiting, ctx: &mut Context<Self>) {
+        if self.queue.len() >= self.max_queue || self.queue_timeout.is_zero() {
+            let now = Instant::now();
+            let wait = self
+                .deployments
+                .iter_mut()
+                .filter_map(|d| match d.check(w.tokens, now) {
+                    Err(Refusal::Full(wait)) => Some(wait),
+                    _ => None,
+                })
+                .min()
+                .unwrap_or(Duration::from_secs(1));
+            let _ = w.reply.send(Err(self.limited(wait)));
+            return;
+        }
+        self.queue.push_back(w);
+        if self.recheck.is_none() {
+            self.drain(ctx);
+        }
+    }
+}
+
 #[derive(Message)]
-#[rtype(result = "usize")]
-pub struct InFlight;
+#[rtype(result = "()")]
+struct GenerationEnded {
+    key_index: usize,
+    tokens: u32,
+    outcome: Outcome,
+    headers: RateHeaders,
+}
 
-impl Handler<InFlight> for ProviderActor {
-    type Result = usize;
+impl Handler<GenerationEnded> for ProviderActor {
+    type Result = ();
 
-    fn handle(&mut self, _: InFlight, _ctx: &mut Self::Context) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+    fn handle(&mut self, msg: GenerationEnded, ctx: &mut Self::Context) {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let Some(d) = self.deployments.get_mut(msg.key_index) else {
+            return;
+        };
+        let transition = d.finish(msg.tokens, &msg.outcome, msg.headers, now);
+        if let Some(ttft) = d.ttft_ms() {
+            self.stats
+                .ttft_us
+                .store((ttft * 1000.0) as u64, Ordering::Relaxed);
+        }
+        if let Some(t) = transition {
+            self.trace(msg.key_index, t);
+        }
+        if let Outcome::Failed { status } = &msg.outcome {
+            tracing::debug!(provider = %self.name, key_index = msg.key_index, ?status, "upstream failure recorded");
+        }
+        if let Some(handle) = self.recheck.take() {
+            ctx.cancel_future(handle);
+        }
+        self.drain(ctx);
+    }
+}
+
+/// A provider's deployments, for `/admin/providers`.
+#[derive(Message)]
+#[rtype(result = "ProviderInfo")]
+pub struct Describe;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProviderInfo {
+    pub name: String,
+    pub queued: usize,
+    pub deployments: Vec<DeploymentInfo>,
+}
+
+impl Handler<Describe> for ProviderActor {
+    type Result = MessageResult<Describe>;
+
+    fn handle(&mut self, _: Describe, _ctx: &mut Self::Context) -> Self::Result {
+        let now = Instant::now();
+        let deployments = self
+            .deployments
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| d.info(i, now))
+            .collect();
+        MessageResult(ProviderInfo {
+            name: self.name.clone(),
+            queued: self.queue.len(),
+            deployments,
+        })
     }
 }

@@ -3,7 +3,6 @@
 //! `ping` and `error` events. The system prompt travels in `system`; consecutive messages of one
 //! role are merged, since the API wants user and assistant turns to alternate.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -12,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::openai::send;
 use super::sse::{self, Decoded, Decoder};
-use super::{ChatMessage, ChatRequest, UpstreamEvent};
+use super::{ChatMessage, ChatRequest, Observed, UpstreamEvent};
 use crate::store::Usage;
 
 pub const API_VERSION: &str = "2023-06-01";
@@ -22,8 +21,7 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 pub struct AnthropicClient {
     name: String,
     url: String,
-    keys: Vec<SecretString>,
-    next_key: AtomicUsize,
+    key: Option<SecretString>,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -32,32 +30,30 @@ impl AnthropicClient {
     pub fn new(
         name: &str,
         base_url: &str,
-        keys: Vec<SecretString>,
+        key: Option<SecretString>,
         http: reqwest::Client,
         timeout: Duration,
     ) -> Self {
         Self {
             name: name.to_owned(),
             url: format!("{base_url}/messages"),
-            keys,
-            next_key: AtomicUsize::new(0),
+            key,
             http,
             timeout,
         }
     }
 
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
+    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
         let body = request_body(&req);
         let mut request = self
             .http
             .post(&self.url)
             .header("anthropic-version", API_VERSION)
             .json(&body);
-        if !self.keys.is_empty() {
-            let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
-            request = request.header("x-api-key", self.keys[i].expose_secret());
+        if let Some(key) = &self.key {
+            request = request.header("x-api-key", key.expose_secret());
         }
-        let response = match send(&self.name, request, self.timeout, &tx).await {
+        let response = match send(&self.name, request, self.timeout, &tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 let _ = tx.send(UpstreamEvent::Failed(e)).await;

@@ -7,6 +7,8 @@
 
 mod actor;
 mod anthropic;
+mod backend;
+mod deployment;
 mod mock;
 mod openai;
 mod router;
@@ -16,8 +18,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use actor::{Dispatch, ProviderActor};
-pub use router::{Router, RouterError, Started};
+pub use actor::{Dispatch, Generation, ProviderActor, ProviderInfo, ProviderStats};
+pub use deployment::DeploymentInfo;
+pub use router::{ProviderHandle, Router, RouterError, Started, CONTINUE_INSTRUCTION};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::store::Usage;
@@ -73,13 +76,23 @@ pub enum ProviderError {
     #[error("{provider} sent an invalid response: {message}")]
     Protocol { provider: String, message: String },
     #[error("provider {provider} is not available: {message}")]
-    Unavailable { provider: String, message: String },
+    Unavailable {
+        provider: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// parley's own limits for the provider are exhausted for now.
+    #[error("{provider} is at its rate limit")]
+    Limited {
+        provider: String,
+        retry_after: Duration,
+    },
 }
 
 impl ProviderError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::Status { status: 429, .. } => ErrorCode::RateLimited,
+            Self::Status { status: 429, .. } | Self::Limited { .. } => ErrorCode::RateLimited,
             Self::Status { .. } | Self::Protocol { .. } => ErrorCode::UpstreamError,
             Self::Connect { .. } | Self::Timeout { .. } | Self::Unavailable { .. } => {
                 ErrorCode::UpstreamUnavailable
@@ -90,7 +103,10 @@ impl ProviderError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Status { retry_after, .. } => *retry_after,
+            Self::Status { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
+                *retry_after
+            }
+            Self::Limited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -99,7 +115,10 @@ impl ProviderError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Status { status, .. } => *status == 429 || *status == 408 || *status >= 500,
-            Self::Connect { .. } | Self::Timeout { .. } | Self::Unavailable { .. } => true,
+            Self::Connect { .. }
+            | Self::Timeout { .. }
+            | Self::Unavailable { .. }
+            | Self::Limited { .. } => true,
             Self::Interrupted { .. } | Self::Protocol { .. } => true,
         }
     }
@@ -114,6 +133,44 @@ impl From<ProviderError> for ApiError {
         }
     }
 }
+
+/// What an upstream's response headers said about its limits, kept by the generation for the
+/// provider actor's buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub retry_after: Option<Duration>,
+}
+
+impl RateHeaders {
+    /// Reads OpenAI (`x-ratelimit-remaining-*`) and Anthropic (`anthropic-ratelimit-*-remaining`)
+    /// headers and `Retry-After`.
+    pub fn read(headers: &reqwest::header::HeaderMap) -> Self {
+        let get = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| headers.get(*n)?.to_str().ok()?.trim().parse::<u64>().ok())
+        };
+        Self {
+            remaining_requests: get(&[
+                "x-ratelimit-remaining-requests",
+                "anthropic-ratelimit-requests-remaining",
+            ]),
+            remaining_tokens: get(&[
+                "x-ratelimit-remaining-tokens",
+                "anthropic-ratelimit-tokens-remaining",
+            ]),
+            retry_after: headers
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_retry_after),
+        }
+    }
+}
+
+/// Where a generation leaves the rate headers it saw.
+pub type Observed = parking_lot::Mutex<RateHeaders>;
 
 /// Parses a `Retry-After` header value given in seconds (fractions allowed).
 pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {

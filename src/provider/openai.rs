@@ -2,7 +2,6 @@
 //! Ollama, LM Studio, `parley mock-upstream`). Requests always stream upstream, asking for the
 //! final usage chunk, so time to first token is measured and deltas are forwarded as they come.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -10,15 +9,14 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::sse::{self, Decoded, Decoder};
-use super::{parse_retry_after, ChatRequest, ProviderError, UpstreamEvent};
+use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
 use crate::store::Usage;
 
 /// A client of one OpenAI-compatible provider.
 pub struct OpenAiClient {
     name: String,
     url: String,
-    keys: Vec<SecretString>,
-    next_key: AtomicUsize,
+    key: Option<SecretString>,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -27,22 +25,21 @@ impl OpenAiClient {
     pub fn new(
         name: &str,
         base_url: &str,
-        keys: Vec<SecretString>,
+        key: Option<SecretString>,
         http: reqwest::Client,
         timeout: Duration,
     ) -> Self {
         Self {
             name: name.to_owned(),
             url: format!("{base_url}/chat/completions"),
-            keys,
-            next_key: AtomicUsize::new(0),
+            key,
             http,
             timeout,
         }
     }
 
     /// Runs one streaming generation into `tx`.
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
+    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
         let mut body = json!({
             "model": req.model,
             "messages": req.messages,
@@ -56,11 +53,10 @@ impl OpenAiClient {
             body["temperature"] = t.into();
         }
         let mut request = self.http.post(&self.url).json(&body);
-        if !self.keys.is_empty() {
-            let i = self.next_key.fetch_add(1, Ordering::Relaxed) % self.keys.len();
-            request = request.bearer_auth(self.keys[i].expose_secret());
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key.expose_secret());
         }
-        let response = match send(&self.name, request, self.timeout, &tx).await {
+        let response = match send(&self.name, request, self.timeout, &tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 let _ = tx.send(UpstreamEvent::Failed(e)).await;
@@ -85,6 +81,7 @@ pub(super) async fn send(
     request: reqwest::RequestBuilder,
     timeout: Duration,
     tx: &mpsc::Sender<UpstreamEvent>,
+    seen: &Observed,
 ) -> Option<Result<reqwest::Response, ProviderError>> {
     let sent = tokio::select! {
         () = tx.closed() => return None,
@@ -112,15 +109,12 @@ pub(super) async fn send(
         }
         Ok(Ok(r)) => r,
     };
+    *seen.lock() = RateHeaders::read(response.headers());
     let status = response.status();
     if status.is_success() {
         return Some(Ok(response));
     }
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
+    let retry_after = seen.lock().retry_after;
     let body = tokio::time::timeout(timeout, response.bytes())
         .await
         .ok()

@@ -1,16 +1,29 @@
-//! `Router`: route name (the model clients ask for) → ordered targets. A generation starts on the
-//! first target that produces its first event; a target that fails before any text is left for
-//! the next (fallback). Once text has flowed, the stream belongs to that target.
+//! `Router`: route name (the model clients ask for) → targets, ordered per request by the
+//! route's strategy (`fallback`, `weighted`, `least_busy`). A generation starts on the first
+//! target whose first event arrives in time; a target that fails before any text — refused by
+//! its limits or breaker, an upstream error, silence past `ttft_timeout_ms` — is left for the
+//! next. When every target failed, the whole pass is retried after exponential backoff with
+//! full jitter (at least the upstream's `Retry-After`), bounded in passes and in total time.
+//! Errors that retrying cannot fix (400-class but 408/429) end the request at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::Addr;
-use tokio::sync::mpsc;
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
 
-use super::{ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
+use super::actor::{Describe, ProviderInfo, ProviderStats};
+use super::{ChatMessage, ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
+use crate::config::{RetryConfig, RouteConfig, Strategy};
 use crate::error::{ApiError, ErrorCode};
 use crate::tokens::Encoding;
+
+/// The instruction that asks an OpenAI-compatible model to continue a cut-off reply.
+pub const CONTINUE_INSTRUCTION: &str =
+    "Your previous reply was cut off. Continue it exactly where it stopped, without repeating anything.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -20,6 +33,23 @@ pub enum RouterError {
     Provider(#[from] ProviderError),
     #[error("provider actor unavailable: {0}")]
     Mailbox(#[from] actix::MailboxError),
+}
+
+impl RouterError {
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Provider(e) => e.retry_after(),
+            _ => None,
+        }
+    }
+
+    fn is_retryable(&self) -> bool {
+        match self {
+            Self::Provider(e) => e.is_retryable(),
+            Self::Mailbox(_) => true,
+            Self::UnknownRoute(_) => false,
+        }
+    }
 }
 
 impl From<RouterError> for ApiError {
@@ -34,11 +64,28 @@ impl From<RouterError> for ApiError {
     }
 }
 
+/// A provider as the router knows it.
+#[derive(Clone)]
+pub struct ProviderHandle {
+    pub name: String,
+    pub addr: Addr<ProviderActor>,
+    pub stats: Arc<ProviderStats>,
+    pub prefill: bool,
+}
+
 #[derive(Clone)]
 struct Target {
-    provider: String,
+    provider: ProviderHandle,
     model: String,
-    addr: Addr<ProviderActor>,
+    weight: u32,
+}
+
+#[derive(Clone)]
+struct Route {
+    targets: Vec<Target>,
+    strategy: Strategy,
+    ttft_timeout: Option<Duration>,
+    continue_on_fallback: bool,
 }
 
 /// A generation that has produced its first event.
@@ -53,34 +100,47 @@ pub struct Started {
 /// Routes and their targets; immutable after start, shared by every caller.
 #[derive(Clone, Default)]
 pub struct Router {
-    routes: HashMap<String, Vec<Target>>,
+    routes: HashMap<String, Route>,
+    providers: Vec<ProviderHandle>,
+    retry: RetryConfig,
 }
 
 impl Router {
-    /// Builds the routes from `(route, [(provider, model)])`, resolving providers in `actors`.
-    /// Config validation has already proven every provider name exists; unknown ones are skipped.
-    pub fn new<'a>(
-        routes: impl IntoIterator<Item = (&'a str, Vec<(&'a str, &'a str)>)>,
-        actors: &HashMap<String, Addr<ProviderActor>>,
-    ) -> Self {
+    /// Builds the routes; config validation has proven every provider exists (unknown ones are
+    /// skipped).
+    pub fn new(routes: &[RouteConfig], providers: Vec<ProviderHandle>, retry: RetryConfig) -> Self {
+        let by_name: HashMap<&str, &ProviderHandle> =
+            providers.iter().map(|p| (p.name.as_str(), p)).collect();
         let routes = routes
-            .into_iter()
-            .map(|(name, targets)| {
-                let targets = targets
-                    .into_iter()
-                    .filter_map(|(p, m)| {
-                        let addr = actors.get(p)?.clone();
+            .iter()
+            .map(|r| {
+                let targets = r
+                    .targets
+                    .iter()
+                    .filter_map(|t| {
+                        let provider = (*by_name.get(t.provider.as_str())?).clone();
                         Some(Target {
-                            provider: p.to_owned(),
-                            model: m.to_owned(),
-                            addr,
+                            provider,
+                            model: t.model.clone(),
+                            weight: t.weight,
                         })
                     })
                     .collect();
-                (name.to_owned(), targets)
+                let route = Route {
+                    targets,
+                    strategy: r.strategy,
+                    ttft_timeout: (r.ttft_timeout_ms > 0)
+                        .then(|| Duration::from_millis(r.ttft_timeout_ms)),
+                    continue_on_fallback: r.continue_on_fallback,
+                };
+                (r.model.clone(), route)
             })
             .collect();
-        Self { routes }
+        Self {
+            routes,
+            providers,
+            retry,
+        }
     }
 
     pub fn has_route(&self, route: &str) -> bool {
@@ -99,58 +159,226 @@ impl Router {
         let model = self
             .routes
             .get(route)
-            .and_then(|t| t.first())
+            .and_then(|r| r.targets.first())
             .map_or("", |t| t.model.as_str());
         Encoding::for_model(model)
     }
 
-    /// Starts a generation on the first target of `route` that answers.
-    ///
-    /// # Errors
-    /// `UnknownRoute`; otherwise the last target's error when every target failed before text.
-    pub async fn start(&self, route: &str, mut req: ChatRequest) -> Result<Started, RouterError> {
-        let targets = self
-            .routes
+    pub fn continues_on_fallback(&self, route: &str) -> bool {
+        self.routes
             .get(route)
-            .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
-        let begun = Instant::now();
-        let mut last_err = None;
-        for (i, target) in targets.iter().enumerate() {
-            req.model.clone_from(&target.model);
-            let mut rx = match target.addr.send(Dispatch(req.clone())).await {
-                Ok(Ok(rx)) => rx,
-                Ok(Err(e)) => {
-                    last_err = Some(RouterError::Provider(e));
-                    continue;
-                }
-                Err(e) => {
-                    last_err = Some(RouterError::Mailbox(e));
-                    continue;
-                }
-            };
-            let first = rx.recv().await.unwrap_or_else(|| {
-                UpstreamEvent::Failed(ProviderError::Unavailable {
-                    provider: target.provider.clone(),
-                    message: "generation ended without a result".into(),
-                })
-            });
-            match first {
-                UpstreamEvent::Failed(e) if e.is_retryable() && i + 1 < targets.len() => {
-                    tracing::warn!(provider = %target.provider, error = %e, "target failed, falling back");
-                    last_err = Some(RouterError::Provider(e));
-                }
-                UpstreamEvent::Failed(e) => return Err(RouterError::Provider(e)),
-                first => {
-                    return Ok(Started {
-                        first,
-                        rest: rx,
-                        provider: target.provider.clone(),
-                        model: target.model.clone(),
-                        ttft: begun.elapsed(),
-                    })
-                }
+            .is_some_and(|r| r.continue_on_fallback)
+    }
+
+    /// Every provider's deployments, for `/admin/providers`.
+    pub async fn describe(&self) -> Vec<ProviderInfo> {
+        let mut out = Vec::with_capacity(self.providers.len());
+        for p in &self.providers {
+            if let Ok(info) = p.addr.send(Describe).await {
+                out.push(info);
             }
         }
-        Err(last_err.unwrap_or_else(|| RouterError::UnknownRoute(route.to_owned())))
+        out
+    }
+
+    /// Starts a generation of `req` (with `tokens` prompt tokens) on `route`.
+    ///
+    /// # Errors
+    /// `UnknownRoute`; otherwise the last failure once targets and retries are exhausted.
+    pub async fn start(
+        &self,
+        route: &str,
+        req: ChatRequest,
+        tokens: u32,
+    ) -> Result<Started, RouterError> {
+        self.start_excluding(route, req, tokens, None, None).await
+    }
+
+    /// Continues a reply that broke after `partial` was sent, on another target of the route:
+    /// the partial reply is handed over as an assistant prefix (prefill) or, for
+    /// OpenAI-compatible targets, with an instruction to continue.
+    ///
+    /// # Errors
+    /// As [`Router::start`].
+    pub async fn continue_reply(
+        &self,
+        route: &str,
+        req: &ChatRequest,
+        tokens: u32,
+        partial: &str,
+        failed_provider: &str,
+    ) -> Result<Started, RouterError> {
+        self.start_excluding(
+            route,
+            req.clone(),
+            tokens,
+            Some(failed_provider),
+            Some(partial),
+        )
+        .await
+    }
+
+    async fn start_excluding(
+        &self,
+        route_name: &str,
+        req: ChatRequest,
+        tokens: u32,
+        exclude: Option<&str>,
+        partial: Option<&str>,
+    ) -> Result<Started, RouterError> {
+        let route = self
+            .routes
+            .get(route_name)
+            .ok_or_else(|| RouterError::UnknownRoute(route_name.to_owned()))?;
+        let begun = Instant::now();
+        let deadline = begun + self.retry.budget();
+        let backoff = self.retry.backoff();
+        let mut last_err = None;
+        for pass in 0..=self.retry.max_retries {
+            let mut hint: Option<Duration> = None;
+            for target in route
+                .order()
+                .into_iter()
+                .filter(|t| Some(t.provider.name.as_str()) != exclude)
+            {
+                let req = target.request(&req, partial);
+                match self
+                    .try_target(target, req, tokens, route.ttft_timeout, begun)
+                    .await
+                {
+                    Ok(started) => return Ok(started),
+                    Err(e) if !e.is_retryable() => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(route = route_name, provider = %target.provider.name, pass, error = %e, "target failed; trying the next");
+                        hint = hint.max(e.retry_after());
+                        last_err = Some(e);
+                    }
+                }
+            }
+            if pass == self.retry.max_retries || last_err.is_none() {
+                break;
+            }
+            let wait = backoff.delay_random(pass).max(hint.unwrap_or_default());
+            if Instant::now() + wait > deadline {
+                tracing::warn!(
+                    route = route_name,
+                    wait_ms = wait.as_millis() as u64,
+                    "retry budget exhausted"
+                );
+                break;
+            }
+            tracing::info!(
+                route = route_name,
+                pass = pass + 1,
+                wait_ms = wait.as_millis() as u64,
+                "retrying after backoff"
+            );
+            tokio::time::sleep(wait).await;
+        }
+        Err(last_err.unwrap_or_else(|| RouterError::UnknownRoute(route_name.to_owned())))
+    }
+
+    async fn try_target(
+        &self,
+        target: &Target,
+        req: ChatRequest,
+        tokens: u32,
+        ttft_timeout: Option<Duration>,
+        begun: Instant,
+    ) -> Result<Started, RouterError> {
+        let (reply, answer) = oneshot::channel();
+        target
+            .provider
+            .addr
+            .send(Dispatch { req, tokens, reply })
+            .await?;
+        let provider = target.provider.name.clone();
+        let generation = answer.await.map_err(|_| ProviderError::Unavailable {
+            provider: provider.clone(),
+            message: "provider actor stopped".into(),
+            retry_after: None,
+        })??;
+        let mut rx = generation.rx;
+        let admitted = Instant::now();
+        let first = match ttft_timeout {
+            Some(limit) => match tokio::time::timeout(limit, rx.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    tracing::warn!(%provider, limit_ms = limit.as_millis() as u64, "no first token in time; abandoning the target");
+                    return Err(ProviderError::Timeout { provider }.into());
+                }
+            },
+            None => rx.recv().await,
+        };
+        match first {
+            Some(UpstreamEvent::Failed(e)) => Err(e.into()),
+            None => Err(ProviderError::Unavailable {
+                provider,
+                message: "generation ended without a result".into(),
+                retry_after: None,
+            }
+            .into()),
+            Some(first) => {
+                tracing::debug!(%provider, wait_ms = (admitted - begun).as_millis() as u64, "first event");
+                Ok(Started {
+                    first,
+                    rest: rx,
+                    provider,
+                    model: target.model.clone(),
+                    ttft: begun.elapsed(),
+                })
+            }
+        }
+    }
+}
+
+impl Route {
+    /// The targets in the order this request tries them.
+    fn order(&self) -> Vec<&Target> {
+        let mut targets: Vec<&Target> = self.targets.iter().collect();
+        match self.strategy {
+            Strategy::Fallback => {}
+            Strategy::Weighted => {
+                // Weighted sampling without replacement: key = u^(1/w), largest first.
+                let mut rng = rand::thread_rng();
+                let mut keyed: Vec<(f64, &Target)> = targets
+                    .into_iter()
+                    .map(|t| (rng.gen::<f64>().powf(1.0 / f64::from(t.weight.max(1))), t))
+                    .collect();
+                keyed.sort_by(|a, b| b.0.total_cmp(&a.0));
+                targets = keyed.into_iter().map(|(_, t)| t).collect();
+            }
+            Strategy::LeastBusy => {
+                targets.sort_by_key(|t| {
+                    let s = &t.provider.stats;
+                    (
+                        s.in_flight.load(Ordering::Relaxed),
+                        s.ttft_us.load(Ordering::Relaxed),
+                    )
+                });
+            }
+        }
+        targets
+    }
+}
+
+impl Target {
+    /// `req` for this target: its model, and the continuation of `partial` if any.
+    fn request(&self, req: &ChatRequest, partial: Option<&str>) -> ChatRequest {
+        let mut req = req.clone();
+        req.model.clone_from(&self.model);
+        if let Some(partial) = partial {
+            req.messages.push(ChatMessage {
+                role: "assistant",
+                content: partial.to_owned(),
+            });
+            if !self.provider.prefill {
+                req.messages.push(ChatMessage {
+                    role: "user",
+                    content: CONTINUE_INSTRUCTION.into(),
+                });
+            }
+        }
+        req
     }
 }

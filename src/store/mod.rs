@@ -101,6 +101,25 @@ impl Store {
         })
     }
 
+    /// Opens the store, waiting up to `patience` for another holder of its lock to let go (a
+    /// previous server still shutting down).
+    ///
+    /// # Errors
+    /// As [`Store::open`], once `patience` is spent.
+    pub fn open_waiting(dir: &Path, patience: std::time::Duration) -> Result<Self, StoreError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match Self::open(dir) {
+                Err(StoreError::Sled(sled::Error::Io(e)))
+                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Waits until everything written so far is on disk.
     ///
     /// # Errors

@@ -40,6 +40,11 @@ pub async fn revoke_key(
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// Every provider's deployments: breaker state, bucket levels, in-flight, error rate, latency.
+pub async fn providers(_: Admin, state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({ "data": state.router().describe().await }))
+}
+
 fn key_json(rec: &KeyRecord) -> serde_json::Value {
     serde_json::to_value(rec).unwrap_or_default()
 }

@@ -82,7 +82,10 @@ pub async fn chat_completions(
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         temperature: body.temperature,
     };
-    let started = state.router().start(&body.model, request).await?;
+    let started = state
+        .router()
+        .start(&body.model, request, prompt_tokens)
+        .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let meta = Meta {
         id,

@@ -39,6 +39,8 @@ pub fn config_with(upstream: Option<&MockUpstream>) -> Config {
     cfg.server.shutdown_timeout_secs = 5;
     cfg.server.workers = 2;
     cfg.auth.admin_key_env = unique_env("PARLEY_IT_ADMIN");
+    // One attempt per target unless a test asks for retries, so counts of upstream calls are exact.
+    cfg.retry.max_retries = 0;
     if let Some(up) = upstream {
         cfg.providers.push(openai_provider("up", &up.base_url()));
         cfg.routes.push(route("up", &[("up", "mock-1")]));
@@ -58,16 +60,13 @@ pub fn openai_provider(name: &str, base_url: &str) -> ProviderConfig {
 }
 
 pub fn route(model: &str, targets: &[(&str, &str)]) -> RouteConfig {
-    RouteConfig {
-        model: model.into(),
-        targets: targets
+    RouteConfig::new(
+        model,
+        targets
             .iter()
-            .map(|(p, m)| TargetConfig {
-                provider: (*p).into(),
-                model: (*m).into(),
-            })
+            .map(|(p, m)| TargetConfig::new(p, m))
             .collect(),
-    }
+    )
 }
 
 /// A process-unique environment variable name (tests run in parallel threads).
@@ -122,7 +121,8 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let system = actix_web::rt::System::new();
             system.block_on(async move {
-                let store = parley::store::Store::open(&data).unwrap();
+                let store =
+                    parley::store::Store::open_waiting(&data, Duration::from_secs(10)).unwrap();
                 let listener = TcpListener::bind("127.0.0.1:0").unwrap();
                 let handle = parley::app::start(cfg, listener, store).unwrap();
                 addr_tx.send(handle.addr).unwrap();

@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod routing;
+
+use routing::target;
+pub use routing::{ProviderConfig, ProviderKind, RetryConfig, RouteConfig, Strategy, TargetConfig};
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,6 +40,7 @@ pub struct Config {
     pub context: ContextConfig,
     pub cache: CacheConfig,
     pub server: ServerConfig,
+    pub retry: RetryConfig,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -77,62 +83,6 @@ pub struct ServerConfig {
     pub workers: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ProviderKind {
-    Openai,
-    Anthropic,
-    Mock,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    pub name: String,
-    pub kind: ProviderKind,
-    #[serde(default)]
-    pub base_url: Option<String>,
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    #[serde(default)]
-    pub api_keys_env: Vec<String>,
-    #[serde(default)]
-    pub region: Option<String>,
-    #[serde(default)]
-    pub rpm: u32,
-    #[serde(default)]
-    pub tpm: u32,
-    #[serde(default = "default_timeout_secs")]
-    pub timeout_secs: u64,
-    /// `mock` only: delay before the first token.
-    #[serde(default)]
-    pub ttft_ms: Option<u64>,
-    /// `mock` only: streaming pace (0 = as fast as possible).
-    #[serde(default)]
-    pub tokens_per_sec: Option<f64>,
-    /// `mock` only: the seed of the reply generator.
-    #[serde(default)]
-    pub seed: Option<u64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteConfig {
-    pub model: String,
-    pub targets: Vec<TargetConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TargetConfig {
-    pub provider: String,
-    pub model: String,
-}
-
-fn default_timeout_secs() -> u64 {
-    60
-}
-
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
@@ -169,60 +119,6 @@ impl Default for ServerConfig {
             max_queued_turns: 32,
             workers: 0,
         }
-    }
-}
-
-impl ProviderConfig {
-    /// The built-in mock provider, as the embedded default serves it.
-    pub fn builtin_mock() -> Self {
-        Self {
-            name: "mock".into(),
-            kind: ProviderKind::Mock,
-            base_url: None,
-            api_key_env: None,
-            api_keys_env: Vec::new(),
-            region: Some("local".into()),
-            rpm: 0,
-            tpm: 0,
-            timeout_secs: default_timeout_secs(),
-            ttft_ms: None,
-            tokens_per_sec: None,
-            seed: None,
-        }
-    }
-
-    fn hosted(name: &str, kind: ProviderKind, base_url: &str, key_env: &str) -> Self {
-        Self {
-            name: name.into(),
-            kind,
-            base_url: Some(base_url.into()),
-            api_key_env: Some(key_env.into()),
-            region: None,
-            ..Self::builtin_mock()
-        }
-    }
-
-    /// The base URL, with the kind's public endpoint when none is configured.
-    pub fn base_url(&self) -> &str {
-        match (&self.base_url, self.kind) {
-            (Some(url), _) => url.trim_end_matches('/'),
-            (None, ProviderKind::Openai) => "https://api.openai.com/v1",
-            (None, ProviderKind::Anthropic) => "https://api.anthropic.com/v1",
-            (None, ProviderKind::Mock) => "",
-        }
-    }
-
-    /// The environment variables that hold this provider's keys, in order.
-    pub fn key_envs(&self) -> Vec<&str> {
-        self.api_key_env
-            .iter()
-            .chain(&self.api_keys_env)
-            .map(String::as_str)
-            .collect()
-    }
-
-    pub fn timeout(&self) -> Duration {
-        Duration::from_secs(self.timeout_secs)
     }
 }
 
@@ -267,16 +163,11 @@ impl Config {
             context: ContextConfig::default(),
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
+            retry: RetryConfig::default(),
             providers,
             routes: vec![
-                RouteConfig {
-                    model: "mock".into(),
-                    targets: vec![target("mock", "mock-1")],
-                },
-                RouteConfig {
-                    model: "default".into(),
-                    targets: default_targets,
-                },
+                RouteConfig::new("mock", vec![target("mock", "mock-1")]),
+                RouteConfig::new("default", default_targets),
             ],
         }
     }
@@ -440,13 +331,6 @@ fn validate_provider(
         problems.push(format!(
             "providers[{i}].timeout_secs: must be greater than 0"
         ));
-    }
-}
-
-fn target(provider: &str, model: &str) -> TargetConfig {
-    TargetConfig {
-        provider: provider.into(),
-        model: model.into(),
     }
 }
 
