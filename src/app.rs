@@ -131,7 +131,9 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         App::new()
             .app_data(app_state.clone())
             .wrap(from_fn(CatchPanic::handle))
-            .wrap(tracing_actix_web::TracingLogger::default())
+            .wrap(tracing_actix_web::TracingLogger::<
+                crate::server::span::SafeRootSpan,
+            >::new())
             .configure(|c| routes::configure(c, max_body))
     })
     // Streamed deltas are small writes: without NODELAY, Nagle holds each one for the peer's ACK.

@@ -88,7 +88,12 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// A status other than the code's own (an upstream timeout is 504 `upstream_unavailable`).
+    pub status: Option<StatusCode>,
 }
+
+/// The retry hint of a rate-limit answer that came without one.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -96,6 +101,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            status: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -117,8 +123,18 @@ impl ApiError {
     }
     /// The `retry_after_ms` field of the WebSocket error frame.
     pub fn retry_after_ms(&self) -> Option<u64> {
-        self.retry_after
+        self.retry_hint()
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    /// The retry hint; rate-limit answers always carry one.
+    pub fn retry_hint(&self) -> Option<Duration> {
+        match self.code {
+            ErrorCode::RateLimited | ErrorCode::QuotaExceeded => {
+                Some(self.retry_after.unwrap_or(DEFAULT_RETRY_AFTER))
+            }
+            _ => self.retry_after,
+        }
     }
     /// The OpenAI-shaped body `{"error": {...}}`.
     pub fn body(&self) -> serde_json::Value {
@@ -134,17 +150,17 @@ impl ApiError {
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        self.code.status()
+        self.status.unwrap_or_else(|| self.code.status())
     }
 
     fn error_response(&self) -> HttpResponse {
-        if self.code.status().is_server_error() {
+        if self.status_code().is_server_error() {
             tracing::error!(code = self.code.as_str(), message = %self.message, "request failed");
         } else {
             tracing::debug!(code = self.code.as_str(), message = %self.message, "request refused");
         }
         let mut resp = HttpResponse::build(self.status_code());
-        if let Some(after) = self.retry_after {
+        if let Some(after) = self.retry_hint() {
             // Retry-After is in whole seconds; round up so clients never retry too early.
             let secs = after.as_millis().div_ceil(1000).max(1);
             resp.insert_header((header::RETRY_AFTER, secs.to_string()));

@@ -72,7 +72,12 @@ pub struct ErrorFrame {
 impl ErrorFrame {
     pub fn new(err: &ApiError) -> Self {
         Self {
-            code: err.code,
+            // The frame's code list (PROTOCOL §5) has no `model_not_found`: an unknown model is
+            // a thing not found; the message names it.
+            code: match err.code {
+                ErrorCode::ModelNotFound => ErrorCode::NotFound,
+                code => code,
+            },
             message: err.message.clone(),
             conversation: None,
             client_id: None,

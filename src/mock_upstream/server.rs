@@ -25,7 +25,11 @@ pub fn build(
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .app_data(web::JsonConfig::default().limit(64 << 20))
+            .app_data(
+                web::JsonConfig::default()
+                    .limit(64 << 20)
+                    .content_type_required(false),
+            )
             .route("/v1/chat/completions", web::post().to(chat_completions))
             .route("/v1/messages", web::post().to(messages))
             .route("/v1/embeddings", web::post().to(embeddings))
@@ -67,11 +71,8 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
     let plan = generator::plan(behaviour.seed, &messages, max_tokens);
     tokio::time::sleep(plan.ttft.unwrap_or(behaviour.ttft)).await;
 
-    let drawn = state.draw();
-    let fault = if drawn < behaviour.error_rate {
-        Some(Fault::Status(500))
-    } else if drawn < behaviour.error_rate + behaviour.rate_limit_rate {
-        Some(Fault::Status(429))
+    let fault = if let Some(status) = drawn_fault(state) {
+        Some(Fault::Status(status))
     } else {
         plan.fault.or(behaviour.drop_after.map(Fault::DropAfter))
     };
@@ -152,7 +153,7 @@ fn error_response(status: u16, wire: Wire) -> HttpResponse {
     let message = format!("mock upstream fault: status {status}");
     match wire {
         Wire::OpenAi => resp
-            .json(json!({"error": {"message": message, "type": "server_error", "code": status}})),
+            .json(json!({"error": {"message": message, "type": "server_error", "code": status.to_string()}})),
         Wire::Anthropic => {
             let kind = if status == 429 {
                 "rate_limit_error"
@@ -227,11 +228,20 @@ fn anthropic_events(plan: &Plan, model: &str) -> Vec<String> {
     let mut events = vec![ev(
         "message_start",
         json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
-               "model": model, "content": [], "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0}}}),
+               "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
+               "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0}}}),
     )];
+    events.push(ev(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+    ));
     events.extend(plan.chunks.iter().map(|c| {
         ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": c}}))
     }));
+    events.push(ev(
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
     events.push(ev(
         "message_delta",
         json!({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(plan)}, "usage": {"output_tokens": plan.completion_tokens}}),
@@ -257,8 +267,13 @@ fn stream_response(
     } else {
         Duration::ZERO
     };
+    // Content chunks follow the opening events: one for OpenAI, two for Anthropic.
+    let opening = match wire {
+        Wire::OpenAi => 1,
+        Wire::Anthropic => 2,
+    };
     let drop_at = match fault {
-        Some(Fault::DropAfter(n)) => Some(n + 1),
+        Some(Fault::DropAfter(n)) => Some(n + opening),
         _ => None,
     };
     let body = stream::iter(events.into_iter().enumerate()).then(move |(i, event)| async move {
@@ -275,14 +290,29 @@ fn stream_response(
         }
         Ok::<_, actix_web::Error>(Bytes::from(event))
     });
-    let _ = wire;
     HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(body)
 }
 
+/// The status the `--error-rate` / `--rate-limit-rate` draw picks for this request, if any.
+fn drawn_fault(state: &MockState) -> Option<u16> {
+    let behaviour = state.behaviour.read().clone();
+    let drawn = state.draw();
+    if drawn < behaviour.error_rate {
+        Some(500)
+    } else if drawn < behaviour.error_rate + behaviour.rate_limit_rate {
+        Some(429)
+    } else {
+        None
+    }
+}
+
 async fn embeddings(state: web::Data<MockState>, body: web::Json<Value>) -> HttpResponse {
+    if let Some(status) = drawn_fault(&state) {
+        return error_response(status, Wire::OpenAi);
+    }
     let inputs: Vec<String> =
         match body.get("input") {
             Some(Value::String(s)) => vec![s.clone()],
@@ -329,7 +359,10 @@ fn embed(seed: u64, text: &str) -> Vec<f32> {
     v
 }
 
-async fn models() -> HttpResponse {
+async fn models(state: web::Data<MockState>) -> HttpResponse {
+    if let Some(status) = drawn_fault(&state) {
+        return error_response(status, Wire::OpenAi);
+    }
     HttpResponse::Ok().json(json!({"object": "list", "data": [{"id": "mock-1", "object": "model", "created": 0, "owned_by": "mock"}]}))
 }
 

@@ -126,7 +126,10 @@ impl ProviderError {
 
 impl From<ProviderError> for ApiError {
     fn from(err: ProviderError) -> Self {
-        let api = ApiError::new(err.code(), err.to_string());
+        let mut api = ApiError::new(err.code(), err.to_string());
+        if let ProviderError::Timeout { .. } = err {
+            api.status = Some(actix_web::http::StatusCode::GATEWAY_TIMEOUT);
+        }
         match err.retry_after() {
             Some(after) => api.with_retry_after(after),
             None => api,

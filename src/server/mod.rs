@@ -6,6 +6,7 @@ pub mod auth;
 pub mod http;
 mod panic;
 pub mod routes;
+pub mod span;
 pub mod sse;
 pub mod ws;
 

@@ -110,7 +110,7 @@ pub struct KeyRecord {
     pub daily_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
-    /// The first characters of the key, enough for a human to tell keys apart.
+    /// Four characters of the secret after `pk-`, enough for a human to tell keys apart.
     pub prefix: String,
     pub created_at: i64,
 }

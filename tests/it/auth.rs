@@ -535,11 +535,24 @@ async fn development_mode_serves_keyless_requests_as_local() {
     )
     .await;
 
-    // A key that is given must still be valid.
+    // SDKs insist on sending some key: an unknown one acts as `local` too, never as another
+    // tenant, so `local`'s conversation is visible and the other tenant's is not.
+    let resp = get(
+        &server,
+        &format!("/v1/conversations/{conv}"),
+        Some("sk-anything"),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
     expect_error(
-        get(&server, "/v1/models", Some("pk-bogus")).await,
-        401,
-        "unauthorized",
+        get(
+            &server,
+            &format!("/v1/conversations/{theirs}"),
+            Some("sk-anything"),
+        )
+        .await,
+        404,
+        "not_found",
     )
     .await;
 }

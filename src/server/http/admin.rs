@@ -24,7 +24,7 @@ pub async fn create_key(
 
 pub async fn list_keys(_: Admin, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let keys: Vec<_> = state.auth.list_keys()?.iter().map(key_json).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "data": keys })))
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "data": keys })))
 }
 
 pub async fn revoke_key(

@@ -20,8 +20,8 @@ use crate::tokens;
 
 /// Frames buffered for one HTTP turn before the request is dropped as too slow.
 const TURN_BUFFER: usize = 4096;
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
+const DEFAULT_PAGE: usize = 1000;
+const MAX_PAGE: usize = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

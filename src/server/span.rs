@@ -1,0 +1,38 @@
+//! The root span of every HTTP request: method, path (never the query string, which may carry
+//! `access_token`), status and latency. Headers and bodies are never recorded.
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::Error;
+use tracing::Span;
+use tracing_actix_web::RootSpanBuilder;
+
+pub struct SafeRootSpan;
+
+impl RootSpanBuilder for SafeRootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        tracing::info_span!(
+            "http",
+            method = %request.method(),
+            path = %request.path(),
+            status = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        let status = match outcome {
+            Ok(res) => res
+                .response()
+                .error()
+                .map_or(res.status(), |e| e.as_response_error().status_code()),
+            Err(e) => e.as_response_error().status_code(),
+        };
+        span.record("status", status.as_u16());
+        let _guard = span.enter();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), "request done");
+        }
+    }
+}
