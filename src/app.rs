@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::provider::{ProviderActor, ProviderHandle, Router};
 use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
 use crate::store::{Store, StoreError};
-use crate::tenant::Auth;
+use crate::tenant::usage::{UsageRecorder, UsageWriter};
+use crate::tenant::{Auth, Governor, Prices};
 use crate::tokens::{ContextBudget, Encoding};
 
 /// Arbiters that host conversation actors.
@@ -46,6 +47,7 @@ pub struct AppHandle {
     state: web::Data<AppState>,
     arbiters: Vec<Arbiter>,
     shutdown_timeout: std::time::Duration,
+    usage_writer: UsageWriter,
 }
 
 /// Whether `listen` is a loopback address (development mode is allowed only there).
@@ -94,6 +96,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
             let addr = ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor);
             ProviderHandle {
                 name: p.name.clone(),
+                region: p.region.clone(),
                 addr,
                 stats,
                 prefill,
@@ -103,6 +106,12 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     let router = Router::new(&config.routes, providers, config.retry.clone());
 
     let arbiters: Vec<Arbiter> = (0..CONVERSATION_ARBITERS).map(|_| Arbiter::new()).collect();
+    let governor = Arc::new(Governor::new(
+        store.clone(),
+        Prices(config.prices.clone()),
+        config.context.reserve_output_tokens,
+    ));
+    let (usage, usage_writer) = UsageRecorder::start(store.clone());
     let deps = Arc::new(Deps {
         store: store.clone(),
         router,
@@ -115,6 +124,8 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         max_queued_turns: config.server.max_queued_turns,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        governor: Arc::clone(&governor),
+        usage,
     });
     let registry = Registry::new(deps, arbiters.iter().map(Arbiter::handle).collect());
     let state = web::Data::new(AppState {
@@ -123,6 +134,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         registry,
         metrics,
         sockets: SocketHub::default(),
+        governor,
     });
 
     let max_body = config.server.max_frame_bytes;
@@ -160,6 +172,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         state,
         arbiters: all_arbiters,
         shutdown_timeout: config.shutdown_timeout(),
+        usage_writer,
     })
 }
 
@@ -180,6 +193,8 @@ impl AppHandle {
         self.state.registry.shutdown(self.shutdown_timeout).await;
         self.state.sockets.close_all();
         self.server.stop(true).await;
+        // Every turn and request has ended: store the usage records still queued.
+        self.usage_writer.finish().await;
         let flushed = self.state.store().flush().await;
         // Joining the arbiters drops the actors they host, and with them the last handles on
         // the store, so its directory lock is released when this returns.

@@ -41,6 +41,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub server: ServerConfig,
     pub retry: RetryConfig,
+    /// Prices per upstream model, per million tokens (`[prices."gpt-4o-mini"]`).
+    pub prices: std::collections::HashMap<String, crate::tenant::Price>,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -164,6 +166,7 @@ impl Config {
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
             retry: RetryConfig::default(),
+            prices: std::collections::HashMap::new(),
             providers,
             routes: vec![
                 RouteConfig::new("mock", vec![target("mock", "mock-1")]),

@@ -68,6 +68,9 @@ pub struct RouteConfig {
     /// When a stream breaks after text was sent, finish the reply on another target.
     #[serde(default)]
     pub continue_on_fallback: bool,
+    /// Provider regions this route may send to (data residency; `None`: any).
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
 }
 
 /// How a route orders its targets for each request.
@@ -127,6 +130,7 @@ impl RouteConfig {
             strategy: Strategy::default(),
             ttft_timeout_ms: 0,
             continue_on_fallback: false,
+            regions: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
 use crate::error::{ApiError, ErrorCode};
 use crate::store::ConversationRecord;
+use crate::tenant::{Principal, Reservation};
 use crate::tokens::{fit_history, Encoding};
 
 const MAILBOX: usize = 256;
@@ -32,6 +33,8 @@ struct Queued {
     content: String,
     tokens: u32,
     options: TurnOptions,
+    principal: Principal,
+    reservation: Option<Reservation>,
 }
 
 struct Running {
@@ -95,6 +98,8 @@ impl ConversationActor {
             content: q.content,
             tokens: q.tokens,
             options: q.options,
+            principal: q.principal,
+            reservation: q.reservation,
         };
         let cancel = self.deps.shutdown.child_token();
         let ended = CancellationToken::new();
@@ -170,6 +175,21 @@ impl ConversationActor {
                 tracing::error!(conversation = %conv, error = %e, "cannot store the failed reply")
             }
         }
+    }
+
+    /// The prompt tokens this turn will likely send: system prompt, new message and the stored
+    /// history that fits the budget.
+    fn estimate_prompt(&self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
+        let history = self
+            .deps
+            .store
+            .messages_newest_first(&self.record.id)
+            .map_while(Result::ok)
+            .filter(|m| !m.content.is_empty())
+            .map(|m| m.tokens);
+        let (_, used) = fit_history(self.deps.budget, system, tokens, history)
+            .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+        Ok(used)
     }
 
     fn reload(&mut self) {
@@ -336,12 +356,32 @@ impl Handler<PostUserMessage> for ConversationActor {
             );
             return Err(err.with_retry_after(Duration::from_secs(1)));
         }
+        self.deps
+            .router
+            .check_regions(route, msg.principal.regions())?;
+        // Reserved before the turn is stored or queued: a key over its limits is refused here,
+        // before anything reaches an upstream.
+        let estimate = self.estimate_prompt(system, msg.tokens)?;
+        let price_model = self
+            .deps
+            .router
+            .primary_model(route)
+            .unwrap_or(route)
+            .to_owned();
+        let reservation = self.deps.governor.admit(
+            &msg.principal,
+            &price_model,
+            estimate,
+            msg.options.max_tokens,
+        )?;
         self.listen(msg.listener);
         self.queue.push_back(Queued {
             client_id: cid,
             content: msg.content,
             tokens: msg.tokens,
             options: msg.options,
+            principal: msg.principal,
+            reservation,
         });
         self.start_next(ctx);
         Ok(Posted::Queued)
@@ -363,7 +403,11 @@ impl Handler<Shutdown> for ConversationActor {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        self.queue.clear();
+        for q in self.queue.drain(..) {
+            if let Some(r) = q.reservation {
+                self.deps.governor.settle(r, 0, 0.0);
+            }
+        }
         self.registry.forget(&self.record.id, &ctx.address());
         let ended = self.running.as_ref().map(|r| {
             r.cancel.cancel();

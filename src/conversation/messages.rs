@@ -5,6 +5,7 @@ use actix::prelude::*;
 use super::fanout::{Scope, SinkId};
 use super::frames::Sink;
 use crate::error::ApiError;
+use crate::tenant::Principal;
 
 /// Per-turn options of a user message (PROTOCOL §5 `options`).
 #[derive(Debug, Clone, Default, serde::Deserialize)]
@@ -49,6 +50,8 @@ pub struct PostUserMessage {
     pub options: TurnOptions,
     /// Who hears this turn: a socket (which is thereby subscribed) or an HTTP request.
     pub listener: Option<(SinkId, Sink, Scope)>,
+    /// Who sends it: its key's limits, quotas and regions apply.
+    pub principal: Principal,
 }
 
 /// What became of a posted message.

@@ -38,4 +38,8 @@ pub struct Deps {
     pub shutdown: CancellationToken,
     /// Every running turn, so shutdown can wait for them to store their replies.
     pub tasks: TaskTracker,
+    /// Per-key limits and quotas.
+    pub governor: std::sync::Arc<crate::tenant::Governor>,
+    /// Where each turn's usage record goes.
+    pub usage: crate::tenant::usage::UsageRecorder,
 }

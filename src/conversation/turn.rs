@@ -18,7 +18,9 @@ use super::Deps;
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{unix_now, ConversationId};
 use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
+use crate::store::UsageRecord;
 use crate::store::{MessageRecord, ReplyMeta, Role, StoredError, Usage};
+use crate::tenant::{Bill, Principal, Reservation};
 use crate::tokens::{self, fit_history, Encoding};
 
 /// Everything a turn needs to know about its conversation and message.
@@ -33,6 +35,8 @@ pub struct TurnInput {
     pub content: String,
     pub tokens: u32,
     pub options: TurnOptions,
+    pub principal: Principal,
+    pub reservation: Option<Reservation>,
 }
 
 /// How a reply ended, before it is stored.
@@ -68,9 +72,11 @@ pub async fn run(
 async fn run_inner(
     deps: &Deps,
     fanout: &Fanout,
-    input: TurnInput,
+    mut input: TurnInput,
     cancel: &CancellationToken,
 ) -> u64 {
+    // Settles the key's reservation however the turn ends (even by a panic).
+    let mut billing = Bill::new(Arc::clone(&deps.governor), input.reservation.take());
     let conv = input.conversation.clone();
     let cid = input.client_id.clone();
     let fail = |err: ApiError, reply_to: Option<u64>| {
@@ -119,7 +125,7 @@ async fn run_inner(
     let mut text = String::new();
     let started = tokio::select! {
         () = cancel.cancelled() => None,
-        started = deps.router.start(&input.route, request.clone(), prompt_tokens) => Some(started),
+        started = deps.router.start(&input.route, request.clone(), prompt_tokens, input.principal.regions()) => Some(started),
     };
     let (ending, provider, model, ttft) = match started {
         None => (
@@ -155,6 +161,7 @@ async fn run_inner(
                 route: &input.route,
                 request: &request,
                 tokens: prompt_tokens,
+                regions: input.principal.regions(),
             };
             let ending = stream(&ctx, started, &mut text, cancel).await;
             let provider = ending.provider.clone().unwrap_or(provider);
@@ -195,6 +202,38 @@ async fn run_inner(
         return input.user_seq;
     }
     deps.metrics.add_tokens(&provider, usage);
+    if ending.usage.is_some() && usage.completion_tokens != completion_tokens {
+        tracing::debug!(
+            reported = usage.completion_tokens,
+            counted = completion_tokens,
+            "upstream usage differs from our count; the upstream's wins"
+        );
+    }
+    let cost = deps.governor.prices().cost(
+        &model,
+        u64::from(usage.prompt_tokens),
+        u64::from(usage.completion_tokens),
+    );
+    billing.set(u64::from(usage.total_tokens), cost);
+    deps.usage
+        .record(UsageRecord {
+            ts_ms: chrono::Utc::now().timestamp_millis(),
+            tenant: input.principal.tenant.clone(),
+            key_id: input.principal.key_id.clone(),
+            conversation: Some(conv.clone()),
+            route: input.route.clone(),
+            provider: provider.clone(),
+            model: model.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached: false,
+            latency_ms: begun.elapsed().as_millis() as u64,
+            ttft_ms: ttft.map(|t| t.as_millis() as u64),
+            cost,
+            trimmed_tokens: 0,
+            finish_reason: ending.finish_reason.to_owned(),
+        })
+        .await;
     tracing::debug!(
         elapsed_ms = begun.elapsed().as_millis() as u64,
         finish_reason = ending.finish_reason,
@@ -221,6 +260,7 @@ struct StreamCtx<'a> {
     route: &'a str,
     request: &'a ChatRequest,
     tokens: u32,
+    regions: Option<&'a [String]>,
 }
 
 /// How many times one reply may move to another target after its stream broke.
@@ -287,7 +327,7 @@ async fn stream(
                 if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
-                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, text, &provider) => r,
+                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, text, &provider, cx.regions) => r,
                     };
                     match resumed {
                         Ok(s) => {

@@ -132,6 +132,14 @@ impl Deployment {
                 self.ttft_ms = Some(self.ttft_ms.map_or(ms, |old| 0.8 * old + 0.2 * ms));
                 self.breaker.on_success(now)
             }
+            // The upstream answered, refusing this one request as malformed or too large: that
+            // says nothing of its health (a client must not be able to open the breaker).
+            Outcome::Failed {
+                status: Some(400 | 413 | 422),
+            } => {
+                self.breaker.release_probe();
+                None
+            }
             Outcome::Failed { status } => {
                 if *status == Some(429) {
                     if let Some(after) = headers.retry_after {

@@ -68,6 +68,8 @@ impl From<RouterError> for ApiError {
 #[derive(Clone)]
 pub struct ProviderHandle {
     pub name: String,
+    /// The provider's data-residency region.
+    pub region: Option<String>,
     pub addr: Addr<ProviderActor>,
     pub stats: Arc<ProviderStats>,
     pub prefill: bool,
@@ -83,6 +85,8 @@ struct Target {
 #[derive(Clone)]
 struct Route {
     targets: Vec<Target>,
+    /// Regions this route's requests may go to (`None`: any).
+    regions: Option<Vec<String>>,
     strategy: Strategy,
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
@@ -128,6 +132,7 @@ impl Router {
                     .collect();
                 let route = Route {
                     targets,
+                    regions: r.regions.clone(),
                     strategy: r.strategy,
                     ttft_timeout: (r.ttft_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
@@ -164,6 +169,38 @@ impl Router {
         Encoding::for_model(model)
     }
 
+    /// The upstream model of a route's first target (prices are per upstream model).
+    pub fn primary_model(&self, route: &str) -> Option<&str> {
+        self.routes
+            .get(route)?
+            .targets
+            .first()
+            .map(|t| t.model.as_str())
+    }
+
+    /// Refuses, with `forbidden`, a request whose allowed regions leave no target of the route.
+    ///
+    /// # Errors
+    /// `forbidden` when no target is in an allowed region; `model_not_found` for no route.
+    pub fn check_regions(
+        &self,
+        route: &str,
+        key_regions: Option<&[String]>,
+    ) -> Result<(), ApiError> {
+        let r = self
+            .routes
+            .get(route)
+            .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
+        if r.targets.iter().any(|t| r.allows(t, key_regions)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("no target of {route:?} is in a region this request may use"),
+            ))
+        }
+    }
+
     pub fn continues_on_fallback(&self, route: &str) -> bool {
         self.routes
             .get(route)
@@ -190,8 +227,10 @@ impl Router {
         route: &str,
         req: ChatRequest,
         tokens: u32,
+        regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
-        self.start_excluding(route, req, tokens, None, None).await
+        self.start_excluding(route, req, tokens, None, None, regions)
+            .await
     }
 
     /// Continues a reply that broke after `partial` was sent, on another target of the route:
@@ -207,15 +246,11 @@ impl Router {
         tokens: u32,
         partial: &str,
         failed_provider: &str,
+        regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
-        self.start_excluding(
-            route,
-            req.clone(),
-            tokens,
-            Some(failed_provider),
-            Some(partial),
-        )
-        .await
+        let (exclude, partial) = (Some(failed_provider), Some(partial));
+        self.start_excluding(route, req.clone(), tokens, exclude, partial, regions)
+            .await
     }
 
     async fn start_excluding(
@@ -225,6 +260,7 @@ impl Router {
         tokens: u32,
         exclude: Option<&str>,
         partial: Option<&str>,
+        regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
         let route = self
             .routes
@@ -236,11 +272,11 @@ impl Router {
         let mut last_err = None;
         for pass in 0..=self.retry.max_retries {
             let mut hint: Option<Duration> = None;
-            for target in route
+            let allowed = route
                 .order()
                 .into_iter()
-                .filter(|t| Some(t.provider.name.as_str()) != exclude)
-            {
+                .filter(|t| Some(t.provider.name.as_str()) != exclude && route.allows(t, regions));
+            for target in allowed {
                 let req = target.request(&req, partial);
                 match self
                     .try_target(target, req, tokens, route.ttft_timeout, begun)
@@ -333,6 +369,16 @@ impl Router {
 }
 
 impl Route {
+    /// Whether `target` is in a region both the route and the key allow (data residency: the
+    /// router never sends a request anywhere else).
+    fn allows(&self, target: &Target, key_regions: Option<&[String]>) -> bool {
+        let region = target.provider.region.as_deref();
+        let ok = |list: Option<&[String]>| {
+            list.is_none_or(|l| region.is_some_and(|r| l.iter().any(|x| x == r)))
+        };
+        ok(self.regions.as_deref()) && ok(key_regions)
+    }
+
     /// The targets in the order this request tries them.
     fn order(&self) -> Vec<&Target> {
         let mut targets: Vec<&Target> = self.targets.iter().collect();

@@ -28,6 +28,7 @@ pub struct AppState {
     pub registry: Registry,
     pub metrics: Metrics,
     pub sockets: ws::SocketHub,
+    pub governor: Arc<crate::tenant::Governor>,
 }
 
 impl AppState {

@@ -48,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     .route("/admin/keys", web::post().to(admin::create_key))
     .route("/admin/keys", web::get().to(admin::list_keys))
     .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
+    .route("/admin/providers", web::get().to(admin::providers))
     .default_service(web::to(not_found));
 }
 

@@ -11,6 +11,7 @@
 //! message the caller acknowledges has reached the disk.
 
 mod records;
+mod usage;
 
 use std::path::Path;
 
@@ -19,8 +20,10 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 pub use records::{
-    ConversationRecord, KeyRecord, MessageRecord, ReplyMeta, Role, StoredError, Usage,
+    ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, ReplyMeta, Role,
+    StoredError, Usage, UsageRecord,
 };
+pub use usage::periods;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};
@@ -79,6 +82,8 @@ pub struct Store {
     client_ids: sled::Tree,
     keys: sled::Tree,
     key_ids: sled::Tree,
+    usage: sled::Tree,
+    usage_totals: sled::Tree,
 }
 
 impl Store {
@@ -97,6 +102,8 @@ impl Store {
             client_ids: db.open_tree("client_ids")?,
             keys: db.open_tree("keys")?,
             key_ids: db.open_tree("key_ids")?,
+            usage: db.open_tree("usage")?,
+            usage_totals: db.open_tree("usage_totals")?,
             db,
         })
     }

@@ -97,6 +97,15 @@ pub struct MessageRecord {
     pub reply: Option<ReplyMeta>,
 }
 
+/// How a key's per-minute limits count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitWindow {
+    #[default]
+    Bucket,
+    Sliding,
+}
+
 /// An API key, stored under the SHA-256 of its secret; the secret itself is never stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -110,7 +119,49 @@ pub struct KeyRecord {
     pub daily_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_tokens: Option<u64>,
+    /// Spend allowed per UTC month, in the price table's currency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly_spend: Option<f64>,
+    /// Provider regions this key's requests may go to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<Vec<String>>,
+    /// `bucket` (default: token buckets, bursts allowed) or `sliding` (exact trailing minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<LimitWindow>,
     /// Four characters of the secret after `pk-`, enough for a human to tell keys apart.
     pub prefix: String,
     pub created_at: i64,
+}
+
+/// One turn's (or one stateless completion's) usage, attributed down to the conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// Milliseconds since the Unix epoch.
+    pub ts_ms: i64,
+    pub tenant: TenantId,
+    pub key_id: Option<String>,
+    pub conversation: Option<ConversationId>,
+    pub route: String,
+    pub provider: String,
+    pub model: String,
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub cached: bool,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    /// In the price table's currency.
+    pub cost: f64,
+    /// Prompt tokens that trimming kept out of the request.
+    #[serde(default)]
+    pub trimmed_tokens: u32,
+    pub finish_reason: String,
+}
+
+/// Tokens and spend of one key over one period (a UTC day or month).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeriodTotal {
+    pub tokens: u64,
+    pub spend: f64,
 }

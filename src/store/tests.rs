@@ -126,7 +126,11 @@ async fn keys_round_trip_and_revoke() {
         tpm: None,
         daily_tokens: None,
         models: None,
-        prefix: "pk-ab".into(),
+        monthly_tokens: None,
+        monthly_spend: None,
+        regions: None,
+        window: None,
+        prefix: "ab12".into(),
         created_at: 0,
     };
     store.put_key("h1", &rec).await.unwrap();

@@ -2,13 +2,20 @@
 //! as its SHA-256; requests are resolved to a [`Principal`] (tenant, key, allowed models). The
 //! admin key is compared by hash as well, so its length or prefix never leaks through timing.
 
+use std::sync::Arc;
+
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{unix_now, TenantId};
-use crate::store::{KeyRecord, Store};
+use crate::store::{KeyRecord, LimitWindow, Store};
+
+mod quota;
+pub mod usage;
+
+pub use quota::{Bill, Governor, Price, Prices, Reservation};
 
 /// Who a client request acts for.
 #[derive(Debug, Clone)]
@@ -17,6 +24,25 @@ pub struct Principal {
     /// `None` in development mode.
     pub key_id: Option<String>,
     pub models: Option<Vec<String>>,
+    /// The key's limits and quotas (none in development mode).
+    pub limits: Option<Arc<KeyRecord>>,
+}
+
+impl Principal {
+    /// The principal of development mode.
+    pub fn local() -> Self {
+        Self {
+            tenant: TenantId::local(),
+            key_id: None,
+            models: None,
+            limits: None,
+        }
+    }
+
+    /// Provider regions this key may reach (`None`: any).
+    pub fn regions(&self) -> Option<&[String]> {
+        self.limits.as_ref()?.regions.as_deref()
+    }
 }
 
 impl Principal {
@@ -40,7 +66,7 @@ impl Principal {
 }
 
 /// The body of `POST /admin/keys`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub tenant: String,
@@ -52,6 +78,14 @@ pub struct NewKey {
     pub daily_tokens: Option<u64>,
     #[serde(default)]
     pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub monthly_tokens: Option<u64>,
+    #[serde(default)]
+    pub monthly_spend: Option<f64>,
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
+    #[serde(default)]
+    pub window: Option<LimitWindow>,
 }
 
 /// Resolves bearer tokens to principals.
@@ -85,11 +119,7 @@ impl Auth {
     pub fn client(&self, token: Option<&str>) -> Result<Principal, ApiError> {
         let Some(token) = token else {
             return if self.dev_mode {
-                Ok(Principal {
-                    tenant: TenantId::local(),
-                    key_id: None,
-                    models: None,
-                })
+                Ok(Principal::local())
             } else {
                 Err(ApiError::unauthorized())
             };
@@ -104,19 +134,16 @@ impl Auth {
         let Some(rec) = self.store.key_by_hash(&hex::encode(digest))? else {
             // Development mode serves keyless clients; SDKs insist on sending some key.
             return if self.dev_mode {
-                Ok(Principal {
-                    tenant: TenantId::local(),
-                    key_id: None,
-                    models: None,
-                })
+                Ok(Principal::local())
             } else {
                 Err(ApiError::unauthorized())
             };
         };
         Ok(Principal {
-            tenant: rec.tenant,
-            key_id: Some(rec.id),
-            models: rec.models,
+            tenant: rec.tenant.clone(),
+            key_id: Some(rec.id.clone()),
+            models: rec.models.clone(),
+            limits: Some(Arc::new(rec)),
         })
     }
 
@@ -152,6 +179,10 @@ impl Auth {
             tpm: new.tpm,
             daily_tokens: new.daily_tokens,
             models: new.models,
+            monthly_tokens: new.monthly_tokens,
+            monthly_spend: new.monthly_spend,
+            regions: new.regions,
+            window: new.window,
             prefix: secret[3..7].to_owned(),
             created_at: unix_now(),
         };
@@ -194,10 +225,8 @@ mod tests {
         let (rec, secret) = auth
             .create_key(NewKey {
                 tenant: "acme".into(),
-                rpm: None,
-                tpm: None,
-                daily_tokens: None,
                 models: Some(vec!["mock".into()]),
+                ..NewKey::default()
             })
             .await
             .unwrap();

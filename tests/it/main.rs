@@ -9,4 +9,6 @@ mod context;
 mod http;
 mod lifecycle;
 mod openai;
+mod providers;
+mod simulation;
 mod ws;

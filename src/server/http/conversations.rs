@@ -163,6 +163,7 @@ pub async fn post_message(
         tokens,
         options: body.options,
         listener: Some(listener),
+        principal: p,
     };
     live.addr.send(post).await??;
     if body.stream {

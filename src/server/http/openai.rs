@@ -14,6 +14,9 @@ use crate::provider::{ChatMessage, ChatRequest, Started, UpstreamEvent};
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
 use crate::store::Usage;
+use crate::store::UsageRecord;
+use crate::tenant::usage::UsageRecorder;
+use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, MESSAGE_FRAMING_TOKENS};
 
 /// The request body. Unknown fields are accepted (SDKs send many) and ignored.
@@ -82,9 +85,19 @@ pub async fn chat_completions(
         max_tokens: body.max_completion_tokens.or(body.max_tokens),
         temperature: body.temperature,
     };
+    state.router().check_regions(&body.model, p.regions())?;
+    let price_model = state
+        .router()
+        .primary_model(&body.model)
+        .unwrap_or(&body.model)
+        .to_owned();
+    let reservation = state
+        .governor
+        .admit(&p, &price_model, prompt_tokens, request.max_tokens)?;
+    let bill = Bill::new(std::sync::Arc::clone(&state.governor), reservation);
     let started = state
         .router()
-        .start(&body.model, request, prompt_tokens)
+        .start(&body.model, request, prompt_tokens, p.regions())
         .await?;
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let meta = Meta {
@@ -96,6 +109,11 @@ pub async fn chat_completions(
         provider: started.provider.clone(),
         ttft: started.ttft,
         metrics: state.metrics.clone(),
+        route: body.model.clone(),
+        principal: p,
+        bill,
+        usage: state.registry.deps().usage.clone(),
+        begun: std::time::Instant::now(),
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -151,18 +169,48 @@ struct Meta {
     provider: String,
     ttft: std::time::Duration,
     metrics: Metrics,
+    route: String,
+    principal: Principal,
+    bill: Bill,
+    usage: UsageRecorder,
+    begun: std::time::Instant,
 }
 
 impl Meta {
-    /// Counts the request in the metrics, with the tokens generated so far.
-    fn record(&self, usage: Usage, error: Option<ErrorCode>) {
+    /// Counts the request in the metrics, the key's quotas and the usage records, with the
+    /// tokens generated so far.
+    fn record(&mut self, usage: Usage, error: Option<ErrorCode>, finish_reason: &str) {
         self.metrics
             .observe_turn(&self.provider, Some(self.ttft), error);
         self.metrics.add_tokens(&self.provider, usage);
+        let (prompt, completion) = (
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+        );
+        let cost = self.bill.cost(&self.model, prompt, completion);
+        self.bill.set(prompt + completion, cost);
+        self.usage.record_detached(UsageRecord {
+            ts_ms: chrono::Utc::now().timestamp_millis(),
+            tenant: self.principal.tenant.clone(),
+            key_id: self.principal.key_id.clone(),
+            conversation: None,
+            route: self.route.clone(),
+            provider: self.provider.clone(),
+            model: self.model.clone(),
+            prompt_tokens: usage.prompt_tokens,
+            completion_tokens: usage.completion_tokens,
+            cached: false,
+            latency_ms: self.begun.elapsed().as_millis() as u64 + self.ttft.as_millis() as u64,
+            ttft_ms: Some(self.ttft.as_millis() as u64),
+            cost,
+            trimmed_tokens: 0,
+            finish_reason: finish_reason.to_owned(),
+        });
     }
 
-    fn fail(&self, code: ErrorCode, message: String, text: &str) -> ApiError {
-        self.record(self.usage(None, text), Some(code));
+    fn fail(&mut self, code: ErrorCode, message: String, text: &str) -> ApiError {
+        let usage = self.usage(None, text);
+        self.record(usage, Some(code), "error");
         ApiError::new(code, message)
     }
 
@@ -179,7 +227,7 @@ impl Meta {
     }
 }
 
-async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError> {
+async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiError> {
     let mut rest = started.rest;
     let mut next = Some(started.first);
     let mut text = String::new();
@@ -210,7 +258,7 @@ async fn complete(started: Started, meta: Meta) -> Result<HttpResponse, ApiError
                 model,
             } => {
                 let usage = meta.usage(usage, &text);
-                meta.record(usage, None);
+                meta.record(usage, None, &finish_reason);
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
                     "model": model.unwrap_or(meta.model),
@@ -243,7 +291,7 @@ fn chunks(
     );
     let body = stream::unfold(
         state,
-        move |(mut next, mut rest, meta, mut text, ended)| async move {
+        move |(mut next, mut rest, mut meta, mut text, ended)| async move {
             if ended {
                 return None;
             }
@@ -275,7 +323,7 @@ fn chunks(
                     )
                     .to_vec();
                     let usage = meta.usage(usage, &text);
-                    meta.record(usage, None);
+                    meta.record(usage, None, &finish_reason);
                     if include_usage {
                         let chunk = json!({
                             "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

@@ -192,6 +192,7 @@ async fn post(
             tokens,
             options,
             listener,
+            principal: cx.principal.clone(),
         })
         .await??;
     cx.subscribed.insert(id.clone());

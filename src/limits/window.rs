@@ -1,0 +1,125 @@
+//! A sliding-window limiter: at most `limit` units in any trailing minute, counted exactly from a
+//! log of grants (bounded by the limit itself, as each entry holds at least one unit).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct SlidingWindow {
+    limit: u64,
+    used: u64,
+    log: VecDeque<(Instant, u64)>,
+}
+
+impl SlidingWindow {
+    /// At most `per_minute` units in any minute; `0` means unlimited.
+    pub fn per_minute(per_minute: u32) -> Self {
+        Self {
+            limit: u64::from(per_minute),
+            used: 0,
+            log: VecDeque::new(),
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(t, n)) = self.log.front() {
+            if now.saturating_duration_since(t) < WINDOW {
+                break;
+            }
+            self.used -= n;
+            self.log.pop_front();
+        }
+    }
+
+    /// Grants `n` units, or answers how long until they fit.
+    ///
+    /// # Errors
+    /// The wait until enough of the window has expired.
+    pub fn try_take(&mut self, n: u32, now: Instant) -> Result<(), Duration> {
+        if self.limit == 0 || n == 0 {
+            return Ok(());
+        }
+        self.expire(now);
+        let n = u64::from(n).min(self.limit);
+        if self.used + n <= self.limit {
+            self.used += n;
+            self.log.push_back((now, n));
+            return Ok(());
+        }
+        // Walk the log until enough units would have expired.
+        let mut freed = 0;
+        for &(t, m) in &self.log {
+            freed += m;
+            if self.used - freed + n <= self.limit {
+                return Err((t + WINDOW).saturating_duration_since(now));
+            }
+        }
+        Err(WINDOW)
+    }
+
+    /// Returns `n` units granted earlier (a reservation larger than the use).
+    pub fn give_back(&mut self, n: u64) {
+        let mut left = n;
+        while left > 0 {
+            let Some(last) = self.log.back_mut() else {
+                break;
+            };
+            let take = last.1.min(left);
+            last.1 -= take;
+            self.used -= take;
+            left -= take;
+            if last.1 == 0 {
+                self.log.pop_back();
+            }
+        }
+    }
+
+    /// Counts `n` more units used now (usage above the reservation).
+    pub fn add(&mut self, n: u64, now: Instant) {
+        if self.limit == 0 || n == 0 {
+            return;
+        }
+        self.used += n;
+        self.log.push_back((now, n));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_exactly_over_the_trailing_minute() {
+        let t0 = Instant::now();
+        let mut w = SlidingWindow::per_minute(3);
+        w.try_take(1, t0).unwrap();
+        w.try_take(1, t0 + Duration::from_secs(10)).unwrap();
+        w.try_take(1, t0 + Duration::from_secs(20)).unwrap();
+        // Full: the first grant expires at t0 + 60 s.
+        assert_eq!(
+            w.try_take(1, t0 + Duration::from_secs(30)),
+            Err(Duration::from_secs(30))
+        );
+        w.try_take(1, t0 + Duration::from_secs(60)).unwrap();
+        // Two units need the grants of t0+10 and t0+20 to expire.
+        assert_eq!(
+            w.try_take(2, t0 + Duration::from_secs(61)),
+            Err(Duration::from_secs(19))
+        );
+    }
+
+    #[test]
+    fn give_back_and_add() {
+        let t0 = Instant::now();
+        let mut w = SlidingWindow::per_minute(100);
+        w.try_take(100, t0).unwrap();
+        w.give_back(60);
+        w.try_take(60, t0).unwrap();
+        assert!(w.try_take(1, t0).is_err());
+        let mut w = SlidingWindow::per_minute(0);
+        w.try_take(u32::MAX, t0).unwrap();
+        w.add(5, t0);
+    }
+}

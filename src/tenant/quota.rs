@@ -1,0 +1,448 @@
+//! Per-key limits and quotas, checked before any upstream call: requests and tokens per minute
+//! (token buckets, or exact sliding windows), tokens per UTC day and month, and spend per
+//! month. A request reserves its estimated prompt tokens plus `max_tokens` (or the configured
+//! reply reserve); the reservation is reconciled with the real usage when the turn ends, so
+//! concurrent streams cannot overrun a budget. Day and month totals survive restarts: they are
+//! read back from the usage totals the usage writer keeps.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use super::Principal;
+use crate::error::{ApiError, ErrorCode};
+use crate::limits::{SlidingWindow, TokenBucket};
+use crate::store::{periods, KeyRecord, LimitWindow, Store};
+
+/// Price of a model per million tokens (`[prices."gpt-4o-mini"]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+/// The price table; models without a price cost nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Prices(pub HashMap<String, Price>);
+
+impl Prices {
+    pub fn cost(&self, model: &str, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        self.0.get(model).map_or(0.0, |p| {
+            (prompt_tokens as f64 * p.input_per_mtok + completion_tokens as f64 * p.output_per_mtok)
+                / 1e6
+        })
+    }
+}
+
+/// What a request holds against its key until it is settled.
+#[derive(Debug)]
+pub struct Reservation {
+    key_id: String,
+    tokens: u64,
+    spend: f64,
+}
+
+/// A reservation that settles itself, with the usage set on it, when dropped: however a
+/// request ends (an error, a cancel, a panic), its key is charged what it used, not what it held.
+pub struct Bill {
+    governor: std::sync::Arc<Governor>,
+    reservation: Option<Reservation>,
+    used: u64,
+    cost: f64,
+}
+
+impl Bill {
+    pub fn new(governor: std::sync::Arc<Governor>, reservation: Option<Reservation>) -> Self {
+        Self {
+            governor,
+            reservation,
+            used: 0,
+            cost: 0.0,
+        }
+    }
+
+    /// The price of `prompt` and `completion` tokens of `model`.
+    pub fn cost(&self, model: &str, prompt: u64, completion: u64) -> f64 {
+        self.governor.prices().cost(model, prompt, completion)
+    }
+
+    /// What the request used in the end.
+    pub fn set(&mut self, used_tokens: u64, cost: f64) {
+        self.used = used_tokens;
+        self.cost = cost;
+    }
+}
+
+impl Drop for Bill {
+    fn drop(&mut self) {
+        if let Some(r) = self.reservation.take() {
+            self.governor.settle(r, self.used, self.cost);
+        }
+    }
+}
+
+enum Limiter {
+    Bucket(TokenBucket),
+    Sliding(SlidingWindow),
+}
+
+impl Limiter {
+    fn new(per_minute: Option<u32>, window: LimitWindow, now: Instant) -> Self {
+        let n = per_minute.unwrap_or(0);
+        match window {
+            LimitWindow::Bucket => Self::Bucket(TokenBucket::per_minute(n, now)),
+            LimitWindow::Sliding => Self::Sliding(SlidingWindow::per_minute(n)),
+        }
+    }
+
+    fn try_take(&mut self, n: u64, now: Instant) -> Result<(), Duration> {
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        match self {
+            Self::Bucket(b) => b.try_take(n, now),
+            Self::Sliding(w) => w.try_take(n, now),
+        }
+    }
+
+    /// Corrects a grant by `delta` (positive: give back; negative: take more).
+    fn adjust(&mut self, delta: i64, now: Instant) {
+        match self {
+            Self::Bucket(b) => b.adjust(delta, now),
+            Self::Sliding(w) if delta >= 0 => w.give_back(delta.unsigned_abs()),
+            Self::Sliding(w) => w.add(delta.unsigned_abs(), now),
+        }
+    }
+}
+
+struct KeyState {
+    rpm: Limiter,
+    tpm: Limiter,
+    day: String,
+    day_tokens: u64,
+    month: String,
+    month_tokens: u64,
+    month_spend: f64,
+}
+
+/// Enforces every key's limits; shared by all edges.
+pub struct Governor {
+    store: Store,
+    prices: Prices,
+    reply_reserve: u32,
+    keys: Mutex<HashMap<String, KeyState>>,
+}
+
+impl Governor {
+    /// `reply_reserve`: tokens reserved for the reply when a request gives no `max_tokens`.
+    pub fn new(store: Store, prices: Prices, reply_reserve: u32) -> Self {
+        Self {
+            store,
+            prices,
+            reply_reserve,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn prices(&self) -> &Prices {
+        &self.prices
+    }
+
+    /// Admits a request of `prompt_tokens` for `model` (priced by that name), or refuses it
+    /// with `rate_limited` / `quota_exceeded` and a retry hint. Development mode has no limits.
+    ///
+    /// # Errors
+    /// `rate_limited` past rpm/tpm, `quota_exceeded` past a daily, monthly or spend budget.
+    pub fn admit(
+        &self,
+        principal: &Principal,
+        model: &str,
+        prompt_tokens: u32,
+        max_tokens: Option<u32>,
+    ) -> Result<Option<Reservation>, ApiError> {
+        let Some(rec) = principal.limits.as_deref() else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let wall_ms = chrono::Utc::now().timestamp_millis();
+        let tokens = u64::from(prompt_tokens) + u64::from(max_tokens.unwrap_or(self.reply_reserve));
+        let spend = self.prices.cost(
+            model,
+            u64::from(prompt_tokens),
+            u64::from(max_tokens.unwrap_or(self.reply_reserve)),
+        );
+        let mut keys = self.keys.lock();
+        let state = match keys.get_mut(&rec.id) {
+            Some(s) => s,
+            None => keys
+                .entry(rec.id.clone())
+                .or_insert(self.load(rec, wall_ms, now)),
+        };
+        self.roll(state, rec, wall_ms);
+        check_budget(
+            rec.daily_tokens,
+            state.day_tokens + tokens,
+            "daily token",
+            until_next_day(wall_ms),
+        )?;
+        check_budget(
+            rec.monthly_tokens,
+            state.month_tokens + tokens,
+            "monthly token",
+            until_next_month(wall_ms),
+        )?;
+        if let Some(limit) = rec.monthly_spend {
+            if state.month_spend + spend > limit {
+                return Err(quota("monthly spend", until_next_month(wall_ms)));
+            }
+        }
+        state
+            .rpm
+            .try_take(1, now)
+            .map_err(|wait| limited("requests", wait))?;
+        if let Err(wait) = state.tpm.try_take(tokens, now) {
+            state.rpm.adjust(1, now);
+            return Err(limited("tokens", wait));
+        }
+        state.day_tokens += tokens;
+        state.month_tokens += tokens;
+        state.month_spend += spend;
+        Ok(Some(Reservation {
+            key_id: rec.id.clone(),
+            tokens,
+            spend,
+        }))
+    }
+
+    /// Replaces a reservation by what the request really used.
+    pub fn settle(&self, reservation: Reservation, used_tokens: u64, cost: f64) {
+        let now = Instant::now();
+        let mut keys = self.keys.lock();
+        let Some(state) = keys.get_mut(&reservation.key_id) else {
+            return;
+        };
+        let delta = i64::try_from(reservation.tokens).unwrap_or(i64::MAX)
+            - i64::try_from(used_tokens).unwrap_or(i64::MAX);
+        state.tpm.adjust(delta, now);
+        state.day_tokens = (state.day_tokens + used_tokens).saturating_sub(reservation.tokens);
+        state.month_tokens = (state.month_tokens + used_tokens).saturating_sub(reservation.tokens);
+        state.month_spend = (state.month_spend + cost - reservation.spend).max(0.0);
+    }
+
+    fn load(&self, rec: &KeyRecord, wall_ms: i64, now: Instant) -> KeyState {
+        let (day, month) = periods(wall_ms);
+        let total = |period: &str| self.store.period_total(&rec.id, period).unwrap_or_default();
+        let (d, m) = (total(&day), total(&month));
+        let window = rec.window.unwrap_or_default();
+        KeyState {
+            rpm: Limiter::new(rec.rpm, window, now),
+            tpm: Limiter::new(rec.tpm, window, now),
+            day,
+            day_tokens: d.tokens,
+            month,
+            month_tokens: m.tokens,
+            month_spend: m.spend,
+        }
+    }
+
+    /// Starts new day and month counts when the UTC date has moved on.
+    fn roll(&self, state: &mut KeyState, rec: &KeyRecord, wall_ms: i64) {
+        let (day, month) = periods(wall_ms);
+        if day != state.day {
+            state.day_tokens = self
+                .store
+                .period_total(&rec.id, &day)
+                .unwrap_or_default()
+                .tokens;
+            state.day = day;
+        }
+        if month != state.month {
+            let m = self.store.period_total(&rec.id, &month).unwrap_or_default();
+            state.month_tokens = m.tokens;
+            state.month_spend = m.spend;
+            state.month = month;
+        }
+    }
+}
+
+fn check_budget(
+    limit: Option<u64>,
+    after: u64,
+    what: &str,
+    retry: Duration,
+) -> Result<(), ApiError> {
+    match limit {
+        Some(limit) if after > limit => Err(quota(what, retry)),
+        _ => Ok(()),
+    }
+}
+
+fn quota(what: &str, retry: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::QuotaExceeded,
+        format!("this key's {what} budget is used up"),
+    )
+    .with_retry_after(retry)
+}
+
+fn limited(what: &str, wait: Duration) -> ApiError {
+    ApiError::new(
+        ErrorCode::RateLimited,
+        format!("this key's {what} per minute limit is reached"),
+    )
+    .with_retry_after(wait.max(Duration::from_millis(1)))
+}
+
+fn until_next_day(wall_ms: i64) -> Duration {
+    let day = 86_400_000;
+    Duration::from_millis(u64::try_from(day - wall_ms.rem_euclid(day)).unwrap_or(0))
+}
+
+fn until_next_month(wall_ms: i64) -> Duration {
+    use chrono::Datelike;
+    let now = chrono::DateTime::from_timestamp_millis(wall_ms).unwrap_or_default();
+    let (y, m) = if now.month() == 12 {
+        (now.year() + 1, 1)
+    } else {
+        (now.year(), now.month() + 1)
+    };
+    let next = chrono::NaiveDate::from_ymd_opt(y, m, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(wall_ms, |d| d.and_utc().timestamp_millis());
+    Duration::from_millis(u64::try_from(next - wall_ms).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::TenantId;
+    use std::sync::Arc;
+
+    fn principal(rec: KeyRecord) -> Principal {
+        Principal {
+            tenant: rec.tenant.clone(),
+            key_id: Some(rec.id.clone()),
+            models: None,
+            limits: Some(Arc::new(rec)),
+        }
+    }
+
+    fn key(id: &str) -> KeyRecord {
+        KeyRecord {
+            id: id.into(),
+            tenant: TenantId("t".into()),
+            rpm: None,
+            tpm: None,
+            daily_tokens: None,
+            models: None,
+            monthly_tokens: None,
+            monthly_spend: None,
+            regions: None,
+            window: None,
+            prefix: String::new(),
+            created_at: 0,
+        }
+    }
+
+    fn governor() -> (tempfile::TempDir, Governor) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let prices = Prices(HashMap::from([(
+            "m".to_owned(),
+            Price {
+                input_per_mtok: 1e6,
+                output_per_mtok: 2e6,
+            },
+        )]));
+        (dir, Governor::new(store, prices, 100))
+    }
+
+    #[test]
+    fn rpm_and_tpm_refuse_with_a_retry_hint() {
+        let (_d, g) = governor();
+        let p = principal(KeyRecord {
+            rpm: Some(2),
+            ..key("a")
+        });
+        g.admit(&p, "x", 10, None).unwrap();
+        g.admit(&p, "x", 10, None).unwrap();
+        let err = g.admit(&p, "x", 10, None).unwrap_err();
+        assert_eq!(err.code, ErrorCode::RateLimited);
+        assert!(err.retry_after.unwrap() > Duration::from_secs(20));
+        let p = principal(KeyRecord {
+            tpm: Some(300),
+            window: Some(LimitWindow::Sliding),
+            ..key("b")
+        });
+        g.admit(&p, "x", 50, Some(50)).unwrap();
+        g.admit(&p, "x", 50, Some(50)).unwrap();
+        g.admit(&p, "x", 50, Some(50)).unwrap();
+        assert_eq!(
+            g.admit(&p, "x", 50, Some(50)).unwrap_err().code,
+            ErrorCode::RateLimited
+        );
+    }
+
+    #[test]
+    fn reservations_are_reconciled_with_real_usage() {
+        let (_d, g) = governor();
+        let p = principal(KeyRecord {
+            daily_tokens: Some(1000),
+            ..key("c")
+        });
+        // Each request reserves 10 + 100 (the reply reserve): nine fit, the tenth does not...
+        let held: Vec<_> = (0..9)
+            .map(|_| g.admit(&p, "x", 10, None).unwrap().unwrap())
+            .collect();
+        let err = g.admit(&p, "x", 10, None).unwrap_err();
+        assert_eq!(err.code, ErrorCode::QuotaExceeded);
+        assert!(err.retry_after.is_some());
+        // ...until the held ones settle at 20 tokens each.
+        for r in held {
+            g.settle(r, 20, 0.0);
+        }
+        g.admit(&p, "x", 10, None).unwrap();
+    }
+
+    #[test]
+    fn spend_budget_counts_the_price_table() {
+        let (_d, g) = governor();
+        // 1 prompt token costs 1.0 and 1 completion token 2.0 under model "m".
+        let p = principal(KeyRecord {
+            monthly_spend: Some(10.0),
+            ..key("s")
+        });
+        let r = g.admit(&p, "m", 1, Some(1)).unwrap().unwrap(); // reserves 3.0
+        g.settle(r, 2, 3.0);
+        let r = g.admit(&p, "m", 2, Some(2)).unwrap().unwrap(); // 6.0 more: 9.0
+        assert_eq!(
+            g.admit(&p, "m", 1, Some(1)).unwrap_err().code,
+            ErrorCode::QuotaExceeded
+        );
+        g.settle(r, 1, 1.0); // really 1.0: 4.0 in all
+        g.admit(&p, "m", 1, Some(1)).unwrap();
+    }
+
+    #[test]
+    fn development_mode_is_unlimited() {
+        let (_d, g) = governor();
+        assert!(g
+            .admit(&Principal::local(), "m", u32::MAX, None)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn month_boundaries() {
+        // 2026-12-31T23:00:00Z → one hour to the next month and day.
+        let ms = chrono::NaiveDate::from_ymd_opt(2026, 12, 31)
+            .unwrap()
+            .and_hms_opt(23, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis();
+        assert_eq!(until_next_month(ms), Duration::from_secs(3600));
+        assert_eq!(until_next_day(ms), Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,243 @@
+//! Usage attribution: every turn's record goes through a bounded channel to one writer task
+//! that stores them in batches (every [`BATCH`] records or [`BATCH_INTERVAL`], whichever comes
+//! first): never one write per token or per turn. Shutdown drains the channel, so no record is
+//! lost. Also the reports of `GET /v1/usage` and `GET /admin/usage` (JSON or CSV).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::store::{Store, UsageRecord};
+
+/// Records written together.
+pub const BATCH: usize = 256;
+/// The longest a record waits before its batch is written.
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(200);
+/// Records that may wait for the writer; senders wait beyond that (backpressure, not loss).
+const CHANNEL: usize = 8192;
+
+/// The sending side; cheap to clone.
+#[derive(Clone)]
+pub struct UsageRecorder {
+    tx: mpsc::Sender<UsageRecord>,
+}
+
+/// The writer task's handle: [`UsageWriter::finish`] stores every record queued so far.
+pub struct UsageWriter {
+    done: tokio::sync::oneshot::Receiver<()>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl UsageRecorder {
+    /// Starts the writer task on the current runtime.
+    pub fn start(store: Store) -> (Self, UsageWriter) {
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stopped = stop.clone();
+        tokio::spawn(async move {
+            write_batches(store, rx, stopped).await;
+            let _ = done_tx.send(());
+        });
+        (Self { tx }, UsageWriter { done, stop })
+    }
+
+    /// Queues a record; waits only when the writer is far behind.
+    pub async fn record(&self, record: UsageRecord) {
+        if self.tx.send(record).await.is_err() {
+            tracing::error!("usage writer is gone; a usage record was lost");
+        }
+    }
+}
+
+impl UsageRecorder {
+    /// Queues a record from synchronous code: at once when there is room, else from a task.
+    pub fn record_detached(&self, record: UsageRecord) {
+        if let Err(mpsc::error::TrySendError::Full(record)) = self.tx.try_send(record) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(record).await;
+            });
+        }
+    }
+}
+
+impl UsageWriter {
+    /// Stops taking records and waits until every queued one is stored (shutdown).
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.done.await;
+    }
+}
+
+async fn write_batches(
+    store: Store,
+    mut rx: mpsc::Receiver<UsageRecord>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            () = stop.cancelled() => {
+                // Refuse new records, then drain what is queued.
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { break };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + BATCH_INTERVAL;
+        while batch.len() < BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if let Err(e) = store.append_usage(&batch).await {
+            tracing::error!(error = %e, records = batch.len(), "usage batch could not be stored");
+        }
+        batch.clear();
+    }
+}
+
+/// How a usage report groups records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupBy {
+    Day,
+    Model,
+    Key,
+    Conversation,
+}
+
+/// One row of a usage report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct UsageRow {
+    pub group: String,
+    pub requests: u64,
+    pub cached_requests: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub cost: f64,
+    pub trimmed_tokens: u64,
+}
+
+/// Groups `records` into rows, sorted by group.
+pub fn aggregate(records: &[UsageRecord], by: GroupBy) -> Vec<UsageRow> {
+    let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
+    for r in records {
+        let group = match by {
+            GroupBy::Day => crate::store::periods(r.ts_ms)
+                .0
+                .trim_start_matches('d')
+                .to_owned(),
+            GroupBy::Model => r.model.clone(),
+            GroupBy::Key => r.key_id.clone().unwrap_or_else(|| "-".into()),
+            GroupBy::Conversation => r
+                .conversation
+                .as_ref()
+                .map_or_else(|| "-".into(), ToString::to_string),
+        };
+        let row = rows.entry(group.clone()).or_insert_with(|| UsageRow {
+            group,
+            ..UsageRow::default()
+        });
+        row.requests += 1;
+        row.cached_requests += u64::from(r.cached);
+        row.prompt_tokens += u64::from(r.prompt_tokens);
+        row.completion_tokens += u64::from(r.completion_tokens);
+        row.total_tokens += u64::from(r.prompt_tokens) + u64::from(r.completion_tokens);
+        row.cost += r.cost;
+        row.trimmed_tokens += u64::from(r.trimmed_tokens);
+    }
+    rows.into_values().collect()
+}
+
+/// The rows as CSV with a header line.
+pub fn to_csv(rows: &[UsageRow]) -> String {
+    let mut out = String::from("group,requests,cached_requests,prompt_tokens,completion_tokens,total_tokens,cost,trimmed_tokens\n");
+    for r in rows {
+        let group = if r.group.contains([',', '"', '\n']) {
+            format!("\"{}\"", r.group.replace('"', "\"\""))
+        } else {
+            r.group.clone()
+        };
+        out.push_str(&format!(
+            "{group},{},{},{},{},{},{:.6},{}\n",
+            r.requests,
+            r.cached_requests,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.total_tokens,
+            r.cost,
+            r.trimmed_tokens
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::TenantId;
+
+    fn rec(ts_ms: i64, model: &str, prompt: u32, completion: u32) -> UsageRecord {
+        UsageRecord {
+            ts_ms,
+            tenant: TenantId("t".into()),
+            key_id: Some("k".into()),
+            conversation: None,
+            route: "r".into(),
+            provider: "p".into(),
+            model: model.into(),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached: false,
+            latency_ms: 1,
+            ttft_ms: None,
+            cost: 0.5,
+            trimmed_tokens: 0,
+            finish_reason: "stop".into(),
+        }
+    }
+
+    #[test]
+    fn groups_and_exports() {
+        let day = 86_400_000;
+        let records = [rec(0, "a", 1, 2), rec(10, "b", 3, 4), rec(day, "a", 5, 6)];
+        let by_day = aggregate(&records, GroupBy::Day);
+        assert_eq!(by_day.len(), 2);
+        assert_eq!(by_day[0].group, "1970-01-01");
+        assert_eq!(by_day[0].total_tokens, 10);
+        let by_model = aggregate(&records, GroupBy::Model);
+        assert_eq!(by_model[0].group, "a");
+        assert_eq!(by_model[0].requests, 2);
+        assert!((by_model[0].cost - 1.0).abs() < 1e-9);
+        let csv = to_csv(&by_model);
+        assert!(csv.starts_with("group,requests"));
+        assert!(csv.contains("\na,2,0,6,8,14,1.000000,0\n"), "{csv}");
+    }
+
+    #[tokio::test]
+    async fn batches_are_written_and_drained_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (recorder, writer) = UsageRecorder::start(store.clone());
+        for i in 0..1000 {
+            recorder.record(rec(i, "m", 1, 1)).await;
+        }
+        writer.finish().await;
+        drop(recorder);
+        let all = store
+            .usage_between(Some(&TenantId("t".into())), 0, i64::MAX, usize::MAX)
+            .unwrap();
+        assert_eq!(all.len(), 1000);
+        let (day, month) = crate::store::periods(0);
+        assert_eq!(store.period_total("k", &day).unwrap().tokens, 2000);
+        assert!((store.period_total("k", &month).unwrap().spend - 500.0).abs() < 1e-6);
+    }
+}
