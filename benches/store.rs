@@ -12,6 +12,7 @@ fn record() -> ConversationRecord {
         model: "mock".into(),
         system: None,
         system_tokens: 0,
+        prompt: None,
         metadata: serde_json::json!({}),
         created_at: 0,
         last_seq: 0,

@@ -71,6 +71,9 @@ pub struct RouteConfig {
     /// Provider regions this route may send to (data residency; `None`: any).
     #[serde(default)]
     pub regions: Option<Vec<String>>,
+    /// A versioned system prompt (`name@3`, `name@latest`) for conversations without one.
+    #[serde(default)]
+    pub prompt: Option<String>,
 }
 
 /// How a route orders its targets for each request.
@@ -131,6 +134,7 @@ impl RouteConfig {
             ttft_timeout_ms: 0,
             continue_on_fallback: false,
             regions: None,
+            prompt: None,
         }
     }
 }

@@ -37,6 +37,13 @@ struct Queued {
     reservation: Option<Reservation>,
 }
 
+#[derive(Default)]
+struct SystemPrompt {
+    text: Option<String>,
+    tokens: Option<u32>,
+    version: Option<String>,
+}
+
 struct Running {
     client_id: String,
     cancel: CancellationToken,
@@ -79,19 +86,17 @@ impl ConversationActor {
         let Some(q) = self.queue.pop_front() else {
             return;
         };
+        let route = q.options.model.clone().unwrap_or_else(|| self.record.model.clone());
+        let system = self.system_prompt(&route).unwrap_or_else(|e| {
+            tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
+            SystemPrompt::default()
+        });
         let input = TurnInput {
             conversation: self.record.id.clone(),
-            route: q
-                .options
-                .model
-                .clone()
-                .unwrap_or_else(|| self.record.model.clone()),
-            system: self.record.system.clone(),
-            system_tokens: self
-                .record
-                .system
-                .as_ref()
-                .map(|_| self.record.system_tokens),
+            route,
+            system: system.text,
+            system_tokens: system.tokens,
+            prompt_version: system.version,
             encoding: self.encoding,
             user_seq: self.record.last_seq + 1,
             client_id: q.client_id.clone(),
@@ -175,6 +180,19 @@ impl ConversationActor {
                 tracing::error!(conversation = %conv, error = %e, "cannot store the failed reply")
             }
         }
+    }
+
+    /// The system prompt of a turn on `route`: the conversation's own text, its versioned
+    /// prompt, or the route's versioned prompt, in that order.
+    fn system_prompt(&self, route: &str) -> Result<SystemPrompt, ApiError> {
+        if let Some(text) = &self.record.system {
+            return Ok(SystemPrompt { text: Some(text.clone()), tokens: Some(self.record.system_tokens), version: None });
+        }
+        let reference = self.record.prompt.as_deref().or_else(|| self.deps.router.route_prompt(route));
+        let Some(reference) = reference else { return Ok(SystemPrompt::default()) };
+        let p = super::prompts::resolve(&self.deps.store, reference)?;
+        let tokens = crate::tokens::count(self.encoding, &p.content);
+        Ok(SystemPrompt { version: Some(p.label()), text: Some(p.content), tokens: Some(tokens) })
     }
 
     /// The prompt tokens this turn will likely send: system prompt, new message and the stored
@@ -342,11 +360,7 @@ impl Handler<PostUserMessage> for ConversationActor {
                 format!("model {route:?} does not exist"),
             ));
         }
-        let system = self
-            .record
-            .system
-            .as_ref()
-            .map(|_| self.record.system_tokens);
+        let system = self.system_prompt(route)?.tokens;
         fit_history(self.deps.budget, system, msg.tokens, [])
             .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
         if self.queue.len() >= self.deps.max_queued_turns {

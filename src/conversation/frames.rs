@@ -25,6 +25,9 @@ pub struct WireMessage {
     pub client_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,
+    /// The versioned system prompt a reply was written under (`name@version`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_version: Option<String>,
 }
 
 impl From<MessageRecord> for WireMessage {
@@ -36,6 +39,7 @@ impl From<MessageRecord> for WireMessage {
             created_at: m.created_at,
             client_id: m.client_id,
             finish_reason: m.finish_reason,
+            prompt_version: m.reply.and_then(|r| r.prompt_version),
         }
     }
 }

@@ -7,6 +7,7 @@ mod actor;
 mod fanout;
 pub mod frames;
 pub mod messages;
+pub mod prompts;
 mod registry;
 mod turn;
 

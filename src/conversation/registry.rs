@@ -40,6 +40,8 @@ pub struct Live {
 pub struct NewConversation {
     pub model: Option<String>,
     pub system: Option<String>,
+    /// A versioned system prompt (`name@3`, `name@latest`), instead of `system`.
+    pub prompt: Option<String>,
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -85,12 +87,19 @@ impl Registry {
             tokens::fit_history(deps.budget, Some(system_tokens), 0, [])
                 .map_err(|e| ApiError::new(ErrorCode::TooLarge, format!("system prompt: {e}")))?;
         }
+        if let Some(reference) = &new.prompt {
+            if new.system.is_some() {
+                return Err(ApiError::bad_request("give system or prompt, not both"));
+            }
+            super::prompts::resolve(&deps.store, reference)?;
+        }
         let record = ConversationRecord {
             id: ConversationId::generate(),
             tenant: tenant.clone(),
             model,
             system: new.system,
             system_tokens,
+            prompt: new.prompt,
             metadata: new.metadata.unwrap_or_else(|| serde_json::json!({})),
             created_at: unix_now(),
             last_seq: 0,

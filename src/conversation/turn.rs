@@ -37,6 +37,8 @@ pub struct TurnInput {
     pub options: TurnOptions,
     pub principal: Principal,
     pub reservation: Option<Reservation>,
+    /// The versioned prompt `system` came from (`name@version`).
+    pub prompt_version: Option<String>,
 }
 
 /// How a reply ended, before it is stored.
@@ -191,6 +193,7 @@ async fn run_inner(
             provider: provider.clone(),
             model: model.clone(),
             ttft_ms: ttft.map(|t| t.as_millis() as u64),
+            prompt_version: input.prompt_version.clone(),
             error: ending.error.as_ref().map(|e| StoredError {
                 code: e.code,
                 message: e.message.clone(),
@@ -477,6 +480,7 @@ pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
             provider: String::new(),
             model: String::new(),
             ttft_ms: None,
+            prompt_version: None,
             error: Some(StoredError {
                 code: err.code,
                 message: err.message.clone(),

@@ -80,14 +80,15 @@ impl TokenBucket {
         self.level = self.level.min(remaining as f64);
     }
 
-    /// Empties the bucket until `until` (an upstream 429 with `Retry-After`).
+    /// Holds the bucket until `until` (an upstream 429 with `Retry-After`): nothing may be taken
+    /// before, one token then (not a whole refill interval later), and the usual pace after.
     pub fn hold_until(&mut self, until: Instant, now: Instant) {
         if self.is_unlimited() {
             return;
         }
         self.refill(now);
         let wait = until.saturating_duration_since(now).as_secs_f64();
-        self.level = self.level.min(-wait * self.per_sec);
+        self.level = self.level.min(1.0 - wait * self.per_sec);
     }
 
     /// The current level (for `/admin/providers`).
@@ -152,10 +153,9 @@ mod tests {
         b.clamp_to(10, t0);
         assert!(b.try_take(20, t0).is_err());
         b.hold_until(t0 + Duration::from_secs(1), t0);
-        let wait = b.check(1, t0).unwrap_err();
-        assert!(
-            wait > Duration::from_secs(1) && wait < Duration::from_millis(1020),
-            "{wait:?}"
-        );
+        assert_eq!(b.check(1, t0).unwrap_err(), Duration::from_secs(1));
+        assert!(b.check(1, t0 + Duration::from_millis(999)).is_err());
+        b.try_take(1, t0 + Duration::from_secs(1)).unwrap();
+        assert!(b.check(1, t0 + Duration::from_secs(1)).is_err());
     }
 }

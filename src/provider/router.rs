@@ -87,6 +87,8 @@ struct Route {
     targets: Vec<Target>,
     /// Regions this route's requests may go to (`None`: any).
     regions: Option<Vec<String>>,
+    /// The versioned system prompt of conversations on this route that have none of their own.
+    prompt: Option<String>,
     strategy: Strategy,
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
@@ -133,6 +135,7 @@ impl Router {
                 let route = Route {
                     targets,
                     regions: r.regions.clone(),
+                    prompt: r.prompt.clone(),
                     strategy: r.strategy,
                     ttft_timeout: (r.ttft_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
@@ -167,6 +170,11 @@ impl Router {
             .and_then(|r| r.targets.first())
             .map_or("", |t| t.model.as_str());
         Encoding::for_model(model)
+    }
+
+    /// The route's versioned system prompt reference, if it names one.
+    pub fn route_prompt(&self, route: &str) -> Option<&str> {
+        self.routes.get(route)?.prompt.as_deref()
     }
 
     /// The upstream model of a route's first target (prices are per upstream model).

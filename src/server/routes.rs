@@ -4,7 +4,7 @@
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use super::http::{admin, conversations, health, openai};
+use super::http::{admin, conversations, health, openai, usage};
 use super::ws;
 use crate::error::{ApiError, ErrorCode};
 
@@ -49,6 +49,10 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     .route("/admin/keys", web::get().to(admin::list_keys))
     .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
     .route("/admin/providers", web::get().to(admin::providers))
+    .route("/admin/usage", web::get().to(usage::admin))
+    .route("/admin/prompts/{name}", web::put().to(admin::put_prompt))
+    .route("/admin/prompts/{name}", web::get().to(admin::list_prompts))
+    .route("/v1/usage", web::get().to(usage::own))
     .default_service(web::to(not_found));
 }
 

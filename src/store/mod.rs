@@ -10,6 +10,7 @@
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
 
+mod prompts;
 mod records;
 mod usage;
 
@@ -20,7 +21,7 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 pub use records::{
-    ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, ReplyMeta, Role,
+    ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion, ReplyMeta, Role,
     StoredError, Usage, UsageRecord,
 };
 pub use usage::periods;
@@ -84,6 +85,7 @@ pub struct Store {
     key_ids: sled::Tree,
     usage: sled::Tree,
     usage_totals: sled::Tree,
+    prompts: sled::Tree,
 }
 
 impl Store {
@@ -104,6 +106,7 @@ impl Store {
             key_ids: db.open_tree("key_ids")?,
             usage: db.open_tree("usage")?,
             usage_totals: db.open_tree("usage_totals")?,
+            prompts: db.open_tree("prompts")?,
             db,
         })
     }

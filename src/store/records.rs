@@ -35,6 +35,9 @@ pub struct ConversationRecord {
     /// Tokens of the system prompt's content (0 without one).
     #[serde(default)]
     pub system_tokens: u32,
+    /// A versioned system prompt (`name@3`, `name@latest`) used instead of `system`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
     #[serde(default)]
     pub metadata: serde_json::Value,
     pub created_at: i64,
@@ -68,6 +71,9 @@ pub struct ReplyMeta {
     pub provider: String,
     pub model: String,
     pub ttft_ms: Option<u64>,
+    /// The versioned system prompt the reply was written under (`name@version`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_version: Option<String>,
     /// How the turn failed, for a reply that ended in an error (replayed to a resent client id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StoredError>,
@@ -164,4 +170,13 @@ pub struct UsageRecord {
 pub struct PeriodTotal {
     pub tokens: u64,
     pub spend: f64,
+}
+
+/// One version of a named system prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptVersion {
+    pub name: String,
+    pub version: u32,
+    pub content: String,
+    pub created_at: i64,
 }

@@ -7,6 +7,7 @@ fn conv(store_tenant: &str) -> ConversationRecord {
         model: "mock".into(),
         system: Some("be brief".into()),
         system_tokens: 2,
+        prompt: None,
         metadata: serde_json::json!({"k": 1}),
         created_at: 1,
         last_seq: 0,

@@ -104,7 +104,7 @@ async fn write_batches(
 }
 
 /// How a usage report groups records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum GroupBy {
     Day,

@@ -244,8 +244,9 @@ async fn a_burst_past_rpm_spills_over_to_the_fallback() {
     assert!(d["rpm_available"].as_f64().unwrap() < 1.0, "{info}");
 }
 
-#[tokio::test]
-async fn a_429_with_retry_after_is_retried_after_a_second_and_succeeds() {
+/// A turn on a provider (with `rpm`, 0 = unlimited) whose first answer is a 429 with
+/// `Retry-After: 1`, and the second a reply: answers how long the turn took.
+async fn turn_through_a_429(rpm: u32) -> Duration {
     let up = MockUpstream::spawn(Behaviour {
         rate_limit_rate: 1.0,
         ..Behaviour::default()
@@ -253,6 +254,7 @@ async fn a_429_with_retry_after_is_retried_after_a_second_and_succeeds() {
     .unwrap();
     let mut cfg = config_with(Some(&up));
     with_retries(&mut cfg);
+    provider_mut(&mut cfg, "up").rpm = rpm;
     let server = TestServer::start(cfg);
     let mut ws = Ws::connect(&server, None).await;
     let conv = ws.create("up").await;
@@ -288,6 +290,21 @@ async fn a_429_with_retry_after_is_retried_after_a_second_and_succeeds() {
     assert_eq!(stored[1]["content"], text.as_str());
     let sent = up.received();
     assert_eq!(sent[0], sent[1], "the retry sends the same request");
+    elapsed
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_retried_after_a_second_and_succeeds() {
+    let elapsed = turn_through_a_429(0).await;
+    assert!(elapsed < Duration::from_millis(1600), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_429_on_a_provider_with_an_rpm_bucket_is_retried_after_a_second_too() {
+    // The 429 empties the bucket until the Retry-After; the retry then goes at once, not a
+    // whole refill interval (a second at 60 a minute) later.
+    let elapsed = turn_through_a_429(60).await;
+    assert!(elapsed < Duration::from_millis(1600), "{elapsed:?}");
 }
 
 #[tokio::test]

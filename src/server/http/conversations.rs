@@ -29,6 +29,8 @@ pub struct CreateBody {
     #[serde(default)]
     model: Option<String>,
     #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
     system: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
@@ -66,6 +68,7 @@ pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
         "object": "conversation",
         "model": rec.model,
         "system": rec.system,
+        "prompt": rec.prompt,
         "created_at": rec.created_at,
         "metadata": rec.metadata,
         "last_seq": rec.last_seq,
@@ -81,6 +84,7 @@ pub async fn create(
     let new = NewConversation {
         model: body.model,
         system: body.system,
+        prompt: body.prompt,
         metadata: body.metadata,
     };
     p.check_model(new.model.as_deref().unwrap_or("default"))?;

@@ -84,11 +84,13 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
             client_id,
             model,
             system,
+            prompt,
             metadata,
         } => {
             let new = NewConversation {
                 model,
                 system,
+                prompt,
                 metadata,
             };
             let created = match cx

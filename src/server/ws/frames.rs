@@ -16,6 +16,8 @@ pub enum ClientFrame {
         #[serde(default)]
         system: Option<String>,
         #[serde(default)]
+        prompt: Option<String>,
+        #[serde(default)]
         metadata: Option<serde_json::Value>,
     },
     Subscribe {
