@@ -86,7 +86,11 @@ impl ConversationActor {
         let Some(q) = self.queue.pop_front() else {
             return;
         };
-        let route = q.options.model.clone().unwrap_or_else(|| self.record.model.clone());
+        let route = q
+            .options
+            .model
+            .clone()
+            .unwrap_or_else(|| self.record.model.clone());
         let system = self.system_prompt(&route).unwrap_or_else(|e| {
             tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
             SystemPrompt::default()
@@ -186,13 +190,27 @@ impl ConversationActor {
     /// prompt, or the route's versioned prompt, in that order.
     fn system_prompt(&self, route: &str) -> Result<SystemPrompt, ApiError> {
         if let Some(text) = &self.record.system {
-            return Ok(SystemPrompt { text: Some(text.clone()), tokens: Some(self.record.system_tokens), version: None });
+            return Ok(SystemPrompt {
+                text: Some(text.clone()),
+                tokens: Some(self.record.system_tokens),
+                version: None,
+            });
         }
-        let reference = self.record.prompt.as_deref().or_else(|| self.deps.router.route_prompt(route));
-        let Some(reference) = reference else { return Ok(SystemPrompt::default()) };
+        let reference = self
+            .record
+            .prompt
+            .as_deref()
+            .or_else(|| self.deps.router.route_prompt(route));
+        let Some(reference) = reference else {
+            return Ok(SystemPrompt::default());
+        };
         let p = super::prompts::resolve(&self.deps.store, reference)?;
         let tokens = crate::tokens::count(self.encoding, &p.content);
-        Ok(SystemPrompt { version: Some(p.label()), text: Some(p.content), tokens: Some(tokens) })
+        Ok(SystemPrompt {
+            version: Some(p.label()),
+            text: Some(p.content),
+            tokens: Some(tokens),
+        })
     }
 
     /// The prompt tokens this turn will likely send: system prompt, new message and the stored

@@ -11,14 +11,17 @@ use crate::store::{PromptVersion, Store};
 pub fn parse(reference: &str) -> Result<(&str, Option<u32>), ApiError> {
     let (name, version) = reference.rsplit_once('@').unwrap_or((reference, "latest"));
     if name.is_empty() {
-        return Err(ApiError::bad_request("a prompt reference needs a name: name@version"));
+        return Err(ApiError::bad_request(
+            "a prompt reference needs a name: name@version",
+        ));
     }
     match version {
         "latest" => Ok((name, None)),
-        v => v
-            .parse()
-            .map(|n| (name, Some(n)))
-            .map_err(|_| ApiError::bad_request(format!("prompt version {v:?} is neither a number nor latest"))),
+        v => v.parse().map(|n| (name, Some(n))).map_err(|_| {
+            ApiError::bad_request(format!(
+                "prompt version {v:?} is neither a number nor latest"
+            ))
+        }),
     }
 }
 
@@ -28,9 +31,12 @@ pub fn parse(reference: &str) -> Result<(&str, Option<u32>), ApiError> {
 /// `not_found` when the prompt or version does not exist; `bad_request` for a bad reference.
 pub fn resolve(store: &Store, reference: &str) -> Result<PromptVersion, ApiError> {
     let (name, version) = parse(reference)?;
-    store
-        .prompt(name, version)?
-        .ok_or_else(|| ApiError::new(ErrorCode::NotFound, format!("prompt {reference:?} not found")))
+    store.prompt(name, version)?.ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("prompt {reference:?} not found"),
+        )
+    })
 }
 
 impl PromptVersion {

@@ -239,9 +239,16 @@ async fn forward(
     let (inner_tx, mut inner_rx) = mpsc::channel(STREAM_BUFFER);
     let begun = Instant::now();
     let run = backend.run(req, inner_tx, &seen);
-    let relay = async {
+    // Owns `inner_rx`: when the consumer leaves, even before the first event, the relay ends and
+    // drops it, which tells `run` to close the upstream request now, not at its timeout.
+    let relay = async move {
         let mut ttft = None;
-        while let Some(event) = inner_rx.recv().await {
+        loop {
+            let event = tokio::select! {
+                () = tx.closed() => return Outcome::Abandoned,
+                event = inner_rx.recv() => event,
+            };
+            let Some(event) = event else { break };
             ttft.get_or_insert_with(|| begun.elapsed());
             let outcome = match &event {
                 UpstreamEvent::Delta(_) => None,

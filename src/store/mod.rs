@@ -21,8 +21,8 @@ use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 pub use records::{
-    ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion, ReplyMeta, Role,
-    StoredError, Usage, UsageRecord,
+    ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
+    ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
 pub use usage::periods;
 

@@ -1,8 +1,6 @@
 //! Versioned system prompts: `prompts`: name ‖ 0 ‖ version (u32 BE) → [`PromptVersion`].
 //! A new text is always a new version (1, 2, …); nothing is overwritten.
 
-use sled::transaction::ConflictableTransactionError;
-
 use super::{decode, encode, PromptVersion, Store, StoreError};
 
 fn prompt_key(name: &str, version: u32) -> Vec<u8> {
@@ -24,27 +22,38 @@ impl Store {
     ///
     /// # Errors
     /// Storage failures.
-    pub async fn put_prompt(&self, name: &str, content: &str, created_at: i64) -> Result<PromptVersion, StoreError> {
-        let stored = self.prompts.transaction(|tx| {
-            // The newest version is the last key under the prefix; a transaction keeps two
-            // writers from taking the same number.
-            let newest = self.prompts.scan_prefix(prefix(name)).next_back();
-            let last = match newest {
-                Some(Ok((_, v))) => {
-                    decode::<PromptVersion>("prompts", name, &v).map_err(ConflictableTransactionError::Abort)?.version
-                }
-                Some(Err(e)) => return Err(ConflictableTransactionError::Storage(e)),
+    pub async fn put_prompt(
+        &self,
+        name: &str,
+        content: &str,
+        created_at: i64,
+    ) -> Result<PromptVersion, StoreError> {
+        // Compare-and-swap on the next free number: two writers never take the same version.
+        let p = loop {
+            let last = match self
+                .prompts
+                .scan_prefix(prefix(name))
+                .next_back()
+                .transpose()?
+            {
+                Some((_, v)) => decode::<PromptVersion>("prompts", name, &v)?.version,
                 None => 0,
             };
-            let mut version = last + 1;
-            while tx.get(prompt_key(name, version))?.is_some() {
-                version += 1;
+            let p = PromptVersion {
+                name: name.to_owned(),
+                version: last + 1,
+                content: content.to_owned(),
+                created_at,
+            };
+            let key = prompt_key(name, p.version);
+            if self
+                .prompts
+                .compare_and_swap(key, None as Option<&[u8]>, Some(encode(&p)?))?
+                .is_ok()
+            {
+                break p;
             }
-            let p = PromptVersion { name: name.to_owned(), version, content: content.to_owned(), created_at };
-            tx.insert(prompt_key(name, version), encode(&p).map_err(ConflictableTransactionError::Abort)?)?;
-            Ok(p)
-        });
-        let p = stored.map_err(super::tx_error)?;
+        };
         self.flush().await?;
         Ok(p)
     }
@@ -54,17 +63,29 @@ impl Store {
     /// # Errors
     /// Storage failures or corrupt records.
     pub fn prompt_versions(&self, name: &str) -> Result<Vec<PromptVersion>, StoreError> {
-        self.prompts.scan_prefix(prefix(name)).map(|kv| decode("prompts", name, &kv?.1)).collect()
+        self.prompts
+            .scan_prefix(prefix(name))
+            .map(|kv| decode("prompts", name, &kv?.1))
+            .collect()
     }
 
     /// One version of prompt `name`, or its newest with `None`.
     ///
     /// # Errors
     /// Storage failures or corrupt records.
-    pub fn prompt(&self, name: &str, version: Option<u32>) -> Result<Option<PromptVersion>, StoreError> {
+    pub fn prompt(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<Option<PromptVersion>, StoreError> {
         let raw = match version {
             Some(v) => self.prompts.get(prompt_key(name, v))?,
-            None => self.prompts.scan_prefix(prefix(name)).next_back().transpose()?.map(|(_, v)| v),
+            None => self
+                .prompts
+                .scan_prefix(prefix(name))
+                .next_back()
+                .transpose()?
+                .map(|(_, v)| v),
         };
         raw.map(|v| decode("prompts", name, &v)).transpose()
     }

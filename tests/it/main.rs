@@ -6,6 +6,7 @@
 mod auth;
 mod common;
 mod context;
+mod governance;
 mod http;
 mod lifecycle;
 mod openai;

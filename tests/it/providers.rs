@@ -423,8 +423,14 @@ async fn a_primary_silent_before_its_first_token_is_abandoned_within_the_ttft_ti
     );
     assert_eq!(a.requests(), 1);
     assert_eq!(b.requests(), 1);
-    // Abandoning a slow upstream says nothing of its health, and frees its slot.
+    // Abandoning a slow upstream closes its request at once (not at its timeout), frees its
+    // slot, and says nothing of its health.
     let info = wait_provider(&server, "a", |p| only_deployment(p)["in_flight"] == 0).await;
+    assert!(
+        begun.elapsed() < Duration::from_millis(1500),
+        "the abandoned request was held {:?}",
+        begun.elapsed()
+    );
     assert_eq!(only_deployment(&info)["breaker"], "closed", "{info}");
     assert_eq!(only_deployment(&info)["error_rate"], 0.0, "{info}");
 

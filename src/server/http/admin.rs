@@ -53,22 +53,36 @@ pub async fn put_prompt(
     name: web::Path<String>,
     body: web::Json<PromptBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let valid = !name.is_empty() && name.len() <= 128 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !valid {
-        return Err(ApiError::bad_request("prompt names are 1 to 128 letters, digits, '-', '_' or '.'"));
+        return Err(ApiError::bad_request(
+            "prompt names are 1 to 128 letters, digits, '-', '_' or '.'",
+        ));
     }
-    let p = state.store().put_prompt(&name, &body.content, crate::ids::unix_now()).await?;
+    let p = state
+        .store()
+        .put_prompt(&name, &body.content, crate::ids::unix_now())
+        .await?;
     tracing::info!(prompt = %p.label(), "prompt version stored");
     Ok(HttpResponse::Created().json(p))
 }
 
 /// Every version of prompt `name`, oldest first.
-pub async fn list_prompts(_: Admin, state: web::Data<AppState>, name: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn list_prompts(
+    _: Admin,
+    state: web::Data<AppState>,
+    name: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let versions = state.store().prompt_versions(&name)?;
     if versions.is_empty() {
         return Err(ApiError::not_found("prompt"));
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "object": "list", "name": *name, "data": versions })))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "object": "list", "name": *name, "data": versions })))
 }
 
 /// Every provider's deployments: breaker state, bucket levels, in-flight, error rate, latency.

@@ -28,26 +28,46 @@ pub struct UsageQuery {
     format: Option<String>,
 }
 
-pub async fn own(Client(p): Client, state: web::Data<AppState>, q: web::Query<UsageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn own(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    q: web::Query<UsageQuery>,
+) -> Result<HttpResponse, ApiError> {
     if q.tenant.as_ref().is_some_and(|t| *t != p.tenant.0) {
-        return Err(ApiError::bad_request("tenant is implied by the key on /v1/usage"));
+        return Err(ApiError::bad_request(
+            "tenant is implied by the key on /v1/usage",
+        ));
     }
     report(&state, Some(&p.tenant), &q)
 }
 
-pub async fn admin(_: Admin, state: web::Data<AppState>, q: web::Query<UsageQuery>) -> Result<HttpResponse, ApiError> {
+pub async fn admin(
+    _: Admin,
+    state: web::Data<AppState>,
+    q: web::Query<UsageQuery>,
+) -> Result<HttpResponse, ApiError> {
     let tenant = q.tenant.clone().map(TenantId);
     report(&state, tenant.as_ref(), &q)
 }
 
-fn report(state: &AppState, tenant: Option<&TenantId>, q: &UsageQuery) -> Result<HttpResponse, ApiError> {
+fn report(
+    state: &AppState,
+    tenant: Option<&TenantId>,
+    q: &UsageQuery,
+) -> Result<HttpResponse, ApiError> {
     let from = q.from.as_deref().map(parse_time).transpose()?.unwrap_or(0);
-    let to = q.to.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MAX);
+    let to =
+        q.to.as_deref()
+            .map(parse_time)
+            .transpose()?
+            .unwrap_or(i64::MAX);
     let group_by = q.group_by.unwrap_or(GroupBy::Day);
     let records = state.store().usage_between(tenant, from, to, MAX_RECORDS)?;
     let rows = aggregate(&records, group_by);
     match q.format.as_deref() {
-        Some("csv") => Ok(HttpResponse::Ok().content_type("text/csv; charset=utf-8").body(to_csv(&rows))),
+        Some("csv") => Ok(HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .body(to_csv(&rows))),
         None | Some("json") => {
             let total = total(&rows);
             Ok(HttpResponse::Ok().json(serde_json::json!({
@@ -58,12 +78,17 @@ fn report(state: &AppState, tenant: Option<&TenantId>, q: &UsageQuery) -> Result
                 "total": total,
             })))
         }
-        Some(other) => Err(ApiError::bad_request(format!("unknown format {other:?}: json or csv"))),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "unknown format {other:?}: json or csv"
+        ))),
     }
 }
 
 fn total(rows: &[UsageRow]) -> UsageRow {
-    let mut t = UsageRow { group: "total".into(), ..UsageRow::default() };
+    let mut t = UsageRow {
+        group: "total".into(),
+        ..UsageRow::default()
+    };
     for r in rows {
         t.requests += r.requests;
         t.cached_requests += r.cached_requests;
@@ -88,7 +113,11 @@ fn parse_time(s: &str) -> Result<i64, ApiError> {
     }
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp_millis())
-        .map_err(|_| ApiError::bad_request(format!("invalid time {s:?}: Unix seconds, YYYY-MM-DD or RFC 3339")))
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "invalid time {s:?}: Unix seconds, YYYY-MM-DD or RFC 3339"
+            ))
+        })
 }
 
 #[cfg(test)]
