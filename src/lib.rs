@@ -9,6 +9,7 @@
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
 //! - [`tokens`]: token counting (tiktoken-rs) and context trimming.
 //! - [`limits`]: token buckets, circuit breaker, backoff: state machines with the clock passed in.
+//! - [`guard`]: PII redaction and restoration, prompt-injection screening, system-prompt leaks.
 //! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
 //! - [`store`]: the only module that touches sled.
 //! - [`mock_upstream`]: the fake provider used by the CLI, the tests and the benches.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod conversation;
 pub mod error;
+pub mod guard;
 pub mod ids;
 pub mod limits;
 pub mod metrics;

@@ -1,0 +1,302 @@
+//! PII redaction before anything leaves for a provider, and restoration of the reply.
+//!
+//! Detectors (each a pattern, and where a check digit exists, the check):
+//! e-mail addresses; phone numbers (international `+CC …`, or grouped `(555) 123-4567` /
+//! `555-123-4567`: a bare run of digits such as an order number is not a phone); payment cards
+//! (13–19 digits, Luhn); IBANs (mod-97); Indian Aadhaar numbers (12 digits, Verhoeff) and PAN
+//! (`ABCDE1234F`); IPv4 and IPv6 addresses; API keys (`sk-…`, `AKIA…`, `ghp_…`, `xox…-`) and
+//! bearer tokens. Each value becomes a typed placeholder (`<EMAIL_1>`), the same one for the same
+//! value throughout a conversation ([`Vault`]); the reply's placeholders are put back before the
+//! client sees them ([`Restorer`], which copes with a placeholder split across deltas).
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// What a route or key does with PII.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PiiMode {
+    Off,
+    #[default]
+    Redact,
+    Block,
+}
+
+struct Detector {
+    kind: &'static str,
+    pattern: Regex,
+    check: fn(&str) -> bool,
+}
+
+fn always(_: &str) -> bool {
+    true
+}
+
+#[allow(clippy::expect_used)] // ok: constant patterns, proven by the unit tests
+static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
+    let d = |kind, pattern: &str, check| Detector {
+        kind,
+        pattern: Regex::new(pattern).expect("valid pattern"),
+        check,
+    };
+    vec![
+        d("BEARER", r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{16,}", always),
+        d(
+            "API_KEY",
+            r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{30,}|\bxox[abprs]-[A-Za-z0-9-]{10,}",
+            always,
+        ),
+        d(
+            "EMAIL",
+            r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b",
+            always,
+        ),
+        d("IBAN", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban_ok),
+        d("CARD", r"\b[2-6]\d(?:[ -]?\d){11,17}\b", luhn_ok),
+        d(
+            "AADHAAR",
+            r"\b[2-9]\d{3}[ -]?\d{4}[ -]?\d{4}\b",
+            verhoeff_ok,
+        ),
+        d("PAN", r"\b[A-Z]{3}[PCHFATBLJG][A-Z]\d{4}[A-Z]\b", always),
+        d(
+            "IP",
+            r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b",
+            always,
+        ),
+        d(
+            "IP",
+            r"(?i)\b[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}\b",
+            ipv6_ok,
+        ),
+        d(
+            "PHONE",
+            r"\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}\b|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b|\b\d{3}[ .-]\d{3}[ .-]\d{4}\b",
+            phone_ok,
+        ),
+    ]
+});
+
+static PLACEHOLDER: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)] // ok: a constant pattern
+    Regex::new(r"<[A-Z_]+_\d+>").expect("valid pattern")
+});
+
+/// Placeholders of one conversation: the same value always gets the same placeholder.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vault {
+    by_value: HashMap<String, String>,
+    by_placeholder: HashMap<String, String>,
+    counts: HashMap<String, u32>,
+}
+
+impl Vault {
+    fn placeholder(&mut self, kind: &str, value: &str) -> String {
+        if let Some(p) = self.by_value.get(value) {
+            return p.clone();
+        }
+        let n = self.counts.entry(kind.to_owned()).or_insert(0);
+        *n += 1;
+        let p = format!("<{kind}_{n}>");
+        self.by_value.insert(value.to_owned(), p.clone());
+        self.by_placeholder.insert(p.clone(), value.to_owned());
+        p
+    }
+
+    /// `text` with every detected value replaced; answers the kinds found.
+    pub fn redact(&mut self, text: &str) -> (String, Vec<&'static str>) {
+        let mut out = text.to_owned();
+        let mut kinds = Vec::new();
+        for d in DETECTORS.iter() {
+            let mut replaced = String::with_capacity(out.len());
+            let mut last = 0;
+            for m in d.pattern.find_iter(&out) {
+                let value = m.as_str().trim();
+                if PLACEHOLDER.is_match(value) || !(d.check)(value) {
+                    continue;
+                }
+                replaced.push_str(&out[last..m.start()]);
+                replaced.push_str(&self.placeholder(d.kind, value));
+                last = m.end();
+                if !kinds.contains(&d.kind) {
+                    kinds.push(d.kind);
+                }
+            }
+            if last > 0 {
+                replaced.push_str(&out[last..]);
+                out = replaced;
+            }
+        }
+        (out, kinds)
+    }
+
+    /// The original of a placeholder, if this vault made it.
+    pub fn original(&self, placeholder: &str) -> Option<&str> {
+        self.by_placeholder.get(placeholder).map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_value.is_empty()
+    }
+}
+
+/// The kinds of PII in `text` (for `block` mode).
+pub fn detect(text: &str) -> Vec<&'static str> {
+    Vault::default().redact(text).1
+}
+
+/// Puts originals back into a streamed reply. Text that may be the start of a placeholder is
+/// held back until it is complete (or proven not to be one).
+#[derive(Debug, Default)]
+pub struct Restorer {
+    pending: String,
+}
+
+/// A placeholder is never longer than this; anything longer is plain text.
+const MAX_PLACEHOLDER: usize = 32;
+
+impl Restorer {
+    /// Feeds a delta; answers the text that can be sent now.
+    pub fn push(&mut self, vault: &Vault, delta: &str) -> String {
+        self.pending.push_str(delta);
+        let restored = restore(vault, &self.pending);
+        // Hold back an unterminated '<…' tail that could still become a placeholder.
+        let hold_from = restored.rfind('<').filter(|&i| {
+            let tail = &restored[i + 1..];
+            tail.len() < MAX_PLACEHOLDER
+                && tail
+                    .chars()
+                    .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        });
+        match hold_from {
+            Some(i) => {
+                self.pending = restored[i..].to_owned();
+                restored[..i].to_owned()
+            }
+            None => {
+                self.pending.clear();
+                restored
+            }
+        }
+    }
+
+    /// The text still held back, at the end of the reply.
+    pub fn finish(&mut self, vault: &Vault) -> String {
+        let rest = restore(vault, &self.pending);
+        self.pending.clear();
+        rest
+    }
+}
+
+fn restore(vault: &Vault, text: &str) -> String {
+    PLACEHOLDER
+        .replace_all(text, |c: &regex::Captures<'_>| {
+            let p = &c[0];
+            vault
+                .original(p)
+                .map_or_else(|| p.to_owned(), str::to_owned)
+        })
+        .into_owned()
+}
+
+fn digits(s: &str) -> Vec<u32> {
+    s.chars().filter_map(|c| c.to_digit(10)).collect()
+}
+
+/// The Luhn check of payment card numbers.
+pub fn luhn_ok(s: &str) -> bool {
+    let d = digits(s);
+    if !(13..=19).contains(&d.len()) {
+        return false;
+    }
+    let sum: u32 = d
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % 2 == 1 {
+                if x * 2 > 9 {
+                    x * 2 - 9
+                } else {
+                    x * 2
+                }
+            } else {
+                x
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// The ISO 13616 mod-97 check of IBANs.
+pub fn iban_ok(s: &str) -> bool {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    if !(15..=34).contains(&s.len()) {
+        return false;
+    }
+    let (head, tail) = s.split_at(4);
+    let mut rem: u32 = 0;
+    for c in tail.chars().chain(head.chars()) {
+        let v = match c.to_digit(36) {
+            Some(v) => v,
+            None => return false,
+        };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
+    }
+    rem == 1
+}
+
+/// The Verhoeff check of Aadhaar numbers.
+pub fn verhoeff_ok(s: &str) -> bool {
+    const D: [[u8; 10]; 10] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 2, 3, 4, 0, 6, 7, 8, 9, 5],
+        [2, 3, 4, 0, 1, 7, 8, 9, 5, 6],
+        [3, 4, 0, 1, 2, 8, 9, 5, 6, 7],
+        [4, 0, 1, 2, 3, 9, 5, 6, 7, 8],
+        [5, 9, 8, 7, 6, 0, 4, 3, 2, 1],
+        [6, 5, 9, 8, 7, 1, 0, 4, 3, 2],
+        [7, 6, 5, 9, 8, 2, 1, 0, 4, 3],
+        [8, 7, 6, 5, 9, 3, 2, 1, 0, 4],
+        [9, 8, 7, 6, 5, 4, 3, 2, 1, 0],
+    ];
+    const P: [[u8; 10]; 8] = [
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],
+        [1, 5, 7, 6, 2, 8, 3, 0, 9, 4],
+        [5, 8, 0, 3, 7, 9, 6, 1, 4, 2],
+        [8, 9, 1, 6, 0, 4, 3, 5, 2, 7],
+        [9, 4, 5, 3, 1, 2, 6, 8, 7, 0],
+        [4, 2, 8, 6, 5, 7, 3, 9, 0, 1],
+        [2, 7, 9, 3, 8, 0, 6, 4, 1, 5],
+        [7, 0, 4, 6, 9, 1, 3, 2, 5, 8],
+    ];
+    let d = digits(s);
+    if d.len() != 12 {
+        return false;
+    }
+    let mut c = 0usize;
+    for (i, &x) in d.iter().rev().enumerate() {
+        c = D[c][P[i % 8][x as usize] as usize] as usize;
+    }
+    c == 0
+}
+
+fn ipv6_ok(s: &str) -> bool {
+    s.matches(':').count() >= 2
+        && s.parse::<std::net::Ipv6Addr>().is_ok()
+        && s.chars().any(|c| c.is_ascii_hexdigit())
+}
+
+fn phone_ok(s: &str) -> bool {
+    (8..=15).contains(&digits(s).len())
+}
+
+#[cfg(test)]
+mod tests;
