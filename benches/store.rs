@@ -33,6 +33,7 @@ fn message(seq: u64) -> MessageRecord {
         finish_reason: None,
         tokens: 48,
         reply: None,
+        flags: Vec::new(),
     }
 }
 

@@ -19,6 +19,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     pub ws_connections: IntGauge,
     pub live_conversations: IntGauge,
+    guard_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -55,6 +56,14 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ws_connections.clone()))?;
         registry.register(Box::new(live_conversations.clone()))?;
+        let guard_events = IntCounterVec::new(
+            Opts::new(
+                "parley_guard_events_total",
+                "Guardrail findings by guard and action",
+            ),
+            &["guard", "action"],
+        )?;
+        registry.register(Box::new(guard_events.clone()))?;
         Ok(Self {
             registry,
             turns,
@@ -63,6 +72,7 @@ impl Metrics {
             errors,
             ws_connections,
             live_conversations,
+            guard_events,
         })
     }
 
@@ -84,6 +94,11 @@ impl Metrics {
                 .with_label_values(&[provider, code.as_str()])
                 .inc();
         }
+    }
+
+    /// A guardrail finding (`pii`/`prompt_injection`/`system_prompt_leak`; `flag`/`block`/`cut`).
+    pub fn guard_event(&self, guard: &str, action: &str) {
+        self.guard_events.with_label_values(&[guard, action]).inc();
     }
 
     pub fn add_tokens(&self, provider: &str, usage: Usage) {

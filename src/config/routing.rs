@@ -74,6 +74,12 @@ pub struct RouteConfig {
     /// A versioned system prompt (`name@3`, `name@latest`) for conversations without one.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// PII in what leaves: `off`, `redact` (default) or `block`.
+    #[serde(default)]
+    pub pii: crate::guard::pii::PiiMode,
+    /// Prompt-injection screening of user messages: `off` (default), `flag` or `block`.
+    #[serde(default)]
+    pub injection: crate::guard::injection::InjectionMode,
 }
 
 /// How a route orders its targets for each request.
@@ -135,6 +141,8 @@ impl RouteConfig {
             continue_on_fallback: false,
             regions: None,
             prompt: None,
+            pii: crate::guard::pii::PiiMode::default(),
+            injection: crate::guard::injection::InjectionMode::default(),
         }
     }
 }

@@ -20,6 +20,8 @@ use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
 use crate::error::{ApiError, ErrorCode};
+use crate::guard::injection::InjectionMode;
+use crate::guard::pii::PiiMode;
 use crate::store::ConversationRecord;
 use crate::tenant::{Principal, Reservation};
 use crate::tokens::{fit_history, Encoding};
@@ -29,6 +31,8 @@ const MAILBOX: usize = 256;
 pub const MAX_REPLAY: usize = 50_000;
 
 struct Queued {
+    pii: PiiMode,
+    flags: Vec<String>,
     client_id: String,
     content: String,
     tokens: u32,
@@ -109,6 +113,8 @@ impl ConversationActor {
             options: q.options,
             principal: q.principal,
             reservation: q.reservation,
+            pii: q.pii,
+            flags: q.flags,
         };
         let cancel = self.deps.shutdown.child_token();
         let ended = CancellationToken::new();
@@ -211,6 +217,43 @@ impl ConversationActor {
             text: Some(p.content),
             tokens: Some(tokens),
         })
+    }
+
+    /// The guardrails on a new user message, before it is stored: PII in `block` mode and
+    /// prompt injections in `block` mode refuse it; `flag` mode marks it.
+    fn screen(
+        &self,
+        route: &str,
+        principal: &Principal,
+        content: &str,
+    ) -> Result<(PiiMode, Vec<String>), ApiError> {
+        let (route_pii, injection) = self.deps.router.guards(route);
+        let pii = principal.pii().unwrap_or(route_pii);
+        if pii == PiiMode::Block {
+            let kinds = crate::guard::pii::detect(content);
+            if !kinds.is_empty() {
+                self.deps.metrics.guard_event("pii", "block");
+                let msg = format!("the message contains personal data ({})", kinds.join(", "));
+                return Err(ApiError::new(ErrorCode::Blocked, msg));
+            }
+        }
+        let mut flags = Vec::new();
+        if injection != InjectionMode::Off {
+            let verdict = crate::guard::injection::screen(content);
+            if verdict.is_injection() {
+                tracing::warn!(conversation = %self.record.id, score = verdict.score, signals = ?verdict.signals, "prompt injection");
+                if injection == InjectionMode::Block {
+                    self.deps.metrics.guard_event("prompt_injection", "block");
+                    return Err(ApiError::new(
+                        ErrorCode::Blocked,
+                        "the message looks like a prompt injection",
+                    ));
+                }
+                self.deps.metrics.guard_event("prompt_injection", "flag");
+                flags.push("prompt_injection".to_owned());
+            }
+        }
+        Ok((pii, flags))
     }
 
     /// The prompt tokens this turn will likely send: system prompt, new message and the stored
@@ -391,6 +434,7 @@ impl Handler<PostUserMessage> for ConversationActor {
         self.deps
             .router
             .check_regions(route, msg.principal.regions())?;
+        let (pii, flags) = self.screen(route, &msg.principal, &msg.content)?;
         // Reserved before the turn is stored or queued: a key over its limits is refused here,
         // before anything reaches an upstream.
         let estimate = self.estimate_prompt(system, msg.tokens)?;
@@ -408,6 +452,8 @@ impl Handler<PostUserMessage> for ConversationActor {
         )?;
         self.listen(msg.listener);
         self.queue.push_back(Queued {
+            pii,
+            flags,
             client_id: cid,
             content: msg.content,
             tokens: msg.tokens,

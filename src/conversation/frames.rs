@@ -28,6 +28,9 @@ pub struct WireMessage {
     /// The versioned system prompt a reply was written under (`name@version`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_version: Option<String>,
+    /// Guardrail findings (`prompt_injection`, `system_prompt_leak`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 impl From<MessageRecord> for WireMessage {
@@ -40,6 +43,7 @@ impl From<MessageRecord> for WireMessage {
             client_id: m.client_id,
             finish_reason: m.finish_reason,
             prompt_version: m.reply.and_then(|r| r.prompt_version),
+            flags: m.flags,
         }
     }
 }

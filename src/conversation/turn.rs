@@ -16,6 +16,8 @@ use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
 use super::Deps;
 use crate::error::{ApiError, ErrorCode};
+use crate::guard::injection::Leak;
+use crate::guard::pii::{PiiMode, Restorer, Vault};
 use crate::ids::{unix_now, ConversationId};
 use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
 use crate::store::UsageRecord;
@@ -39,6 +41,10 @@ pub struct TurnInput {
     pub reservation: Option<Reservation>,
     /// The versioned prompt `system` came from (`name@version`).
     pub prompt_version: Option<String>,
+    /// What to do with PII in what leaves.
+    pub pii: PiiMode,
+    /// Guardrail findings on the user message, stored with it.
+    pub flags: Vec<String>,
 }
 
 /// How a reply ended, before it is stored.
@@ -49,6 +55,8 @@ struct Ending {
     model: Option<String>,
     /// The provider that finished the reply, when it is not the one that started it.
     provider: Option<String>,
+    /// Guardrail findings on the reply.
+    flags: Vec<String>,
 }
 
 /// Runs one turn; answers the conversation's `last_seq` afterwards.
@@ -90,6 +98,7 @@ async fn run_inner(
     };
 
     let user = MessageRecord {
+        flags: input.flags.clone(),
         seq: input.user_seq,
         role: Role::User,
         content: input.content.clone(),
@@ -115,7 +124,7 @@ async fn run_inner(
         panic!("fault injection: turn panicked");
     }
 
-    let (request, prompt_tokens) = match build_request(deps, &input) {
+    let (request, prompt_tokens, vault) = match build_request(deps, &input) {
         Ok(r) => r,
         Err(e) => {
             fail(e, Some(input.user_seq));
@@ -164,6 +173,8 @@ async fn run_inner(
                 request: &request,
                 tokens: prompt_tokens,
                 regions: input.principal.regions(),
+                vault: vault.as_ref(),
+                system: input.system.as_deref(),
             };
             let ending = stream(&ctx, started, &mut text, cancel).await;
             let provider = ending.provider.clone().unwrap_or(provider);
@@ -179,6 +190,7 @@ async fn run_inner(
         .unwrap_or_else(|| Usage::new(prompt_tokens, completion_tokens));
     let model = ending.model.unwrap_or(model);
     let reply = MessageRecord {
+        flags: ending.flags.clone(),
         seq: reply_seq,
         role: Role::Assistant,
         content: text,
@@ -264,6 +276,8 @@ struct StreamCtx<'a> {
     request: &'a ChatRequest,
     tokens: u32,
     regions: Option<&'a [String]>,
+    vault: Option<&'a Vault>,
+    system: Option<&'a str>,
 }
 
 /// How many times one reply may move to another target after its stream broke.
@@ -277,6 +291,40 @@ async fn stream(
     started: crate::provider::Started,
     text: &mut String,
     cancel: &CancellationToken,
+) -> Ending {
+    let mut guards = Guards {
+        restorer: cx.vault.map(|v| (Restorer::default(), v)),
+        leak: Leak::new(cx.system.unwrap_or_default()),
+    };
+    let ending = stream_inner(cx, started, text, cancel, &mut guards).await;
+    // Text held back as a possible placeholder goes out before the turn ends.
+    if let Some((restorer, vault)) = guards.restorer.as_mut() {
+        let rest = restorer.finish(vault);
+        if !rest.is_empty() {
+            text.push_str(&rest);
+            let frame = ServerFrame::Delta {
+                conversation: cx.conv.clone(),
+                reply_to: cx.reply_to,
+                text: rest,
+            };
+            cx.fanout.broadcast(&frame, Some(cx.client_id));
+        }
+    }
+    ending
+}
+
+/// What the stream passes each delta through: PII restoration and the leak watcher.
+struct Guards<'a> {
+    restorer: Option<(Restorer, &'a Vault)>,
+    leak: Leak,
+}
+
+async fn stream_inner(
+    cx: &StreamCtx<'_>,
+    started: crate::provider::Started,
+    text: &mut String,
+    cancel: &CancellationToken,
+    guards: &mut Guards<'_>,
 ) -> Ending {
     let mut provider = started.provider;
     let mut rest = started.rest;
@@ -297,6 +345,14 @@ async fn stream(
         };
         match event {
             UpstreamEvent::Delta(delta) => {
+                let delta = match guards.restorer.as_mut() {
+                    Some((restorer, vault)) => restorer.push(vault, &delta),
+                    None => delta,
+                };
+                if delta.is_empty() {
+                    continue;
+                }
+                let leaked = guards.leak.push(&delta);
                 text.push_str(&delta);
                 let frame = ServerFrame::Delta {
                     conversation: cx.conv.clone(),
@@ -304,6 +360,13 @@ async fn stream(
                     text: delta,
                 };
                 cx.fanout.broadcast(&frame, Some(cx.client_id));
+                if leaked {
+                    tracing::warn!(conversation = %cx.conv, "reply reproduces the system prompt; cut");
+                    cx.deps.metrics.guard_event("system_prompt_leak", "cut");
+                    let mut cut = ending("content_filter", None);
+                    cut.flags.push("system_prompt_leak".into());
+                    return cut.switched(switches, &provider);
+                }
             }
             UpstreamEvent::Finished {
                 finish_reason,
@@ -322,15 +385,17 @@ async fn stream(
                     usage,
                     model,
                     provider: None,
+                    flags: Vec::new(),
                 };
                 return done.switched(switches, &provider);
             }
             UpstreamEvent::Failed(e) if !text.is_empty() => {
                 tracing::warn!(error = %e, %provider, "upstream stream broke after text was sent");
                 if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
+                    let partial = upstream_text(cx, text);
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
-                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, text, &provider, cx.regions) => r,
+                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, &partial, &provider, cx.regions) => r,
                     };
                     match resumed {
                         Ok(s) => {
@@ -365,6 +430,14 @@ async fn stream(
     }
 }
 
+/// The reply so far as the upstream wrote it (with placeholders, never the restored PII).
+fn upstream_text(cx: &StreamCtx<'_>, text: &str) -> String {
+    match cx.vault {
+        Some(vault) => vault.clone().redact(text).0,
+        None => text.to_owned(),
+    }
+}
+
 impl Ending {
     /// After a switch the upstream's usage covers only the last part: count it ourselves.
     fn switched(mut self, switches: usize, provider: &str) -> Self {
@@ -383,11 +456,15 @@ fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
         usage: None,
         model: None,
         provider: None,
+        flags: Vec::new(),
     }
 }
 
 /// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message.
-fn build_request(deps: &Deps, input: &TurnInput) -> Result<(ChatRequest, u32), ApiError> {
+fn build_request(
+    deps: &Deps,
+    input: &TurnInput,
+) -> Result<(ChatRequest, u32, Option<Vault>), ApiError> {
     let mut taken = Vec::new();
     let mut read_error = None;
     let history = deps
@@ -422,13 +499,38 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<(ChatRequest, u32), A
         role: "user",
         content: input.content.clone(),
     });
+    let vault = match input.pii {
+        PiiMode::Redact => Some(redact(deps, &input.conversation, &mut messages)?),
+        PiiMode::Off | PiiMode::Block => None,
+    };
     let request = ChatRequest {
         model: String::new(),
         messages,
         max_tokens: input.options.max_tokens,
         temperature: input.options.temperature,
     };
-    Ok((request, prompt_tokens))
+    Ok((request, prompt_tokens, vault))
+}
+
+/// Replaces PII in every message but the operator's system prompt with the conversation's
+/// placeholders; the vault is kept so the next turns use the same ones.
+fn redact(
+    deps: &Deps,
+    conv: &ConversationId,
+    messages: &mut [ChatMessage],
+) -> Result<Vault, ApiError> {
+    let mut vault: Vault = deps.store.pii_vault(conv)?.unwrap_or_default();
+    let before = vault.clone();
+    for m in messages.iter_mut().filter(|m| m.role != "system") {
+        let (redacted, kinds) = vault.redact(&m.content);
+        if !kinds.is_empty() {
+            m.content = redacted;
+        }
+    }
+    if vault != before {
+        deps.store.put_pii_vault(conv, &vault)?;
+    }
+    Ok(vault)
 }
 
 /// How a stored reply ended, as the frame that announced it: `done`, or `error` for a turn
@@ -466,6 +568,7 @@ pub fn outcome_frame(
 /// keeps alternating and a resent client id learns how the turn ended.
 pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
     MessageRecord {
+        flags: Vec::new(),
         seq: user_seq + 1,
         role: Role::Assistant,
         content: String::new(),

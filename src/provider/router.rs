@@ -89,6 +89,8 @@ struct Route {
     regions: Option<Vec<String>>,
     /// The versioned system prompt of conversations on this route that have none of their own.
     prompt: Option<String>,
+    pii: crate::guard::pii::PiiMode,
+    injection: crate::guard::injection::InjectionMode,
     strategy: Strategy,
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
@@ -136,6 +138,8 @@ impl Router {
                     targets,
                     regions: r.regions.clone(),
                     prompt: r.prompt.clone(),
+                    pii: r.pii,
+                    injection: r.injection,
                     strategy: r.strategy,
                     ttft_timeout: (r.ttft_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
@@ -170,6 +174,20 @@ impl Router {
             .and_then(|r| r.targets.first())
             .map_or("", |t| t.model.as_str());
         Encoding::for_model(model)
+    }
+
+    /// The route's guardrail modes (PII, injection); defaults for an unknown route.
+    pub fn guards(
+        &self,
+        route: &str,
+    ) -> (
+        crate::guard::pii::PiiMode,
+        crate::guard::injection::InjectionMode,
+    ) {
+        self.routes
+            .get(route)
+            .map(|r| (r.pii, r.injection))
+            .unwrap_or_default()
     }
 
     /// The route's versioned system prompt reference, if it names one.

@@ -86,6 +86,7 @@ pub struct Store {
     usage: sled::Tree,
     usage_totals: sled::Tree,
     prompts: sled::Tree,
+    pii_vaults: sled::Tree,
 }
 
 impl Store {
@@ -107,6 +108,7 @@ impl Store {
             usage: db.open_tree("usage")?,
             usage_totals: db.open_tree("usage_totals")?,
             prompts: db.open_tree("prompts")?,
+            pii_vaults: db.open_tree("pii_vaults")?,
             db,
         })
     }
@@ -201,6 +203,10 @@ impl Store {
     /// # Errors
     /// On a storage failure.
     pub async fn delete_conversation(&self, id: &ConversationId) -> Result<(), StoreError> {
+        // The header goes first, so a turn still finishing cannot append to a half-deleted
+        // conversation (its transaction finds no header).
+        self.conversations.remove(id.as_bytes())?;
+        self.pii_vaults.remove(id.as_bytes())?;
         let mut batch = sled::Batch::default();
         for kv in self.messages.scan_prefix(id.as_bytes()) {
             batch.remove(kv?.0);
@@ -211,7 +217,6 @@ impl Store {
             batch.remove(kv?.0);
         }
         self.client_ids.apply_batch(batch)?;
-        self.conversations.remove(id.as_bytes())?;
         self.flush().await
     }
 
@@ -337,6 +342,35 @@ impl Store {
             message: "seq is not 8 bytes".into(),
         })?;
         Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    // ---- PII placeholders ----
+
+    /// A conversation's PII placeholder vault.
+    ///
+    /// # Errors
+    /// Storage failures or a corrupt record.
+    pub fn pii_vault<T: DeserializeOwned>(
+        &self,
+        id: &ConversationId,
+    ) -> Result<Option<T>, StoreError> {
+        self.pii_vaults
+            .get(id.as_bytes())?
+            .map(|v| decode("pii_vaults", id.as_str(), &v))
+            .transpose()
+    }
+
+    /// Replaces a conversation's vault (flushed with the turn's next durable write).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn put_pii_vault<T: Serialize>(
+        &self,
+        id: &ConversationId,
+        vault: &T,
+    ) -> Result<(), StoreError> {
+        self.pii_vaults.insert(id.as_bytes(), encode(vault)?)?;
+        Ok(())
     }
 
     // ---- keys ----

@@ -101,6 +101,9 @@ pub struct MessageRecord {
     pub tokens: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<ReplyMeta>,
+    /// Guardrail findings (`prompt_injection`, `system_prompt_leak`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 /// How a key's per-minute limits count.
@@ -136,6 +139,9 @@ pub struct KeyRecord {
     /// `bucket` (default: token buckets, bursts allowed) or `sliding` (exact trailing minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<LimitWindow>,
+    /// PII handling for this key's requests, over the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pii: Option<crate::guard::pii::PiiMode>,
     /// Four characters of the secret after `pk-`, enough for a human to tell keys apart.
     pub prefix: String,
     pub created_at: i64,

@@ -24,6 +24,7 @@ fn msg(seq: u64, role: Role, client_id: Option<&str>) -> MessageRecord {
         finish_reason: None,
         tokens: 3,
         reply: None,
+        flags: Vec::new(),
     }
 }
 
@@ -131,6 +132,7 @@ async fn keys_round_trip_and_revoke() {
         monthly_spend: None,
         regions: None,
         window: None,
+        pii: None,
         prefix: "ab12".into(),
         created_at: 0,
     };

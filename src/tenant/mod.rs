@@ -39,6 +39,11 @@ impl Principal {
         }
     }
 
+    /// The key's own PII mode, if it sets one.
+    pub fn pii(&self) -> Option<crate::guard::pii::PiiMode> {
+        self.limits.as_ref()?.pii
+    }
+
     /// Provider regions this key may reach (`None`: any).
     pub fn regions(&self) -> Option<&[String]> {
         self.limits.as_ref()?.regions.as_deref()
@@ -86,6 +91,8 @@ pub struct NewKey {
     pub regions: Option<Vec<String>>,
     #[serde(default)]
     pub window: Option<LimitWindow>,
+    #[serde(default)]
+    pub pii: Option<crate::guard::pii::PiiMode>,
 }
 
 /// Resolves bearer tokens to principals.
@@ -183,6 +190,7 @@ impl Auth {
             monthly_spend: new.monthly_spend,
             regions: new.regions,
             window: new.window,
+            pii: new.pii,
             prefix: secret[3..7].to_owned(),
             created_at: unix_now(),
         };

@@ -340,6 +340,7 @@ mod tests {
             monthly_spend: None,
             regions: None,
             window: None,
+            pii: None,
             prefix: String::new(),
             created_at: 0,
         }
