@@ -7,6 +7,7 @@ mod auth;
 mod common;
 mod context;
 mod governance;
+mod guards;
 mod http;
 mod lifecycle;
 mod openai;
