@@ -172,3 +172,51 @@ async fn a_reply_that_reproduces_the_system_prompt_is_cut() {
     // Cut right after the leaking delta: none of the 40 words that followed were sent.
     assert_eq!(frames.iter().filter(|f| f["type"] == "delta").count(), 1);
 }
+
+#[tokio::test]
+async fn the_openai_endpoint_redacts_and_restores_too() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let content = "reach me at jane.doe@example.com [[mock:echo,words=2]]";
+    let body = json!({"model": "up", "messages": [{"role": "user", "content": content}]});
+    let resp: Value = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        resp["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .starts_with(content),
+        "{resp}"
+    );
+    let streamed = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({"model": "up", "stream": true, "messages": [{"role": "user", "content": content}]}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let text: String = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(text.starts_with(content), "{text}");
+    assert_eq!(
+        sent_user_texts(&up),
+        ["reach me at <EMAIL_1> [[mock:echo,words=2]]"; 2]
+    );
+}

@@ -8,6 +8,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::error::{ApiError, ErrorCode};
+use crate::guard::injection::InjectionMode;
+use crate::guard::pii::{PiiMode, Restorer, Vault};
 use crate::ids::unix_now;
 use crate::metrics::Metrics;
 use crate::provider::{ChatMessage, ChatRequest, Started, UpstreamEvent};
@@ -73,7 +75,8 @@ pub async fn chat_completions(
         ));
     }
     p.check_model(&body.model)?;
-    let messages = convert_messages(body.messages)?;
+    let (messages, vault) =
+        guard_request(&state, &p, &body.model, convert_messages(body.messages)?)?;
     let encoding = state.router().encoding(&body.model);
     let prompt_tokens = messages
         .iter()
@@ -114,12 +117,68 @@ pub async fn chat_completions(
         bill,
         usage: state.registry.deps().usage.clone(),
         begun: std::time::Instant::now(),
+        restorer: vault.map(|v| (Restorer::default(), v)),
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         Ok(sse::response(chunks(started, meta, include_usage)))
     } else {
         complete(started, meta).await
+    }
+}
+
+/// The route's and key's guardrails on a stateless request: PII redacted (answering the vault
+/// that restores the reply) or refused, injections in the last user message flagged or refused.
+fn guard_request(
+    state: &AppState,
+    p: &Principal,
+    route: &str,
+    mut messages: Vec<ChatMessage>,
+) -> Result<(Vec<ChatMessage>, Option<Vault>), ApiError> {
+    let (route_pii, injection) = state.router().guards(route);
+    if injection != InjectionMode::Off {
+        let last_user = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str());
+        if crate::guard::injection::screen(last_user).is_injection() {
+            if injection == InjectionMode::Block {
+                state.metrics.guard_event("prompt_injection", "block");
+                return Err(ApiError::new(
+                    ErrorCode::Blocked,
+                    "the message looks like a prompt injection",
+                ));
+            }
+            state.metrics.guard_event("prompt_injection", "flag");
+            tracing::warn!(route, "prompt injection flagged");
+        }
+    }
+    match p.pii().unwrap_or(route_pii) {
+        PiiMode::Off => Ok((messages, None)),
+        PiiMode::Block => {
+            let kinds: Vec<&str> = messages
+                .iter()
+                .filter(|m| m.role != "system")
+                .flat_map(|m| crate::guard::pii::detect(&m.content))
+                .collect();
+            if kinds.is_empty() {
+                Ok((messages, None))
+            } else {
+                state.metrics.guard_event("pii", "block");
+                Err(ApiError::new(
+                    ErrorCode::Blocked,
+                    format!("the request contains personal data ({})", kinds.join(", ")),
+                ))
+            }
+        }
+        PiiMode::Redact => {
+            let mut vault = Vault::default();
+            for m in messages.iter_mut().filter(|m| m.role != "system") {
+                m.content = vault.redact(&m.content).0;
+            }
+            Ok((messages, (!vault.is_empty()).then_some(vault)))
+        }
     }
 }
 
@@ -174,6 +233,8 @@ struct Meta {
     bill: Bill,
     usage: UsageRecorder,
     begun: std::time::Instant,
+    /// Puts the originals of redacted PII back into the reply.
+    restorer: Option<(Restorer, Vault)>,
 }
 
 impl Meta {
@@ -206,6 +267,22 @@ impl Meta {
             trimmed_tokens: 0,
             finish_reason: finish_reason.to_owned(),
         });
+    }
+
+    /// A delta as the client sees it (PII restored; possibly held back in part).
+    fn restore(&mut self, delta: &str) -> String {
+        match self.restorer.as_mut() {
+            Some((r, vault)) => r.push(vault, delta),
+            None => delta.to_owned(),
+        }
+    }
+
+    /// What the restorer still holds, at the end of the reply.
+    fn restore_rest(&mut self) -> String {
+        match self.restorer.as_mut() {
+            Some((r, vault)) => r.finish(vault),
+            None => String::new(),
+        }
     }
 
     fn fail(&mut self, code: ErrorCode, message: String, text: &str) -> ApiError {
@@ -259,12 +336,13 @@ async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiE
             } => {
                 let usage = meta.usage(usage, &text);
                 meta.record(usage, None, &finish_reason);
+                let restored = meta.restore(&text) + &meta.restore_rest();
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
                     "model": model.unwrap_or(meta.model),
                     "choices": [{
                         "index": 0,
-                        "message": {"role": "assistant", "content": text},
+                        "message": {"role": "assistant", "content": restored},
                         "finish_reason": finish_reason,
                     }],
                     "usage": usage,
@@ -307,21 +385,34 @@ fn chunks(
             let (out, ended) = match event {
                 UpstreamEvent::Delta(t) => {
                     text.push_str(&t);
-                    (
-                        sse::event(None, &meta.chunk(json!({"content": t}), None).to_string()),
-                        false,
-                    )
+                    let shown = meta.restore(&t);
+                    if shown.is_empty() {
+                        (bytes::Bytes::new(), false)
+                    } else {
+                        (
+                            sse::event(
+                                None,
+                                &meta.chunk(json!({"content": shown}), None).to_string(),
+                            ),
+                            false,
+                        )
+                    }
                 }
                 UpstreamEvent::Finished {
                     finish_reason,
                     usage,
                     ..
                 } => {
-                    let mut out = sse::event(
-                        None,
-                        &meta.chunk(json!({}), Some(&finish_reason)).to_string(),
-                    )
-                    .to_vec();
+                    let rest = meta.restore_rest();
+                    let mut out = Vec::new();
+                    if !rest.is_empty() {
+                        out.extend_from_slice(&sse::event(
+                            None,
+                            &meta.chunk(json!({"content": rest}), None).to_string(),
+                        ));
+                    }
+                    let finish = meta.chunk(json!({}), Some(&finish_reason)).to_string();
+                    out.extend_from_slice(&sse::event(None, &finish));
                     let usage = meta.usage(usage, &text);
                     meta.record(usage, None, &finish_reason);
                     if include_usage {
