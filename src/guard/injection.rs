@@ -34,7 +34,7 @@ pub enum InjectionMode {
 
 #[allow(clippy::expect_used)] // ok: constant patterns, proven by the unit tests
 static SIGNALS: LazyLock<Vec<(Regex, f32, &'static str)>> = LazyLock::new(|| {
-    let r = |p: &str| Regex::new(p).expect("valid pattern");
+    let r = |p: &str| Regex::new(p).expect("valid pattern"); // ok: constant patterns, tested
     vec![
         (
             r(
@@ -73,7 +73,7 @@ static SIGNALS: LazyLock<Vec<(Regex, f32, &'static str)>> = LazyLock::new(|| {
 
 #[allow(clippy::expect_used)] // ok: a constant pattern
 static BASE64_BLOB: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/]{32,}={0,2}").expect("valid pattern"));
+    LazyLock::new(|| Regex::new(r"[A-Za-z0-9+/]{32,}={0,2}").expect("valid pattern")); // ok: constant pattern
 
 /// A screening result.
 #[derive(Debug, Clone, PartialEq)]

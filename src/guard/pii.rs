@@ -39,7 +39,7 @@ fn always(_: &str) -> bool {
 static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
     let d = |kind, pattern: &str, check| Detector {
         kind,
-        pattern: Regex::new(pattern).expect("valid pattern"),
+        pattern: Regex::new(pattern).expect("valid pattern"), // ok: constant patterns, tested
         check,
     };
     vec![
@@ -82,7 +82,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
 
 static PLACEHOLDER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)] // ok: a constant pattern
-    Regex::new(r"<[A-Z_]+_\d+>").expect("valid pattern")
+    Regex::new(r"<[A-Z_]+_\d+>").expect("valid pattern") // ok: constant pattern
 });
 
 /// Placeholders of one conversation: the same value always gets the same placeholder.

@@ -440,9 +440,16 @@ impl Target {
         let mut req = req.clone();
         req.model.clone_from(&self.model);
         if let Some(partial) = partial {
+            // Anthropic refuses an assistant prefix that ends in white space; the model puts
+            // the space back at the start of its continuation.
+            let content = if self.provider.prefill {
+                partial.trim_end()
+            } else {
+                partial
+            };
             req.messages.push(ChatMessage {
                 role: "assistant",
-                content: partial.to_owned(),
+                content: content.to_owned(),
             });
             if !self.provider.prefill {
                 req.messages.push(ChatMessage {
