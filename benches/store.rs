@@ -16,6 +16,7 @@ fn record() -> ConversationRecord {
         metadata: serde_json::json!({}),
         created_at: 0,
         last_seq: 0,
+        history_tokens: 0,
     }
 }
 

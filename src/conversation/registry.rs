@@ -103,6 +103,7 @@ impl Registry {
             metadata: new.metadata.unwrap_or_else(|| serde_json::json!({})),
             created_at: unix_now(),
             last_seq: 0,
+            history_tokens: 0,
         };
         deps.store.create_conversation(&record).await?;
         Ok(record)

@@ -124,7 +124,7 @@ async fn run_inner(
         panic!("fault injection: turn panicked");
     }
 
-    let (request, prompt_tokens, vault) = match build_request(deps, &input) {
+    let (request, prompt_tokens, vault, trimmed_tokens) = match build_request(deps, &input) {
         Ok(r) => r,
         Err(e) => {
             fail(e, Some(input.user_seq));
@@ -245,7 +245,7 @@ async fn run_inner(
             latency_ms: begun.elapsed().as_millis() as u64,
             ttft_ms: ttft.map(|t| t.as_millis() as u64),
             cost,
-            trimmed_tokens: 0,
+            trimmed_tokens,
             finish_reason: ending.finish_reason.to_owned(),
         })
         .await;
@@ -460,11 +460,12 @@ fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
     }
 }
 
+/// The request, its prompt tokens, the PII vault that restores the reply, and the history
+/// tokens trimming left out.
+type Built = (ChatRequest, u32, Option<Vault>, u32);
+
 /// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message.
-fn build_request(
-    deps: &Deps,
-    input: &TurnInput,
-) -> Result<(ChatRequest, u32, Option<Vault>), ApiError> {
+fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
     let mut taken = Vec::new();
     let mut read_error = None;
     let history = deps
@@ -484,6 +485,18 @@ fn build_request(
     let (n, prompt_tokens) =
         fitted.map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
     taken.truncate(n);
+    let framing = u64::from(tokens::MESSAGE_FRAMING_TOKENS);
+    let sent: u64 = taken
+        .iter()
+        .map(|m| u64::from(m.tokens) + framing)
+        .sum::<u64>()
+        + u64::from(input.tokens)
+        + framing;
+    let stored = deps
+        .store
+        .conversation(&input.conversation)?
+        .map_or(0, |c| c.history_tokens);
+    let trimmed = u32::try_from(stored.saturating_sub(sent)).unwrap_or(u32::MAX);
     let mut messages = Vec::with_capacity(n + 2);
     if let Some(system) = &input.system {
         messages.push(ChatMessage {
@@ -509,7 +522,7 @@ fn build_request(
         max_tokens: input.options.max_tokens,
         temperature: input.options.temperature,
     };
-    Ok((request, prompt_tokens, vault))
+    Ok((request, prompt_tokens, vault, trimmed))
 }
 
 /// Replaces PII in every message but the operator's system prompt with the conversation's

@@ -42,6 +42,10 @@ pub struct ConversationRecord {
     pub metadata: serde_json::Value,
     pub created_at: i64,
     pub last_seq: u64,
+    /// Content tokens plus framing of every stored message that is sent upstream (non-empty),
+    /// kept with each append so a turn knows what trimming left out without reading it all.
+    #[serde(default)]
+    pub history_tokens: u64,
 }
 
 /// Token usage of one reply.

@@ -11,6 +11,7 @@ fn conv(store_tenant: &str) -> ConversationRecord {
         metadata: serde_json::json!({"k": 1}),
         created_at: 1,
         last_seq: 0,
+        history_tokens: 0,
     }
 }
 
