@@ -23,7 +23,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::InjectionMode;
 use crate::guard::pii::PiiMode;
 use crate::store::ConversationRecord;
-use crate::tenant::{Principal, Reservation};
+use crate::tenant::{Bill, Principal};
 use crate::tokens::{fit_history, Encoding};
 
 const MAILBOX: usize = 256;
@@ -38,7 +38,8 @@ struct Queued {
     tokens: u32,
     options: TurnOptions,
     principal: Principal,
-    reservation: Option<Reservation>,
+    /// The key's reservation; dropping an unrun turn gives it back.
+    bill: Bill,
 }
 
 #[derive(Default)]
@@ -84,6 +85,11 @@ impl ConversationActor {
     }
 
     fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if self.deps.shutdown.is_cancelled() {
+            // Shutting down: queued turns were never acked; they are not started now.
+            self.queue.clear();
+            return;
+        }
         if self.running.is_some() || self.stopping {
             return;
         }
@@ -96,6 +102,8 @@ impl ConversationActor {
             .clone()
             .unwrap_or_else(|| self.record.model.clone());
         let system = self.system_prompt(&route).unwrap_or_else(|e| {
+            // Only a storage failure gets here (references are checked at creation and
+            // versions are never deleted); the turn goes on without the prompt, loudly.
             tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
             SystemPrompt::default()
         });
@@ -112,7 +120,7 @@ impl ConversationActor {
             tokens: q.tokens,
             options: q.options,
             principal: q.principal,
-            reservation: q.reservation,
+            bill: Some(q.bill),
             pii: q.pii,
             flags: q.flags,
         };
@@ -459,7 +467,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             tokens: msg.tokens,
             options: msg.options,
             principal: msg.principal,
-            reservation,
+            bill: Bill::new(Arc::clone(&self.deps.governor), reservation),
         });
         self.start_next(ctx);
         Ok(Posted::Queued)
@@ -481,11 +489,8 @@ impl Handler<Shutdown> for ConversationActor {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        for q in self.queue.drain(..) {
-            if let Some(r) = q.reservation {
-                self.deps.governor.settle(r, 0, 0.0);
-            }
-        }
+        // Turns that never ran give their reservations back as they are dropped.
+        self.queue.clear();
         self.registry.forget(&self.record.id, &ctx.address());
         let ended = self.running.as_ref().map(|r| {
             r.cancel.cancel();

@@ -22,7 +22,7 @@ use crate::ids::{unix_now, ConversationId};
 use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
 use crate::store::UsageRecord;
 use crate::store::{MessageRecord, ReplyMeta, Role, StoredError, Usage};
-use crate::tenant::{Bill, Principal, Reservation};
+use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, fit_history, Encoding};
 
 /// Everything a turn needs to know about its conversation and message.
@@ -38,7 +38,8 @@ pub struct TurnInput {
     pub tokens: u32,
     pub options: TurnOptions,
     pub principal: Principal,
-    pub reservation: Option<Reservation>,
+    /// The key's reservation, settled with what the turn used.
+    pub bill: Option<Bill>,
     /// The versioned prompt `system` came from (`name@version`).
     pub prompt_version: Option<String>,
     /// What to do with PII in what leaves.
@@ -86,7 +87,7 @@ async fn run_inner(
     cancel: &CancellationToken,
 ) -> u64 {
     // Settles the key's reservation however the turn ends (even by a panic).
-    let mut billing = Bill::new(Arc::clone(&deps.governor), input.reservation.take());
+    let mut billing = input.bill.take();
     let conv = input.conversation.clone();
     let cid = input.client_id.clone();
     let fail = |err: ApiError, reply_to: Option<u64>| {
@@ -185,9 +186,13 @@ async fn run_inner(
         .observe_turn(&provider, ttft, ending.error.as_ref().map(|e| e.code));
 
     let completion_tokens = tokens::count_async(input.encoding, text.clone()).await;
-    let usage = ending
-        .usage
-        .unwrap_or_else(|| Usage::new(prompt_tokens, completion_tokens));
+    // A turn that never reached a provider (refused, cancelled before it started) used nothing.
+    let reached = !provider.is_empty();
+    let usage = match (ending.usage, reached) {
+        (Some(u), _) => u,
+        (None, true) => Usage::new(prompt_tokens, completion_tokens),
+        (None, false) => Usage::default(),
+    };
     let model = ending.model.unwrap_or(model);
     let reply = MessageRecord {
         flags: ending.flags.clone(),
@@ -212,10 +217,6 @@ async fn run_inner(
             }),
         }),
     };
-    if let Err(e) = deps.store.append_message(&conv, &reply).await {
-        fail(e.into(), Some(input.user_seq));
-        return input.user_seq;
-    }
     deps.metrics.add_tokens(&provider, usage);
     if ending.usage.is_some() && usage.completion_tokens != completion_tokens {
         tracing::debug!(
@@ -229,26 +230,34 @@ async fn run_inner(
         u64::from(usage.prompt_tokens),
         u64::from(usage.completion_tokens),
     );
-    billing.set(u64::from(usage.total_tokens), cost);
-    deps.usage
-        .record(UsageRecord {
-            ts_ms: chrono::Utc::now().timestamp_millis(),
-            tenant: input.principal.tenant.clone(),
-            key_id: input.principal.key_id.clone(),
-            conversation: Some(conv.clone()),
-            route: input.route.clone(),
-            provider: provider.clone(),
-            model: model.clone(),
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cached: false,
-            latency_ms: begun.elapsed().as_millis() as u64,
-            ttft_ms: ttft.map(|t| t.as_millis() as u64),
-            cost,
-            trimmed_tokens,
-            finish_reason: ending.finish_reason.to_owned(),
-        })
-        .await;
+    if let Some(b) = billing.as_mut() {
+        b.set(u64::from(usage.total_tokens), cost);
+    }
+    if reached {
+        deps.usage
+            .record(UsageRecord {
+                ts_ms: chrono::Utc::now().timestamp_millis(),
+                tenant: input.principal.tenant.clone(),
+                key_id: input.principal.key_id.clone(),
+                conversation: Some(conv.clone()),
+                route: input.route.clone(),
+                provider: provider.clone(),
+                model: model.clone(),
+                prompt_tokens: usage.prompt_tokens,
+                completion_tokens: usage.completion_tokens,
+                cached: false,
+                latency_ms: begun.elapsed().as_millis() as u64,
+                ttft_ms: ttft.map(|t| t.as_millis() as u64),
+                cost,
+                trimmed_tokens,
+                finish_reason: ending.finish_reason.to_owned(),
+            })
+            .await;
+    }
+    if let Err(e) = deps.store.append_message(&conv, &reply).await {
+        fail(e.into(), Some(input.user_seq));
+        return input.user_seq;
+    }
     tracing::debug!(
         elapsed_ms = begun.elapsed().as_millis() as u64,
         finish_reason = ending.finish_reason,
@@ -392,6 +401,19 @@ async fn stream_inner(
             UpstreamEvent::Failed(e) if !text.is_empty() => {
                 tracing::warn!(error = %e, %provider, "upstream stream broke after text was sent");
                 if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
+                    // Text the restorer holds back belongs to the part already written.
+                    if let Some((restorer, vault)) = guards.restorer.as_mut() {
+                        let rest = restorer.finish(vault);
+                        if !rest.is_empty() {
+                            text.push_str(&rest);
+                            let frame = ServerFrame::Delta {
+                                conversation: cx.conv.clone(),
+                                reply_to: cx.reply_to,
+                                text: rest,
+                            };
+                            cx.fanout.broadcast(&frame, Some(cx.client_id));
+                        }
+                    }
                     let partial = upstream_text(cx, text);
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
@@ -513,7 +535,13 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
         content: input.content.clone(),
     });
     let vault = match input.pii {
-        PiiMode::Redact => Some(redact(deps, &input.conversation, &mut messages)?),
+        // A versioned prompt is the operator's; a conversation's own system text is the client's.
+        PiiMode::Redact => Some(redact(
+            deps,
+            &input.conversation,
+            &mut messages,
+            input.prompt_version.is_none(),
+        )?),
         PiiMode::Off | PiiMode::Block => None,
     };
     let request = ChatRequest {
@@ -525,20 +553,22 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
     Ok((request, prompt_tokens, vault, trimmed))
 }
 
-/// Replaces PII in every message but the operator's system prompt with the conversation's
-/// placeholders; the vault is kept so the next turns use the same ones.
+/// Replaces PII in every message (the system prompt too, unless it is the operator's versioned
+/// prompt) with the conversation's placeholders; the vault is kept so the next turns use the
+/// same ones.
 fn redact(
     deps: &Deps,
     conv: &ConversationId,
     messages: &mut [ChatMessage],
+    system_too: bool,
 ) -> Result<Vault, ApiError> {
     let mut vault: Vault = deps.store.pii_vault(conv)?.unwrap_or_default();
     let before = vault.clone();
-    for m in messages.iter_mut().filter(|m| m.role != "system") {
-        let (redacted, kinds) = vault.redact(&m.content);
-        if !kinds.is_empty() {
-            m.content = redacted;
-        }
+    for m in messages
+        .iter_mut()
+        .filter(|m| system_too || m.role != "system")
+    {
+        m.content = vault.redact(&m.content).0;
     }
     if vault != before {
         deps.store.put_pii_vault(conv, &vault)?;

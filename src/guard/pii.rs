@@ -54,17 +54,21 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
             r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b",
             always,
         ),
-        d("IBAN", r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", iban_ok),
-        d("CARD", r"\b[2-6]\d(?:[ -]?\d){11,17}\b", luhn_ok),
+        d(
+            "IBAN",
+            r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b",
+            iban_ok,
+        ),
+        d("CARD", r"\b[2-6][0-9](?:[ -]?[0-9]){11,17}\b", luhn_ok),
         d(
             "AADHAAR",
-            r"\b[2-9]\d{3}[ -]?\d{4}[ -]?\d{4}\b",
+            r"\b[2-9][0-9]{3}[ -]?[0-9]{4}[ -]?[0-9]{4}\b",
             verhoeff_ok,
         ),
-        d("PAN", r"\b[A-Z]{3}[PCHFATBLJG][A-Z]\d{4}[A-Z]\b", always),
+        d("PAN", r"\b[A-Z]{3}[PCHFATBLJG][A-Z][0-9]{4}[A-Z]\b", always),
         d(
             "IP",
-            r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b",
+            r"\b(?:(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\b",
             always,
         ),
         d(
@@ -74,7 +78,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
         ),
         d(
             "PHONE",
-            r"\+\d{1,3}[ .-]?\(?\d{1,4}\)?(?:[ .-]?\d{2,4}){2,4}\b|\(\d{3}\)[ .-]?\d{3}[ .-]\d{4}\b|\b\d{3}[ .-]\d{3}[ .-]\d{4}\b",
+            r"\+[0-9]{1,3}[ .-]?\(?[0-9]{1,4}\)?(?:[ .-]?[0-9]{2,4}){2,4}\b|\([0-9]{3}\)[ .-]?[0-9]{3}[ .-][0-9]{4}\b|\b[0-9]{3}[ .-][0-9]{3}[ .-][0-9]{4}\b",
             phone_ok,
         ),
     ]
@@ -108,19 +112,30 @@ impl Vault {
 
     /// `text` with every detected value replaced; answers the kinds found.
     pub fn redact(&mut self, text: &str) -> (String, Vec<&'static str>) {
+        // Values seen before are replaced wherever they stand, whatever surrounds them (a
+        // restored reply may put one where no detector would find it again).
+        let mut known: Vec<(&String, &String)> = self.by_value.iter().collect();
+        known.sort_by_key(|(v, _)| std::cmp::Reverse(v.len()));
         let mut out = text.to_owned();
+        for (value, placeholder) in known {
+            if out.contains(value.as_str()) {
+                out = out.replace(value.as_str(), placeholder);
+            }
+        }
         let mut kinds = Vec::new();
         for d in DETECTORS.iter() {
             let mut replaced = String::with_capacity(out.len());
             let mut last = 0;
             for m in d.pattern.find_iter(&out) {
-                let value = m.as_str().trim();
-                if PLACEHOLDER.is_match(value) || !(d.check)(value) {
+                let Some(value) = checked_prefix(m.as_str().trim(), d.check) else {
+                    continue;
+                };
+                if PLACEHOLDER.is_match(value) {
                     continue;
                 }
                 replaced.push_str(&out[last..m.start()]);
                 replaced.push_str(&self.placeholder(d.kind, value));
-                last = m.end();
+                last = m.start() + m.as_str().find(value).unwrap_or(0) + value.len();
                 if !kinds.contains(&d.kind) {
                     kinds.push(d.kind);
                 }
@@ -202,6 +217,20 @@ fn restore(vault: &Vault, text: &str) -> String {
         .into_owned()
 }
 
+/// The longest prefix of `candidate`, ending at a group boundary, that passes `check`: a
+/// greedy match such as a card number followed by a CVV fails its check digit as a whole.
+fn checked_prefix(candidate: &str, check: fn(&str) -> bool) -> Option<&str> {
+    if check(candidate) {
+        return Some(candidate);
+    }
+    candidate
+        .char_indices()
+        .rev()
+        .filter(|(_, c)| *c == ' ' || *c == '-')
+        .map(|(i, _)| candidate[..i].trim_end())
+        .find(|prefix| !prefix.is_empty() && check(prefix))
+}
+
 fn digits(s: &str) -> Vec<u32> {
     s.chars().filter_map(|c| c.to_digit(10)).collect()
 }
@@ -234,7 +263,7 @@ pub fn luhn_ok(s: &str) -> bool {
 /// The ISO 13616 mod-97 check of IBANs.
 pub fn iban_ok(s: &str) -> bool {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    if !(15..=34).contains(&s.len()) {
+    if !s.is_ascii() || !(15..=34).contains(&s.len()) {
         return false;
     }
     let (head, tail) = s.split_at(4);

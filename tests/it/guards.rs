@@ -220,3 +220,26 @@ async fn the_openai_endpoint_redacts_and_restores_too() {
         ["reach me at <EMAIL_1> [[mock:echo,words=2]]"; 2]
     );
 }
+
+#[tokio::test]
+async fn a_clients_system_prompt_is_redacted_and_odd_digits_do_not_break_a_turn() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let system = "The customer is jane.doe@example.com with card 4111 1111 1111 1111 123.";
+    let conv = create_conversation(&server, None, json!({"model": "up", "system": system})).await;
+    let mut ws = Ws::connect(&server, None).await;
+    // Fullwidth digits look like an IBAN to a careless pattern; the turn must simply work.
+    let frames = ws
+        .turn(&conv, "u", "account DE\u{ff13}\u{ff13}ABCDEFGHIJK please")
+        .await;
+    assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
+    let sent = up.received()[0].to_string();
+    assert!(
+        !sent.contains("jane.doe@example.com") && !sent.contains("4111"),
+        "{sent}"
+    );
+    assert!(
+        sent.contains("The customer is <EMAIL_1> with card <CARD_1> 123."),
+        "{sent}"
+    );
+}

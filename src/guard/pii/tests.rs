@@ -87,3 +87,27 @@ fn check_digits() {
     assert!(verhoeff_ok("234567890124"));
     assert!(!verhoeff_ok("234567890123"));
 }
+
+#[test]
+fn trailing_groups_and_unicode_digits() {
+    for (text, kind) in [
+        ("card 4111 1111 1111 1111 123", "CARD"),
+        ("card 4111 1111 1111 1111 12/29", "CARD"),
+        ("IBAN DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", "IBAN"),
+        ("DE89370400440532013000 EUR", "IBAN"),
+    ] {
+        let (out, kinds) = redacted(text);
+        assert!(kinds.contains(&kind), "{text:?} → {out:?}");
+    }
+    // Fullwidth digits are not digits of a number here, and never panic a check.
+    let (out, kinds) = redacted("DE\u{ff13}\u{ff13}ABCDEFGHIJK and \u{ff14}111");
+    assert!(kinds.is_empty(), "{out:?}");
+}
+
+#[test]
+fn known_values_are_replaced_wherever_they_stand() {
+    let mut vault = Vault::default();
+    vault.redact("card 4111 1111 1111 1111");
+    let (out, _) = vault.redact("x4111 1111 1111 1111y");
+    assert_eq!(out, "x<CARD_1>y");
+}

@@ -118,6 +118,8 @@ pub async fn chat_completions(
         usage: state.registry.deps().usage.clone(),
         begun: std::time::Instant::now(),
         restorer: vault.map(|v| (Restorer::default(), v)),
+        generated: String::new(),
+        recorded: false,
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -159,7 +161,6 @@ fn guard_request(
         PiiMode::Block => {
             let kinds: Vec<&str> = messages
                 .iter()
-                .filter(|m| m.role != "system")
                 .flat_map(|m| crate::guard::pii::detect(&m.content))
                 .collect();
             if kinds.is_empty() {
@@ -174,7 +175,8 @@ fn guard_request(
         }
         PiiMode::Redact => {
             let mut vault = Vault::default();
-            for m in messages.iter_mut().filter(|m| m.role != "system") {
+            // Every message comes from the client here, system messages included.
+            for m in &mut messages {
                 m.content = vault.redact(&m.content).0;
             }
             Ok((messages, (!vault.is_empty()).then_some(vault)))
@@ -235,12 +237,28 @@ struct Meta {
     begun: std::time::Instant,
     /// Puts the originals of redacted PII back into the reply.
     restorer: Option<(Restorer, Vault)>,
+    /// The text generated so far, billed if the client leaves before the end.
+    generated: String,
+    recorded: bool,
+}
+
+impl Drop for Meta {
+    /// A client that disconnects mid-stream drops the response: what was generated until then
+    /// is still counted and billed.
+    fn drop(&mut self) {
+        if !self.recorded {
+            let generated = std::mem::take(&mut self.generated);
+            let usage = self.usage(None, &generated);
+            self.record(usage, None, "cancelled");
+        }
+    }
 }
 
 impl Meta {
     /// Counts the request in the metrics, the key's quotas and the usage records, with the
     /// tokens generated so far.
     fn record(&mut self, usage: Usage, error: Option<ErrorCode>, finish_reason: &str) {
+        self.recorded = true;
         self.metrics
             .observe_turn(&self.provider, Some(self.ttft), error);
         self.metrics.add_tokens(&self.provider, usage);
@@ -319,7 +337,10 @@ async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiE
             }),
         };
         match event {
-            UpstreamEvent::Delta(t) => text.push_str(&t),
+            UpstreamEvent::Delta(t) => {
+                meta.generated.push_str(&t);
+                text.push_str(&t);
+            }
             UpstreamEvent::Failed(e) if !text.is_empty() => {
                 return Err(meta.fail(ErrorCode::UpstreamInterrupted, e.to_string(), &text))
             }
@@ -339,7 +360,7 @@ async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiE
                 let restored = meta.restore(&text) + &meta.restore_rest();
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
-                    "model": model.unwrap_or(meta.model),
+                    "model": model.unwrap_or_else(|| meta.model.clone()),
                     "choices": [{
                         "index": 0,
                         "message": {"role": "assistant", "content": restored},
@@ -385,6 +406,7 @@ fn chunks(
             let (out, ended) = match event {
                 UpstreamEvent::Delta(t) => {
                     text.push_str(&t);
+                    meta.generated.push_str(&t);
                     let shown = meta.restore(&t);
                     if shown.is_empty() {
                         (bytes::Bytes::new(), false)
