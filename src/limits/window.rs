@@ -33,6 +33,11 @@ impl SlidingWindow {
         }
     }
 
+    /// The most units the window holds (0: unlimited).
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Grants `n` units, or answers how long until they fit.
     ///
     /// # Errors

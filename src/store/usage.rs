@@ -94,34 +94,39 @@ impl Store {
         to_ms: i64,
         limit: usize,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let in_range = |r: &UsageRecord| r.ts_ms >= from_ms && r.ts_ms < to_ms;
-        let decoded =
-            |kv: sled::Result<(sled::IVec, sled::IVec)>| -> Result<UsageRecord, StoreError> {
-                decode("usage", "<usage>", &kv?.1)
-            };
         let mut out = Vec::new();
-        match tenant {
-            Some(t) => {
-                let range = usage_key(t, from_ms, 0)..usage_key(t, to_ms, 0);
-                for kv in self.usage.range(range) {
-                    out.push(decoded(kv)?);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-            }
-            None => {
-                for kv in self.usage.iter() {
-                    let r = decoded(kv)?;
-                    if in_range(&r) {
-                        out.push(r);
-                        if out.len() >= limit {
-                            break;
-                        }
-                    }
-                }
+        self.fold_usage(tenant, from_ms, to_ms, |r| {
+            out.push(r);
+            out.len() < limit
+        })?;
+        Ok(out)
+    }
+
+    /// Feeds every usage record with `from_ms <= ts < to_ms` (of one tenant, or of all) to `f`,
+    /// in key order, without collecting them; `f` answers whether to go on.
+    ///
+    /// # Errors
+    /// Storage failures or corrupt records.
+    pub fn fold_usage(
+        &self,
+        tenant: Option<&TenantId>,
+        from_ms: i64,
+        to_ms: i64,
+        mut f: impl FnMut(UsageRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match tenant {
+            Some(t) => Box::new(
+                self.usage
+                    .range(usage_key(t, from_ms, 0)..usage_key(t, to_ms, 0)),
+            ),
+            None => Box::new(self.usage.iter()),
+        };
+        for kv in iter {
+            let r: UsageRecord = decode("usage", "<usage>", &kv?.1)?;
+            if r.ts_ms >= from_ms && r.ts_ms < to_ms && !f(r) {
+                break;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }

@@ -42,6 +42,10 @@ impl Prices {
 pub struct Reservation {
     key_id: String,
     tokens: u64,
+    /// What the tokens-per-minute limiter really counted of `tokens`.
+    tpm_granted: u64,
+    /// The UTC day and month the reservation was counted in.
+    periods: (String, String),
     spend: f64,
 }
 
@@ -98,11 +102,13 @@ impl Limiter {
         }
     }
 
-    fn try_take(&mut self, n: u64, now: Instant) -> Result<(), Duration> {
-        let n = u32::try_from(n).unwrap_or(u32::MAX);
+    /// Takes `n` units; answers how many were really counted (a request larger than the whole
+    /// limit is admitted on a full limiter and counts as the limit; unlimited counts nothing).
+    fn try_take(&mut self, n: u64, now: Instant) -> Result<u64, Duration> {
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
         match self {
-            Self::Bucket(b) => b.try_take(n, now),
-            Self::Sliding(w) => w.try_take(n, now),
+            Self::Bucket(b) => b.try_take(n32, now).map(|()| (b.capacity() as u64).min(n)),
+            Self::Sliding(w) => w.try_take(n32, now).map(|()| w.limit().min(n)),
         }
     }
 
@@ -201,16 +207,22 @@ impl Governor {
             .rpm
             .try_take(1, now)
             .map_err(|wait| limited("requests", wait))?;
-        if let Err(wait) = state.tpm.try_take(tokens, now) {
-            state.rpm.adjust(1, now);
-            return Err(limited("tokens", wait));
-        }
+        let tpm_granted = match state.tpm.try_take(tokens, now) {
+            Ok(granted) => granted,
+            Err(wait) => {
+                state.rpm.adjust(1, now);
+                return Err(limited("tokens", wait));
+            }
+        };
         state.day_tokens += tokens;
         state.month_tokens += tokens;
         state.month_spend += spend;
+        let periods = (state.day.clone(), state.month.clone());
         Ok(Some(Reservation {
             key_id: rec.id.clone(),
             tokens,
+            tpm_granted,
+            periods,
             spend,
         }))
     }
@@ -222,12 +234,22 @@ impl Governor {
         let Some(state) = keys.get_mut(&reservation.key_id) else {
             return;
         };
-        let delta = i64::try_from(reservation.tokens).unwrap_or(i64::MAX)
+        let delta = i64::try_from(reservation.tpm_granted).unwrap_or(i64::MAX)
             - i64::try_from(used_tokens).unwrap_or(i64::MAX);
         state.tpm.adjust(delta, now);
-        state.day_tokens = (state.day_tokens + used_tokens).saturating_sub(reservation.tokens);
-        state.month_tokens = (state.month_tokens + used_tokens).saturating_sub(reservation.tokens);
-        state.month_spend = (state.month_spend + cost - reservation.spend).max(0.0);
+        // A reservation made before midnight (or the month's end) was counted in a period
+        // that is over: the new period gets the real use, not the old reservation's credit.
+        let (day, month) = &reservation.periods;
+        let held = |same: bool| if same { reservation.tokens } else { 0 };
+        state.day_tokens = (state.day_tokens + used_tokens).saturating_sub(held(*day == state.day));
+        state.month_tokens =
+            (state.month_tokens + used_tokens).saturating_sub(held(*month == state.month));
+        let spent = if *month == state.month {
+            reservation.spend
+        } else {
+            0.0
+        };
+        state.month_spend = (state.month_spend + cost - spent).max(0.0);
     }
 
     fn load(&self, rec: &KeyRecord, wall_ms: i64, now: Instant) -> KeyState {

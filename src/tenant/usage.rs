@@ -55,11 +55,19 @@ impl UsageRecorder {
 impl UsageRecorder {
     /// Queues a record from synchronous code: at once when there is room, else from a task.
     pub fn record_detached(&self, record: UsageRecord) {
-        if let Err(mpsc::error::TrySendError::Full(record)) = self.tx.try_send(record) {
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(record).await;
-            });
+        match self.tx.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    if tx.send(record).await.is_err() {
+                        tracing::error!("usage writer is gone; a usage record was lost");
+                    }
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("usage writer is gone; a usage record was lost");
+            }
         }
     }
 }
@@ -128,8 +136,31 @@ pub struct UsageRow {
 
 /// Groups `records` into rows, sorted by group.
 pub fn aggregate(records: &[UsageRecord], by: GroupBy) -> Vec<UsageRow> {
-    let mut rows: BTreeMap<String, UsageRow> = BTreeMap::new();
-    for r in records {
+    let mut agg = Aggregator::new(by);
+    records.iter().for_each(|r| agg.add(r));
+    agg.rows()
+}
+
+/// Groups records into rows as they stream by, holding one row per group, not the records.
+pub struct Aggregator {
+    by: GroupBy,
+    rows: BTreeMap<String, UsageRow>,
+}
+
+impl Aggregator {
+    pub fn new(by: GroupBy) -> Self {
+        Self {
+            by,
+            rows: BTreeMap::new(),
+        }
+    }
+
+    pub fn rows(self) -> Vec<UsageRow> {
+        self.rows.into_values().collect()
+    }
+
+    pub fn add(&mut self, r: &UsageRecord) {
+        let (by, rows) = (self.by, &mut self.rows);
         let group = match by {
             GroupBy::Day => crate::store::periods(r.ts_ms)
                 .0
@@ -154,7 +185,6 @@ pub fn aggregate(records: &[UsageRecord], by: GroupBy) -> Vec<UsageRow> {
         row.cost += r.cost;
         row.trimmed_tokens += u64::from(r.trimmed_tokens);
     }
-    rows.into_values().collect()
 }
 
 /// The rows as CSV with a header line.
