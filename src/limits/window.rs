@@ -64,20 +64,22 @@ impl SlidingWindow {
         Err(WINDOW)
     }
 
-    /// Returns `n` units granted earlier (a reservation larger than the use).
-    pub fn give_back(&mut self, n: u64) {
-        let mut left = n;
-        while left > 0 {
-            let Some(last) = self.log.back_mut() else {
-                break;
-            };
-            let take = last.1.min(left);
-            last.1 -= take;
-            self.used -= take;
-            left -= take;
-            if last.1 == 0 {
-                self.log.pop_back();
-            }
+    /// Returns up to `n` units of the grant made at `granted_at` (a reservation larger than the
+    /// use). Only that grant's entry shrinks, never another request's; a grant that has
+    /// already left the window has nothing to give back.
+    pub fn give_back(&mut self, granted_at: Instant, n: u64) {
+        let Some(i) = self
+            .log
+            .iter()
+            .rposition(|(t, m)| *t == granted_at && *m > 0)
+        else {
+            return;
+        };
+        let take = self.log[i].1.min(n);
+        self.log[i].1 -= take;
+        self.used -= take;
+        if self.log[i].1 == 0 {
+            self.log.remove(i);
         }
     }
 
@@ -116,11 +118,25 @@ mod tests {
     }
 
     #[test]
+    fn give_back_touches_only_its_own_grant() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(30);
+        let mut w = SlidingWindow::per_minute(100);
+        w.try_take(50, t0).unwrap();
+        w.try_take(50, t1).unwrap();
+        w.give_back(t0, 40); // the first request used 10
+                             // At t0 + 60 s the first grant (10 left) expires; the second (50) still counts.
+        let t2 = t0 + Duration::from_secs(60);
+        w.try_take(50, t2).unwrap();
+        assert!(w.try_take(1, t2).is_err());
+    }
+
+    #[test]
     fn give_back_and_add() {
         let t0 = Instant::now();
         let mut w = SlidingWindow::per_minute(100);
         w.try_take(100, t0).unwrap();
-        w.give_back(60);
+        w.give_back(t0, 60);
         w.try_take(60, t0).unwrap();
         assert!(w.try_take(1, t0).is_err());
         let mut w = SlidingWindow::per_minute(0);

@@ -42,8 +42,9 @@ impl Prices {
 pub struct Reservation {
     key_id: String,
     tokens: u64,
-    /// What the tokens-per-minute limiter really counted of `tokens`.
+    /// What the tokens-per-minute limiter really counted of `tokens`, and when.
     tpm_granted: u64,
+    granted_at: Instant,
     /// The UTC day and month the reservation was counted in.
     periods: (String, String),
     spend: f64,
@@ -112,11 +113,12 @@ impl Limiter {
         }
     }
 
-    /// Corrects a grant by `delta` (positive: give back; negative: take more).
-    fn adjust(&mut self, delta: i64, now: Instant) {
+    /// Corrects the grant made at `granted_at` by `delta` (positive: give back; negative:
+    /// take more).
+    fn adjust(&mut self, delta: i64, granted_at: Instant, now: Instant) {
         match self {
             Self::Bucket(b) => b.adjust(delta, now),
-            Self::Sliding(w) if delta >= 0 => w.give_back(delta.unsigned_abs()),
+            Self::Sliding(w) if delta >= 0 => w.give_back(granted_at, delta.unsigned_abs()),
             Self::Sliding(w) => w.add(delta.unsigned_abs(), now),
         }
     }
@@ -210,7 +212,7 @@ impl Governor {
         let tpm_granted = match state.tpm.try_take(tokens, now) {
             Ok(granted) => granted,
             Err(wait) => {
-                state.rpm.adjust(1, now);
+                state.rpm.adjust(1, now, now);
                 return Err(limited("tokens", wait));
             }
         };
@@ -222,6 +224,7 @@ impl Governor {
             key_id: rec.id.clone(),
             tokens,
             tpm_granted,
+            granted_at: now,
             periods,
             spend,
         }))
@@ -236,7 +239,7 @@ impl Governor {
         };
         let delta = i64::try_from(reservation.tpm_granted).unwrap_or(i64::MAX)
             - i64::try_from(used_tokens).unwrap_or(i64::MAX);
-        state.tpm.adjust(delta, now);
+        state.tpm.adjust(delta, reservation.granted_at, now);
         // A reservation made before midnight (or the month's end) was counted in a period
         // that is over: the new period gets the real use, not the old reservation's credit.
         let (day, month) = &reservation.periods;
