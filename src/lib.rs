@@ -7,6 +7,7 @@
 //! - [`server`]: the edges: HTTP routes (OpenAI, conversations, admin, health), SSE, WebSocket.
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
+//! - [`cache`]: semantic-cache building blocks: embedders and false-hit guards (not wired yet).
 //! - [`tokens`]: token counting (tiktoken-rs) and context trimming.
 //! - [`limits`]: token buckets, circuit breaker, backoff: state machines with the clock passed in.
 //! - [`guard`]: PII redaction and restoration, prompt-injection screening, system-prompt leaks.
@@ -17,6 +18,7 @@
 //! - [`metrics`], [`telemetry`]: Prometheus registry and tracing setup.
 
 pub mod app;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod conversation;
