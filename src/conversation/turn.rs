@@ -140,12 +140,11 @@ async fn run_inner(
         started = deps.router.start(&input.route, request.clone(), prompt_tokens, input.principal.regions()) => Some(started),
     };
     let (ending, provider, model, ttft) = match started {
-        None => (
-            ending("cancelled", None),
-            String::new(),
-            String::new(),
-            None,
-        ),
+        // Cancelled before any target answered: `done` still names where the turn was going.
+        None => {
+            let (provider, model) = deps.router.primary_target(&input.route).unwrap_or_default();
+            (ending("cancelled", None), provider, model, None)
+        }
         Some(Err(e)) => {
             let err: ApiError = e.into();
             (
@@ -187,7 +186,7 @@ async fn run_inner(
 
     let completion_tokens = tokens::count_async(input.encoding, text.clone()).await;
     // A turn that never reached a provider (refused, cancelled before it started) used nothing.
-    let reached = !provider.is_empty();
+    let reached = ttft.is_some();
     let usage = match (ending.usage, reached) {
         (Some(u), _) => u,
         (None, true) => Usage::new(prompt_tokens, completion_tokens),

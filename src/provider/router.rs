@@ -195,6 +195,12 @@ impl Router {
         self.routes.get(route)?.prompt.as_deref()
     }
 
+    /// The provider and upstream model of a route's first target.
+    pub fn primary_target(&self, route: &str) -> Option<(String, String)> {
+        let t = self.routes.get(route)?.targets.first()?;
+        Some((t.provider.name.clone(), t.model.clone()))
+    }
+
     /// The upstream model of a route's first target (prices are per upstream model).
     pub fn primary_model(&self, route: &str) -> Option<&str> {
         self.routes

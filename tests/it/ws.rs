@@ -317,6 +317,10 @@ async fn cancel_before_the_first_token_stores_an_empty_cancelled_reply() {
     assert_eq!(frames[0]["type"], "done");
     assert_eq!(frames[0]["finish_reason"], "cancelled");
     assert_eq!(frames[0]["seq"], 2);
+    // `done` still names the target the turn was going to, and nothing was used.
+    assert_eq!(frames[0]["provider"], "up");
+    assert_eq!(frames[0]["model"], "mock-1");
+    assert_eq!(frames[0]["usage"]["total_tokens"], 0);
     let stored = messages(&server, None, &conv).await;
     assert_eq!(stored.len(), 2, "{stored:?}");
     assert_eq!(stored[1]["content"], "");
