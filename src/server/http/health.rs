@@ -8,13 +8,20 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
 }
 
-/// Ready once storage answers and at least one route has a target.
+/// Ready once storage answers and at least one provider deployment is usable (its actor
+/// answers and its breaker is not open).
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let storage = state
         .store()
         .conversation(&crate::ids::ConversationId::generate())
         .is_ok();
-    let providers = !state.router().route_names().is_empty();
+    let providers = state
+        .router()
+        .describe()
+        .await
+        .iter()
+        .flat_map(|p| &p.deployments)
+        .any(|d| d.breaker != crate::limits::BreakerState::Open);
     if storage && providers {
         HttpResponse::Ok().json(serde_json::json!({"status": "ready"}))
     } else {
