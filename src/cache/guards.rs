@@ -7,7 +7,11 @@
 //! - `entities`: capitalised words that do not start a sentence ("France" vs "Germany"), and
 //!   code identifiers (`snake_case`, `camelCase`, `dotted.names`, `call()`);
 //! - `negation`: a negation word in one question and not in the other ("is X safe" vs
-//!   "is X not safe").
+//!   "is X not safe");
+//! - `operators`: the arithmetic operators next to the numbers ("2 + 2" vs "2 * 2");
+//! - `words`: a content word swapped for another ("sort" vs "reverse", "water" vs "ethanol"):
+//!   words only one side has, on both sides, that are not spelling variants of each other.
+//!   Adding words is allowed ("the capital" vs "which city is the capital").
 //!
 //! A hit needs every guard to pass.
 
@@ -24,6 +28,8 @@ pub enum Guard {
     Quoted,
     Entities,
     Negation,
+    Operators,
+    Words,
 }
 
 impl Guard {
@@ -34,6 +40,8 @@ impl Guard {
             Self::Quoted => "quoted",
             Self::Entities => "entities",
             Self::Negation => "negation",
+            Self::Operators => "operators",
+            Self::Words => "words",
         }
     }
 }
@@ -129,7 +137,70 @@ pub fn check(a: &str, b: &str) -> Result<(), Guard> {
     if negated(a) != negated(b) {
         return Err(Guard::Negation);
     }
+    if operators(a) != operators(b) {
+        return Err(Guard::Operators);
+    }
+    if swapped_words(a, b) {
+        return Err(Guard::Words);
+    }
     Ok(())
+}
+
+const STOPWORDS: &[&str] = &[
+    "the", "and", "for", "are", "was", "were", "is", "what", "whats", "which", "who", "whom",
+    "how", "when", "where", "why", "can", "could", "would", "should", "will", "does", "did", "do",
+    "you", "your", "me", "my", "have", "has", "had", "with", "about", "into", "from", "this",
+    "that", "these", "those", "there", "it", "its", "to", "of", "in", "on", "at", "by", "an", "a",
+    "be", "during", "please", "tell", "give", "some",
+];
+
+/// Content words, lower case, without a plural `s`.
+fn content_words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .map(str::to_lowercase)
+        .filter(|w| {
+            w.chars().count() >= 3
+                && !STOPWORDS.contains(&w.as_str())
+                && !w.chars().all(|c| c.is_ascii_digit())
+        })
+        .map(|w| {
+            w.strip_suffix('s')
+                .filter(|s| s.len() >= 3)
+                .map_or(w.clone(), str::to_owned)
+        })
+        .collect()
+}
+
+/// Spelling and inflection variants: one a prefix of the other, or five letters in common at
+/// the start ("boil"/"boiling", "summarise"/"summarize", "capital"/"capitol").
+fn variants(a: &str, b: &str) -> bool {
+    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    a.starts_with(b) || b.starts_with(a) || common >= 5
+}
+
+fn swapped_words(a: &str, b: &str) -> bool {
+    let (wa, wb) = (content_words(a), content_words(b));
+    let only_a: Vec<&String> = wa.difference(&wb).collect();
+    let only_b: Vec<&String> = wb.difference(&wa).collect();
+    let unmatched_a = only_a
+        .iter()
+        .filter(|x| !only_b.iter().any(|y| variants(x, y)))
+        .count();
+    let unmatched_b = only_b
+        .iter()
+        .filter(|y| !only_a.iter().any(|x| variants(x, y)))
+        .count();
+    unmatched_a > 0 && unmatched_b > 0
+}
+
+/// Arithmetic operators written between numbers.
+fn operators(text: &str) -> BTreeSet<char> {
+    let chars: Vec<char> = text.chars().filter(|c| !c.is_whitespace()).collect();
+    chars
+        .windows(3)
+        .filter(|w| w[0].is_ascii_digit() && w[2].is_ascii_digit() && "+-*/x×÷^%".contains(w[1]))
+        .map(|w| w[1])
+        .collect()
 }
 
 #[cfg(test)]
@@ -195,5 +266,19 @@ mod tests {
             Ok(())
         );
         assert_eq!(check("What is 2 + 2?", "what is 2+2"), Ok(()));
+        assert_eq!(
+            check(
+                "Summarize the plot of Hamlet",
+                "summarise the plot of Hamlet"
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                "What is the capital of France?",
+                "Which city is the capital of France?"
+            ),
+            Ok(())
+        );
     }
 }
