@@ -306,7 +306,22 @@ async fn stream(
     };
     let ending = stream_inner(cx, started, text, cancel, &mut guards).await;
     // Text held back as a possible placeholder goes out before the turn ends.
-    if let Some((restorer, vault)) = guards.restorer.as_mut() {
+    guards.flush(cx, text);
+    ending
+}
+
+/// What the stream passes each delta through: PII restoration and the leak watcher.
+struct Guards<'a> {
+    restorer: Option<(Restorer, &'a Vault)>,
+    leak: Leak,
+}
+
+impl Guards<'_> {
+    /// Sends and keeps the text the restorer still holds back.
+    fn flush(&mut self, cx: &StreamCtx<'_>, text: &mut String) {
+        let Some((restorer, vault)) = self.restorer.as_mut() else {
+            return;
+        };
         let rest = restorer.finish(vault);
         if !rest.is_empty() {
             text.push_str(&rest);
@@ -318,13 +333,6 @@ async fn stream(
             cx.fanout.broadcast(&frame, Some(cx.client_id));
         }
     }
-    ending
-}
-
-/// What the stream passes each delta through: PII restoration and the leak watcher.
-struct Guards<'a> {
-    restorer: Option<(Restorer, &'a Vault)>,
-    leak: Leak,
 }
 
 async fn stream_inner(
@@ -401,18 +409,7 @@ async fn stream_inner(
                 tracing::warn!(error = %e, %provider, "upstream stream broke after text was sent");
                 if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
                     // Text the restorer holds back belongs to the part already written.
-                    if let Some((restorer, vault)) = guards.restorer.as_mut() {
-                        let rest = restorer.finish(vault);
-                        if !rest.is_empty() {
-                            text.push_str(&rest);
-                            let frame = ServerFrame::Delta {
-                                conversation: cx.conv.clone(),
-                                reply_to: cx.reply_to,
-                                text: rest,
-                            };
-                            cx.fanout.broadcast(&frame, Some(cx.client_id));
-                        }
-                    }
+                    guards.flush(cx, text);
                     let partial = upstream_text(cx, text);
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
