@@ -30,6 +30,7 @@ fn principal() -> Principal {
         regions: None,
         window: None,
         pii: None,
+        cache: None,
         prefix: String::new(),
         created_at: 0,
     };
@@ -115,6 +116,8 @@ fn bench(c: &mut Criterion) {
                 ttft_ms: Some(1),
                 cost: 0.0002,
                 trimmed_tokens: 0,
+                saved_tokens: 0,
+                saved_cost: 0.0,
                 finish_reason: "stop".into(),
             };
             black_box((verdict, redacted, out, record))

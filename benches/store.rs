@@ -17,6 +17,7 @@ fn record() -> ConversationRecord {
         created_at: 0,
         last_seq: 0,
         history_tokens: 0,
+        memory: Default::default(),
     }
 }
 

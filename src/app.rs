@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::conversation::{Deps, Registry};
+use crate::cache::{Cache, CacheSettings};
+use crate::conversation::{Deps, MemorySettings, Registry};
 use crate::metrics::Metrics;
 use crate::provider::{ProviderActor, ProviderHandle, Router};
 use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
@@ -112,7 +113,31 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         config.context.reserve_output_tokens,
     ));
     let (usage, usage_writer) = UsageRecorder::start(store.clone());
+    let spec = config
+        .cache
+        .embedder_spec()
+        .map_err(AppError::Refused)?;
+    let embedder = crate::cache::build_embedder(&spec, &router).map_err(AppError::Refused)?;
+    let cache = Cache::start(
+        CacheSettings {
+            enabled: config.cache.enabled,
+            min_similarity: config.cache.min_similarity,
+            ttl: std::time::Duration::from_secs(config.cache.ttl_secs),
+            max_entries: config.cache.max_entries,
+            lookup_timeout: std::time::Duration::from_millis(config.cache.lookup_timeout_ms),
+            disabled_tenants: config.cache.disabled_tenants.iter().cloned().collect(),
+        },
+        embedder,
+        store.clone(),
+        metrics.clone(),
+    )?;
     let deps = Arc::new(Deps {
+        cache,
+        memory: MemorySettings {
+            mode: config.context.memory,
+            share: config.context.recall_share,
+            min_similarity: config.context.recall_min_similarity,
+        },
         store: store.clone(),
         router,
         budget: ContextBudget::new(

@@ -66,6 +66,10 @@ impl TenantId {
     pub fn local() -> Self {
         Self("local".into())
     }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl fmt::Display for TenantId {

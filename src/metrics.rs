@@ -20,6 +20,10 @@ pub struct Metrics {
     pub ws_connections: IntGauge,
     pub live_conversations: IntGauge,
     guard_events: IntCounterVec,
+    cache_lookups: IntCounterVec,
+    cache_near_misses: IntCounterVec,
+    cache_lookup_seconds: prometheus::Histogram,
+    pub cache_entries: IntGauge,
 }
 
 impl Metrics {
@@ -64,7 +68,37 @@ impl Metrics {
             &["guard", "action"],
         )?;
         registry.register(Box::new(guard_events.clone()))?;
+        let cache_lookups = IntCounterVec::new(
+            Opts::new(
+                "parley_cache_lookups_total",
+                "Semantic cache lookups by result (hit, miss, near_miss, skipped)",
+            ),
+            &["result"],
+        )?;
+        let cache_near_misses = IntCounterVec::new(
+            Opts::new(
+                "parley_cache_near_misses_total",
+                "Candidates similar enough but rejected, by the false-hit guard that rejected them",
+            ),
+            &["guard"],
+        )?;
+        let cache_lookup_seconds = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "parley_cache_lookup_seconds",
+                "Semantic cache lookup latency, embedding included",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5]),
+        )?;
+        let cache_entries = IntGauge::new("parley_cache_entries", "Entries in the semantic cache index")?;
+        registry.register(Box::new(cache_lookups.clone()))?;
+        registry.register(Box::new(cache_near_misses.clone()))?;
+        registry.register(Box::new(cache_lookup_seconds.clone()))?;
+        registry.register(Box::new(cache_entries.clone()))?;
         Ok(Self {
+            cache_lookups,
+            cache_near_misses,
+            cache_lookup_seconds,
+            cache_entries,
             registry,
             turns,
             ttft,
@@ -97,6 +131,17 @@ impl Metrics {
     }
 
     /// A guardrail finding (`pii`/`prompt_injection`/`system_prompt_leak`; `flag`/`block`/`cut`).
+    /// One cache lookup: its result, its latency, and the guards that rejected candidates.
+    pub fn cache_lookup(&self, result: &str, elapsed: Option<Duration>, rejected_by: &[&str]) {
+        self.cache_lookups.with_label_values(&[result]).inc();
+        if let Some(e) = elapsed {
+            self.cache_lookup_seconds.observe(e.as_secs_f64());
+        }
+        for g in rejected_by {
+            self.cache_near_misses.with_label_values(&[g]).inc();
+        }
+    }
+
     pub fn guard_event(&self, guard: &str, action: &str) {
         self.guard_events.with_label_values(&[guard, action]).inc();
     }

@@ -1,46 +1,114 @@
-//! Text embeddings for the semantic cache, behind one trait.
+//! Text embeddings for the semantic cache and recall memory, behind one trait.
 //!
 //! [`Builtin`] is the offline default: no model files, deterministic. Text is normalised
-//! (lower case, punctuation folded to spaces, runs of white space collapsed); its features are
-//! the words (weighted 1.0, words of two or three letters 0.5, single letters dropped), word
-//! bigrams (0.7) and character trigrams inside each padded word of three letters or more (0.4 —
-//! what makes typo and inflection variants land close together). Each feature is hashed
-//! (FNV-1a) into one of [`DIM`] dimensions with a hashed sign, and the vector is L2-normalised,
-//! so cosine similarity is a dot product.
+//! (lower case, contractions expanded — "what's" is "what is" —, punctuation folded to spaces,
+//! runs of white space collapsed); its features are the words, word bigrams and character
+//! trigrams inside each padded word of three letters or more (what makes typo and inflection
+//! variants land close together). Function words ("the", "please", "tell me") weigh little, so
+//! a rewording that only changes them stays close; content words weigh most. Each feature is
+//! hashed (FNV-1a) into one of [`DIM`] dimensions with a hashed sign, and the vector is
+//! L2-normalised, so cosine similarity is a dot product.
+//!
+//! [`ProviderEmbedder`](super::provider_embed::ProviderEmbedder) asks a configured
+//! provider's `/v1/embeddings`; `local` (cargo feature `local-embed`) runs a sentence
+//! transformer in-process.
+
+use futures_util::future::BoxFuture;
 
 /// Dimensions of the builtin embedding.
 pub const DIM: usize = 512;
 
+/// Why texts could not be embedded (the turn then goes on without the cache).
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    #[error("embedding provider failed: {0}")]
+    Provider(String),
+    #[error("embedding answer malformed: {0}")]
+    Malformed(String),
+    #[error("local embedding model failed: {0}")]
+    Local(String),
+}
+
 /// Something that turns texts into unit vectors.
 pub trait Embedder: Send + Sync {
-    /// Dimensions of every vector this embedder produces.
-    fn dim(&self) -> usize;
-    /// One unit vector per text.
-    fn embed(&self, texts: &[&str]) -> Vec<Vec<f32>>;
+    /// A stable name of the embedder and its model: entries made by another embedder are never
+    /// compared with this one's.
+    fn id(&self) -> String;
+    /// One unit vector per text, in order.
+    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>>;
 }
 
 /// The builtin hashed n-gram embedder.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Builtin;
 
-impl Embedder for Builtin {
-    fn dim(&self) -> usize {
-        DIM
-    }
-
-    fn embed(&self, texts: &[&str]) -> Vec<Vec<f32>> {
-        texts.iter().map(|t| embed_one(t)).collect()
+impl Builtin {
+    /// The embedding of one text (synchronous: a few microseconds).
+    pub fn vector(text: &str) -> Vec<f32> {
+        embed_one(text)
     }
 }
 
-/// Lower case, punctuation to spaces, single spaces.
+impl Embedder for Builtin {
+    fn id(&self) -> String {
+        format!("builtin-v1-{DIM}")
+    }
+
+    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>> {
+        let out = texts.iter().map(|t| embed_one(t)).collect();
+        Box::pin(std::future::ready(Ok(out)))
+    }
+}
+
+const CONTRACTIONS: &[(&str, &str)] = &[
+    ("n't", " not"),
+    ("'re", " are"),
+    ("'m", " am"),
+    ("'ll", " will"),
+    ("'ve", " have"),
+    ("'d", " would"),
+    ("'s", " is"),
+];
+
+/// Lower case, contractions expanded, punctuation to spaces, single spaces.
 pub fn normalise(text: &str) -> String {
-    let mapped: String = text
+    let mut lower: String = text
         .chars()
         .flat_map(char::to_lowercase)
+        .map(|c| if c == '’' { '\'' } else { c })
+        .collect();
+    if lower.contains('\'') {
+        lower = lower.replace("can't", "can not").replace("won't", "will not");
+        for (from, to) in CONTRACTIONS {
+            lower = lower.replace(from, to);
+        }
+    }
+    let mapped: String = lower
+        .chars()
         .map(|c| if c.is_alphanumeric() { c } else { ' ' })
         .collect();
     mapped.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Words that carry little of a question's meaning. Interrogatives other than "what" and
+/// "which" are not here: "when" and "where" ask different questions.
+const FUNCTION_WORDS: &[&str] = &[
+    "the", "and", "for", "are", "was", "were", "is", "be", "been", "what", "which", "can",
+    "could", "would", "should", "will", "does", "did", "do", "you", "your", "me", "my", "i",
+    "have", "has", "had", "with", "about", "this", "that", "these", "those", "there", "it", "its",
+    "to", "of", "in", "on", "at", "by", "an", "a", "please", "tell", "give", "some", "show",
+    "explain", "know", "want", "like", "need", "us", "we", "our", "hey", "hi", "hello", "thanks",
+    "kindly", "just", "so", "then", "into",
+];
+
+fn weight(word: &str) -> f32 {
+    if FUNCTION_WORDS.contains(&word) {
+        0.15
+    } else if word.chars().count() <= 2 {
+        0.5
+    } else {
+        1.0
+    }
 }
 
 fn embed_one(text: &str) -> Vec<f32> {
@@ -52,24 +120,29 @@ fn embed_one(text: &str) -> Vec<f32> {
         let sign = if h >> 63 == 0 { 1.0 } else { -1.0 };
         v[(h % DIM as u64) as usize] += sign * weight;
     };
+    let mut content = Vec::with_capacity(words.len());
     for w in &words {
-        // Short words carry little meaning ("a", the "s" of "what's"), long ones most.
-        let n = w.chars().count();
-        if n < 2 {
+        let w8 = weight(w);
+        add(w.as_bytes(), w8);
+        if w8 < 1.0 {
             continue;
         }
-        add(w.as_bytes(), if n <= 3 { 0.5 } else { 1.0 });
-        if n < 3 {
-            continue;
-        }
+        content.push(*w);
         let padded: Vec<char> = format!("^{w}$").chars().collect();
         for tri in padded.windows(3) {
             let s: String = tri.iter().collect();
-            add(format!("#{s}").as_bytes(), 0.4);
+            add(format!("#{s}").as_bytes(), 0.35);
         }
     }
-    for pair in words.windows(2) {
-        add(format!("{} {}", pair[0], pair[1]).as_bytes(), 0.7);
+    // Bigrams of content words, skipping function words between them ("capital of france"
+    // and "france's capital" share "capital france" either way round).
+    for pair in content.windows(2) {
+        let (a, b) = if pair[0] <= pair[1] {
+            (pair[0], pair[1])
+        } else {
+            (pair[1], pair[0])
+        };
+        add(format!("{a} {b}").as_bytes(), 0.5);
     }
     let len = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if len > 0.0 {
@@ -89,28 +162,39 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// Scales a vector to unit length (a zero vector stays zero).
+pub fn normalise_vector(v: &mut [f32]) {
+    let len = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if len > 0.0 && len.is_finite() {
+        v.iter_mut().for_each(|x| *x /= len);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sim(a: &str, b: &str) -> f32 {
-        let v = Builtin.embed(&[a, b]);
-        cosine(&v[0], &v[1])
+        cosine(&Builtin::vector(a), &Builtin::vector(b))
     }
 
     #[test]
     fn unit_vectors_and_determinism() {
-        let v = Builtin.embed(&["Hello, world!"]);
-        let len: f32 = v[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+        let v = Builtin::vector("Hello, world!");
+        let len: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((len - 1.0).abs() < 1e-5);
-        assert_eq!(v, Builtin.embed(&["Hello, world!"]));
+        assert_eq!(v, Builtin::vector("Hello, world!"));
         assert_eq!(
-            Builtin.embed(&[""])[0]
-                .iter()
-                .filter(|x| **x != 0.0)
-                .count(),
+            Builtin::vector("").iter().filter(|x| **x != 0.0).count(),
             0
         );
+    }
+
+    #[test]
+    fn contractions_are_expanded() {
+        assert_eq!(normalise("What's the capital?"), "what is the capital");
+        assert_eq!(normalise("I don’t know"), "i do not know");
+        assert_eq!(normalise("It can't be"), "it can not be");
     }
 
     #[test]
@@ -118,6 +202,10 @@ mod tests {
         let same = sim(
             "What is the capital of France?",
             "what's the capital of france",
+        );
+        let reworded = sim(
+            "What is the capital of France?",
+            "Tell me the capital of France, please",
         );
         let typo = sim(
             "What is the capital of France?",
@@ -127,8 +215,9 @@ mod tests {
             "What is the capital of France?",
             "How do I bake sourdough bread?",
         );
-        assert!(same > 0.85, "{same}");
-        assert!(typo > 0.5, "{typo}");
+        assert!(same > 0.99, "{same}");
+        assert!(reworded > 0.92, "{reworded}");
+        assert!(typo > 0.4, "{typo}");
         assert!(other < 0.3, "{other}");
         assert!(same > typo && typo > other);
     }

@@ -9,9 +9,14 @@
 //! - `negation`: a negation word in one question and not in the other ("is X safe" vs
 //!   "is X not safe");
 //! - `operators`: the arithmetic operators next to the numbers ("2 + 2" vs "2 * 2");
-//! - `words`: a content word swapped for another ("sort" vs "reverse", "water" vs "ethanol"):
-//!   words only one side has, on both sides, that are not spelling variants of each other.
-//!   Adding words is allowed ("the capital" vs "which city is the capital").
+//! - `order`: the same numbers and entities in another order ("100 USD to EUR" vs
+//!   "100 EUR to USD", "10 - 2" vs "2 - 10");
+//! - `question`: another question word ("when" vs "where", "who" vs "why"; "what" and "which"
+//!   are one);
+//! - `words`: a content word swapped for another ("sort" vs "reverse", "water" vs "ethanol"),
+//!   or added on one side only ("a year" vs "a leap year"): words only one side has that are
+//!   not spelling variants of a word of the other side. Generic words may be added ("the
+//!   capital" vs "which city is the capital", "explain", "exactly").
 //!
 //! A hit needs every guard to pass.
 
@@ -29,6 +34,8 @@ pub enum Guard {
     Entities,
     Negation,
     Operators,
+    Order,
+    Question,
     Words,
 }
 
@@ -41,6 +48,8 @@ impl Guard {
             Self::Entities => "entities",
             Self::Negation => "negation",
             Self::Operators => "operators",
+            Self::Order => "order",
+            Self::Question => "question",
             Self::Words => "words",
         }
     }
@@ -93,6 +102,92 @@ fn set(re: &Regex, text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Numbers and capitalised words (not starting a sentence) in order of first appearance.
+fn ordered_terms(text: &str) -> Vec<String> {
+    let mut found: Vec<(usize, String)> = PATTERNS[0]
+        .find_iter(text)
+        .map(|m| (m.start(), m.as_str().to_owned()))
+        .collect();
+    let mut sentence_start = true;
+    let mut offset = 0;
+    for raw in text.split_whitespace() {
+        let at = text[offset..].find(raw).map_or(offset, |i| offset + i);
+        offset = at + raw.len();
+        let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
+        if !sentence_start && word.chars().next().is_some_and(char::is_uppercase) {
+            found.push((at, word.to_lowercase()));
+        }
+        sentence_start = raw.ends_with(['.', '?', '!']);
+    }
+    found.sort_by_key(|(at, _)| *at);
+    let mut out: Vec<String> = Vec::new();
+    for (_, w) in found {
+        if !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    out
+}
+
+/// Words that give a direction to the word after them.
+const DIRECTIONS: &[(&str, &str)] = &[
+    ("from", "from"),
+    ("to", "to"),
+    ("into", "to"),
+    ("than", "than"),
+    ("before", "before"),
+    ("after", "after"),
+];
+
+/// Each direction word with the word after it ("from checking", "to savings").
+fn directions(text: &str) -> BTreeSet<(&'static str, String)> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    words
+        .windows(2)
+        .filter_map(|w| {
+            let class = DIRECTIONS.iter().find(|(d, _)| *d == w[0])?.1;
+            Some((class, w[1].clone()))
+        })
+        .collect()
+}
+
+/// The same direction words leading to other words ("from checking to savings" vs "from
+/// savings to checking").
+fn swapped_direction(a: &str, b: &str) -> bool {
+    let (da, db) = (directions(a), directions(b));
+    let classes = |d: &BTreeSet<(&'static str, String)>| -> BTreeSet<&'static str> {
+        d.iter().map(|(c, _)| *c).collect()
+    };
+    classes(&da) == classes(&db) && da != db
+}
+
+const QUESTION_WORDS: &[(&str, &str)] = &[
+    ("who", "who"),
+    ("whom", "who"),
+    ("whose", "whose"),
+    ("when", "when"),
+    ("where", "where"),
+    ("why", "why"),
+    ("how", "how"),
+];
+
+/// The question words of a text ("what" and "which" ask alike and are left out).
+fn question_words(text: &str) -> BTreeSet<&'static str> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter_map(|w| {
+            let w = w.to_lowercase();
+            QUESTION_WORDS
+                .iter()
+                .find(|(q, _)| *q == w)
+                .map(|(_, class)| *class)
+        })
+        .collect()
+}
+
 /// Capitalised words that do not start a sentence.
 fn proper_nouns(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -139,6 +234,12 @@ pub fn check(a: &str, b: &str) -> Result<(), Guard> {
     }
     if operators(a) != operators(b) {
         return Err(Guard::Operators);
+    }
+    if ordered_terms(a) != ordered_terms(b) || swapped_direction(a, b) {
+        return Err(Guard::Order);
+    }
+    if question_words(a) != question_words(b) {
+        return Err(Guard::Question);
     }
     if swapped_words(a, b) {
         return Err(Guard::Words);
@@ -190,8 +291,20 @@ fn swapped_words(a: &str, b: &str) -> bool {
         .iter()
         .filter(|y| !only_a.iter().any(|x| variants(x, y)))
         .count();
-    unmatched_a > 0 && unmatched_b > 0
+    let added = |only: &[&String], other: &[&String]| {
+        only.iter()
+            .any(|x| !other.iter().any(|y| variants(x, y)) && !GENERIC.contains(&x.as_str()))
+    };
+    (unmatched_a > 0 && unmatched_b > 0) || added(&only_a, &only_b) || added(&only_b, &only_a)
 }
+
+/// Words a rewording may add without asking another question.
+const GENERIC: &[&str] = &[
+    "city", "country", "year", "take", "way", "exactly", "actually", "really", "also", "briefly",
+    "quickly", "simply", "explain", "describe", "show", "tell", "give", "know", "please",
+    "thanks", "thank", "help", "want", "like", "need", "wondering", "question", "mean",
+    "meaning", "say", "said",
+];
 
 /// Arithmetic operators written between numbers.
 fn operators(text: &str) -> BTreeSet<char> {

@@ -1,19 +1,48 @@
-//! The semantic cache's building blocks (issue "Embedded semantic cache and recall memory"):
-//! embedders behind one trait ([`embed`]) and the false-hit guards ([`guards`]). The HNSW index,
-//! its scope keys and its lifecycle come next; nothing here is wired into turns yet.
+//! The semantic cache (issue "Embedded semantic cache and recall memory"): embedders behind one
+//! trait ([`embed`]), the false-hit guards ([`guards`]), the scope-partitioned HNSW index
+//! ([`index`]) and the service that owns it on its own thread ([`service`]). Turns use it
+//! through [`Cache`]; recall memory ([`recall`]) uses the same embedder.
 
 pub mod embed;
 pub mod guards;
+pub mod index;
+pub mod provider_embed;
+pub mod recall;
+pub mod service;
 
-/// Whether two questions are a cache hit under an embedder, a similarity threshold and the
-/// false-hit guards.
-pub fn is_hit(embedder: &dyn embed::Embedder, a: &str, b: &str, min_similarity: f32) -> bool {
-    let v = embedder.embed(&[a, b]);
-    match (v.first(), v.get(1)) {
-        (Some(x), Some(y)) => embed::cosine(x, y) >= min_similarity && guards::check(a, b).is_ok(),
-        _ => false,
-    }
+pub use service::{Cache, CacheSettings, Hit, Looked, Outcome, ScopeParts};
+
+/// Whether two questions are a cache hit under the builtin embedder, a similarity threshold
+/// and the false-hit guards.
+pub fn is_hit(a: &str, b: &str, min_similarity: f32) -> bool {
+    let (x, y) = (embed::Builtin::vector(a), embed::Builtin::vector(b));
+    embed::cosine(&x, &y) >= min_similarity && guards::check(a, b).is_ok()
 }
 
 #[cfg(test)]
 mod paraphrases;
+
+/// The embedder `[cache].embedder` names.
+///
+/// # Errors
+/// A provider that is not configured, or a local model that cannot load.
+pub fn build_embedder(
+    spec: &crate::config::EmbedderSpec,
+    router: &crate::provider::Router,
+) -> Result<std::sync::Arc<dyn embed::Embedder>, String> {
+    use crate::config::EmbedderSpec;
+    match spec {
+        EmbedderSpec::Builtin => Ok(std::sync::Arc::new(embed::Builtin)),
+        EmbedderSpec::Provider { provider, model } => {
+            let addr = router
+                .provider(provider)
+                .ok_or_else(|| format!("cache.embedder: unknown provider {provider:?}"))?;
+            Ok(std::sync::Arc::new(provider_embed::ProviderEmbedder::new(
+                provider, model, addr,
+            )))
+        }
+        EmbedderSpec::Local(_) => Err(
+            "cache.embedder: local embedders need parley built with --features local-embed".into(),
+        ),
+    }
+}

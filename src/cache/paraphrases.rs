@@ -1,7 +1,7 @@
 //! Precision and recall of the builtin embedder (with the false-hit guards) on the paraphrase
 //! set shipped in `data/paraphrases.tsv`. Run with `--nocapture` to see the table.
 
-use super::embed::{cosine, Builtin, Embedder};
+use super::embed::{cosine, Builtin};
 use super::{guards, is_hit};
 
 fn pairs() -> Vec<(String, String, bool)> {
@@ -40,10 +40,9 @@ fn precision_and_recall_of_the_builtin_embedder() {
     let mut at_default = (0.0, 0.0);
     for threshold in [0.5f32, 0.6, 0.7, 0.8, 0.92] {
         let sim_only = score(&pairs, |a, b| {
-            let v = Builtin.embed(&[a, b]);
-            cosine(&v[0], &v[1]) >= threshold
+            cosine(&Builtin::vector(a), &Builtin::vector(b)) >= threshold
         });
-        let guarded = score(&pairs, |a, b| is_hit(&Builtin, a, b, threshold));
+        let guarded = score(&pairs, |a, b| is_hit(a, b, threshold));
         eprintln!(
             "| {threshold:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
             sim_only.0, sim_only.1, guarded.0, guarded.1
@@ -53,7 +52,7 @@ fn precision_and_recall_of_the_builtin_embedder() {
         }
     }
     for (a, b, same) in &pairs {
-        if !same && is_hit(&Builtin, a, b, 0.7) {
+        if !same && is_hit(a, b, 0.7) {
             eprintln!("false hit: {a} | {b}");
         }
     }

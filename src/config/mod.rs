@@ -59,6 +59,34 @@ pub struct AuthConfig {
 pub struct ContextConfig {
     pub budget_tokens: u32,
     pub reserve_output_tokens: u32,
+    /// What a new conversation sends when its history outgrows the budget (a conversation
+    /// may choose its own at creation): `window` (the newest turns) or `recall`.
+    pub memory: MemoryMode,
+    /// In `recall` mode, the share of the prompt budget kept for relevant older turns.
+    pub recall_share: f32,
+    /// In `recall` mode, the least similarity an older turn needs to be recalled.
+    pub recall_min_similarity: f32,
+}
+
+/// How a conversation's context is chosen when its history outgrows the budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// The newest turns that fit (PROTOCOL §6).
+    #[default]
+    Window,
+    /// The newest turns that fit in part of the budget, plus the older turns most relevant to
+    /// the new message in the rest.
+    Recall,
+}
+
+impl MemoryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Window => "window",
+            Self::Recall => "recall",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -67,6 +95,55 @@ pub struct CacheConfig {
     pub enabled: bool,
     pub min_similarity: f32,
     pub ttl_secs: u64,
+    /// `builtin`, `provider:<name>/<model>` or `local:<dir>` (cargo feature `local-embed`).
+    pub embedder: String,
+    /// Entries kept at most; the least recently used go first.
+    pub max_entries: usize,
+    /// A lookup slower than this is a miss.
+    pub lookup_timeout_ms: u64,
+    /// Tenants whose requests never use the cache.
+    pub disabled_tenants: Vec<String>,
+}
+
+/// The embedder named by `cache.embedder`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbedderSpec {
+    Builtin,
+    Provider { provider: String, model: String },
+    Local(PathBuf),
+}
+
+impl CacheConfig {
+    /// Parses `embedder`.
+    ///
+    /// # Errors
+    /// A message for `cache.embedder` when it names no known embedder.
+    pub fn embedder_spec(&self) -> Result<EmbedderSpec, String> {
+        let e = self.embedder.trim();
+        if e == "builtin" {
+            return Ok(EmbedderSpec::Builtin);
+        }
+        if let Some(rest) = e.strip_prefix("provider:") {
+            return match rest.split_once('/') {
+                Some((p, m)) if !p.is_empty() && !m.is_empty() => Ok(EmbedderSpec::Provider {
+                    provider: p.to_owned(),
+                    model: m.to_owned(),
+                }),
+                _ => Err(format!(
+                    "cache.embedder: {e:?} must be provider:<name>/<model>"
+                )),
+            };
+        }
+        if let Some(dir) = e.strip_prefix("local:") {
+            if dir.is_empty() {
+                return Err("cache.embedder: local:<dir> needs a directory".into());
+            }
+            return Ok(EmbedderSpec::Local(PathBuf::from(dir)));
+        }
+        Err(format!(
+            "cache.embedder: {e:?} is not builtin, provider:<name>/<model> or local:<dir>"
+        ))
+    }
 }
 
 /// Settings of the edges and of actor lifecycles (parley additions to PROTOCOL §2).
@@ -98,6 +175,9 @@ impl Default for ContextConfig {
         Self {
             budget_tokens: 8192,
             reserve_output_tokens: 1024,
+            memory: MemoryMode::Window,
+            recall_share: 0.25,
+            recall_min_similarity: 0.2,
         }
     }
 }
@@ -108,6 +188,10 @@ impl Default for CacheConfig {
             enabled: true,
             min_similarity: 0.92,
             ttl_secs: 86_400,
+            embedder: "builtin".into(),
+            max_entries: 50_000,
+            lookup_timeout_ms: 250,
+            disabled_tenants: Vec::new(),
         }
     }
 }
@@ -229,6 +313,43 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&self.cache.min_similarity) {
             problems.push("cache.min_similarity: must be between 0 and 1".into());
+        }
+        if !(0.0..1.0).contains(&ctx.recall_share) {
+            problems.push("context.recall_share: must be at least 0 and below 1".into());
+        }
+        if !(0.0..=1.0).contains(&ctx.recall_min_similarity) {
+            problems.push("context.recall_min_similarity: must be between 0 and 1".into());
+        }
+        if self.cache.max_entries == 0 {
+            problems.push("cache.max_entries: must be greater than 0".into());
+        }
+        match self.cache.embedder_spec() {
+            Err(p) => problems.push(p),
+            Ok(EmbedderSpec::Provider { provider, .. }) => {
+                match self.providers.iter().find(|p| p.name == provider) {
+                    None => problems.push(format!(
+                        "cache.embedder: unknown provider {provider:?}"
+                    )),
+                    Some(p) if p.kind == ProviderKind::Anthropic => problems.push(format!(
+                        "cache.embedder: provider {provider:?} is anthropic, which has no embeddings API"
+                    )),
+                    Some(_) => {}
+                }
+            }
+            Ok(EmbedderSpec::Local(dir)) => {
+                if !cfg!(feature = "local-embed") {
+                    problems.push(
+                        "cache.embedder: local embedders need parley built with --features local-embed"
+                            .into(),
+                    );
+                } else if !dir.join("model.safetensors").is_file() {
+                    problems.push(format!(
+                        "cache.embedder: {} has no model.safetensors",
+                        dir.display()
+                    ));
+                }
+            }
+            Ok(EmbedderSpec::Builtin) => {}
         }
         if self.server.max_frame_bytes < 1024 {
             problems.push("server.max_frame_bytes: must be at least 1024".into());

@@ -80,6 +80,9 @@ pub struct RouteConfig {
     /// Prompt-injection screening of user messages: `off` (default), `flag` or `block`.
     #[serde(default)]
     pub injection: crate::guard::injection::InjectionMode,
+    /// Whether this route's turns use the semantic cache.
+    #[serde(default = "yes")]
+    pub cache: bool,
 }
 
 /// How a route orders its targets for each request.
@@ -143,6 +146,7 @@ impl RouteConfig {
             prompt: None,
             pii: crate::guard::pii::PiiMode::default(),
             injection: crate::guard::injection::InjectionMode::default(),
+            cache: true,
         }
     }
 }
@@ -243,4 +247,8 @@ impl ProviderConfig {
 
 pub(super) fn target(provider: &str, model: &str) -> TargetConfig {
     TargetConfig::new(provider, model)
+}
+
+fn yes() -> bool {
+    true
 }

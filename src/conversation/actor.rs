@@ -107,7 +107,17 @@ impl ConversationActor {
             tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
             SystemPrompt::default()
         });
+        // The cache serves plain questions only: never one carrying personal data or flagged
+        // by a guardrail, and never against the tenant's, the route's or the request's wish.
+        let cache = self.deps.cache.serves(q.principal.tenant.as_str())
+            && self.deps.router.caches(&route)
+            && q.principal.cache()
+            && q.options.cache != Some(false)
+            && q.flags.is_empty()
+            && crate::guard::pii::detect(&q.content).is_empty();
         let input = TurnInput {
+            cache,
+            memory: self.record.memory,
             conversation: self.record.id.clone(),
             route,
             system: system.text,

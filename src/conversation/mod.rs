@@ -43,4 +43,19 @@ pub struct Deps {
     pub governor: std::sync::Arc<crate::tenant::Governor>,
     /// Where each turn's usage record goes.
     pub usage: crate::tenant::usage::UsageRecorder,
+    /// The semantic cache (and the embedder recall memory uses).
+    pub cache: crate::cache::Cache,
+    /// Recall memory settings.
+    pub memory: MemorySettings,
+}
+
+/// `[context]` settings of recall memory.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySettings {
+    /// The mode of conversations created without one.
+    pub mode: crate::config::MemoryMode,
+    /// Share of the prompt budget for recalled turns.
+    pub share: f32,
+    /// Least similarity a recalled turn needs.
+    pub min_similarity: f32,
 }

@@ -43,6 +43,8 @@ pub struct NewConversation {
     /// A versioned system prompt (`name@3`, `name@latest`), instead of `system`.
     pub prompt: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    /// `window` or `recall` (the configured default when absent).
+    pub memory: Option<crate::config::MemoryMode>,
 }
 
 impl Registry {
@@ -104,6 +106,7 @@ impl Registry {
             created_at: unix_now(),
             last_seq: 0,
             history_tokens: 0,
+            memory: new.memory.unwrap_or(deps.memory.mode),
         };
         deps.store.create_conversation(&record).await?;
         Ok(record)
@@ -150,7 +153,8 @@ impl Registry {
             // A stopped actor has nothing to wait for.
             let _ = addr.send(Shutdown).await;
         }
-        self.deps().store.delete_conversation(id).await?;
+        let cached = self.deps().store.delete_conversation(id).await?;
+        self.deps().cache.forget(cached);
         Ok(())
     }
 

@@ -15,13 +15,15 @@ use super::fanout::Fanout;
 use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
 use super::Deps;
+use crate::cache::{Hit, Looked, Outcome, ScopeParts};
+use crate::config::MemoryMode;
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::Leak;
 use crate::guard::pii::{PiiMode, Restorer, Vault};
 use crate::ids::{unix_now, ConversationId};
 use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
 use crate::store::UsageRecord;
-use crate::store::{MessageRecord, ReplyMeta, Role, StoredError, Usage};
+use crate::store::{CacheRecord, MessageRecord, ReplyMeta, Role, StoredError, Usage};
 use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, fit_history, Encoding};
 
@@ -46,6 +48,10 @@ pub struct TurnInput {
     pub pii: PiiMode,
     /// Guardrail findings on the user message, stored with it.
     pub flags: Vec<String>,
+    /// Whether this turn may be served from, and stored in, the semantic cache.
+    pub cache: bool,
+    /// How the context is chosen once history outgrows the budget.
+    pub memory: MemoryMode,
 }
 
 /// How a reply ended, before it is stored.
@@ -125,15 +131,39 @@ async fn run_inner(
         panic!("fault injection: turn panicked");
     }
 
-    let (request, prompt_tokens, vault, trimmed_tokens) = match build_request(deps, &input) {
+    let begun = Instant::now();
+    let Built {
+        request,
+        prompt_tokens,
+        vault,
+        trimmed: trimmed_tokens,
+        scope,
+    } = match build_request(deps, &input).await {
         Ok(r) => r,
         Err(e) => {
             fail(e, Some(input.user_seq));
             return input.user_seq;
         }
     };
+    let mut looked: Option<Looked> = None;
+    if let Some(key) = scope {
+        let l = deps
+            .cache
+            .lookup(key, input.principal.tenant.as_str(), &input.content)
+            .await;
+        if let Outcome::Hit(hit) = &l.outcome {
+            // A reply longer than this request allows is not an answer to it.
+            let fits = input
+                .options
+                .max_tokens
+                .is_none_or(|m| hit.record.usage.completion_tokens <= m);
+            if fits {
+                return serve_hit(deps, fanout, &input, hit, billing, begun).await;
+            }
+        }
+        looked = Some(l);
+    }
     let reply_seq = input.user_seq + 1;
-    let begun = Instant::now();
     let mut text = String::new();
     let started = tokio::select! {
         () = cancel.cancelled() => None,
@@ -249,6 +279,8 @@ async fn run_inner(
                 ttft_ms: ttft.map(|t| t.as_millis() as u64),
                 cost,
                 trimmed_tokens,
+                saved_tokens: 0,
+                saved_cost: 0.0,
                 finish_reason: ending.finish_reason.to_owned(),
             })
             .await;
@@ -262,6 +294,30 @@ async fn run_inner(
         finish_reason = ending.finish_reason,
         "turn finished"
     );
+    // Only a complete reply is cached (never a cancelled, cut, interrupted or failed one), and
+    // before `done`, so the next question after it can already hit.
+    let complete = ending.finish_reason == "stop"
+        && ending.error.is_none()
+        && ending.flags.is_empty()
+        && !reply.content.is_empty();
+    if let (true, Some(Looked { vector: Some(vector), key, .. })) = (complete, looked) {
+        deps.cache.insert(
+            key,
+            vector,
+            CacheRecord {
+                tenant: input.principal.tenant.as_str().to_owned(),
+                scope: String::new(),
+                question: input.content.clone(),
+                reply: reply.content.clone(),
+                usage,
+                provider: provider.clone(),
+                model: model.clone(),
+                conversation: Some(conv.clone()),
+                created_ms: 0,
+                expires_ms: 0,
+            },
+        );
+    }
     match ending.error {
         Some(err) => fail(err, Some(input.user_seq)),
         None => {
@@ -271,6 +327,119 @@ async fn run_inner(
         }
     }
     reply_seq
+}
+
+/// Pieces a cached reply is streamed in: a few words each, white space kept, so clients render
+/// it as they render any stream.
+fn chunks(text: &str) -> Vec<String> {
+    const WORDS: usize = 4;
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut words = 0;
+    for (i, piece) in text.split_inclusive(char::is_whitespace).enumerate() {
+        cur.push_str(piece);
+        if piece.ends_with(char::is_whitespace) {
+            words += 1;
+        }
+        if words >= WORDS && i > 0 {
+            out.push(std::mem::take(&mut cur));
+            words = 0;
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Serves a cache hit: the stored reply streams through the same `delta`s, is stored like any
+/// reply (marked `cached`, with the original reply's usage and provider), and `done` follows.
+/// No upstream is called and the key is charged nothing; the usage record notes what the hit
+/// saved.
+async fn serve_hit(
+    deps: &Deps,
+    fanout: &Fanout,
+    input: &TurnInput,
+    hit: &Hit,
+    mut billing: Option<Bill>,
+    begun: Instant,
+) -> u64 {
+    let conv = &input.conversation;
+    let cid = &input.client_id;
+    let rec = &hit.record;
+    tracing::debug!(entry = hit.id, similarity = hit.similarity, "cache hit");
+    let ttft = begun.elapsed();
+    for text in chunks(&rec.reply) {
+        let frame = ServerFrame::Delta {
+            conversation: conv.clone(),
+            reply_to: input.user_seq,
+            text,
+        };
+        fanout.broadcast(&frame, Some(cid));
+    }
+    let completion_tokens = tokens::count_async(input.encoding, rec.reply.clone()).await;
+    let reply = MessageRecord {
+        flags: Vec::new(),
+        seq: input.user_seq + 1,
+        role: Role::Assistant,
+        content: rec.reply.clone(),
+        created_at: unix_now(),
+        client_id: None,
+        finish_reason: Some("stop".into()),
+        tokens: completion_tokens,
+        reply: Some(ReplyMeta {
+            reply_to: input.user_seq,
+            usage: rec.usage,
+            cached: true,
+            provider: rec.provider.clone(),
+            model: rec.model.clone(),
+            ttft_ms: Some(ttft.as_millis() as u64),
+            prompt_version: input.prompt_version.clone(),
+            error: None,
+        }),
+    };
+    if let Some(b) = billing.as_mut() {
+        b.set(0, 0.0);
+    }
+    deps.metrics.observe_turn("cache", Some(ttft), None);
+    let saved_cost = deps.governor.prices().cost(
+        &rec.model,
+        u64::from(rec.usage.prompt_tokens),
+        u64::from(rec.usage.completion_tokens),
+    );
+    deps.usage
+        .record(UsageRecord {
+            ts_ms: chrono::Utc::now().timestamp_millis(),
+            tenant: input.principal.tenant.clone(),
+            key_id: input.principal.key_id.clone(),
+            conversation: Some(conv.clone()),
+            route: input.route.clone(),
+            provider: rec.provider.clone(),
+            model: rec.model.clone(),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached: true,
+            latency_ms: begun.elapsed().as_millis() as u64,
+            ttft_ms: Some(ttft.as_millis() as u64),
+            cost: 0.0,
+            trimmed_tokens: 0,
+            saved_tokens: rec.usage.total_tokens,
+            saved_cost,
+            finish_reason: "stop".into(),
+        })
+        .await;
+    if let Err(e) = deps.store.append_message(conv, &reply).await {
+        let mut frame = ErrorFrame::new(&e.into());
+        frame.conversation = Some(conv.clone());
+        frame.client_id = Some(cid.clone());
+        frame.reply_to = Some(input.user_seq);
+        fanout.broadcast(&ServerFrame::Error(frame), Some(cid));
+        return input.user_seq;
+    }
+    if let Some(done) = outcome_frame(conv, &reply, cid) {
+        fanout.broadcast(&done, Some(cid));
+    }
+    input.user_seq + 1
 }
 
 /// What the streaming loop needs besides the stream itself.
@@ -478,31 +647,28 @@ fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
     }
 }
 
-/// The request, its prompt tokens, the PII vault that restores the reply, and the history
-/// tokens trimming left out.
-type Built = (ChatRequest, u32, Option<Vault>, u32);
+/// A turn's upstream request and what it was built from.
+struct Built {
+    request: ChatRequest,
+    prompt_tokens: u32,
+    /// The PII vault that restores the reply.
+    vault: Option<Vault>,
+    /// History tokens trimming left out.
+    trimmed: u32,
+    /// The cache scope of this turn, when it may use the cache.
+    scope: Option<crate::cache::index::ScopeKey>,
+}
 
-/// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message.
-fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
-    let mut taken = Vec::new();
-    let mut read_error = None;
-    let history = deps
-        .store
-        .messages_newest_first(&input.conversation)
-        .filter_map(|m| m.map_err(|e| read_error = Some(e)).ok())
-        .filter(|m| m.seq < input.user_seq && !m.content.is_empty())
-        .map(|m| {
-            let t = m.tokens;
-            taken.push(m);
-            t
-        });
-    let fitted = fit_history(deps.budget, input.system_tokens, input.tokens, history);
-    if let Some(e) = read_error {
-        return Err(e.into());
-    }
-    let (n, prompt_tokens) =
-        fitted.map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
-    taken.truncate(n);
+/// Older messages recall memory looks at, at most (the newest ones before the window).
+const RECALL_SCAN: usize = 1000;
+
+/// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message;
+/// in `recall` mode, with the older turns most relevant to the new message.
+async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
+    let (taken, prompt_tokens) = match input.memory {
+        MemoryMode::Window => window(deps, input)?,
+        MemoryMode::Recall => recall(deps, input).await?,
+    };
     let framing = u64::from(tokens::MESSAGE_FRAMING_TOKENS);
     let sent: u64 = taken
         .iter()
@@ -515,14 +681,27 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
         .conversation(&input.conversation)?
         .map_or(0, |c| c.history_tokens);
     let trimmed = u32::try_from(stored.saturating_sub(sent)).unwrap_or(u32::MAX);
-    let mut messages = Vec::with_capacity(n + 2);
+    let scope = input.cache.then(|| {
+        let context: Vec<(&str, &str)> = taken
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        deps.cache.scope_key(&ScopeParts {
+            tenant: input.principal.tenant.as_str(),
+            route: &input.route,
+            system: input.system.as_deref(),
+            prompt_version: input.prompt_version.as_deref(),
+            context: &context,
+        })
+    });
+    let mut messages = Vec::with_capacity(taken.len() + 2);
     if let Some(system) = &input.system {
         messages.push(ChatMessage {
             role: "system",
             content: system.clone(),
         });
     }
-    messages.extend(taken.into_iter().rev().map(|m| ChatMessage {
+    messages.extend(taken.into_iter().map(|m| ChatMessage {
         role: m.role.as_str(),
         content: m.content,
     }));
@@ -546,7 +725,124 @@ fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
         max_tokens: input.options.max_tokens,
         temperature: input.options.temperature,
     };
-    Ok((request, prompt_tokens, vault, trimmed))
+    Ok(Built {
+        request,
+        prompt_tokens,
+        vault,
+        trimmed,
+        scope,
+    })
+}
+
+/// Earlier messages of the conversation, newest first, that are sent as context (non-empty),
+/// read lazily.
+fn earlier<'a>(
+    deps: &'a Deps,
+    input: &'a TurnInput,
+    read_error: &'a mut Option<crate::store::StoreError>,
+) -> impl Iterator<Item = MessageRecord> + 'a {
+    let user_seq = input.user_seq;
+    deps.store
+        .messages_newest_first(&input.conversation)
+        .filter_map(move |m| m.map_err(|e| *read_error = Some(e)).ok())
+        .filter(move |m| m.seq < user_seq && !m.content.is_empty())
+}
+
+fn too_large(e: tokens::TooLarge) -> ApiError {
+    ApiError::new(ErrorCode::TooLarge, e.to_string())
+}
+
+/// The newest earlier messages that fit, oldest first, and the prompt tokens.
+fn window(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), ApiError> {
+    let mut taken = Vec::new();
+    let mut read_error = None;
+    let history = earlier(deps, input, &mut read_error).map(|m| {
+        let t = m.tokens;
+        taken.push(m);
+        t
+    });
+    let fitted = fit_history(deps.budget, input.system_tokens, input.tokens, history);
+    if let Some(e) = read_error {
+        return Err(e.into());
+    }
+    let (n, prompt_tokens) = fitted.map_err(too_large)?;
+    taken.truncate(n);
+    taken.reverse();
+    Ok((taken, prompt_tokens))
+}
+
+/// Recall mode: when everything fits, the window; otherwise the newest run within the budget
+/// less the recall share, plus the older turns most relevant to the new message within what is
+/// left, oldest first.
+async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), ApiError> {
+    let mut read_error = None;
+    let all: Vec<MessageRecord> = earlier(deps, input, &mut read_error)
+        .take(RECALL_SCAN)
+        .collect();
+    if let Some(e) = read_error {
+        return Err(e.into());
+    }
+    let costs = || all.iter().map(|m| m.tokens);
+    let (n_all, used_all) =
+        fit_history(deps.budget, input.system_tokens, input.tokens, costs()).map_err(too_large)?;
+    let window_only = |n: usize, used: u32| {
+        let mut run: Vec<MessageRecord> = all[..n].to_vec();
+        run.reverse();
+        (run, used)
+    };
+    if n_all == all.len() {
+        return Ok(window_only(n_all, used_all));
+    }
+    let share = (f64::from(deps.budget.limit) * f64::from(deps.memory.share)) as u32;
+    let run_budget = tokens::ContextBudget {
+        limit: deps.budget.limit.saturating_sub(share),
+    };
+    let Ok((n_run, used_run)) = fit_history(run_budget, input.system_tokens, input.tokens, costs())
+    else {
+        // The new message and system prompt leave no room for a recall share.
+        return Ok(window_only(n_all, used_all));
+    };
+    let older = &all[n_run..];
+    let mut texts = Vec::with_capacity(older.len() + 1);
+    texts.push(input.content.clone());
+    texts.extend(older.iter().map(|m| m.content.clone()));
+    let vectors = match deps.cache.embedder().embed(&texts).await {
+        Ok(v) if v.len() == texts.len() => v,
+        Ok(_) | Err(_) => {
+            tracing::warn!("recall memory unavailable (embedding failed); sending the window");
+            return Ok(window_only(n_all, used_all));
+        }
+    };
+    let framing = tokens::MESSAGE_FRAMING_TOKENS;
+    // Oldest first for `choose`.
+    let scored: Vec<crate::cache::recall::Older> = older
+        .iter()
+        .zip(&vectors[1..])
+        .rev()
+        .map(|(m, v)| crate::cache::recall::Older {
+            seq: m.seq,
+            is_user: m.role == Role::User,
+            cost: m.tokens.saturating_add(framing),
+            score: crate::cache::embed::cosine(&vectors[0], v),
+        })
+        .collect();
+    let left = deps.budget.limit.saturating_sub(used_run);
+    let chosen = crate::cache::recall::choose(&scored, left, deps.memory.min_similarity);
+    let recalled_tokens: u32 = chosen.iter().map(|&i| scored[i].cost).sum();
+    let mut out: Vec<MessageRecord> = chosen
+        .iter()
+        .map(|&i| older[older.len() - 1 - i].clone())
+        .collect();
+    tracing::debug!(
+        recalled = out.len(),
+        recalled_tokens,
+        window = n_run,
+        "recall memory"
+    );
+    let mut run: Vec<MessageRecord> = all[..n_run].to_vec();
+    run.reverse();
+    out.extend(run);
+    Ok((out, used_run.saturating_add(recalled_tokens)))
 }
 
 /// Replaces PII in every message (the system prompt too, unless it is the operator's versioned

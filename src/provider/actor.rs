@@ -100,13 +100,8 @@ impl ProviderActor {
             .is_some_and(|d| d.backend.supports_prefill())
     }
 
-    /// Starts `req` on the least busy deployment that can take it now.
-    fn try_start(
-        &mut self,
-        req: ChatRequest,
-        tokens: u32,
-        ctx: &mut Context<Self>,
-    ) -> Result<Generation, (ChatRequest, Refusal)> {
+    /// The least busy deployment that can take `tokens` now.
+    fn pick(&mut self, tokens: u32) -> Result<usize, Refusal> {
         let now = Instant::now();
         let mut refusal: Option<Refusal> = None;
         let mut best: Option<(u32, usize)> = None;
@@ -117,16 +112,26 @@ impl ProviderActor {
             }
         }
         let Some((_, i)) = best else {
-            return Err((
-                req,
-                refusal.unwrap_or(Refusal::Full(Duration::from_millis(50))),
-            ));
+            return Err(refusal.unwrap_or(Refusal::Full(Duration::from_millis(50))));
         };
         if let Some(t) = self.deployments[i].take(tokens, now) {
             self.trace(i, t);
         }
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(self.spawn_generation(i, req, tokens, ctx))
+        Ok(i)
+    }
+
+    /// Starts `req` on the least busy deployment that can take it now.
+    fn try_start(
+        &mut self,
+        req: ChatRequest,
+        tokens: u32,
+        ctx: &mut Context<Self>,
+    ) -> Result<Generation, (ChatRequest, Refusal)> {
+        match self.pick(tokens) {
+            Ok(i) => Ok(self.spawn_generation(i, req, tokens, ctx)),
+            Err(r) => Err((req, r)),
+        }
     }
 
     fn spawn_generation(
@@ -397,6 +402,65 @@ impl Handler<GenerationEnded> for ProviderActor {
             ctx.cancel_future(handle);
         }
         self.drain(ctx);
+    }
+}
+
+/// Asks for embeddings (the semantic cache's `provider:` embedder). They count against the same
+/// request and token buckets, concurrency cap and breaker as generations, but never wait in
+/// the queue: a cache lookup that cannot run now is a miss, not a delay.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Embed {
+    pub model: String,
+    pub texts: Vec<String>,
+    /// Estimated input tokens, reserved against the tokens-per-minute bucket.
+    pub tokens: u32,
+    pub reply: oneshot::Sender<Result<Vec<Vec<f32>>, ProviderError>>,
+}
+
+impl Handler<Embed> for ProviderActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Embed, ctx: &mut Self::Context) {
+        let Embed {
+            model,
+            texts,
+            tokens,
+            reply,
+        } = msg;
+        let i = match self.pick(tokens) {
+            Ok(i) => i,
+            Err(Refusal::Open(wait)) => {
+                let _ = reply.send(Err(self.unavailable(wait)));
+                return;
+            }
+            Err(Refusal::Full(wait)) => {
+                let _ = reply.send(Err(self.limited(wait)));
+                return;
+            }
+        };
+        let backend = Arc::clone(&self.deployments[i].backend);
+        let me = ctx.address();
+        actix::spawn(async move {
+            let begun = Instant::now();
+            let (result, headers) = backend.embed(&model, &texts).await;
+            let outcome = match &result {
+                Ok((_, usage)) => Outcome::Succeeded {
+                    usage: *usage,
+                    ttft: begun.elapsed(),
+                },
+                Err(e) => Outcome::Failed {
+                    status: status_of(e),
+                },
+            };
+            me.do_send(GenerationEnded {
+                key_index: i,
+                tokens,
+                outcome,
+                headers,
+            });
+            let _ = reply.send(result.map(|(v, _)| v));
+        });
     }
 }
 

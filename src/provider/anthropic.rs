@@ -27,6 +27,10 @@ pub struct AnthropicClient {
 }
 
 impl AnthropicClient {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     pub fn new(
         name: &str,
         base_url: &str,

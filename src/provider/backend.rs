@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use super::anthropic::AnthropicClient;
 use super::mock::MockBackend;
 use super::openai::OpenAiClient;
-use super::{ChatRequest, Observed, UpstreamEvent};
+use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
 use crate::config::{ProviderConfig, ProviderKind};
 
 pub enum Backend {
@@ -38,6 +38,35 @@ impl Backend {
     /// Whether the wire format continues a reply from an assistant prefix (prefill).
     pub fn supports_prefill(&self) -> bool {
         matches!(self, Self::Anthropic(_) | Self::Mock(_))
+    }
+
+    /// Embeds `texts` with `model`: the vectors in order, the usage reported, and the rate
+    /// headers seen.
+    pub async fn embed(
+        &self,
+        model: &str,
+        texts: &[String],
+    ) -> (
+        Result<(Vec<Vec<f32>>, Option<crate::store::Usage>), ProviderError>,
+        RateHeaders,
+    ) {
+        match self {
+            Self::OpenAi(c) => c.embed(model, texts).await,
+            Self::Mock(_) => {
+                let v = texts
+                    .iter()
+                    .map(|t| crate::cache::embed::Builtin::vector(t))
+                    .collect();
+                (Ok((v, None)), RateHeaders::default())
+            }
+            Self::Anthropic(c) => (
+                Err(ProviderError::Protocol {
+                    provider: c.name().to_owned(),
+                    message: "anthropic has no embeddings API".into(),
+                }),
+                RateHeaders::default(),
+            ),
+        }
     }
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use actor::{Dispatch, Generation, ProviderActor, ProviderInfo, ProviderStats};
+pub use actor::{Dispatch, Embed, Generation, ProviderActor, ProviderInfo, ProviderStats};
 pub use deployment::DeploymentInfo;
 pub use router::{ProviderHandle, Router, RouterError, Started, CONTINUE_INSTRUCTION};
 

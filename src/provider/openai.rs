@@ -16,6 +16,7 @@ use crate::store::Usage;
 pub struct OpenAiClient {
     name: String,
     url: String,
+    embeddings_url: String,
     key: Option<SecretString>,
     http: reqwest::Client,
     timeout: Duration,
@@ -32,10 +33,54 @@ impl OpenAiClient {
         Self {
             name: name.to_owned(),
             url: format!("{base_url}/chat/completions"),
+            embeddings_url: format!("{base_url}/embeddings"),
             key,
             http,
             timeout,
         }
+    }
+
+    /// `POST /embeddings` for `texts`: the vectors in input order and the usage reported.
+    pub async fn embed(
+        &self,
+        model: &str,
+        texts: &[String],
+    ) -> (Result<(Vec<Vec<f32>>, Option<Usage>), ProviderError>, RateHeaders) {
+        let body = json!({"model": model, "input": texts});
+        let mut request = self.http.post(&self.embeddings_url).json(&body);
+        if let Some(key) = &self.key {
+            request = request.bearer_auth(key.expose_secret());
+        }
+        // Nobody listens for early closing here; the channel only satisfies `send`.
+        let (tx, _rx) = mpsc::channel(1);
+        let seen = Observed::default();
+        let response = match send(&self.name, request, self.timeout, &tx, &seen).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return (Err(e), *seen.lock()),
+            None => {
+                let e = ProviderError::Interrupted {
+                    provider: self.name.clone(),
+                    message: "embedding request abandoned".into(),
+                };
+                return (Err(e), *seen.lock());
+            }
+        };
+        let headers = *seen.lock();
+        let protocol = |message: String| ProviderError::Protocol {
+            provider: self.name.clone(),
+            message,
+        };
+        let body = match tokio::time::timeout(self.timeout, response.bytes()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return (Err(protocol(e.to_string())), headers),
+            Err(_) => {
+                let e = ProviderError::Timeout {
+                    provider: self.name.clone(),
+                };
+                return (Err(e), headers);
+            }
+        };
+        (parse_embeddings(&body, texts.len()).map_err(protocol), headers)
     }
 
     /// Runs one streaming generation into `tx`.
@@ -126,6 +171,53 @@ pub(super) async fn send(
         message: sse::error_message(&body),
         retry_after,
     }))
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingsBody {
+    data: Vec<EmbeddingItem>,
+    #[serde(default)]
+    usage: Option<EmbeddingUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingItem {
+    #[serde(default)]
+    index: Option<usize>,
+    embedding: Vec<f32>,
+}
+
+#[derive(serde::Deserialize)]
+struct EmbeddingUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+}
+
+/// An embeddings answer: one vector per input, put in input order by `index`.
+fn parse_embeddings(body: &[u8], n: usize) -> Result<(Vec<Vec<f32>>, Option<Usage>), String> {
+    let parsed: EmbeddingsBody =
+        serde_json::from_slice(body).map_err(|e| format!("embeddings answer: {e}"))?;
+    if parsed.data.len() != n {
+        return Err(format!(
+            "embeddings answer has {} vectors for {n} inputs",
+            parsed.data.len()
+        ));
+    }
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; n];
+    for (pos, item) in parsed.data.into_iter().enumerate() {
+        let i = item.index.unwrap_or(pos);
+        match out.get_mut(i) {
+            Some(slot @ None) => *slot = Some(item.embedding),
+            _ => return Err(format!("embeddings answer has a bad index {i}")),
+        }
+    }
+    let vectors: Vec<Vec<f32>> = out.into_iter().flatten().collect();
+    let dim = vectors.first().map_or(0, Vec::len);
+    if dim == 0 || vectors.iter().any(|v| v.len() != dim) {
+        return Err("embeddings answer has vectors of different or zero length".into());
+    }
+    let usage = parsed.usage.map(|u| Usage::new(u.prompt_tokens, 0));
+    Ok((vectors, usage))
 }
 
 /// Reads `chat.completion.chunk` events.

@@ -94,6 +94,7 @@ struct Route {
     strategy: Strategy,
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
+    cache: bool,
 }
 
 /// A generation that has produced its first event.
@@ -144,6 +145,7 @@ impl Router {
                     ttft_timeout: (r.ttft_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
                     continue_on_fallback: r.continue_on_fallback,
+                    cache: r.cache,
                 };
                 (r.model.clone(), route)
             })
@@ -153,6 +155,19 @@ impl Router {
             providers,
             retry,
         }
+    }
+
+    /// The actor of provider `name`.
+    pub fn provider(&self, name: &str) -> Option<Addr<ProviderActor>> {
+        self.providers
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.addr.clone())
+    }
+
+    /// Whether the route's turns use the semantic cache.
+    pub fn caches(&self, route: &str) -> bool {
+        self.routes.get(route).is_some_and(|r| r.cache)
     }
 
     pub fn has_route(&self, route: &str) -> bool {

@@ -6,10 +6,13 @@
 //!   walks one conversation in `seq` order (and backwards, newest first, for trimming)
 //! - `client_ids`: conversation id ‖ client id → seq of the user message (idempotency)
 //! - `keys`: SHA-256 of a key's secret → [`KeyRecord`]; `key_ids`: key id → that hash
+//! - `cache_entries`, `cache_vectors`, `cache_by_conversation`, `cache_meta`: the semantic
+//!   cache (see `cache.rs`)
 //!
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
 
+mod cache;
 mod prompts;
 mod records;
 mod usage;
@@ -24,6 +27,7 @@ pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
+pub use cache::{CacheRecord, StoredEntry};
 pub use usage::periods;
 
 use crate::error::{ApiError, ErrorCode};
@@ -87,6 +91,10 @@ pub struct Store {
     usage_totals: sled::Tree,
     prompts: sled::Tree,
     pii_vaults: sled::Tree,
+    cache_entries: sled::Tree,
+    cache_vectors: sled::Tree,
+    cache_by_conversation: sled::Tree,
+    cache_meta: sled::Tree,
 }
 
 impl Store {
@@ -109,6 +117,10 @@ impl Store {
             usage_totals: db.open_tree("usage_totals")?,
             prompts: db.open_tree("prompts")?,
             pii_vaults: db.open_tree("pii_vaults")?,
+            cache_entries: db.open_tree("cache_entries")?,
+            cache_vectors: db.open_tree("cache_vectors")?,
+            cache_by_conversation: db.open_tree("cache_by_conversation")?,
+            cache_meta: db.open_tree("cache_meta")?,
             db,
         })
     }
@@ -202,7 +214,8 @@ impl Store {
     ///
     /// # Errors
     /// On a storage failure.
-    pub async fn delete_conversation(&self, id: &ConversationId) -> Result<(), StoreError> {
+    /// Answers the ids of the cache entries made from it (removed with it).
+    pub async fn delete_conversation(&self, id: &ConversationId) -> Result<Vec<u64>, StoreError> {
         // The header goes first, so a turn still finishing cannot append to a half-deleted
         // conversation (its transaction finds no header).
         self.conversations.remove(id.as_bytes())?;
@@ -217,7 +230,9 @@ impl Store {
             batch.remove(kv?.0);
         }
         self.client_ids.apply_batch(batch)?;
-        self.flush().await
+        let cached = self.remove_conversation_cache(id)?;
+        self.flush().await?;
+        Ok(cached)
     }
 
     // ---- messages ----

@@ -46,6 +46,9 @@ pub struct ConversationRecord {
     /// kept with each append so a turn knows what trimming left out without reading it all.
     #[serde(default)]
     pub history_tokens: u64,
+    /// `window` or `recall`: how context is chosen once history outgrows the budget.
+    #[serde(default)]
+    pub memory: crate::config::MemoryMode,
 }
 
 /// Token usage of one reply.
@@ -146,6 +149,9 @@ pub struct KeyRecord {
     /// PII handling for this key's requests, over the route's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pii: Option<crate::guard::pii::PiiMode>,
+    /// `false`: this key's requests never use the semantic cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<bool>,
     /// Four characters of the secret after `pk-`, enough for a human to tell keys apart.
     pub prefix: String,
     pub created_at: i64,
@@ -173,6 +179,11 @@ pub struct UsageRecord {
     #[serde(default)]
     pub trimmed_tokens: u32,
     pub finish_reason: String,
+    /// A cached reply: the tokens and cost of the original reply that it saved.
+    #[serde(default)]
+    pub saved_tokens: u32,
+    #[serde(default)]
+    pub saved_cost: f64,
 }
 
 /// Tokens and spend of one key over one period (a UTC day or month).

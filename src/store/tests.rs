@@ -12,6 +12,7 @@ fn conv(store_tenant: &str) -> ConversationRecord {
         created_at: 1,
         last_seq: 0,
         history_tokens: 0,
+        memory: Default::default(),
     }
 }
 
@@ -134,6 +135,7 @@ async fn keys_round_trip_and_revoke() {
         regions: None,
         window: None,
         pii: None,
+        cache: None,
         prefix: "ab12".into(),
         created_at: 0,
     };

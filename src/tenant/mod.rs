@@ -39,6 +39,11 @@ impl Principal {
         }
     }
 
+    /// Whether this key's requests may use the semantic cache.
+    pub fn cache(&self) -> bool {
+        self.limits.as_ref().and_then(|k| k.cache).unwrap_or(true)
+    }
+
     /// The key's own PII mode, if it sets one.
     pub fn pii(&self) -> Option<crate::guard::pii::PiiMode> {
         self.limits.as_ref()?.pii
@@ -93,6 +98,8 @@ pub struct NewKey {
     pub window: Option<LimitWindow>,
     #[serde(default)]
     pub pii: Option<crate::guard::pii::PiiMode>,
+    #[serde(default)]
+    pub cache: Option<bool>,
 }
 
 /// Resolves bearer tokens to principals.
@@ -191,6 +198,7 @@ impl Auth {
             regions: new.regions,
             window: new.window,
             pii: new.pii,
+            cache: new.cache,
             prefix: secret[3..7].to_owned(),
             created_at: unix_now(),
         };

@@ -366,6 +366,7 @@ mod tests {
             regions: None,
             window: None,
             pii: None,
+            cache: None,
             prefix: String::new(),
             created_at: 0,
         }

@@ -132,6 +132,9 @@ pub struct UsageRow {
     pub total_tokens: u64,
     pub cost: f64,
     pub trimmed_tokens: u64,
+    /// Tokens and cost that cached replies saved.
+    pub saved_tokens: u64,
+    pub saved_cost: f64,
 }
 
 /// Groups `records` into rows, sorted by group.
@@ -184,12 +187,14 @@ impl Aggregator {
         row.total_tokens += u64::from(r.prompt_tokens) + u64::from(r.completion_tokens);
         row.cost += r.cost;
         row.trimmed_tokens += u64::from(r.trimmed_tokens);
+        row.saved_tokens += u64::from(r.saved_tokens);
+        row.saved_cost += r.saved_cost;
     }
 }
 
 /// The rows as CSV with a header line.
 pub fn to_csv(rows: &[UsageRow]) -> String {
-    let mut out = String::from("group,requests,cached_requests,prompt_tokens,completion_tokens,total_tokens,cost,trimmed_tokens\n");
+    let mut out = String::from("group,requests,cached_requests,prompt_tokens,completion_tokens,total_tokens,cost,trimmed_tokens,saved_tokens,saved_cost\n");
     for r in rows {
         let group = if r.group.contains([',', '"', '\n']) {
             format!("\"{}\"", r.group.replace('"', "\"\""))
@@ -197,14 +202,16 @@ pub fn to_csv(rows: &[UsageRow]) -> String {
             r.group.clone()
         };
         out.push_str(&format!(
-            "{group},{},{},{},{},{},{:.6},{}\n",
+            "{group},{},{},{},{},{},{:.6},{},{},{:.6}\n",
             r.requests,
             r.cached_requests,
             r.prompt_tokens,
             r.completion_tokens,
             r.total_tokens,
             r.cost,
-            r.trimmed_tokens
+            r.trimmed_tokens,
+            r.saved_tokens,
+            r.saved_cost
         ));
     }
     out
@@ -231,6 +238,8 @@ mod tests {
             ttft_ms: None,
             cost: 0.5,
             trimmed_tokens: 0,
+            saved_tokens: 0,
+            saved_cost: 0.0,
             finish_reason: "stop".into(),
         }
     }
@@ -249,7 +258,7 @@ mod tests {
         assert!((by_model[0].cost - 1.0).abs() < 1e-9);
         let csv = to_csv(&by_model);
         assert!(csv.starts_with("group,requests"));
-        assert!(csv.contains("\na,2,0,6,8,14,1.000000,0\n"), "{csv}");
+        assert!(csv.contains("\na,2,0,6,8,14,1.000000,0,0,0.000000\n"), "{csv}");
     }
 
     #[tokio::test]

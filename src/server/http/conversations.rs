@@ -34,6 +34,9 @@ pub struct CreateBody {
     system: Option<String>,
     #[serde(default)]
     metadata: Option<serde_json::Value>,
+    /// `window` or `recall`.
+    #[serde(default)]
+    memory: Option<crate::config::MemoryMode>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +75,7 @@ pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
         "created_at": rec.created_at,
         "metadata": rec.metadata,
         "last_seq": rec.last_seq,
+        "memory": rec.memory.as_str(),
     })
 }
 
@@ -86,6 +90,7 @@ pub async fn create(
         system: body.system,
         prompt: body.prompt,
         metadata: body.metadata,
+        memory: body.memory,
     };
     p.check_model(new.model.as_deref().unwrap_or("default"))?;
     let rec = state.registry.create(&p.tenant, new).await?;

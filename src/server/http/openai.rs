@@ -283,6 +283,8 @@ impl Meta {
             ttft_ms: Some(self.ttft.as_millis() as u64),
             cost,
             trimmed_tokens: 0,
+            saved_tokens: 0,
+            saved_cost: 0.0,
             finish_reason: finish_reason.to_owned(),
         });
     }

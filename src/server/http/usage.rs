@@ -107,6 +107,8 @@ fn total(rows: &[UsageRow]) -> UsageRow {
         t.total_tokens += r.total_tokens;
         t.cost += r.cost;
         t.trimmed_tokens += r.trimmed_tokens;
+        t.saved_tokens += r.saved_tokens;
+        t.saved_cost += r.saved_cost;
     }
     t
 }

@@ -86,12 +86,14 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
             system,
             prompt,
             metadata,
+            memory,
         } => {
             let new = NewConversation {
                 model,
                 system,
                 prompt,
                 metadata,
+                memory,
             };
             let created = match cx
                 .principal

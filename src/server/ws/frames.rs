@@ -19,6 +19,9 @@ pub enum ClientFrame {
         prompt: Option<String>,
         #[serde(default)]
         metadata: Option<serde_json::Value>,
+        /// `window` or `recall` (parley addition).
+        #[serde(default)]
+        memory: Option<crate::config::MemoryMode>,
     },
     Subscribe {
         conversation: String,

@@ -1,0 +1,79 @@
+//! The `provider:<name>/<model>` embedder: a configured OpenAI-compatible provider's
+//! `/v1/embeddings` (OpenAI, Ollama, vLLM, `parley mock-upstream`), called through that
+//! provider's actor so its request and token buckets, concurrency cap and breaker apply.
+//! Texts go in batches of [`BATCH`]; vectors are L2-normalised here, whatever the server does.
+
+use actix::Addr;
+use futures_util::future::BoxFuture;
+use tokio::sync::oneshot;
+
+use super::embed::{normalise_vector, EmbedError, Embedder};
+use crate::provider::{Embed, ProviderActor};
+
+/// Texts per embeddings request.
+pub const BATCH: usize = 128;
+
+pub struct ProviderEmbedder {
+    provider: String,
+    model: String,
+    addr: Addr<ProviderActor>,
+}
+
+impl ProviderEmbedder {
+    pub fn new(provider: &str, model: &str, addr: Addr<ProviderActor>) -> Self {
+        Self {
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            addr,
+        }
+    }
+
+    async fn batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        // A cheap estimate for the tokens-per-minute bucket (about four bytes a token).
+        let tokens: usize = texts.iter().map(|t| t.len() / 4 + 1).sum();
+        let (reply, answer) = oneshot::channel();
+        let msg = Embed {
+            model: self.model.clone(),
+            texts: texts.to_vec(),
+            tokens: u32::try_from(tokens).unwrap_or(u32::MAX),
+            reply,
+        };
+        self.addr
+            .send(msg)
+            .await
+            .map_err(|e| EmbedError::Provider(e.to_string()))?;
+        let mut vectors = answer
+            .await
+            .map_err(|_| EmbedError::Provider("provider actor stopped".into()))?
+            .map_err(|e| EmbedError::Provider(e.to_string()))?;
+        vectors.iter_mut().for_each(|v| normalise_vector(v));
+        Ok(vectors)
+    }
+}
+
+impl Embedder for ProviderEmbedder {
+    fn id(&self) -> String {
+        format!("provider:{}/{}", self.provider, self.model)
+    }
+
+    fn embed<'a>(
+        &'a self,
+        texts: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(texts.len());
+            for chunk in texts.chunks(BATCH) {
+                let vectors = self.batch(chunk).await?;
+                if vectors.len() != chunk.len() {
+                    return Err(EmbedError::Malformed(format!(
+                        "{} vectors for {} texts",
+                        vectors.len(),
+                        chunk.len()
+                    )));
+                }
+                out.extend(vectors);
+            }
+            Ok(out)
+        })
+    }
+}

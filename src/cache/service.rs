@@ -1,0 +1,517 @@
+//! The cache service: a handle turns use, and the worker thread that owns the index.
+//!
+//! Every index operation (search, insert, removal, expiry, eviction, compaction) runs on one
+//! dedicated thread fed by a bounded queue, so no conversation actor or turn task ever waits on
+//! the index. A turn embeds its question itself (the builtin embedder takes microseconds; a
+//! provider embedder is an HTTP call), then sends the vector to the worker and waits for the
+//! answer at most `lookup_timeout`; a full queue or a slow answer is a miss, never a stall.
+//!
+//! Entries are written to sled before the worker indexes them; a candidate the worker finds is
+//! read back from sled before it is served, so an entry whose conversation was deleted (its
+//! records gone) can never be served, whatever the index still holds.
+
+use std::collections::HashSet;
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
+
+use super::embed::Embedder;
+use super::guards::{self, Guard};
+use super::index::{EntryId, EntryMeta, Index, ScopeKey};
+use crate::metrics::Metrics;
+use crate::store::{CacheRecord, Store, StoreError};
+
+/// Commands waiting for the worker, at most.
+const QUEUE: usize = 4096;
+/// Candidates checked per lookup.
+const CANDIDATES: usize = 4;
+/// How often the worker expires, evicts and compacts.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
+
+/// The cache's settings, from `[cache]`.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub min_similarity: f32,
+    pub ttl: Duration,
+    pub max_entries: usize,
+    pub lookup_timeout: Duration,
+    pub disabled_tenants: HashSet<String>,
+}
+
+/// The preceding context a reply was given in: everything that, besides the new question,
+/// decides the answer.
+pub struct ScopeParts<'a> {
+    pub tenant: &'a str,
+    pub route: &'a str,
+    pub system: Option<&'a str>,
+    pub prompt_version: Option<&'a str>,
+    /// Role and content of each message sent before the new one, oldest first.
+    pub context: &'a [(&'a str, &'a str)],
+}
+
+impl ScopeParts<'_> {
+    /// The scope key: a hash of every part, length-prefixed so parts cannot run into each
+    /// other, and of the embedder (vectors of two embedders are never compared).
+    pub fn key(&self, embedder: &str) -> ScopeKey {
+        let mut h = Sha256::new();
+        let mut part = |bytes: &[u8]| {
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        };
+        part(embedder.as_bytes());
+        part(self.tenant.as_bytes());
+        part(self.route.as_bytes());
+        part(self.system.map_or(&[0xff][..], str::as_bytes));
+        part(self.prompt_version.unwrap_or("").as_bytes());
+        for (role, content) in self.context {
+            part(role.as_bytes());
+            part(content.as_bytes());
+        }
+        let digest = h.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        key
+    }
+}
+
+/// A served entry.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub id: EntryId,
+    pub similarity: f32,
+    pub record: CacheRecord,
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Outcome {
+    Hit(Hit),
+    /// Nothing similar enough passed the guards; `rejected_by` names the guards that turned
+    /// similar candidates away (near misses).
+    Miss { rejected_by: Vec<Guard> },
+    /// The lookup could not run (embedding failed, queue full, too slow).
+    Skipped,
+}
+
+/// A lookup's outcome and the question's vector (kept to insert the reply on a miss).
+pub struct Looked {
+    pub outcome: Outcome,
+    pub vector: Option<Vec<f32>>,
+    pub key: ScopeKey,
+}
+
+enum Command {
+    Lookup {
+        key: ScopeKey,
+        tenant: String,
+        question: String,
+        vector: Vec<f32>,
+        reply: oneshot::Sender<Outcome>,
+    },
+    Insert {
+        id: EntryId,
+        meta: EntryMeta,
+        vector: Vec<f32>,
+    },
+    Forget(Vec<EntryId>),
+    Len(oneshot::Sender<(usize, usize)>),
+}
+
+struct Inner {
+    settings: CacheSettings,
+    embedder: Arc<dyn Embedder>,
+    embedder_id: String,
+    store: Store,
+    metrics: Metrics,
+    tx: SyncSender<Command>,
+}
+
+/// The handle to the cache; cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+impl Cache {
+    /// Starts the worker, which first rebuilds the index from the stored entries (entries of
+    /// another embedder are dropped).
+    ///
+    /// # Errors
+    /// Storage failures, or the worker thread cannot start.
+    pub fn start(
+        settings: CacheSettings,
+        embedder: Arc<dyn Embedder>,
+        store: Store,
+        metrics: Metrics,
+    ) -> Result<Self, StoreError> {
+        let embedder_id = embedder.id();
+        let dropped = store.cache_use_embedder(&embedder_id)?;
+        if dropped > 0 {
+            tracing::info!(
+                dropped,
+                embedder = %embedder_id,
+                "cache entries of another embedder dropped"
+            );
+        }
+        let (tx, rx) = sync_channel(QUEUE);
+        let worker = Worker {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            min_similarity: settings.min_similarity,
+            max_entries: settings.max_entries.max(1),
+            index: None,
+        };
+        std::thread::Builder::new()
+            .name("parley-cache".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                settings,
+                embedder,
+                embedder_id,
+                store,
+                metrics,
+                tx,
+            }),
+        })
+    }
+
+    pub fn settings(&self) -> &CacheSettings {
+        &self.inner.settings
+    }
+
+    pub fn embedder(&self) -> &Arc<dyn Embedder> {
+        &self.inner.embedder
+    }
+
+    /// Whether the cache serves this tenant (globally enabled, tenant not excluded).
+    pub fn serves(&self, tenant: &str) -> bool {
+        self.inner.settings.enabled && !self.inner.settings.disabled_tenants.contains(tenant)
+    }
+
+    pub fn scope_key(&self, parts: &ScopeParts<'_>) -> ScopeKey {
+        parts.key(&self.inner.embedder_id)
+    }
+
+    /// Looks `question` up in scope `key`.
+    pub async fn lookup(&self, key: ScopeKey, tenant: &str, question: &str) -> Looked {
+        let begun = Instant::now();
+        let metrics = &self.inner.metrics;
+        let texts = [question.to_owned()];
+        let vector = match self.inner.embedder.embed(&texts).await {
+            Ok(mut v) if v.len() == 1 => v.pop(),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache lookup skipped: embedding failed");
+                None
+            }
+        };
+        let Some(vector) = vector else {
+            metrics.cache_lookup("skipped", None, &[]);
+            return Looked {
+                outcome: Outcome::Skipped,
+                vector: None,
+                key,
+            };
+        };
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Lookup {
+            key,
+            tenant: tenant.to_owned(),
+            question: question.to_owned(),
+            vector: vector.clone(),
+            reply,
+        };
+        let outcome = match self.inner.tx.try_send(cmd) {
+            Ok(()) => {
+                match tokio::time::timeout(self.inner.settings.lookup_timeout, answer).await {
+                    Ok(Ok(outcome)) => outcome,
+                    _ => Outcome::Skipped,
+                }
+            }
+            Err(_) => Outcome::Skipped,
+        };
+        match &outcome {
+            Outcome::Hit(_) => metrics.cache_lookup("hit", Some(begun.elapsed()), &[]),
+            Outcome::Miss { rejected_by } if rejected_by.is_empty() => {
+                metrics.cache_lookup("miss", Some(begun.elapsed()), &[]);
+            }
+            Outcome::Miss { rejected_by } => {
+                let names: Vec<&str> = rejected_by.iter().map(|g| g.as_str()).collect();
+                metrics.cache_lookup("near_miss", Some(begun.elapsed()), &names);
+            }
+            Outcome::Skipped => metrics.cache_lookup("skipped", Some(begun.elapsed()), &[]),
+        }
+        Looked {
+            outcome,
+            vector: Some(vector),
+            key,
+        }
+    }
+
+    /// Stores a complete reply under scope `key`; the worker indexes it. Failures are logged:
+    /// a reply that could not be cached is simply not cached.
+    pub fn insert(&self, key: ScopeKey, vector: Vec<f32>, mut record: CacheRecord) {
+        let store = &self.inner.store;
+        let now = now_ms();
+        let ttl = i64::try_from(self.inner.settings.ttl.as_millis()).unwrap_or(i64::MAX);
+        record.scope = hex::encode(key);
+        record.created_ms = now;
+        record.expires_ms = now.saturating_add(ttl);
+        let id = match store.cache_next_id() {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache entry not stored");
+                return;
+            }
+        };
+        if let Err(e) = store.put_cache_entry(id, &record, &vector) {
+            tracing::warn!(error = %e, "cache entry not stored");
+            return;
+        }
+        let meta = EntryMeta {
+            scope: key,
+            question: record.question,
+            expires_ms: record.expires_ms,
+            last_used_ms: now,
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.inner.tx.try_send(Command::Insert { id, meta, vector })
+        {
+            tracing::warn!("cache worker busy; entry dropped");
+            let _ = store.remove_cache_entries(&[id]);
+        }
+    }
+
+    /// Drops entries from the index (their records are already gone from storage).
+    pub fn forget(&self, ids: Vec<EntryId>) {
+        if !ids.is_empty() && self.inner.tx.try_send(Command::Forget(ids)).is_err() {
+            // The index keeps them until the next compaction; lookups check storage anyway.
+            tracing::debug!("cache worker busy; forgotten entries stay as tombstones");
+        }
+    }
+
+    /// Living entries and tombstones in the index (after every command sent before).
+    pub async fn len(&self) -> Option<(usize, usize)> {
+        let (reply, answer) = oneshot::channel();
+        self.inner.tx.try_send(Command::Len(reply)).ok()?;
+        answer.await.ok()
+    }
+}
+
+struct Worker {
+    store: Store,
+    metrics: Metrics,
+    min_similarity: f32,
+    max_entries: usize,
+    index: Option<Index>,
+}
+
+impl Worker {
+    fn run(mut self, rx: Receiver<Command>) {
+        self.load();
+        let mut last = Instant::now();
+        loop {
+            match rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(cmd) => self.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if last.elapsed() >= MAINTENANCE_EVERY {
+                self.maintain();
+                last = Instant::now();
+            }
+        }
+    }
+
+    fn publish_len(&mut self) {
+        let n = self.index().len();
+        self.metrics.cache_entries.set(n as i64);
+    }
+
+    fn index(&mut self) -> &mut Index {
+        self.index.get_or_insert_with(|| Index::new(0))
+    }
+
+    /// Rebuilds the index from storage, timed in the log.
+    fn load(&mut self) {
+        let begun = Instant::now();
+        let entries = match self.store.cache_entries_all() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "cache entries unreadable; starting with an empty cache");
+                Vec::new()
+            }
+        };
+        let now = now_ms();
+        let (live, expired): (Vec<_>, Vec<_>) =
+            entries.into_iter().partition(|e| e.record.expires_ms > now);
+        let expired: Vec<u64> = expired.iter().map(|e| e.id).collect();
+        if let Err(e) = self.store.remove_cache_entries(&expired) {
+            tracing::warn!(error = %e, "expired cache entries not removed");
+        }
+        let dim = live.first().map_or(0, |e| e.vector.len());
+        let mut index = Index::new(dim);
+        let items = live
+            .into_iter()
+            .filter_map(|e| {
+                let scope = scope_from_hex(&e.record.scope)?;
+                let meta = EntryMeta {
+                    scope,
+                    question: e.record.question,
+                    expires_ms: e.record.expires_ms,
+                    last_used_ms: e.record.created_ms,
+                };
+                Some((e.id, meta, e.vector))
+            })
+            .collect();
+        let loaded = index.bulk_load(items);
+        self.metrics.cache_entries.set(loaded as i64);
+        tracing::info!(
+            entries = loaded,
+            expired = expired.len(),
+            elapsed_ms = begun.elapsed().as_millis() as u64,
+            "cache index rebuilt from storage"
+        );
+        self.index = Some(index);
+        self.evict();
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Lookup {
+                key,
+                tenant,
+                question,
+                vector,
+                reply,
+            } => {
+                let outcome = self.lookup(&key, &tenant, &question, &vector);
+                let _ = reply.send(outcome);
+            }
+            Command::Insert { id, meta, vector } => {
+                let index = self.index();
+                // The first vector fixes the dimensions of an empty index.
+                if index.is_empty() && index.tombstones() == 0 {
+                    *index = Index::new(vector.len());
+                }
+                if let Err(e) = self.index().insert(id, meta, vector) {
+                    tracing::warn!(error = %e, "cache entry not indexed");
+                    let _ = self.store.remove_cache_entries(&[id]);
+                }
+                self.evict();
+                self.publish_len();
+            }
+            Command::Forget(ids) => {
+                for id in ids {
+                    self.index().remove(id);
+                }
+                self.publish_len();
+            }
+            Command::Len(reply) => {
+                let index = self.index();
+                let _ = reply.send((index.len(), index.tombstones()));
+            }
+        }
+    }
+
+    fn lookup(&mut self, key: &ScopeKey, tenant: &str, question: &str, vector: &[f32]) -> Outcome {
+        let now = now_ms();
+        let index = self.index();
+        // hnsw_rs asserts its invariants; a broken graph answers a miss, not a dead worker.
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            index.search(key, vector, CANDIDATES)
+        }));
+        let candidates = match found {
+            Ok(c) => c,
+            Err(_) => {
+                tracing::error!("cache index search panicked; answering a miss");
+                return Outcome::Skipped;
+            }
+        };
+        let mut rejected_by = Vec::new();
+        for (id, similarity) in candidates {
+            if similarity < self.min_similarity {
+                break;
+            }
+            let Some(meta) = self.index().meta(id) else {
+                continue;
+            };
+            if meta.expires_ms <= now {
+                continue;
+            }
+            if let Err(g) = guards::check(question, &meta.question) {
+                rejected_by.push(g);
+                continue;
+            }
+            match self.store.cache_entry(id) {
+                Ok(Some(record)) if record.tenant == tenant && record.scope == hex::encode(key) => {
+                    self.index().touch(id, now);
+                    return Outcome::Hit(Hit {
+                        id,
+                        similarity,
+                        record,
+                    });
+                }
+                Ok(_) => {
+                    // Deleted with its conversation (or evicted): never served again.
+                    self.index().remove(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "cache entry unreadable"),
+            }
+        }
+        Outcome::Miss { rejected_by }
+    }
+
+    /// Over the size cap: removes the least recently used twentieth of the cap.
+    fn evict(&mut self) {
+        let max = self.max_entries;
+        let index = self.index();
+        if index.len() <= max {
+            return;
+        }
+        let n = index.len() - max + (max / 20).max(1);
+        let victims = index.least_recently_used(n);
+        for id in &victims {
+            index.remove(*id);
+        }
+        if let Err(e) = self.store.remove_cache_entries(&victims) {
+            tracing::warn!(error = %e, "evicted cache entries not removed from storage");
+        }
+        tracing::debug!(evicted = victims.len(), "cache over its size cap");
+    }
+
+    fn maintain(&mut self) {
+        let now = now_ms();
+        let expired = self.index().expired(now);
+        for id in &expired {
+            self.index().remove(*id);
+        }
+        if let Err(e) = self.store.remove_cache_entries(&expired) {
+            tracing::warn!(error = %e, "expired cache entries not removed");
+        }
+        let begun = Instant::now();
+        let rebuilt = self.index().compact();
+        if rebuilt > 0 {
+            tracing::info!(
+                partitions = rebuilt,
+                elapsed_ms = begun.elapsed().as_millis() as u64,
+                "cache index compacted"
+            );
+        }
+        self.publish_len();
+    }
+}
+
+fn scope_from_hex(s: &str) -> Option<ScopeKey> {
+    hex::decode(s).ok()?.try_into().ok()
+}

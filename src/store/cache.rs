@@ -1,0 +1,250 @@
+//! The semantic cache's persistence:
+//! - `cache_entries`: entry id (u64 BE) → [`CacheRecord`] (JSON)
+//! - `cache_vectors`: entry id → the question's embedding (f32 little-endian)
+//! - `cache_by_conversation`: conversation id ‖ entry id → (), so a deleted conversation takes
+//!   its entries with it
+//! - `cache_meta`: `embedder` → the id of the embedder that made the entries
+//!
+//! The in-memory HNSW index is rebuilt from these trees at start.
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use super::{decode, encode, Store, StoreError, Usage};
+use crate::ids::ConversationId;
+
+/// One cached reply and the question it answered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CacheRecord {
+    pub tenant: String,
+    /// Hex of the scope key: tenant, route, system prompt and version, preceding context.
+    pub scope: String,
+    pub question: String,
+    pub reply: String,
+    pub usage: Usage,
+    pub provider: String,
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation: Option<ConversationId>,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// An entry as loaded at start.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    pub id: u64,
+    pub record: CacheRecord,
+    pub vector: Vec<f32>,
+}
+
+fn conv_key(conv: &ConversationId, id: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(ConversationId::LEN + 8);
+    key.extend_from_slice(conv.as_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn vector_from(raw: &[u8]) -> Vec<f32> {
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn id_from(raw: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(raw.try_into().ok()?))
+}
+
+impl Store {
+    /// A fresh entry id (monotonic).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn cache_next_id(&self) -> Result<u64, StoreError> {
+        Ok(self.db.generate_id()?)
+    }
+
+    /// Stores an entry with its vector and its conversation index, atomically.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn put_cache_entry(
+        &self,
+        id: u64,
+        rec: &CacheRecord,
+        vector: &[f32],
+    ) -> Result<(), StoreError> {
+        let key = id.to_be_bytes();
+        let value = encode(rec)?;
+        let vec = vector_bytes(vector);
+        let conv = rec.conversation.as_ref().map(|c| conv_key(c, id));
+        let trees = (
+            &self.cache_entries,
+            &self.cache_vectors,
+            &self.cache_by_conversation,
+        );
+        trees
+            .transaction(|(entries, vectors, by_conv)| {
+                entries.insert(&key, value.as_slice())?;
+                vectors.insert(&key, vec.as_slice())?;
+                if let Some(k) = &conv {
+                    by_conv.insert(k.as_slice(), &[] as &[u8])?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => e.into(),
+            })
+    }
+
+    /// The entry `id`, if it still exists.
+    ///
+    /// # Errors
+    /// Storage failures, a corrupt record.
+    pub fn cache_entry(&self, id: u64) -> Result<Option<CacheRecord>, StoreError> {
+        self.cache_entries
+            .get(id.to_be_bytes())?
+            .map(|raw| decode("cache_entries", &id.to_string(), &raw))
+            .transpose()
+    }
+
+    /// Removes entries (expired, evicted).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn remove_cache_entries(&self, ids: &[u64]) -> Result<(), StoreError> {
+        for &id in ids {
+            let key = id.to_be_bytes();
+            if let Some(raw) = self.cache_entries.remove(key)? {
+                if let Ok(rec) = decode::<CacheRecord>("cache_entries", "", &raw) {
+                    if let Some(conv) = rec.conversation {
+                        self.cache_by_conversation.remove(conv_key(&conv, id))?;
+                    }
+                }
+            }
+            self.cache_vectors.remove(key)?;
+        }
+        Ok(())
+    }
+
+    /// Removes every entry made from conversation `conv`; answers their ids.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn remove_conversation_cache(&self, conv: &ConversationId) -> Result<Vec<u64>, StoreError> {
+        let mut ids = Vec::new();
+        for kv in self.cache_by_conversation.scan_prefix(conv.as_bytes()) {
+            let (k, _) = kv?;
+            if let Some(id) = k.get(ConversationId::LEN..).and_then(id_from) {
+                ids.push(id);
+            }
+            self.cache_by_conversation.remove(k)?;
+        }
+        for &id in &ids {
+            self.cache_entries.remove(id.to_be_bytes())?;
+            self.cache_vectors.remove(id.to_be_bytes())?;
+        }
+        Ok(ids)
+    }
+
+    /// Every stored entry with its vector (entries whose vector is missing are skipped).
+    ///
+    /// # Errors
+    /// Storage failures; corrupt records are skipped with a log line.
+    pub fn cache_entries_all(&self) -> Result<Vec<StoredEntry>, StoreError> {
+        let mut out = Vec::new();
+        for kv in &self.cache_entries {
+            let (k, v) = kv?;
+            let Some(id) = id_from(&k) else { continue };
+            let record = match decode::<CacheRecord>("cache_entries", &id.to_string(), &v) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "skipping a corrupt cache entry");
+                    continue;
+                }
+            };
+            let Some(raw) = self.cache_vectors.get(k)? else {
+                continue;
+            };
+            out.push(StoredEntry {
+                id,
+                record,
+                vector: vector_from(&raw),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Number of stored entries.
+    pub fn cache_len(&self) -> usize {
+        self.cache_entries.len()
+    }
+
+    /// Makes sure the stored entries were made by embedder `id`; entries of another embedder
+    /// are dropped (their vectors cannot be compared). Answers how many were dropped.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn cache_use_embedder(&self, id: &str) -> Result<usize, StoreError> {
+        let current = self.cache_meta.get("embedder")?;
+        if current.as_deref() == Some(id.as_bytes()) {
+            return Ok(0);
+        }
+        let dropped = self.cache_entries.len();
+        self.cache_entries.clear()?;
+        self.cache_vectors.clear()?;
+        self.cache_by_conversation.clear()?;
+        self.cache_meta.insert("embedder", id.as_bytes())?;
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(conv: Option<ConversationId>) -> CacheRecord {
+        CacheRecord {
+            tenant: "t".into(),
+            scope: "00".into(),
+            question: "q".into(),
+            reply: "r".into(),
+            usage: Usage::new(3, 4),
+            provider: "p".into(),
+            model: "m".into(),
+            conversation: conv,
+            created_ms: 1,
+            expires_ms: 2,
+        }
+    }
+
+    #[test]
+    fn entries_roundtrip_and_leave_with_their_conversation() {
+        let dir = tempfile::tempdir().expect("tempdir"); // ok: test
+        let store = Store::open(dir.path()).expect("open"); // ok: test
+        assert_eq!(store.cache_use_embedder("e1").expect("meta"), 0); // ok: test
+        let conv = ConversationId::generate();
+        let a = store.cache_next_id().expect("id"); // ok: test
+        let b = store.cache_next_id().expect("id"); // ok: test
+        store
+            .put_cache_entry(a, &record(Some(conv.clone())), &[0.5, -0.25])
+            .expect("put"); // ok: test
+        store.put_cache_entry(b, &record(None), &[1.0]).expect("put"); // ok: test
+        let all = store.cache_entries_all().expect("all"); // ok: test
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].vector, vec![0.5, -0.25]);
+        assert_eq!(store.remove_conversation_cache(&conv).expect("rm"), vec![a]); // ok: test
+        assert!(store.cache_entry(a).expect("get").is_none()); // ok: test
+        assert!(store.cache_entry(b).expect("get").is_some()); // ok: test
+        store.remove_cache_entries(&[b]).expect("rm"); // ok: test
+        assert_eq!(store.cache_len(), 0);
+        store.put_cache_entry(b, &record(None), &[1.0]).expect("put"); // ok: test
+        assert_eq!(store.cache_use_embedder("e2").expect("meta"), 1); // ok: test
+        assert_eq!(store.cache_len(), 0);
+    }
+}
