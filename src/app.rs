@@ -12,8 +12,8 @@ use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
 use crate::cache::{Cache, CacheSettings};
+use crate::config::Config;
 use crate::conversation::{Deps, MemorySettings, Registry};
 use crate::metrics::Metrics;
 use crate::provider::{ProviderActor, ProviderHandle, Router};
@@ -113,10 +113,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         config.context.reserve_output_tokens,
     ));
     let (usage, usage_writer) = UsageRecorder::start(store.clone());
-    let spec = config
-        .cache
-        .embedder_spec()
-        .map_err(AppError::Refused)?;
+    let spec = config.cache.embedder_spec().map_err(AppError::Refused)?;
     let embedder = crate::cache::build_embedder(&spec, &router).map_err(AppError::Refused)?;
     let cache = Cache::start(
         CacheSettings {

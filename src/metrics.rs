@@ -87,9 +87,14 @@ impl Metrics {
                 "parley_cache_lookup_seconds",
                 "Semantic cache lookup latency, embedding included",
             )
-            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5]),
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5,
+            ]),
         )?;
-        let cache_entries = IntGauge::new("parley_cache_entries", "Entries in the semantic cache index")?;
+        let cache_entries = IntGauge::new(
+            "parley_cache_entries",
+            "Entries in the semantic cache index",
+        )?;
         registry.register(Box::new(cache_lookups.clone()))?;
         registry.register(Box::new(cache_near_misses.clone()))?;
         registry.register(Box::new(cache_lookup_seconds.clone()))?;

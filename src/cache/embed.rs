@@ -35,7 +35,8 @@ pub trait Embedder: Send + Sync {
     /// compared with this one's.
     fn id(&self) -> String;
     /// One unit vector per text, in order.
-    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>>;
+    fn embed<'a>(&'a self, texts: &'a [String])
+        -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>>;
 }
 
 /// The builtin hashed n-gram embedder.
@@ -54,7 +55,10 @@ impl Embedder for Builtin {
         format!("builtin-v1-{DIM}")
     }
 
-    fn embed<'a>(&'a self, texts: &'a [String]) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>> {
+    fn embed<'a>(
+        &'a self,
+        texts: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>> {
         let out = texts.iter().map(|t| embed_one(t)).collect();
         Box::pin(std::future::ready(Ok(out)))
     }
@@ -78,7 +82,9 @@ pub fn normalise(text: &str) -> String {
         .map(|c| if c == '’' { '\'' } else { c })
         .collect();
     if lower.contains('\'') {
-        lower = lower.replace("can't", "can not").replace("won't", "will not");
+        lower = lower
+            .replace("can't", "can not")
+            .replace("won't", "will not");
         for (from, to) in CONTRACTIONS {
             lower = lower.replace(from, to);
         }
@@ -93,12 +99,12 @@ pub fn normalise(text: &str) -> String {
 /// Words that carry little of a question's meaning. Interrogatives other than "what" and
 /// "which" are not here: "when" and "where" ask different questions.
 const FUNCTION_WORDS: &[&str] = &[
-    "the", "and", "for", "are", "was", "were", "is", "be", "been", "what", "which", "can",
-    "could", "would", "should", "will", "does", "did", "do", "you", "your", "me", "my", "i",
-    "have", "has", "had", "with", "about", "this", "that", "these", "those", "there", "it", "its",
-    "to", "of", "in", "on", "at", "by", "an", "a", "please", "tell", "give", "some", "show",
-    "explain", "know", "want", "like", "need", "us", "we", "our", "hey", "hi", "hello", "thanks",
-    "kindly", "just", "so", "then", "into",
+    "the", "and", "for", "are", "was", "were", "is", "be", "been", "what", "which", "can", "could",
+    "would", "should", "will", "does", "did", "do", "you", "your", "me", "my", "i", "have", "has",
+    "had", "with", "about", "this", "that", "these", "those", "there", "it", "its", "to", "of",
+    "in", "on", "at", "by", "an", "a", "please", "tell", "give", "some", "show", "explain", "know",
+    "want", "like", "need", "us", "we", "our", "hey", "hi", "hello", "thanks", "kindly", "just",
+    "so", "then", "into",
 ];
 
 fn weight(word: &str) -> f32 {
@@ -184,10 +190,7 @@ mod tests {
         let len: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((len - 1.0).abs() < 1e-5);
         assert_eq!(v, Builtin::vector("Hello, world!"));
-        assert_eq!(
-            Builtin::vector("").iter().filter(|x| **x != 0.0).count(),
-            0
-        );
+        assert_eq!(Builtin::vector("").iter().filter(|x| **x != 0.0).count(), 0);
     }
 
     #[test]

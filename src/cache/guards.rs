@@ -102,22 +102,19 @@ fn set(re: &Regex, text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Numbers and capitalised words (not starting a sentence) in order of first appearance.
-fn ordered_terms(text: &str) -> Vec<String> {
+/// Numbers and `entities` in order of first appearance.
+fn ordered_terms(text: &str, entities: &BTreeSet<String>) -> Vec<String> {
     let mut found: Vec<(usize, String)> = PATTERNS[0]
         .find_iter(text)
         .map(|m| (m.start(), m.as_str().to_owned()))
         .collect();
-    let mut sentence_start = true;
     let mut offset = 0;
-    for raw in text.split_whitespace() {
-        let at = text[offset..].find(raw).map_or(offset, |i| offset + i);
-        offset = at + raw.len();
-        let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
-        if !sentence_start && word.chars().next().is_some_and(char::is_uppercase) {
-            found.push((at, word.to_lowercase()));
+    for raw in text.split(|c: char| !c.is_alphanumeric()) {
+        let at = offset;
+        offset += raw.len() + 1;
+        if !raw.is_empty() && entities.contains(&raw.to_lowercase()) {
+            found.push((at, raw.to_lowercase()));
         }
-        sentence_start = raw.ends_with(['.', '?', '!']);
     }
     found.sort_by_key(|(at, _)| *at);
     let mut out: Vec<String> = Vec::new();
@@ -127,6 +124,14 @@ fn ordered_terms(text: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Every word of a text, lower case.
+fn words(text: &str) -> BTreeSet<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
 }
 
 /// Words that give a direction to the word after them.
@@ -226,7 +231,11 @@ pub fn check(a: &str, b: &str) -> Result<(), Guard> {
     if set(quoted, a) != set(quoted, b) {
         return Err(Guard::Quoted);
     }
-    if proper_nouns(a) != proper_nouns(b) || set(code, a) != set(code, b) {
+    // An entity of either question (a capitalised word) must be in the other, in any case:
+    // "France" and "france" agree, "France" and "Germany" do not.
+    let entities: BTreeSet<String> = proper_nouns(a).union(&proper_nouns(b)).cloned().collect();
+    let (wa, wb) = (words(a), words(b));
+    if !entities.iter().all(|e| wa.contains(e) && wb.contains(e)) || set(code, a) != set(code, b) {
         return Err(Guard::Entities);
     }
     if negated(a) != negated(b) {
@@ -235,7 +244,7 @@ pub fn check(a: &str, b: &str) -> Result<(), Guard> {
     if operators(a) != operators(b) {
         return Err(Guard::Operators);
     }
-    if ordered_terms(a) != ordered_terms(b) || swapped_direction(a, b) {
+    if ordered_terms(a, &entities) != ordered_terms(b, &entities) || swapped_direction(a, b) {
         return Err(Guard::Order);
     }
     if question_words(a) != question_words(b) {
@@ -300,10 +309,37 @@ fn swapped_words(a: &str, b: &str) -> bool {
 
 /// Words a rewording may add without asking another question.
 const GENERIC: &[&str] = &[
-    "city", "country", "year", "take", "way", "exactly", "actually", "really", "also", "briefly",
-    "quickly", "simply", "explain", "describe", "show", "tell", "give", "know", "please",
-    "thanks", "thank", "help", "want", "like", "need", "wondering", "question", "mean",
-    "meaning", "say", "said",
+    "city",
+    "country",
+    "year",
+    "take",
+    "way",
+    "exactly",
+    "actually",
+    "really",
+    "also",
+    "briefly",
+    "quickly",
+    "simply",
+    "explain",
+    "describe",
+    "show",
+    "tell",
+    "give",
+    "know",
+    "please",
+    "thanks",
+    "thank",
+    "help",
+    "want",
+    "like",
+    "need",
+    "wondering",
+    "question",
+    "mean",
+    "meaning",
+    "say",
+    "said",
 ];
 
 /// Arithmetic operators written between numbers.

@@ -359,7 +359,13 @@ mod tests {
 
     fn questions(n: usize) -> Vec<String> {
         (0..n)
-            .map(|i| format!("question number {i} about topic {} and item {}", i % 97, i * 7))
+            .map(|i| {
+                format!(
+                    "question number {i} about topic {} and item {}",
+                    i % 97,
+                    i * 7
+                )
+            })
             .collect()
     }
 

@@ -92,7 +92,9 @@ pub enum Outcome {
     Hit(Hit),
     /// Nothing similar enough passed the guards; `rejected_by` names the guards that turned
     /// similar candidates away (near misses).
-    Miss { rejected_by: Vec<Guard> },
+    Miss {
+        rejected_by: Vec<Guard>,
+    },
     /// The lookup could not run (embedding failed, queue full, too slow).
     Skipped,
 }

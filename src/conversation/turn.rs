@@ -300,7 +300,15 @@ async fn run_inner(
         && ending.error.is_none()
         && ending.flags.is_empty()
         && !reply.content.is_empty();
-    if let (true, Some(Looked { vector: Some(vector), key, .. })) = (complete, looked) {
+    if let (
+        true,
+        Some(Looked {
+            vector: Some(vector),
+            key,
+            ..
+        }),
+    ) = (complete, looked)
+    {
         deps.cache.insert(
             key,
             vector,

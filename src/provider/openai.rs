@@ -45,7 +45,10 @@ impl OpenAiClient {
         &self,
         model: &str,
         texts: &[String],
-    ) -> (Result<(Vec<Vec<f32>>, Option<Usage>), ProviderError>, RateHeaders) {
+    ) -> (
+        Result<(Vec<Vec<f32>>, Option<Usage>), ProviderError>,
+        RateHeaders,
+    ) {
         let body = json!({"model": model, "input": texts});
         let mut request = self.http.post(&self.embeddings_url).json(&body);
         if let Some(key) = &self.key {
@@ -80,7 +83,10 @@ impl OpenAiClient {
                 return (Err(e), headers);
             }
         };
-        (parse_embeddings(&body, texts.len()).map_err(protocol), headers)
+        (
+            parse_embeddings(&body, texts.len()).map_err(protocol),
+            headers,
+        )
     }
 
     /// Runs one streaming generation into `tx`.

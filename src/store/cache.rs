@@ -234,7 +234,9 @@ mod tests {
         store
             .put_cache_entry(a, &record(Some(conv.clone())), &[0.5, -0.25])
             .expect("put"); // ok: test
-        store.put_cache_entry(b, &record(None), &[1.0]).expect("put"); // ok: test
+        store
+            .put_cache_entry(b, &record(None), &[1.0])
+            .expect("put"); // ok: test
         let all = store.cache_entries_all().expect("all"); // ok: test
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].vector, vec![0.5, -0.25]);
@@ -243,7 +245,9 @@ mod tests {
         assert!(store.cache_entry(b).expect("get").is_some()); // ok: test
         store.remove_cache_entries(&[b]).expect("rm"); // ok: test
         assert_eq!(store.cache_len(), 0);
-        store.put_cache_entry(b, &record(None), &[1.0]).expect("put"); // ok: test
+        store
+            .put_cache_entry(b, &record(None), &[1.0])
+            .expect("put"); // ok: test
         assert_eq!(store.cache_use_embedder("e2").expect("meta"), 1); // ok: test
         assert_eq!(store.cache_len(), 0);
     }

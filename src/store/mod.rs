@@ -23,11 +23,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+pub use cache::{CacheRecord, StoredEntry};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
-pub use cache::{CacheRecord, StoredEntry};
 pub use usage::periods;
 
 use crate::error::{ApiError, ErrorCode};

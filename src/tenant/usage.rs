@@ -258,7 +258,10 @@ mod tests {
         assert!((by_model[0].cost - 1.0).abs() < 1e-9);
         let csv = to_csv(&by_model);
         assert!(csv.starts_with("group,requests"));
-        assert!(csv.contains("\na,2,0,6,8,14,1.000000,0,0,0.000000\n"), "{csv}");
+        assert!(
+            csv.contains("\na,2,0,6,8,14,1.000000,0,0,0.000000\n"),
+            "{csv}"
+        );
     }
 
     #[tokio::test]

@@ -25,6 +25,8 @@ fn with_retries(cfg: &mut Config) {
 /// Providers `a` and `b` (OpenAI-compatible) at two mocks, and route `ab`: `a`, then `b`.
 fn two_targets(a: &MockUpstream, b: &MockUpstream) -> Config {
     let mut cfg = config_with(None);
+    // These tests count upstream calls of repeated prompts: no semantic cache.
+    cfg.cache.enabled = false;
     cfg.providers.push(openai_provider("a", &a.base_url()));
     cfg.providers.push(openai_provider("b", &b.base_url()));
     cfg.routes
@@ -170,6 +172,7 @@ async fn collect_all(ws: &mut Ws, convs: &[String]) -> Vec<(Vec<Value>, Instant)
 async fn a_burst_past_rpm_waits_in_the_queue_and_no_client_sees_a_rate_limit() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let mut cfg = config_with(Some(&up));
+    cfg.cache.enabled = false;
     let p = provider_mut(&mut cfg, "up");
     // 60 a minute: a burst of 60, then one a second.
     p.rpm = 60;

@@ -1,0 +1,422 @@
+//! The semantic cache and recall memory, end to end: the real server, the real mock upstream,
+//! and its request counter as the proof of whether a reply came from the cache.
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+/// One turn: its deltas' text and its `done` (or `error`) frame.
+async fn ask(ws: &mut Ws, conv: &str, client_id: &str, content: &str) -> (String, Value) {
+    let frames = ws.turn(conv, client_id, content).await;
+    let end = frames.last().unwrap().clone();
+    (delta_text(&frames), end)
+}
+
+/// Asks `question` in a fresh conversation of `model` and answers whether it was a cache hit,
+/// checked both on `done` and on the upstream's request count.
+async fn hits(ws: &mut Ws, up: &MockUpstream, model: &str, question: &str) -> bool {
+    let conv = ws.create(model).await;
+    let before = up.requests();
+    let (_, done) = ask(ws, &conv, "q", question).await;
+    assert_eq!(done["type"], "done", "{done}");
+    let cached = done["cached"].as_bool().unwrap();
+    assert_eq!(
+        cached,
+        up.requests() == before,
+        "a hit calls no upstream, a miss calls it once: {done}"
+    );
+    cached
+}
+
+fn two_routes(up: &MockUpstream) -> parley::config::Config {
+    let mut cfg = config_with(Some(up));
+    cfg.routes.push(route("up2", &[("up", "mock-1")]));
+    cfg
+}
+
+#[tokio::test]
+async fn a_reworded_question_hits_with_the_original_reply_and_usage() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+
+    let a = ws.create("up").await;
+    let (original, first) = ask(&mut ws, &a, "a1", "What is the capital of France?").await;
+    assert_eq!(first["type"], "done");
+    assert_eq!(first["cached"], false);
+    assert_eq!(up.requests(), 1);
+
+    for (i, reworded) in [
+        "what's the capital of france",
+        "Tell me the capital of France, please.",
+        "What is the capital of France",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let b = ws.create("up").await;
+        let (text, done) = ask(&mut ws, &b, &format!("b{i}"), reworded).await;
+        assert_eq!(done["type"], "done", "{done}");
+        assert_eq!(done["cached"], true, "{reworded}: {done}");
+        assert_eq!(text, original, "the hit streams the original reply");
+        assert_eq!(
+            done["usage"], first["usage"],
+            "done reports the original usage"
+        );
+        assert_eq!(done["provider"], first["provider"]);
+        assert_eq!(done["model"], first["model"]);
+        assert_eq!(done["finish_reason"], "stop");
+        // Stored like any reply, marked cached.
+        let stored = messages(&server, None, &b).await;
+        assert_eq!(stored.len(), 2);
+        assert_eq!(stored[1]["content"], original.as_str());
+    }
+    assert_eq!(up.requests(), 1, "no hit reached the upstream");
+
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("parley_cache_lookups_total{result=\"hit\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("parley_cache_entries 1"), "{metrics}");
+    assert!(metrics.contains("parley_cache_lookup_seconds_count"));
+}
+
+#[tokio::test]
+async fn near_misses_are_refused_by_the_guards() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    // A low similarity bar, so the guards alone tell these questions apart.
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.min_similarity = 0.5;
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    for (first, second) in [
+        (
+            "What is the capital of France?",
+            "What is the capital of Germany?",
+        ),
+        ("What is 2 + 2?", "What is 2 + 3?"),
+        ("Is ibuprofen safe?", "Is ibuprofen not safe?"),
+        ("Convert 100 USD to EUR", "Convert 100 EUR to USD"),
+        (
+            "When was the Eiffel Tower built?",
+            "Where was the Eiffel Tower built?",
+        ),
+    ] {
+        assert!(!hits(&mut ws, &up, "up", first).await, "{first}");
+        assert!(
+            !hits(&mut ws, &up, "up", second).await,
+            "{second} hit {first}"
+        );
+        // Each is cached itself: asked again, it hits.
+        assert!(hits(&mut ws, &up, "up", second).await, "{second} again");
+    }
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for guard in ["entities", "numbers", "negation", "order", "question"] {
+        assert!(
+            metrics.contains(&format!(
+                "parley_cache_near_misses_total{{guard=\"{guard}\"}}"
+            )),
+            "{guard} not counted: {metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn another_model_system_prompt_or_context_misses() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(two_routes(&up));
+    let mut ws = Ws::connect(&server, None).await;
+    let q = "How do I reverse a string in Rust?";
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert!(hits(&mut ws, &up, "up", q).await);
+    // Another route (model).
+    assert!(!hits(&mut ws, &up, "up2", q).await);
+
+    // Another system prompt.
+    let mut by_system = Vec::new();
+    for system in ["You are terse.", "You are verbose.", "You are terse."] {
+        let conv =
+            create_conversation(&server, None, json!({"model": "up", "system": system})).await;
+        let before = up.requests();
+        let (_, done) = ask(&mut ws, &conv, "s", q).await;
+        by_system.push((done["cached"].as_bool().unwrap(), up.requests() - before));
+    }
+    assert_eq!(by_system, vec![(false, 1), (false, 1), (true, 0)]);
+
+    // Different earlier turns miss; the same earlier turns (the mock answers them alike) hit.
+    let mut by_context = Vec::new();
+    for earlier in [
+        "I am learning Rust.",
+        "I am learning Go.",
+        "I am learning Rust.",
+    ] {
+        let conv = ws.create("up").await;
+        ask(&mut ws, &conv, "e", earlier).await;
+        let before = up.requests();
+        let (_, done) = ask(&mut ws, &conv, "q", q).await;
+        by_context.push((done["cached"].as_bool().unwrap(), up.requests() - before));
+    }
+    assert_eq!(by_context, vec![(false, 1), (false, 1), (true, 0)]);
+}
+
+#[tokio::test]
+async fn tenants_never_share_entries_and_opt_outs_are_honoured() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.disabled_tenants = vec!["nocache".into()];
+    let mut off = route("up-nocache", &[("up", "mock-1")]);
+    off.cache = false;
+    cfg.routes.push(off);
+    let server = TestServer::start_with_admin(cfg);
+    let (_, ka) = server.create_key(json!({"tenant": "a"})).await;
+    let (_, kb) = server.create_key(json!({"tenant": "b"})).await;
+    let (_, ka_off) = server
+        .create_key(json!({"tenant": "a", "cache": false}))
+        .await;
+    let (_, kn) = server.create_key(json!({"tenant": "nocache"})).await;
+    let q = "Which planet is the largest?";
+
+    let mut a = Ws::connect(&server, Some(&ka)).await;
+    assert!(!hits(&mut a, &up, "up", q).await);
+    assert!(hits(&mut a, &up, "up", q).await, "same tenant hits");
+    let mut b = Ws::connect(&server, Some(&kb)).await;
+    assert!(!hits(&mut b, &up, "up", q).await, "another tenant misses");
+
+    // A key of tenant a that opts out.
+    let mut a_off = Ws::connect(&server, Some(&ka_off)).await;
+    assert!(!hits(&mut a_off, &up, "up", q).await);
+    // A request that opts out.
+    let conv = a.create("up").await;
+    let before = up.requests();
+    a.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "o",
+                  "content": q, "options": {"cache": false}}),
+    )
+    .await;
+    let frames = a.recv_until(|f| is_end_of(f, "o")).await;
+    assert_eq!(frames.last().unwrap()["cached"], false);
+    assert_eq!(up.requests(), before + 1);
+    // A route without cache, asked twice.
+    assert!(!hits(&mut a, &up, "up-nocache", q).await);
+    assert!(!hits(&mut a, &up, "up-nocache", q).await);
+    // A tenant without cache, asked twice.
+    let mut n = Ws::connect(&server, Some(&kn)).await;
+    assert!(!hits(&mut n, &up, "up", q).await);
+    assert!(!hits(&mut n, &up, "up", q).await);
+
+    // What the cache saved is attributed to the tenant (records are written in batches).
+    let end = std::time::Instant::now() + TIMEOUT;
+    let text = loop {
+        let usage: Value = http()
+            .get(server.url("/v1/usage?group_by=model"))
+            .bearer_auth(&ka)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = usage.to_string();
+        if text.contains("\"cached_requests\":1") || std::time::Instant::now() > end {
+            break text;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(text.contains("\"cached_requests\":1"), "{text}");
+    assert!(!text.contains("\"saved_tokens\":0,"), "{text}");
+}
+
+#[tokio::test]
+async fn a_deleted_conversations_entries_never_hit_again() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+    let q = "What is the boiling point of water at sea level?";
+    let conv = ws.create("up").await;
+    ask(&mut ws, &conv, "a", q).await;
+    assert!(hits(&mut ws, &up, "up", q).await);
+    let resp = http()
+        .delete(server.url(&format!("/v1/conversations/{conv}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    // The entry came from the deleted conversation; the hit's own conversation made none.
+    assert!(!hits(&mut ws, &up, "up", q).await, "deleted entry served");
+}
+
+#[tokio::test]
+async fn entries_survive_a_restart() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let q = "Name three primary colours.";
+    let original = {
+        let server = TestServer::start_in(config_with(Some(&up)), tmp.path(), None);
+        let mut ws = Ws::connect(&server, None).await;
+        let conv = ws.create("up").await;
+        let (text, _) = ask(&mut ws, &conv, "a", q).await;
+        server.stop();
+        text
+    };
+    let server = TestServer::start_in(config_with(Some(&up)), tmp.path(), None);
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("up").await;
+    let before = up.requests();
+    let (text, done) = ask(&mut ws, &conv, "b", "name three primary colours").await;
+    assert_eq!(done["cached"], true, "{done}");
+    assert_eq!(text, original);
+    assert_eq!(up.requests(), before);
+}
+
+#[tokio::test]
+async fn cancelled_and_interrupted_replies_are_never_cached() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+
+    // Interrupted: the upstream drops the stream after a few tokens, every time.
+    let broken = "Describe the ocean [[mock:drop_after=3,words=30]]";
+    for i in 0..2 {
+        let conv = ws.create("up").await;
+        let before = up.requests();
+        let (_, end) = ask(&mut ws, &conv, &format!("i{i}"), broken).await;
+        assert_eq!(end["type"], "error", "{end}");
+        assert_eq!(end["code"], "upstream_interrupted");
+        assert_eq!(
+            up.requests(),
+            before + 1,
+            "an interrupted reply was served from cache"
+        );
+    }
+
+    // Cancelled after the first delta: the partial reply is stored but not cached.
+    let slow = "Describe the mountains [[mock:tps=20,words=40]]";
+    let conv = ws.create("up").await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "c", "content": slow}),
+    )
+    .await;
+    ws.recv_until(|f| f["type"] == "delta").await;
+    ws.send(json!({"type": "cancel", "conversation": conv}))
+        .await;
+    let frames = ws.recv_until(|f| is_end_of(f, "c")).await;
+    assert_eq!(frames.last().unwrap()["finish_reason"], "cancelled");
+    let conv = ws.create("up").await;
+    let before = up.requests();
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "d", "content": slow}),
+    )
+    .await;
+    ws.recv_until(|f| f["type"] == "delta").await;
+    assert_eq!(
+        up.requests(),
+        before + 1,
+        "a cancelled reply was served from cache"
+    );
+    ws.send(json!({"type": "cancel", "conversation": conv}))
+        .await;
+    ws.recv_until(|f| is_end_of(f, "d")).await;
+}
+
+#[tokio::test]
+async fn the_rest_api_reports_cached_replies() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut cached = Vec::new();
+    for _ in 0..2 {
+        let id = create_conversation(&server, None, json!({"model": "up"})).await;
+        let v: Value = http()
+            .post(server.url(&format!("/v1/conversations/{id}/messages")))
+            .json(&json!({"content": "Who wrote Hamlet?", "client_id": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        cached.push(v["cached"].as_bool().unwrap());
+    }
+    assert_eq!(cached, vec![false, true]);
+    assert_eq!(up.requests(), 1);
+}
+
+/// A long conversation whose first turn states a fact: in `recall` mode the fact reaches the
+/// upstream long after the window has moved past it; in `window` mode it does not.
+#[tokio::test]
+async fn recall_memory_brings_back_an_early_fact() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.context.budget_tokens = 400;
+    cfg.context.reserve_output_tokens = 100;
+    cfg.context.recall_share = 0.3;
+    cfg.cache.enabled = false;
+    let server = TestServer::start(cfg);
+    let fact = "Please remember this: my locker code is 4417.";
+    let mut sent_fact = Vec::new();
+    for memory in ["recall", "window"] {
+        let id = create_conversation(&server, None, json!({"model": "up", "memory": memory})).await;
+        let conv: Value = http()
+            .get(server.url(&format!("/v1/conversations/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(conv["memory"], memory);
+        let mut ws = Ws::connect(&server, None).await;
+        ask(&mut ws, &id, "fact", &format!("{fact} [[mock:words=5]]")).await;
+        for i in 0..12 {
+            let filler =
+                format!("Tell me something about weather pattern number {i}. [[mock:words=25]]");
+            let (_, done) = ask(&mut ws, &id, &format!("f{i}"), &filler).await;
+            assert_eq!(done["type"], "done", "{done}");
+        }
+        let (_, done) = ask(&mut ws, &id, "q", "What is my locker code?").await;
+        assert_eq!(done["type"], "done", "{done}");
+        let last = up.received().last().unwrap().clone();
+        let sent = last["messages"].as_array().unwrap().clone();
+        let contents: Vec<&str> = sent
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(*contents.last().unwrap(), "What is my locker code?");
+        // The window alone has long moved past the first turn.
+        assert!(
+            !contents
+                .iter()
+                .any(|c| c.contains("weather pattern number 0.")),
+            "{memory}: the window still reaches the start"
+        );
+        sent_fact.push(contents.iter().any(|c| c.contains("locker code is 4417")));
+        if memory == "recall" {
+            // Recalled turns come first, in order, and whole (the fact and its reply).
+            assert!(contents[0].contains("locker code is 4417"), "{contents:?}");
+            assert_eq!(sent[0]["role"], "user");
+            assert_eq!(sent[1]["role"], "assistant");
+            let tokens = done["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert!(
+                tokens <= 300,
+                "prompt of {tokens} tokens exceeds the budget"
+            );
+        }
+        // Stored history is untouched.
+        assert_eq!(messages(&server, None, &id).await.len(), 28);
+    }
+    assert_eq!(sent_fact, vec![true, false]);
+}
