@@ -420,3 +420,46 @@ async fn recall_memory_brings_back_an_early_fact() {
     }
     assert_eq!(sent_fact, vec![true, false]);
 }
+
+#[tokio::test]
+async fn the_openai_endpoint_shares_the_cache_with_conversations() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = create_conversation(&server, None, json!({"model": "up", "system": "Be brief."})).await;
+    let (original, _) = ask(&mut ws, &conv, "a", "How far away is the Moon?").await;
+    assert_eq!(up.requests(), 1);
+    let complete = |stream: bool| {
+        http()
+            .post(server.url("/v1/chat/completions"))
+            .json(&json!({"model": "up", "stream": stream, "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "how far away is the moon"}]}))
+            .send()
+    };
+    let v: Value = complete(false).await.unwrap().json().await.unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], original.as_str());
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    let body = complete(true).await.unwrap().text().await.unwrap();
+    let streamed: String = sse_events(&body)
+        .iter()
+        .filter(|e| e.data != "[DONE]")
+        .filter_map(|e| {
+            let v: Value = serde_json::from_str(&e.data).ok()?;
+            v["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(streamed, original);
+    assert_eq!(up.requests(), 1, "both completions were served from the cache");
+
+    // A stateless completion is cached too, for the next one.
+    let ask_http = || {
+        http()
+            .post(server.url("/v1/chat/completions"))
+            .json(&json!({"model": "up", "messages": [{"role": "user", "content": "Why do cats purr?"}]}))
+            .send()
+    };
+    ask_http().await.unwrap().text().await.unwrap();
+    ask_http().await.unwrap().text().await.unwrap();
+    assert_eq!(up.requests(), 2);
+}

@@ -7,6 +7,7 @@ use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cache::{Cache, Hit, Outcome, ScopeParts};
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::InjectionMode;
 use crate::guard::pii::{PiiMode, Restorer, Vault};
@@ -15,8 +16,7 @@ use crate::metrics::Metrics;
 use crate::provider::{ChatMessage, ChatRequest, Started, UpstreamEvent};
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
-use crate::store::Usage;
-use crate::store::UsageRecord;
+use crate::store::{CacheRecord, Usage, UsageRecord};
 use crate::tenant::usage::UsageRecorder;
 use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, MESSAGE_FRAMING_TOKENS};
@@ -75,7 +75,7 @@ pub async fn chat_completions(
         ));
     }
     p.check_model(&body.model)?;
-    let (messages, vault) =
+    let (messages, vault, flagged) =
         guard_request(&state, &p, &body.model, convert_messages(body.messages)?)?;
     let encoding = state.router().encoding(&body.model);
     let prompt_tokens = messages
@@ -98,10 +98,44 @@ pub async fn chat_completions(
         .governor
         .admit(&p, &price_model, prompt_tokens, request.max_tokens)?;
     let bill = Bill::new(std::sync::Arc::clone(&state.governor), reservation);
-    let started = state
-        .router()
-        .start(&body.model, request, prompt_tokens, p.regions())
-        .await?;
+    let begun = std::time::Instant::now();
+    let cache = &state.registry.deps().cache;
+    let cacheable = vault.is_none()
+        && !flagged
+        && cache.serves(p.tenant.as_str())
+        && state.router().caches(&body.model)
+        && p.cache()
+        && request.messages.last().is_some_and(|m| m.role == "user")
+        && request
+            .messages
+            .iter()
+            .all(|m| crate::guard::pii::detect(&m.content).is_empty());
+    let mut insert = None;
+    let mut hit = None;
+    if cacheable {
+        let (key, question) = scope_of(cache, &p, &body.model, &request.messages);
+        let looked = cache.lookup(key, p.tenant.as_str(), &question).await;
+        match looked.outcome {
+            Outcome::Hit(h)
+                if request
+                    .max_tokens
+                    .is_none_or(|m| h.record.usage.completion_tokens <= m) =>
+            {
+                hit = Some(h);
+            }
+            _ => insert = looked.vector.map(|v| (cache.clone(), key, v, question)),
+        }
+    }
+    let cached = hit.is_some();
+    let started = match hit {
+        Some(h) => cached_start(h, begun),
+        None => {
+            state
+                .router()
+                .start(&body.model, request, prompt_tokens, p.regions())
+                .await?
+        }
+    };
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let meta = Meta {
         id,
@@ -120,6 +154,8 @@ pub async fn chat_completions(
         restorer: vault.map(|v| (Restorer::default(), v)),
         generated: String::new(),
         recorded: false,
+        cached,
+        insert,
     };
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
@@ -129,14 +165,65 @@ pub async fn chat_completions(
     }
 }
 
+/// The cache scope of a stateless request and its question (the last message). A leading
+/// system message is the system prompt and the messages between it and the question are the
+/// context, so a conversation's first turn and the same stateless request share entries.
+fn scope_of(
+    cache: &Cache,
+    p: &Principal,
+    route: &str,
+    messages: &[ChatMessage],
+) -> (crate::cache::index::ScopeKey, String) {
+    let (question, before) = match messages.split_last() {
+        Some((last, before)) => (last.content.clone(), before),
+        None => (String::new(), messages),
+    };
+    let (system, context) = match before.split_first() {
+        Some((first, rest)) if first.role == "system" => (Some(first.content.as_str()), rest),
+        _ => (None, before),
+    };
+    let context: Vec<(&str, &str)> = context
+        .iter()
+        .map(|m| (m.role, m.content.as_str()))
+        .collect();
+    let key = cache.scope_key(&ScopeParts {
+        tenant: p.tenant.as_str(),
+        route,
+        system,
+        prompt_version: None,
+        context: &context,
+    });
+    (key, question)
+}
+
+/// A cache hit as a generation that has started: the stored reply, then its end.
+fn cached_start(hit: Hit, begun: std::time::Instant) -> Started {
+    let (tx, rest) = tokio::sync::mpsc::channel(1);
+    let rec = hit.record;
+    let _ = tx.try_send(UpstreamEvent::Finished {
+        finish_reason: "stop".into(),
+        usage: Some(rec.usage),
+        model: Some(rec.model.clone()),
+    });
+    Started {
+        first: UpstreamEvent::Delta(rec.reply),
+        rest,
+        provider: rec.provider,
+        model: rec.model,
+        ttft: begun.elapsed(),
+    }
+}
+
 /// The route's and key's guardrails on a stateless request: PII redacted (answering the vault
 /// that restores the reply) or refused, injections in the last user message flagged or refused.
+/// Answers the messages, the vault, and whether an injection was flagged.
 fn guard_request(
     state: &AppState,
     p: &Principal,
     route: &str,
     mut messages: Vec<ChatMessage>,
-) -> Result<(Vec<ChatMessage>, Option<Vault>), ApiError> {
+) -> Result<(Vec<ChatMessage>, Option<Vault>, bool), ApiError> {
+    let mut flagged = false;
     let (route_pii, injection) = state.router().guards(route);
     if injection != InjectionMode::Off {
         let last_user = messages
@@ -154,17 +241,18 @@ fn guard_request(
             }
             state.metrics.guard_event("prompt_injection", "flag");
             tracing::warn!(route, "prompt injection flagged");
+            flagged = true;
         }
     }
     match p.pii().unwrap_or(route_pii) {
-        PiiMode::Off => Ok((messages, None)),
+        PiiMode::Off => Ok((messages, None, flagged)),
         PiiMode::Block => {
             let kinds: Vec<&str> = messages
                 .iter()
                 .flat_map(|m| crate::guard::pii::detect(&m.content))
                 .collect();
             if kinds.is_empty() {
-                Ok((messages, None))
+                Ok((messages, None, flagged))
             } else {
                 state.metrics.guard_event("pii", "block");
                 Err(ApiError::new(
@@ -179,7 +267,7 @@ fn guard_request(
             for m in &mut messages {
                 m.content = vault.redact(&m.content).0;
             }
-            Ok((messages, (!vault.is_empty()).then_some(vault)))
+            Ok((messages, (!vault.is_empty()).then_some(vault), flagged))
         }
     }
 }
@@ -240,6 +328,10 @@ struct Meta {
     /// The text generated so far, billed if the client leaves before the end.
     generated: String,
     recorded: bool,
+    /// Served from the semantic cache: nothing billed, the saving recorded.
+    cached: bool,
+    /// On a miss: where to cache a complete reply.
+    insert: Option<(Cache, crate::cache::index::ScopeKey, Vec<f32>, String)>,
 }
 
 impl Drop for Meta {
@@ -259,15 +351,44 @@ impl Meta {
     /// tokens generated so far.
     fn record(&mut self, usage: Usage, error: Option<ErrorCode>, finish_reason: &str) {
         self.recorded = true;
-        self.metrics
-            .observe_turn(&self.provider, Some(self.ttft), error);
-        self.metrics.add_tokens(&self.provider, usage);
         let (prompt, completion) = (
             u64::from(usage.prompt_tokens),
             u64::from(usage.completion_tokens),
         );
-        let cost = self.bill.cost(&self.model, prompt, completion);
-        self.bill.set(prompt + completion, cost);
+        let original_cost = self.bill.cost(&self.model, prompt, completion);
+        let (billed, cost, saved) = if self.cached {
+            self.metrics.observe_turn("cache", Some(self.ttft), error);
+            (Usage::default(), 0.0, (usage.total_tokens, original_cost))
+        } else {
+            self.metrics
+                .observe_turn(&self.provider, Some(self.ttft), error);
+            self.metrics.add_tokens(&self.provider, usage);
+            (usage, original_cost, (0, 0.0))
+        };
+        self.bill.set(
+            u64::from(billed.prompt_tokens) + u64::from(billed.completion_tokens),
+            cost,
+        );
+        if let Some((cache, key, vector, question)) = self.insert.take() {
+            if error.is_none() && finish_reason == "stop" && !self.generated.is_empty() {
+                cache.insert(
+                    key,
+                    vector,
+                    CacheRecord {
+                        tenant: self.principal.tenant.as_str().to_owned(),
+                        scope: String::new(),
+                        question,
+                        reply: self.generated.clone(),
+                        usage,
+                        provider: self.provider.clone(),
+                        model: self.model.clone(),
+                        conversation: None,
+                        created_ms: 0,
+                        expires_ms: 0,
+                    },
+                );
+            }
+        }
         self.usage.record_detached(UsageRecord {
             ts_ms: chrono::Utc::now().timestamp_millis(),
             tenant: self.principal.tenant.clone(),
@@ -276,15 +397,15 @@ impl Meta {
             route: self.route.clone(),
             provider: self.provider.clone(),
             model: self.model.clone(),
-            prompt_tokens: usage.prompt_tokens,
-            completion_tokens: usage.completion_tokens,
-            cached: false,
+            prompt_tokens: billed.prompt_tokens,
+            completion_tokens: billed.completion_tokens,
+            cached: self.cached,
             latency_ms: self.begun.elapsed().as_millis() as u64 + self.ttft.as_millis() as u64,
             ttft_ms: Some(self.ttft.as_millis() as u64),
             cost,
             trimmed_tokens: 0,
-            saved_tokens: 0,
-            saved_cost: 0.0,
+            saved_tokens: saved.0,
+            saved_cost: saved.1,
             finish_reason: finish_reason.to_owned(),
         });
     }
