@@ -50,6 +50,9 @@ impl From<&MockArgs> for Behaviour {
 pub struct MockState {
     behaviour: RwLock<Behaviour>,
     requests: AtomicU64,
+    /// Embedding requests and the texts they carried.
+    embeddings: AtomicU64,
+    embedded_texts: AtomicU64,
     received: Mutex<VecDeque<serde_json::Value>>,
     draws: Mutex<u64>,
 }
@@ -60,6 +63,8 @@ impl MockState {
         Self {
             behaviour: RwLock::new(behaviour),
             requests: AtomicU64::new(0),
+            embeddings: AtomicU64::new(0),
+            embedded_texts: AtomicU64::new(0),
             received: Mutex::new(VecDeque::new()),
             draws,
         }
@@ -141,6 +146,14 @@ impl MockUpstream {
     /// Generation requests received so far (chat completions and messages).
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Embedding requests received so far, and the texts they carried.
+    pub fn embedding_requests(&self) -> (u64, u64) {
+        (
+            self.state.embeddings.load(Ordering::Relaxed),
+            self.state.embedded_texts.load(Ordering::Relaxed),
+        )
     }
 
     /// The bodies of the newest generation requests, oldest first.

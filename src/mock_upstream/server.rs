@@ -324,6 +324,12 @@ async fn embeddings(state: web::Data<MockState>, body: web::Json<Value>) -> Http
                 json!({"error": {"message": "input is required", "type": "invalid_request_error"}}),
             ),
         };
+    state
+        .embeddings
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    state
+        .embedded_texts
+        .fetch_add(inputs.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let seed = state.behaviour.read().seed;
     let data: Vec<Value> = inputs
         .iter()

@@ -463,3 +463,48 @@ async fn the_openai_endpoint_shares_the_cache_with_conversations() {
     ask_http().await.unwrap().text().await.unwrap();
     assert_eq!(up.requests(), 2);
 }
+
+/// `provider:<name>/<model>`: questions are embedded by the provider's `/v1/embeddings`
+/// (through its actor); when that fails, the turn goes upstream as if there were no cache.
+#[tokio::test]
+async fn a_provider_embedder_embeds_through_the_provider_and_fails_open() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.providers.push(openai_provider("emb", &emb.base_url()));
+    cfg.cache.embedder = "provider:emb/text-embedding-3-small".into();
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    let q = "What is the tallest mountain on Earth?";
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert!(hits(&mut ws, &up, "up", "what is the tallest mountain on earth?").await);
+    let (requests, texts) = emb.embedding_requests();
+    assert_eq!((requests, texts), (2, 2), "one embedding per lookup");
+    let providers: Value = http()
+        .get(server.url("/admin/providers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let served = providers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "emb")
+        .map(|p| p["deployments"][0]["served"].as_u64().unwrap());
+    assert_eq!(served, Some(2), "embeddings go through the provider actor");
+
+    // The embedding provider fails: lookups are skipped, turns still answer.
+    emb.set_behaviour(Behaviour {
+        error_rate: 1.0,
+        ..Behaviour::default()
+    });
+    let conv = ws.create("up").await;
+    let before = up.requests();
+    let (_, done) = ask(&mut ws, &conv, "x", q).await;
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["cached"], false);
+    assert_eq!(up.requests(), before + 1);
+}
