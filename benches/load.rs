@@ -34,6 +34,9 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config::embedded(|_| false);
         cfg.auth.admin_key_env = "PARLEY_LOAD_NO_ADMIN_KEY".into();
+        // Every conversation opens with the same question: measure routing, not the cache
+        // (`cargo bench --bench cache` measures that).
+        cfg.cache.enabled = false;
         cfg.providers.push(ProviderConfig {
             name: "up".into(),
             kind: ProviderKind::Openai,

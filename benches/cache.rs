@@ -1,0 +1,318 @@
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+//! The semantic cache's figures:
+//! 1. builtin embedding throughput (criterion);
+//! 2. index insert and lookup latency at 10k and 100k entries in one scope (the HNSW path),
+//!    p50/p99 over individually timed operations, with recall of exact questions;
+//! 3. end-to-end cached-reply latency through the WebSocket: the real server and mock upstream
+//!    on loopback, one entry primed, then reworded questions in fresh conversations, timed
+//!    from sending `user_message` to the first `delta` and to `done`.
+//!
+//! `cargo bench --bench cache`; `cargo test --benches` runs a small quick version.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use criterion::{black_box, Criterion, Throughput};
+use futures_util::{SinkExt, StreamExt};
+use parley::cache::embed::{Builtin, DIM};
+use parley::cache::index::{EntryMeta, Index};
+use parley::config::{Config, ProviderConfig, ProviderKind, RouteConfig, TargetConfig};
+use parley::mock_upstream::{Behaviour, MockUpstream};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const SUBJECTS: &[&str] = &[
+    "capital", "population", "history", "climate", "economy", "language", "currency", "flag",
+    "anthem", "cuisine", "geography", "president", "army", "railway", "coastline", "river",
+    "mountain", "university", "museum", "festival",
+];
+const PLACES: &[&str] = &[
+    "France", "Germany", "Spain", "Italy", "Japan", "Brazil", "Canada", "Kenya", "India", "Peru",
+    "Norway", "Egypt", "Chile", "Vietnam", "Mexico", "Ghana", "Poland", "Greece", "Turkey",
+    "Nepal", "Cuba", "Iran", "Iraq", "Fiji", "Laos",
+];
+const ASKS: &[&str] = &[
+    "What is the",
+    "Tell me about the",
+    "Describe the",
+    "Explain the",
+    "Summarize the",
+    "How old is the",
+    "Why is the",
+    "Where is the",
+    "When did the",
+    "Who runs the",
+];
+
+/// The `i`-th synthetic question (distinct for every i below 5000 × 10 years).
+fn question(i: usize) -> String {
+    let ask = ASKS[i % ASKS.len()];
+    let subject = SUBJECTS[(i / ASKS.len()) % SUBJECTS.len()];
+    let place = PLACES[(i / (ASKS.len() * SUBJECTS.len())) % PLACES.len()];
+    let year = 1900 + i / (ASKS.len() * SUBJECTS.len() * PLACES.len());
+    format!("{ask} {subject} of {place} in {year}?")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn meta(q: String) -> EntryMeta {
+    EntryMeta {
+        scope: [1; 16],
+        question: q,
+        expires_ms: i64::MAX,
+        last_used_ms: 0,
+    }
+}
+
+fn index_figures(n: usize, inserts: usize, lookups: usize) {
+    let vectors: Vec<(u64, EntryMeta, Vec<f32>)> = (0..n)
+        .map(|i| {
+            let q = question(i);
+            let v = Builtin::vector(&q);
+            (i as u64, meta(q), v)
+        })
+        .collect();
+    let mut index = Index::new(DIM);
+    let begun = Instant::now();
+    index.bulk_load(vectors);
+    let built = begun.elapsed();
+
+    let mut insert_times = Vec::with_capacity(inserts);
+    for i in n..n + inserts {
+        let q = question(i);
+        let v = Builtin::vector(&q);
+        let t = Instant::now();
+        index.insert(i as u64, meta(q), v).unwrap();
+        insert_times.push(t.elapsed());
+    }
+    let mut lookup_times = Vec::with_capacity(lookups);
+    let mut found = 0;
+    let step = (n / lookups).max(1);
+    for k in 0..lookups {
+        let i = (k * step) % n;
+        let v = Builtin::vector(&question(i));
+        let t = Instant::now();
+        let top = black_box(index.search(&[1; 16], &v, 4));
+        lookup_times.push(t.elapsed());
+        if top.first().map(|x| x.0) == Some(i as u64) {
+            found += 1;
+        }
+    }
+    insert_times.sort();
+    lookup_times.sort();
+    println!(
+        "cache index {n} entries: bulk build {:.1} s; insert p50 {:.0} µs p99 {:.0} µs; lookup p50 {:.0} µs p99 {:.0} µs; exact-question recall@1 {:.3}",
+        built.as_secs_f64(),
+        us(percentile(&insert_times, 0.5)),
+        us(percentile(&insert_times, 0.99)),
+        us(percentile(&lookup_times, 0.5)),
+        us(percentile(&lookup_times, 0.99)),
+        f64::from(found) / lookups as f64,
+    );
+}
+
+struct Server {
+    addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(upstream: &MockUpstream) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config::embedded(|_| false);
+        cfg.auth.admin_key_env = "PARLEY_BENCH_NO_ADMIN_KEY".into();
+        cfg.providers.push(ProviderConfig {
+            name: "up".into(),
+            kind: ProviderKind::Openai,
+            base_url: Some(upstream.base_url()),
+            region: None,
+            ..ProviderConfig::builtin_mock()
+        });
+        cfg.routes.push(RouteConfig::new(
+            "up",
+            vec![TargetConfig::new("up", "mock-1")],
+        ));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let data = dir.path().to_owned();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let store = parley::store::Store::open(&data).unwrap();
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let handle = parley::app::start(cfg, listener, store).unwrap();
+                addr_tx.send(handle.addr).unwrap();
+                let _ = stop_rx.await;
+                handle.shutdown().await.unwrap();
+            });
+        });
+        let addr = addr_rx.recv().unwrap();
+        Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn frame(ws: &mut Socket) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("frame before the timeout")
+            .expect("socket open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// One turn in a fresh conversation: (time to first delta, time to done, cached).
+async fn timed_turn(ws: &mut Socket, question: &str, n: usize) -> (Duration, Duration, bool) {
+    ws.send(Message::Text(
+        json!({"type": "create", "client_id": format!("c{n}"), "model": "up"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let created = frame(ws).await;
+    let conv = created["conversation"].as_str().unwrap().to_owned();
+    let sent = Instant::now();
+    ws.send(Message::Text(
+        json!({"type": "user_message", "conversation": conv, "client_id": "q", "content": question})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let mut first = None;
+    loop {
+        let f = frame(ws).await;
+        match f["type"].as_str() {
+            Some("delta") => {
+                first.get_or_insert_with(|| sent.elapsed());
+            }
+            Some("done") => {
+                let done = sent.elapsed();
+                return (
+                    first.unwrap_or(done),
+                    done,
+                    f["cached"].as_bool().unwrap_or(false),
+                );
+            }
+            Some("error") => panic!("turn failed: {f}"),
+            _ => {}
+        }
+    }
+}
+
+fn end_to_end(turns: usize) {
+    let upstream = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(20),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let server = Server::start(&upstream);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", server.addr))
+            .await
+            .unwrap();
+        let (miss_first, miss_done, cached) =
+            timed_turn(&mut ws, "What is the capital of France? [[mock:words=60]]", 0).await;
+        assert!(!cached);
+        let mut firsts = Vec::new();
+        let mut dones = Vec::new();
+        for n in 1..=turns {
+            let (first, done, cached) = timed_turn(
+                &mut ws,
+                "what's the capital of France? [[mock:words=60]]",
+                n,
+            )
+            .await;
+            assert!(cached, "the reworded question must hit");
+            firsts.push(first);
+            dones.push(done);
+        }
+        firsts.sort();
+        dones.sort();
+        println!(
+            "cache end to end (WebSocket, 60-word reply): miss first delta {:.1} ms, done {:.1} ms (upstream ttft 20 ms); \
+             hit first delta p50 {:.2} ms p99 {:.2} ms, done p50 {:.2} ms p99 {:.2} ms over {turns} hits; upstream calls {}",
+            ms(miss_first),
+            ms(miss_done),
+            ms(percentile(&firsts, 0.5)),
+            ms(percentile(&firsts, 0.99)),
+            ms(percentile(&dones, 0.5)),
+            ms(percentile(&dones, 0.99)),
+            upstream.requests(),
+        );
+    });
+    drop(server);
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .sample_size(if quick { 10 } else { 50 })
+        .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }));
+    let mut group = c.benchmark_group("builtin embedding");
+    let one = "What is the capital of France, and when did it become the capital?";
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one question", |b| {
+        b.iter(|| Builtin::vector(black_box(one)))
+    });
+    let batch: Vec<String> = (0..32).map(question).collect();
+    group.throughput(Throughput::Elements(32));
+    group.bench_function("32 questions", |b| {
+        b.iter(|| {
+            batch
+                .iter()
+                .map(|q| Builtin::vector(black_box(q)))
+                .collect::<Vec<_>>()
+        })
+    });
+    group.finish();
+
+    if quick {
+        index_figures(2_000, 100, 200);
+        end_to_end(20);
+    } else {
+        index_figures(10_000, 1_000, 2_000);
+        index_figures(100_000, 1_000, 2_000);
+        end_to_end(500);
+    }
+    c.final_summary();
+}
