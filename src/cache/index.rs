@@ -31,8 +31,7 @@ pub struct UnitCosine;
 
 impl Distance<f32> for UnitCosine {
     fn eval(&self, va: &[f32], vb: &[f32]) -> f32 {
-        let dot: f32 = va.iter().zip(vb).map(|(a, b)| a * b).sum();
-        (1.0 - dot).max(0.0)
+        (1.0 - super::embed::cosine(va, vb)).max(0.0)
     }
 }
 
