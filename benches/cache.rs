@@ -22,9 +22,26 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 const SUBJECTS: &[&str] = &[
-    "capital", "population", "history", "climate", "economy", "language", "currency", "flag",
-    "anthem", "cuisine", "geography", "president", "army", "railway", "coastline", "river",
-    "mountain", "university", "museum", "festival",
+    "capital",
+    "population",
+    "history",
+    "climate",
+    "economy",
+    "language",
+    "currency",
+    "flag",
+    "anthem",
+    "cuisine",
+    "geography",
+    "president",
+    "army",
+    "railway",
+    "coastline",
+    "river",
+    "mountain",
+    "university",
+    "museum",
+    "festival",
 ];
 const PLACES: &[&str] = &[
     "France", "Germany", "Spain", "Italy", "Japan", "Brazil", "Canada", "Kenya", "India", "Peru",
@@ -282,6 +299,38 @@ fn end_to_end(turns: usize) {
     drop(server);
 }
 
+/// The `local:` embedder's throughput, when built with it and its model is at hand
+/// (`PARLEY_MINILM_DIR`, or where `scripts/test.sh` unpacks it).
+#[cfg(feature = "local-embed")]
+fn local_embedding(c: &mut Criterion, batch: &[String]) {
+    let dir = std::env::var("PARLEY_MINILM_DIR").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/models/all-minilm-l6-v2"
+        )
+        .to_owned()
+    });
+    let Ok(model) = parley::cache::local_embed::LocalEmbedder::load(std::path::Path::new(&dir))
+    else {
+        println!("local embedding: no model in {dir}; skipped");
+        return;
+    };
+    let mut group = c.benchmark_group("local embedding (all-MiniLM-L6-v2)");
+    let one = vec!["What is the capital of France, and when did it become the capital?".to_owned()];
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("one question", |b| {
+        b.iter(|| model.embed_blocking(black_box(&one)).unwrap())
+    });
+    group.throughput(Throughput::Elements(batch.len() as u64));
+    group.bench_function("32 questions", |b| {
+        b.iter(|| model.embed_blocking(black_box(batch)).unwrap())
+    });
+    group.finish();
+}
+
+#[cfg(not(feature = "local-embed"))]
+fn local_embedding(_: &mut Criterion, _: &[String]) {}
+
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let mut c = Criterion::default()
@@ -305,6 +354,7 @@ fn main() {
         })
     });
     group.finish();
+    local_embedding(&mut c, &batch);
 
     if quick {
         index_figures(2_000, 100, 200);

@@ -198,7 +198,11 @@ fn proper_nouns(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut sentence_start = true;
     for raw in text.split_whitespace() {
-        let word = raw.trim_matches(|c: char| !c.is_alphanumeric());
+        // The name itself: "France's" is France, "(Python)" is Python.
+        let word = raw
+            .split(|c: char| !c.is_alphanumeric())
+            .find(|w| !w.is_empty())
+            .unwrap_or_default();
         if !sentence_start && word.chars().next().is_some_and(char::is_uppercase) {
             out.insert(word.to_lowercase());
         }
@@ -426,6 +430,13 @@ mod tests {
             check(
                 "What is the capital of France?",
                 "Which city is the capital of France?"
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check(
+                "What is the capital of France?",
+                "Which city is France's capital?"
             ),
             Ok(())
         );

