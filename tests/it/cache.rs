@@ -544,3 +544,50 @@ async fn a_local_sentence_transformer_catches_deeper_rewordings() {
     assert!(hits(&mut ws, &up, "up", "Which city is France's capital?").await);
     assert!(!hits(&mut ws, &up, "up", "Which city is Germany's capital?").await);
 }
+
+/// Entries expire after `ttl_secs`, and past `max_entries` the least recently used go (from
+/// the index and from storage).
+#[tokio::test]
+async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.max_entries = 3;
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    let qs = [
+        "Who discovered penicillin?",
+        "What is the largest ocean?",
+        "How many legs does a spider have?",
+        "What language is spoken in Brazil?",
+    ];
+    for q in &qs[..3] {
+        assert!(!hits(&mut ws, &up, "up", q).await);
+    }
+    // Use the first again: the second is now the least recently used.
+    assert!(hits(&mut ws, &up, "up", qs[0]).await);
+    assert!(!hits(&mut ws, &up, "up", qs[3]).await);
+    assert!(!hits(&mut ws, &up, "up", qs[1]).await, "the LRU entry was evicted");
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("parley_cache_entries 3"), "{metrics}");
+    drop(ws);
+    server.stop();
+
+    // Expiry: a one-second time to live.
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.ttl_secs = 1;
+    let server = TestServer::start(cfg);
+    let mut ws = Ws::connect(&server, None).await;
+    let q = "What is the chemical symbol for gold?";
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert!(hits(&mut ws, &up, "up", q).await);
+    // Time itself is the condition here: the entry is older than its time to live.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(!hits(&mut ws, &up, "up", q).await, "an expired entry was served");
+}
