@@ -779,6 +779,49 @@ fn window(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), A
     Ok((taken, prompt_tokens))
 }
 
+/// The new message's embedding, then each older message's: stored ones read back, the others
+/// embedded in one call and stored for the next turns. `None` when embedding fails.
+async fn recall_vectors(
+    deps: &Deps,
+    input: &TurnInput,
+    older: &[MessageRecord],
+) -> Option<Vec<Vec<f32>>> {
+    let seqs: Vec<u64> = older.iter().map(|m| m.seq).collect();
+    let mut stored = deps
+        .store
+        .recall_vectors(&input.conversation, &seqs)
+        .unwrap_or_else(|_| vec![None; seqs.len()]);
+    let missing: Vec<usize> = (0..older.len()).filter(|&i| stored[i].is_none()).collect();
+    let mut texts = Vec::with_capacity(missing.len() + 1);
+    texts.push(input.content.clone());
+    texts.extend(missing.iter().map(|&i| older[i].content.clone()));
+    let mut fresh = match deps.cache.embedder().embed(&texts).await {
+        Ok(v) if v.len() == texts.len() => v.into_iter(),
+        _ => return None,
+    };
+    let question = fresh.next()?;
+    let mut new_ones = Vec::with_capacity(missing.len());
+    for (&i, v) in missing.iter().zip(fresh) {
+        new_ones.push((older[i].seq, v.clone()));
+        stored[i] = Some(v);
+    }
+    let refs: Vec<(u64, &[f32])> = new_ones.iter().map(|(s, v)| (*s, v.as_slice())).collect();
+    if let Err(e) = deps.store.put_recall_vectors(&input.conversation, &refs) {
+        tracing::warn!(error = %e, "recall vectors not kept");
+    }
+    let dim = question.len();
+    let mut out = Vec::with_capacity(older.len() + 1);
+    out.push(question);
+    for v in stored {
+        // A vector of another size (another embedder) scores nothing.
+        out.push(
+            v.filter(|v| v.len() == dim)
+                .unwrap_or_else(|| vec![0.0; dim]),
+        );
+    }
+    Some(out)
+}
+
 /// Recall mode: when everything fits, the window; otherwise the newest run within the budget
 /// less the recall share, plus the older turns most relevant to the new message within what is
 /// left, oldest first.
@@ -811,15 +854,9 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
         return Ok(window_only(n_all, used_all));
     };
     let older = &all[n_run..];
-    let mut texts = Vec::with_capacity(older.len() + 1);
-    texts.push(input.content.clone());
-    texts.extend(older.iter().map(|m| m.content.clone()));
-    let vectors = match deps.cache.embedder().embed(&texts).await {
-        Ok(v) if v.len() == texts.len() => v,
-        Ok(_) | Err(_) => {
-            tracing::warn!("recall memory unavailable (embedding failed); sending the window");
-            return Ok(window_only(n_all, used_all));
-        }
+    let Some(vectors) = recall_vectors(deps, input, older).await else {
+        tracing::warn!("recall memory unavailable (embedding failed); sending the window");
+        return Ok(window_only(n_all, used_all));
     };
     let framing = tokens::MESSAGE_FRAMING_TOKENS;
     // Oldest first for `choose`.

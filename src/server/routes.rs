@@ -49,6 +49,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     .route("/admin/keys", web::get().to(admin::list_keys))
     .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
     .route("/admin/providers", web::get().to(admin::providers))
+    .route("/admin/cache", web::get().to(admin::cache))
     .route("/admin/usage", web::get().to(usage::admin))
     .route("/admin/prompts/{name}", web::put().to(admin::put_prompt))
     .route("/admin/prompts/{name}", web::get().to(admin::list_prompts))

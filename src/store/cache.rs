@@ -4,6 +4,8 @@
 //! - `cache_by_conversation`: conversation id ‖ entry id → (), so a deleted conversation takes
 //!   its entries with it
 //! - `cache_meta`: `embedder` → the id of the embedder that made the entries
+//! - `recall_vectors`: conversation id ‖ seq → a stored message's embedding, so recall memory
+//!   embeds each message once, not at every turn
 //!
 //! The in-memory HNSW index is rebuilt from these trees at start.
 
@@ -199,8 +201,46 @@ impl Store {
         self.cache_entries.clear()?;
         self.cache_vectors.clear()?;
         self.cache_by_conversation.clear()?;
+        self.recall_vectors.clear()?;
         self.cache_meta.insert("embedder", id.as_bytes())?;
         Ok(dropped)
+    }
+}
+
+impl Store {
+    /// The stored embeddings of messages `seqs` of `conv` (`None` where there is none).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn recall_vectors(
+        &self,
+        conv: &ConversationId,
+        seqs: &[u64],
+    ) -> Result<Vec<Option<Vec<f32>>>, StoreError> {
+        seqs.iter()
+            .map(|&seq| {
+                Ok(self
+                    .recall_vectors
+                    .get(conv_key(conv, seq))?
+                    .map(|raw| vector_from(&raw)))
+            })
+            .collect()
+    }
+
+    /// Keeps message embeddings for recall memory (not flushed: they can be computed again).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn put_recall_vectors(
+        &self,
+        conv: &ConversationId,
+        vectors: &[(u64, &[f32])],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (seq, v) in vectors {
+            batch.insert(conv_key(conv, *seq), vector_bytes(v));
+        }
+        Ok(self.recall_vectors.apply_batch(batch)?)
     }
 }
 

@@ -7,7 +7,7 @@
 //! - `client_ids`: conversation id ‖ client id → seq of the user message (idempotency)
 //! - `keys`: SHA-256 of a key's secret → [`KeyRecord`]; `key_ids`: key id → that hash
 //! - `cache_entries`, `cache_vectors`, `cache_by_conversation`, `cache_meta`: the semantic
-//!   cache (see `cache.rs`)
+//!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`)
 //!
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
@@ -95,6 +95,7 @@ pub struct Store {
     cache_vectors: sled::Tree,
     cache_by_conversation: sled::Tree,
     cache_meta: sled::Tree,
+    recall_vectors: sled::Tree,
 }
 
 impl Store {
@@ -121,6 +122,7 @@ impl Store {
             cache_vectors: db.open_tree("cache_vectors")?,
             cache_by_conversation: db.open_tree("cache_by_conversation")?,
             cache_meta: db.open_tree("cache_meta")?,
+            recall_vectors: db.open_tree("recall_vectors")?,
             db,
         })
     }
@@ -231,6 +233,11 @@ impl Store {
         }
         self.client_ids.apply_batch(batch)?;
         let cached = self.remove_conversation_cache(id)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.recall_vectors.scan_prefix(id.as_bytes()) {
+            batch.remove(kv?.0);
+        }
+        self.recall_vectors.apply_batch(batch)?;
         self.flush().await?;
         Ok(cached)
     }

@@ -87,6 +87,16 @@ async fn a_reworded_question_hits_with_the_original_reply_and_usage() {
     );
     assert!(metrics.contains("parley_cache_entries 1"), "{metrics}");
     assert!(metrics.contains("parley_cache_lookup_seconds_count"));
+    let admin: Value = http()
+        .get(server.url("/admin/cache"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(admin["entries"], 1, "{admin}");
+    assert_eq!(admin["embedder"], "builtin-v1-512");
 }
 
 #[tokio::test]
@@ -566,7 +576,10 @@ async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
     // Use the first again: the second is now the least recently used.
     assert!(hits(&mut ws, &up, "up", qs[0]).await);
     assert!(!hits(&mut ws, &up, "up", qs[3]).await);
-    assert!(!hits(&mut ws, &up, "up", qs[1]).await, "the LRU entry was evicted");
+    assert!(
+        !hits(&mut ws, &up, "up", qs[1]).await,
+        "the LRU entry was evicted"
+    );
     let metrics = http()
         .get(server.url("/metrics"))
         .send()
@@ -589,5 +602,45 @@ async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
     assert!(hits(&mut ws, &up, "up", q).await);
     // Time itself is the condition here: the entry is older than its time to live.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    assert!(!hits(&mut ws, &up, "up", q).await, "an expired entry was served");
+    assert!(
+        !hits(&mut ws, &up, "up", q).await,
+        "an expired entry was served"
+    );
+}
+
+/// Recall memory embeds each stored message once (kept in storage), not at every turn: with a
+/// provider embedder, the texts sent to `/v1/embeddings` grow with the conversation, not with
+/// its square.
+#[tokio::test]
+async fn recall_memory_embeds_each_message_once() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.providers.push(openai_provider("emb", &emb.base_url()));
+    cfg.cache.embedder = "provider:emb/mock-embed".into();
+    cfg.cache.enabled = false;
+    cfg.context.budget_tokens = 300;
+    cfg.context.reserve_output_tokens = 100;
+    cfg.context.memory = parley::config::MemoryMode::Recall;
+    let server = TestServer::start(cfg);
+    let id = create_conversation(&server, None, json!({"model": "up"})).await;
+    let mut ws = Ws::connect(&server, None).await;
+    let turns = 16;
+    for i in 0..turns {
+        let (_, done) = ask(
+            &mut ws,
+            &id,
+            &format!("t{i}"),
+            &format!("Question {i} about the weather. [[mock:words=25]]"),
+        )
+        .await;
+        assert_eq!(done["type"], "done", "{done}");
+    }
+    let (requests, texts) = emb.embedding_requests();
+    assert!(requests > 0, "recall never ran");
+    // At most the question of each turn plus each stored message once.
+    assert!(
+        texts <= turns + 2 * turns,
+        "{texts} texts embedded in {requests} requests"
+    );
 }

@@ -90,6 +90,26 @@ pub async fn providers(_: Admin, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({ "data": state.router().describe().await }))
 }
 
+/// The semantic cache at a glance: its embedder, settings, and the index's living entries and
+/// tombstones.
+pub async fn cache(_: Admin, state: web::Data<AppState>) -> HttpResponse {
+    let cache = &state.registry.deps().cache;
+    let s = cache.settings();
+    let (entries, tombstones) = match cache.len().await {
+        Some((e, t)) => (Some(e), Some(t)),
+        None => (None, None),
+    };
+    HttpResponse::Ok().json(serde_json::json!({
+        "enabled": s.enabled,
+        "embedder": cache.embedder().id(),
+        "min_similarity": s.min_similarity,
+        "ttl_secs": s.ttl.as_secs(),
+        "max_entries": s.max_entries,
+        "entries": entries,
+        "tombstones": tombstones,
+    }))
+}
+
 fn key_json(rec: &KeyRecord) -> serde_json::Value {
     serde_json::to_value(rec).unwrap_or_default()
 }
