@@ -108,10 +108,9 @@ fn ordered_terms(text: &str, entities: &BTreeSet<String>) -> Vec<String> {
         .find_iter(text)
         .map(|m| (m.start(), m.as_str().to_owned()))
         .collect();
-    let mut offset = 0;
     for raw in text.split(|c: char| !c.is_alphanumeric()) {
-        let at = offset;
-        offset += raw.len() + 1;
+        // A sub-slice's byte offset in `text` (separators may be several bytes long).
+        let at = raw.as_ptr() as usize - text.as_ptr() as usize;
         if !raw.is_empty() && entities.contains(&raw.to_lowercase()) {
             found.push((at, raw.to_lowercase()));
         }
@@ -395,6 +394,22 @@ mod tests {
         assert_eq!(
             check("Who won on 3 March", "Who won on 3 May"),
             Err(Guard::Dates)
+        );
+        assert_eq!(
+            check("Convert 100 USD to EUR", "Convert 100 EUR to USD"),
+            Err(Guard::Order)
+        );
+        assert_eq!(
+            check("“Convert” 100 USD → EUR", "“Convert” 100 EUR → USD"),
+            Err(Guard::Order)
+        );
+        assert_eq!(
+            check("When was it built?", "Where was it built?"),
+            Err(Guard::Question)
+        );
+        assert_eq!(
+            check("How many days in a year?", "How many days in a leap year?"),
+            Err(Guard::Words)
         );
     }
 
