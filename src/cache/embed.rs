@@ -37,6 +37,11 @@ pub trait Embedder: Send + Sync {
     /// One unit vector per text, in order.
     fn embed<'a>(&'a self, texts: &'a [String])
         -> BoxFuture<'a, Result<Vec<Vec<f32>>, EmbedError>>;
+    /// Where texts go to be embedded: `None` when they never leave the process, else the
+    /// provider's region (`Some(None)` when it has none).
+    fn remote_region(&self) -> Option<Option<String>> {
+        None
+    }
 }
 
 /// The builtin hashed n-gram embedder.
@@ -184,7 +189,8 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// Scales a vector to unit length (a zero vector stays zero).
+/// Scales a vector to unit length (a zero vector stays zero; one with non-finite values stays
+/// as it is, and the index refuses it).
 pub fn normalise_vector(v: &mut [f32]) {
     let len = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     if len > 0.0 && len.is_finite() {

@@ -11,6 +11,8 @@
 //! - `operators`: the arithmetic operators next to the numbers ("2 + 2" vs "2 * 2");
 //! - `order`: the same numbers and entities in another order ("100 USD to EUR" vs
 //!   "100 EUR to USD", "10 - 2" vs "2 - 10");
+//! - `grammar`: another tense or person where both questions have one ("who is" / "who was",
+//!   "my name" / "your name");
 //! - `question`: another question word ("when" vs "where", "who" vs "why"; "what" and "which"
 //!   are one);
 //! - `words`: a content word swapped for another ("sort" vs "reverse", "water" vs "ethanol"),
@@ -36,6 +38,7 @@ pub enum Guard {
     Operators,
     Order,
     Question,
+    Grammar,
     Words,
 }
 
@@ -50,6 +53,7 @@ impl Guard {
             Self::Operators => "operators",
             Self::Order => "order",
             Self::Question => "question",
+            Self::Grammar => "grammar",
             Self::Words => "words",
         }
     }
@@ -150,13 +154,79 @@ fn directions(text: &str) -> BTreeSet<(&'static str, String)> {
         .filter(|w| !w.is_empty())
         .map(str::to_lowercase)
         .collect();
-    words
-        .windows(2)
-        .filter_map(|w| {
-            let class = DIRECTIONS.iter().find(|(d, _)| *d == w[0])?.1;
-            Some((class, w[1].clone()))
-        })
-        .collect()
+    let mut out = BTreeSet::new();
+    for (i, w) in words.iter().enumerate() {
+        let Some((_, class)) = DIRECTIONS.iter().find(|(d, _)| *d == w) else {
+            continue;
+        };
+        // The word it points at, past articles and possessives ("than a whale").
+        if let Some(next) = words[i + 1..]
+            .iter()
+            .find(|n| !DETERMINERS.contains(&n.as_str()))
+        {
+            out.insert((*class, next.clone()));
+        }
+    }
+    out
+}
+
+const DETERMINERS: &[&str] = &[
+    "a", "an", "the", "my", "your", "his", "her", "its", "our", "their", "this", "that", "these",
+    "those", "some",
+];
+
+/// Words of one grammatical class, compared when both questions use the class: tense ("who
+/// is" / "who was") and person ("my name" / "your name").
+const GRAMMAR: &[(&str, &str)] = &[
+    ("is", "present"),
+    ("are", "present"),
+    ("am", "present"),
+    ("was", "past"),
+    ("were", "past"),
+    ("did", "past"),
+    ("will", "future"),
+    ("i", "first"),
+    ("me", "first"),
+    ("my", "first"),
+    ("mine", "first"),
+    ("myself", "first"),
+    ("we", "first-plural"),
+    ("us", "first-plural"),
+    ("our", "first-plural"),
+    ("you", "second"),
+    ("your", "second"),
+    ("yours", "second"),
+    ("he", "third"),
+    ("him", "third"),
+    ("his", "third"),
+    ("she", "third"),
+    ("her", "third"),
+    ("they", "third-plural"),
+    ("them", "third-plural"),
+    ("their", "third-plural"),
+];
+
+/// The tense and person classes of a text (contractions expanded first: "what's" is "what is").
+fn grammar(text: &str) -> (BTreeSet<&'static str>, BTreeSet<&'static str>) {
+    let norm = super::embed::normalise(text);
+    let (mut tense, mut person) = (BTreeSet::new(), BTreeSet::new());
+    for w in norm.split(' ') {
+        if let Some((_, class)) = GRAMMAR.iter().find(|(g, _)| *g == w) {
+            if matches!(*class, "present" | "past" | "future") {
+                tense.insert(*class);
+            } else {
+                person.insert(*class);
+            }
+        }
+    }
+    (tense, person)
+}
+
+/// Both use a tense (or a person) and not the same one.
+fn grammar_differs(a: &str, b: &str) -> bool {
+    let ((ta, pa), (tb, pb)) = (grammar(a), grammar(b));
+    let differs = |x: &BTreeSet<&str>, y: &BTreeSet<&str>| !x.is_empty() && !y.is_empty() && x != y;
+    differs(&ta, &tb) || differs(&pa, &pb)
 }
 
 /// The same direction words leading to other words ("from checking to savings" vs "from
@@ -252,6 +322,9 @@ pub fn check(a: &str, b: &str) -> Result<(), Guard> {
     }
     if question_words(a) != question_words(b) {
         return Err(Guard::Question);
+    }
+    if grammar_differs(a, b) {
+        return Err(Guard::Grammar);
     }
     if swapped_words(a, b) {
         return Err(Guard::Words);
@@ -406,6 +479,24 @@ mod tests {
         assert_eq!(
             check("When was it built?", "Where was it built?"),
             Err(Guard::Question)
+        );
+        assert_eq!(
+            check("What is my name?", "What is your name?"),
+            Err(Guard::Grammar)
+        );
+        assert_eq!(
+            check(
+                "Who is the president of France?",
+                "Who was the president of France?"
+            ),
+            Err(Guard::Grammar)
+        );
+        assert_eq!(
+            check(
+                "Is a whale bigger than a shark?",
+                "Is a shark bigger than a whale?"
+            ),
+            Err(Guard::Order)
         );
         assert_eq!(
             check("How many days in a year?", "How many days in a leap year?"),

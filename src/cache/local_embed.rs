@@ -70,6 +70,15 @@ impl LocalEmbedder {
             }))
             .map_err(|e| format!("tokenizer truncation: {e}"))?;
         let weights = read(dir, "model.safetensors")?;
+        // The id names the model by content: other weights in the same place are another
+        // embedder, whose vectors are never compared with these.
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(read(dir, "config.json")?);
+            h.update(&weights);
+            hex::encode(&h.finalize()[..6])
+        };
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
             .map_err(|e| format!("{}/model.safetensors: {e}", dir.display()))?;
         // sentence-transformers exports name tensors from the root; BertFor* checkpoints put
@@ -85,9 +94,10 @@ impl LocalEmbedder {
             ));
         };
         let bert = BertModel::load(vb, &config).map_err(|e| format!("BERT weights: {e}"))?;
-        let name = dir
-            .file_name()
-            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        let name = dir.file_name().map_or_else(
+            || format!("model-{digest}"),
+            |n| format!("{}-{digest}", n.to_string_lossy()),
+        );
         Ok(Self {
             model: Arc::new(Model {
                 bert,

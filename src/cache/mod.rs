@@ -40,7 +40,10 @@ pub fn build_embedder(
                 .provider(provider)
                 .ok_or_else(|| format!("cache.embedder: unknown provider {provider:?}"))?;
             Ok(std::sync::Arc::new(provider_embed::ProviderEmbedder::new(
-                provider, model, addr,
+                provider,
+                model,
+                router.provider_region(provider),
+                addr,
             )))
         }
         #[cfg(feature = "local-embed")]

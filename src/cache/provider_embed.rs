@@ -16,14 +16,21 @@ pub const BATCH: usize = 128;
 pub struct ProviderEmbedder {
     provider: String,
     model: String,
+    region: Option<String>,
     addr: Addr<ProviderActor>,
 }
 
 impl ProviderEmbedder {
-    pub fn new(provider: &str, model: &str, addr: Addr<ProviderActor>) -> Self {
+    pub fn new(
+        provider: &str,
+        model: &str,
+        region: Option<String>,
+        addr: Addr<ProviderActor>,
+    ) -> Self {
         Self {
             provider: provider.to_owned(),
             model: model.to_owned(),
+            region,
             addr,
         }
     }
@@ -54,6 +61,10 @@ impl ProviderEmbedder {
 impl Embedder for ProviderEmbedder {
     fn id(&self) -> String {
         format!("provider:{}/{}", self.provider, self.model)
+    }
+
+    fn remote_region(&self) -> Option<Option<String>> {
+        Some(self.region.clone())
     }
 
     fn embed<'a>(

@@ -3,8 +3,9 @@
 //! Every index operation (search, insert, removal, expiry, eviction, compaction) runs on one
 //! dedicated thread fed by a bounded queue, so no conversation actor or turn task ever waits on
 //! the index. A turn embeds its question itself (the builtin embedder takes microseconds; a
-//! provider embedder is an HTTP call), then sends the vector to the worker and waits for the
-//! answer at most `lookup_timeout`; a full queue or a slow answer is a miss, never a stall.
+//! provider embedder is an HTTP call), then sends the vector to the worker; embedding and
+//! answer together take at most `lookup_timeout`: a full queue or a slow answer is a miss,
+//! never a stall.
 //!
 //! Entries are written to sled before the worker indexes them; a candidate the worker finds is
 //! read back from sled before it is served, so an entry whose conversation was deleted (its
@@ -24,6 +25,9 @@ use super::index::{EntryId, EntryMeta, Index, ScopeKey};
 use crate::metrics::Metrics;
 use crate::store::{CacheRecord, Store, StoreError};
 
+/// Questions longer than this are neither looked up nor cached (a long document is rarely
+/// asked twice, and entries keep their question in memory).
+pub const MAX_QUESTION_BYTES: usize = 4096;
 /// Commands waiting for the worker, at most.
 const QUEUE: usize = 4096;
 /// Candidates checked per lookup.
@@ -51,6 +55,8 @@ pub struct ScopeParts<'a> {
     pub prompt_version: Option<&'a str>,
     /// Role and content of each message sent before the new one, oldest first.
     pub context: &'a [(&'a str, &'a str)],
+    /// The sampling temperature asked for (a reply at 1.5 is no answer for one at 0).
+    pub temperature: Option<f32>,
 }
 
 impl ScopeParts<'_> {
@@ -67,6 +73,11 @@ impl ScopeParts<'_> {
         part(self.route.as_bytes());
         part(self.system.map_or(&[0xff][..], str::as_bytes));
         part(self.prompt_version.unwrap_or("").as_bytes());
+        part(
+            self.temperature
+                .map_or_else(String::new, |t| format!("{t:.3}"))
+                .as_bytes(),
+        );
         for (role, content) in self.context {
             part(role.as_bytes());
             part(content.as_bytes());
@@ -200,6 +211,21 @@ impl Cache {
         self.inner.settings.enabled && !self.inner.settings.disabled_tenants.contains(tenant)
     }
 
+    /// Whether a request restricted to `regions` may have its text embedded: always by an
+    /// in-process embedder; by a provider only inside those regions.
+    pub fn embedder_allowed(&self, regions: Option<&[String]>) -> bool {
+        match (self.inner.embedder.remote_region(), regions) {
+            (None, _) | (Some(_), None) => true,
+            (Some(Some(r)), Some(allowed)) => allowed.contains(&r),
+            (Some(None), Some(_)) => false,
+        }
+    }
+
+    /// Whether texts leave the process to be embedded.
+    pub fn embeds_remotely(&self) -> bool {
+        self.inner.embedder.remote_region().is_some()
+    }
+
     pub fn scope_key(&self, parts: &ScopeParts<'_>) -> ScopeKey {
         parts.key(&self.inner.embedder_id)
     }
@@ -209,11 +235,16 @@ impl Cache {
         let begun = Instant::now();
         let metrics = &self.inner.metrics;
         let texts = [question.to_owned()];
-        let vector = match self.inner.embedder.embed(&texts).await {
-            Ok(mut v) if v.len() == 1 => v.pop(),
-            Ok(_) => None,
-            Err(e) => {
+        let timeout = self.inner.settings.lookup_timeout;
+        let vector = match tokio::time::timeout(timeout, self.inner.embedder.embed(&texts)).await {
+            Ok(Ok(mut v)) if v.len() == 1 => v.pop(),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cache lookup skipped: embedding failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("cache lookup skipped: embedding slower than lookup_timeout_ms");
                 None
             }
         };
@@ -233,13 +264,12 @@ impl Cache {
             vector: vector.clone(),
             reply,
         };
+        let left = timeout.saturating_sub(begun.elapsed());
         let outcome = match self.inner.tx.try_send(cmd) {
-            Ok(()) => {
-                match tokio::time::timeout(self.inner.settings.lookup_timeout, answer).await {
-                    Ok(Ok(outcome)) => outcome,
-                    _ => Outcome::Skipped,
-                }
-            }
+            Ok(()) => match tokio::time::timeout(left, answer).await {
+                Ok(Ok(outcome)) => outcome,
+                _ => Outcome::Skipped,
+            },
             Err(_) => Outcome::Skipped,
         };
         match &outcome {
@@ -323,14 +353,26 @@ impl Worker {
         self.load();
         let mut last = Instant::now();
         loop {
-            match rx.recv_timeout(MAINTENANCE_EVERY) {
-                Ok(cmd) => self.handle(cmd),
-                Err(RecvTimeoutError::Timeout) => {}
+            let cmd = match rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(cmd) => Some(cmd),
+                Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
-            }
-            if last.elapsed() >= MAINTENANCE_EVERY {
-                self.maintain();
-                last = Instant::now();
+            };
+            // hnsw_rs asserts its invariants: a panic must not end the worker (every lookup
+            // would then be skipped). The index may be half-updated: rebuild it from storage.
+            let survived = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if let Some(cmd) = cmd {
+                    self.handle(cmd);
+                }
+                if last.elapsed() >= MAINTENANCE_EVERY {
+                    self.maintain();
+                    last = Instant::now();
+                }
+            }));
+            if survived.is_err() {
+                tracing::error!("cache worker panicked; rebuilding the index from storage");
+                self.index = None;
+                self.load();
             }
         }
     }
@@ -429,20 +471,11 @@ impl Worker {
     fn lookup(&mut self, key: &ScopeKey, tenant: &str, question: &str, vector: &[f32]) -> Outcome {
         let now = now_ms();
         let index = self.index();
-        // hnsw_rs asserts its invariants; a broken graph answers a miss, not a dead worker.
-        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            index.search(key, vector, CANDIDATES)
-        }));
-        let candidates = match found {
-            Ok(c) => c,
-            Err(_) => {
-                tracing::error!("cache index search panicked; answering a miss");
-                return Outcome::Skipped;
-            }
-        };
+        let candidates = index.search(key, vector, CANDIDATES);
         let mut rejected_by = Vec::new();
         for (id, similarity) in candidates {
-            if similarity < self.min_similarity {
+            // A NaN similarity is no hit either.
+            if similarity.is_nan() || similarity < self.min_similarity {
                 break;
             }
             let Some(meta) = self.index().meta(id) else {

@@ -114,6 +114,8 @@ impl ConversationActor {
             && q.principal.cache()
             && q.options.cache != Some(false)
             && q.flags.is_empty()
+            && q.content.len() <= crate::cache::service::MAX_QUESTION_BYTES
+            && self.deps.cache.embedder_allowed(q.principal.regions())
             && crate::guard::pii::detect(&q.content).is_empty();
         let input = TurnInput {
             cache,

@@ -64,6 +64,8 @@ struct Ending {
     provider: Option<String>,
     /// Guardrail findings on the reply.
     flags: Vec<String>,
+    /// The upstream itself said the reply is complete (`stop`): only such a reply is cached.
+    complete: bool,
 }
 
 /// Runs one turn; answers the conversation's `last_seq` afterwards.
@@ -160,8 +162,10 @@ async fn run_inner(
             if fits {
                 return serve_hit(deps, fanout, &input, hit, billing, begun).await;
             }
+            // The entry stays; this longer-limited answer is not cached beside it.
+        } else {
+            looked = Some(l);
         }
-        looked = Some(l);
     }
     let reply_seq = input.user_seq + 1;
     let mut text = String::new();
@@ -296,7 +300,8 @@ async fn run_inner(
     );
     // Only a complete reply is cached (never a cancelled, cut, interrupted or failed one), and
     // before `done`, so the next question after it can already hit.
-    let complete = ending.finish_reason == "stop"
+    let complete = ending.complete
+        && ending.finish_reason == "stop"
         && ending.error.is_none()
         && ending.flags.is_empty()
         && !reply.content.is_empty();
@@ -579,6 +584,7 @@ async fn stream_inner(
                     model,
                     provider: None,
                     flags: Vec::new(),
+                    complete: finish_reason == "stop",
                 };
                 return done.switched(switches, &provider);
             }
@@ -652,6 +658,7 @@ fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
         model: None,
         provider: None,
         flags: Vec::new(),
+        complete: false,
     }
 }
 
@@ -669,6 +676,8 @@ struct Built {
 
 /// Older messages recall memory looks at, at most (the newest ones before the window).
 const RECALL_SCAN: usize = 1000;
+/// How long recall may spend embedding before the turn goes on with the window.
+const RECALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message;
 /// in `recall` mode, with the older turns most relevant to the new message.
@@ -700,6 +709,7 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
             system: input.system.as_deref(),
             prompt_version: input.prompt_version.as_deref(),
             context: &context,
+            temperature: input.options.temperature,
         })
     });
     let mut messages = Vec::with_capacity(taken.len() + 2);
@@ -792,9 +802,18 @@ async fn recall_vectors(
         .recall_vectors(&input.conversation, &seqs)
         .unwrap_or_else(|_| vec![None; seqs.len()]);
     let missing: Vec<usize> = (0..older.len()).filter(|&i| stored[i].is_none()).collect();
+    // A provider embedder sees the texts with personal data replaced, like any upstream.
+    let remote = deps.cache.embeds_remotely();
+    let prepare = |text: &str| {
+        if remote {
+            Vault::default().redact(text).0
+        } else {
+            text.to_owned()
+        }
+    };
     let mut texts = Vec::with_capacity(missing.len() + 1);
-    texts.push(input.content.clone());
-    texts.extend(missing.iter().map(|&i| older[i].content.clone()));
+    texts.push(prepare(&input.content));
+    texts.extend(missing.iter().map(|&i| prepare(&older[i].content)));
     let mut fresh = match deps.cache.embedder().embed(&texts).await {
         Ok(v) if v.len() == texts.len() => v.into_iter(),
         _ => return None,
@@ -853,9 +872,16 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
         // The new message and system prompt leave no room for a recall share.
         return Ok(window_only(n_all, used_all));
     };
+    if !deps.cache.embedder_allowed(input.principal.regions()) {
+        // The embedder is a provider outside this key's regions: the window, not recall.
+        return Ok(window_only(n_all, used_all));
+    }
     let older = &all[n_run..];
-    let Some(vectors) = recall_vectors(deps, input, older).await else {
-        tracing::warn!("recall memory unavailable (embedding failed); sending the window");
+    let embedded = tokio::time::timeout(RECALL_TIMEOUT, recall_vectors(deps, input, older)).await;
+    let Ok(Some(vectors)) = embedded else {
+        tracing::warn!(
+            "recall memory unavailable (embedding failed or too slow); sending the window"
+        );
         return Ok(window_only(n_all, used_all));
     };
     let framing = tokens::MESSAGE_FRAMING_TOKENS;
@@ -874,20 +900,37 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
     let left = deps.budget.limit.saturating_sub(used_run);
     let chosen = crate::cache::recall::choose(&scored, left, deps.memory.min_similarity);
     let recalled_tokens: u32 = chosen.iter().map(|&i| scored[i].cost).sum();
-    let mut out: Vec<MessageRecord> = chosen
-        .iter()
-        .map(|&i| older[older.len() - 1 - i].clone())
-        .collect();
+    // Positions in `older` (newest first) of the recalled messages.
+    let mut taken: std::collections::BTreeSet<usize> =
+        chosen.iter().map(|&i| older.len() - 1 - i).collect();
+    let recalled = taken.len();
+    // What recall left unused goes back to the window: it extends backwards while it fits.
+    let mut spare = left.saturating_sub(recalled_tokens);
+    let mut extended = 0;
+    for (pos, m) in older.iter().enumerate() {
+        if taken.contains(&pos) {
+            continue;
+        }
+        let cost = m.tokens.saturating_add(framing);
+        if cost > spare {
+            break;
+        }
+        spare -= cost;
+        extended += 1;
+        taken.insert(pos);
+    }
     tracing::debug!(
-        recalled = out.len(),
+        recalled,
         recalled_tokens,
         window = n_run,
+        extended,
         "recall memory"
     );
-    let mut run: Vec<MessageRecord> = all[..n_run].to_vec();
-    run.reverse();
-    out.extend(run);
-    Ok((out, used_run.saturating_add(recalled_tokens)))
+    // Everything chosen, oldest first: recalled turns, then the newest run.
+    let mut out: Vec<MessageRecord> = taken.iter().rev().map(|&p| older[p].clone()).collect();
+    out.extend(all[..n_run].iter().rev().cloned());
+    let used = deps.budget.limit.saturating_sub(spare);
+    Ok((out, used))
 }
 
 /// Replaces PII in every message (the system prompt too, unless it is the operator's versioned

@@ -444,15 +444,21 @@ impl Handler<Embed> for ProviderActor {
         actix::spawn(async move {
             let begun = Instant::now();
             let (result, headers) = backend.embed(&model, &texts).await;
+            tracing::debug!(
+                elapsed_ms = begun.elapsed().as_millis() as u64,
+                texts = texts.len(),
+                "embedded"
+            );
             let outcome = match &result {
-                Ok((_, usage)) => Outcome::Succeeded {
-                    usage: *usage,
-                    ttft: begun.elapsed(),
-                },
-                Err(e) => Outcome::Failed {
-                    status: status_of(e),
+                Ok((_, usage)) => Outcome::Embedded { usage: *usage },
+                // A refusal of this request (an unknown model, a bad key for embeddings) says
+                // nothing of the provider's health for generations.
+                Err(e) => match status_of(e) {
+                    Some(s) if (400..500).contains(&s) && s != 429 => Outcome::Abandoned,
+                    status => Outcome::Failed { status },
                 },
             };
+
             me.do_send(GenerationEnded {
                 key_index: i,
                 tokens,

@@ -156,7 +156,7 @@ impl Decoder for AnthropicDecoder {
                 Ok(Decoded::Nothing)
             }
             "message_stop" => {
-                self.finish_reason.get_or_insert_with(|| "stop".into());
+                self.finish_reason.get_or_insert_with(|| "unknown".into());
                 Ok(Decoded::End)
             }
             "error" => {
@@ -178,11 +178,15 @@ impl Decoder for AnthropicDecoder {
     }
 }
 
+/// Anthropic's stop reasons in OpenAI's words; others (`pause_turn`, future ones) pass as they
+/// are: shown as `stop`, never taken for a complete reply.
 fn map_stop_reason(reason: &str) -> &str {
     match reason {
+        "end_turn" | "stop_sequence" => "stop",
         "max_tokens" => "length",
         "tool_use" => "tool_calls",
-        _ => "stop",
+        "refusal" => "content_filter",
+        other => other,
     }
 }
 

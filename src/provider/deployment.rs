@@ -33,6 +33,9 @@ pub enum Outcome {
     Failed { status: Option<u16> },
     /// The consumer left (cancel, shutdown, ttft timeout): says nothing of the upstream's health.
     Abandoned,
+    /// An embeddings request answered: counted and billed to the buckets, but its latency is
+    /// not a time to first token.
+    Embedded { usage: Option<Usage> },
 }
 
 pub struct Deployment {
@@ -147,6 +150,14 @@ impl Deployment {
                     }
                 }
                 self.breaker.on_failure(now)
+            }
+            Outcome::Embedded { usage } => {
+                self.served += 1;
+                if let Some(u) = usage {
+                    self.tpm
+                        .adjust(i64::from(reserved) - i64::from(u.total_tokens), now);
+                }
+                self.breaker.on_success(now)
             }
             Outcome::Abandoned => {
                 // A probe that was abandoned proves nothing: let the next request probe.

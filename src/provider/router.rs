@@ -165,6 +165,14 @@ impl Router {
             .map(|p| p.addr.clone())
     }
 
+    /// The region of provider `name`, if it has one.
+    pub fn provider_region(&self, name: &str) -> Option<String> {
+        self.providers
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.region.clone())
+    }
+
     /// Whether the route's turns use the semantic cache.
     pub fn caches(&self, route: &str) -> bool {
         self.routes.get(route).is_some_and(|r| r.cache)

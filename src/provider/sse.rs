@@ -105,7 +105,8 @@ pub async fn pump<S, E, D>(
         Some(err) => UpstreamEvent::Failed(err),
         None => {
             let (finish_reason, usage, model) = decoder.outcome();
-            let finish_reason = finish_reason.unwrap_or_else(|| "stop".into());
+            // No reason given: shown as `stop`, but not known complete (never cached).
+            let finish_reason = finish_reason.unwrap_or_else(|| "unknown".into());
             UpstreamEvent::Finished {
                 finish_reason,
                 usage,

@@ -88,9 +88,20 @@ impl Store {
             &self.cache_entries,
             &self.cache_vectors,
             &self.cache_by_conversation,
+            &self.conversations,
         );
+        let conv_id = rec.conversation.clone();
         trees
-            .transaction(|(entries, vectors, by_conv)| {
+            .transaction(|(entries, vectors, by_conv, conversations)| {
+                // A conversation deleted meanwhile takes no new entry (its deletion scan may
+                // have run already).
+                if let Some(c) = &conv_id {
+                    if conversations.get(c.as_bytes())?.is_none() {
+                        return Err(ConflictableTransactionError::Abort(
+                            StoreError::NoConversation(c.clone()),
+                        ));
+                    }
+                }
                 entries.insert(&key, value.as_slice())?;
                 vectors.insert(&key, vec.as_slice())?;
                 if let Some(k) = &conv {
@@ -263,12 +274,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn entries_roundtrip_and_leave_with_their_conversation() {
+    #[tokio::test]
+    async fn entries_roundtrip_and_leave_with_their_conversation() {
         let dir = tempfile::tempdir().expect("tempdir"); // ok: test
         let store = Store::open(dir.path()).expect("open"); // ok: test
         assert_eq!(store.cache_use_embedder("e1").expect("meta"), 0); // ok: test
         let conv = ConversationId::generate();
+        // No entry for a conversation that does not exist (deleted meanwhile).
+        assert!(store
+            .put_cache_entry(9, &record(Some(conv.clone())), &[1.0])
+            .is_err());
+        let header = crate::store::ConversationRecord {
+            id: conv.clone(),
+            tenant: crate::ids::TenantId::local(),
+            model: "m".into(),
+            system: None,
+            system_tokens: 0,
+            prompt: None,
+            metadata: serde_json::json!({}),
+            created_at: 0,
+            last_seq: 0,
+            history_tokens: 0,
+            memory: Default::default(),
+        };
+        store.create_conversation(&header).await.expect("create"); // ok: test
         let a = store.cache_next_id().expect("id"); // ok: test
         let b = store.cache_next_id().expect("id"); // ok: test
         store

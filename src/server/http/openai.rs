@@ -7,6 +7,7 @@ use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::cache::service::MAX_QUESTION_BYTES;
 use crate::cache::{Cache, Hit, Outcome, ScopeParts};
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::InjectionMode;
@@ -105,7 +106,11 @@ pub async fn chat_completions(
         && cache.serves(p.tenant.as_str())
         && state.router().caches(&body.model)
         && p.cache()
-        && request.messages.last().is_some_and(|m| m.role == "user")
+        && request
+            .messages
+            .last()
+            .is_some_and(|m| m.role == "user" && m.content.len() <= MAX_QUESTION_BYTES)
+        && cache.embedder_allowed(p.regions())
         && request
             .messages
             .iter()
@@ -113,7 +118,13 @@ pub async fn chat_completions(
     let mut insert = None;
     let mut hit = None;
     if cacheable {
-        let (key, question) = scope_of(cache, &p, &body.model, &request.messages);
+        let (key, question) = scope_of(
+            cache,
+            &p,
+            &body.model,
+            &request.messages,
+            request.temperature,
+        );
         let looked = cache.lookup(key, p.tenant.as_str(), &question).await;
         match looked.outcome {
             Outcome::Hit(h)
@@ -173,6 +184,7 @@ fn scope_of(
     p: &Principal,
     route: &str,
     messages: &[ChatMessage],
+    temperature: Option<f32>,
 ) -> (crate::cache::index::ScopeKey, String) {
     let (question, before) = match messages.split_last() {
         Some((last, before)) => (last.content.clone(), before),
@@ -192,8 +204,17 @@ fn scope_of(
         system,
         prompt_version: None,
         context: &context,
+        temperature,
     });
     (key, question)
+}
+
+/// A finish reason as OpenAI clients know them (an upstream's own, or none, is `stop`).
+fn shown_reason(reason: &str) -> &str {
+    match reason {
+        "length" | "content_filter" | "tool_calls" => reason,
+        _ => "stop",
+    }
 }
 
 /// A cache hit as a generation that has started: the stored reply, then its end.
@@ -480,6 +501,7 @@ async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiE
             } => {
                 let usage = meta.usage(usage, &text);
                 meta.record(usage, None, &finish_reason);
+                let finish_reason = shown_reason(&finish_reason);
                 let restored = meta.restore(&text) + &meta.restore_rest();
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
@@ -556,7 +578,9 @@ fn chunks(
                             &meta.chunk(json!({"content": rest}), None).to_string(),
                         ));
                     }
-                    let finish = meta.chunk(json!({}), Some(&finish_reason)).to_string();
+                    let finish = meta
+                        .chunk(json!({}), Some(shown_reason(&finish_reason)))
+                        .to_string();
                     out.extend_from_slice(&sse::event(None, &finish));
                     let usage = meta.usage(usage, &text);
                     meta.record(usage, None, &finish_reason);
