@@ -156,6 +156,15 @@ async fn another_model_system_prompt_or_context_misses() {
     assert!(hits(&mut ws, &up, "up", q).await);
     // Another route (model).
     assert!(!hits(&mut ws, &up, "up2", q).await);
+    // Another temperature.
+    let conv = ws.create("up").await;
+    let before = up.requests();
+    ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "t",
+                   "content": q, "options": {"temperature": 1.5}}))
+        .await;
+    let frames = ws.recv_until(|f| is_end_of(f, "t")).await;
+    assert_eq!(frames.last().unwrap()["cached"], false);
+    assert_eq!(up.requests(), before + 1);
 
     // Another system prompt.
     let mut by_system = Vec::new();
@@ -513,7 +522,8 @@ async fn a_provider_embedder_embeds_through_the_provider_and_fails_open() {
         .map(|p| p["deployments"][0]["served"].as_u64().unwrap());
     assert_eq!(served, Some(2), "embeddings go through the provider actor");
 
-    // The embedding provider fails: lookups are skipped, turns still answer.
+    // The embedding provider fails: lookups are skipped, turns still answer, and the chat
+    // side of that provider is not held against it.
     emb.set_behaviour(Behaviour {
         error_rate: 1.0,
         ..Behaviour::default()
@@ -643,4 +653,34 @@ async fn recall_memory_embeds_each_message_once() {
         texts <= turns + 2 * turns,
         "{texts} texts embedded in {requests} requests"
     );
+}
+
+/// A key restricted to regions never has its text embedded by a provider elsewhere: its turns
+/// skip the cache.
+#[tokio::test]
+async fn a_provider_embedder_outside_a_keys_regions_is_not_used() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    let mut p = openai_provider("emb", &emb.base_url());
+    p.region = Some("us-east".into());
+    cfg.providers.push(p);
+    for prov in cfg.providers.iter_mut().filter(|p| p.name == "up") {
+        prov.region = Some("eu-west".into());
+    }
+    cfg.cache.embedder = "provider:emb/mock-embed".into();
+    let server = TestServer::start_with_admin(cfg);
+    let (_, eu) = server
+        .create_key(json!({"tenant": "t", "regions": ["eu-west"]}))
+        .await;
+    let (_, any) = server.create_key(json!({"tenant": "t"})).await;
+    let q = "What is the longest river in Africa?";
+    let mut ws = Ws::connect(&server, Some(&eu)).await;
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert_eq!(emb.embedding_requests().0, 0, "an EU-only key's text went to us-east");
+    let mut ws = Ws::connect(&server, Some(&any)).await;
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    assert!(hits(&mut ws, &up, "up", q).await);
+    assert_eq!(emb.embedding_requests().0, 2);
 }
