@@ -159,9 +159,11 @@ async fn another_model_system_prompt_or_context_misses() {
     // Another temperature.
     let conv = ws.create("up").await;
     let before = up.requests();
-    ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "t",
-                   "content": q, "options": {"temperature": 1.5}}))
-        .await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "t",
+                   "content": q, "options": {"temperature": 1.5}}),
+    )
+    .await;
     let frames = ws.recv_until(|f| is_end_of(f, "t")).await;
     assert_eq!(frames.last().unwrap()["cached"], false);
     assert_eq!(up.requests(), before + 1);
@@ -678,7 +680,11 @@ async fn a_provider_embedder_outside_a_keys_regions_is_not_used() {
     let mut ws = Ws::connect(&server, Some(&eu)).await;
     assert!(!hits(&mut ws, &up, "up", q).await);
     assert!(!hits(&mut ws, &up, "up", q).await);
-    assert_eq!(emb.embedding_requests().0, 0, "an EU-only key's text went to us-east");
+    assert_eq!(
+        emb.embedding_requests().0,
+        0,
+        "an EU-only key's text went to us-east"
+    );
     let mut ws = Ws::connect(&server, Some(&any)).await;
     assert!(!hits(&mut ws, &up, "up", q).await);
     assert!(hits(&mut ws, &up, "up", q).await);
