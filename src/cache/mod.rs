@@ -3,6 +3,7 @@
 //! ([`index`]) and the service that owns it on its own thread ([`service`]). Turns use it
 //! through [`Cache`]; recall memory ([`recall`]) uses the same embedder.
 
+pub mod batcher;
 pub mod embed;
 pub mod guards;
 pub mod index;

@@ -287,6 +287,26 @@ mod tests {
     use super::*;
     use futures_util::stream;
 
+    #[test]
+    fn embeddings_answers_are_put_in_order_and_checked() {
+        let body = br#"{"data":[{"index":1,"embedding":[0,1]},{"index":0,"embedding":[1,0]}],
+                        "usage":{"prompt_tokens":7,"total_tokens":7}}"#;
+        let (v, usage) = parse_embeddings(body, 2).expect("parses"); // ok: test
+        assert_eq!(v, vec![vec![1.0, 0.0], vec![0.0, 1.0]]);
+        assert_eq!(usage.map(|u| u.prompt_tokens), Some(7));
+        // Wrong count, duplicate or out-of-range index, ragged or empty vectors, not JSON.
+        assert!(parse_embeddings(body, 3).is_err());
+        let dup = br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[1]}]}"#;
+        assert!(parse_embeddings(dup, 2).is_err());
+        let far = br#"{"data":[{"index":5,"embedding":[1]}]}"#;
+        assert!(parse_embeddings(far, 1).is_err());
+        let ragged = br#"{"data":[{"embedding":[1,0]},{"embedding":[1]}]}"#;
+        assert!(parse_embeddings(ragged, 2).is_err());
+        let empty = br#"{"data":[{"embedding":[]}]}"#;
+        assert!(parse_embeddings(empty, 1).is_err());
+        assert!(parse_embeddings(b"<html>", 1).is_err());
+    }
+
     async fn run_chunks(chunks: Vec<&'static str>) -> Vec<UpstreamEvent> {
         let (tx, mut rx) = mpsc::channel(64);
         let body = stream::iter(
