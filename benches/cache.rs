@@ -9,14 +9,16 @@
 //!
 //! `cargo bench --bench cache`; `cargo test --benches` runs a small quick version.
 
-use std::net::TcpListener;
+#[path = "support/mod.rs"]
+mod support;
+use support::{percentile, Server};
+
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, Criterion, Throughput};
 use futures_util::{SinkExt, StreamExt};
 use parley::cache::embed::{Builtin, DIM};
 use parley::cache::index::{EntryMeta, Index};
-use parley::config::{Config, ProviderConfig, ProviderKind, RouteConfig, TargetConfig};
 use parley::mock_upstream::{Behaviour, MockUpstream};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -68,13 +70,6 @@ fn question(i: usize) -> String {
     let place = PLACES[(i / (ASKS.len() * SUBJECTS.len())) % PLACES.len()];
     let year = 1900 + i / (ASKS.len() * SUBJECTS.len() * PLACES.len());
     format!("{ask} {subject} of {place} in {year}?")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -141,63 +136,6 @@ fn index_figures(n: usize, inserts: usize, lookups: usize) {
     );
 }
 
-struct Server {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(upstream: &MockUpstream) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::embedded(|_| false);
-        cfg.auth.admin_key_env = "PARLEY_BENCH_NO_ADMIN_KEY".into();
-        cfg.providers.push(ProviderConfig {
-            name: "up".into(),
-            kind: ProviderKind::Openai,
-            base_url: Some(upstream.base_url()),
-            region: None,
-            ..ProviderConfig::builtin_mock()
-        });
-        cfg.routes.push(RouteConfig::new(
-            "up",
-            vec![TargetConfig::new("up", "mock-1")],
-        ));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let data = dir.path().to_owned();
-        let thread = std::thread::spawn(move || {
-            actix_web::rt::System::new().block_on(async move {
-                let store = parley::store::Store::open(&data).unwrap();
-                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-                let handle = parley::app::start(cfg, listener, store).unwrap();
-                addr_tx.send(handle.addr).unwrap();
-                let _ = stop_rx.await;
-                handle.shutdown().await.unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -257,7 +195,7 @@ fn end_to_end(turns: usize) {
         ..Behaviour::default()
     })
     .unwrap();
-    let server = Server::start(&upstream);
+    let server = Server::start(&upstream, |_| {});
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

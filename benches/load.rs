@@ -6,11 +6,13 @@
 //! Knobs (environment): LOAD_CONVERSATIONS (default 50), LOAD_TURNS per conversation (20),
 //! LOAD_UPSTREAM_TTFT_MS (20), LOAD_WORDS per reply (30), LOAD_SECONDS time limit (60).
 
-use std::net::TcpListener;
+#[path = "support/mod.rs"]
+mod support;
+use support::{percentile, Server};
+
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use parley::config::{Config, ProviderConfig, ProviderKind, RouteConfig, TargetConfig};
 use parley::mock_upstream::{Behaviour, MockUpstream};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -20,66 +22,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-struct Server {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start(upstream: &MockUpstream) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config::embedded(|_| false);
-        cfg.auth.admin_key_env = "PARLEY_LOAD_NO_ADMIN_KEY".into();
-        // Every conversation opens with the same question: measure routing, not the cache
-        // (`cargo bench --bench cache` measures that).
-        cfg.cache.enabled = false;
-        cfg.providers.push(ProviderConfig {
-            name: "up".into(),
-            kind: ProviderKind::Openai,
-            base_url: Some(upstream.base_url()),
-            region: None,
-            ..ProviderConfig::builtin_mock()
-        });
-        cfg.routes.push(RouteConfig::new(
-            "up",
-            vec![TargetConfig::new("up", "mock-1")],
-        ));
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let data = dir.path().to_owned();
-        let thread = std::thread::spawn(move || {
-            actix_web::rt::System::new().block_on(async move {
-                let store = parley::store::Store::open(&data).unwrap();
-                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-                let handle = parley::app::start(cfg, listener, store).unwrap();
-                addr_tx.send(handle.addr).unwrap();
-                let _ = stop_rx.await;
-                handle.shutdown().await.unwrap();
-            });
-        });
-        let addr = addr_rx.recv().unwrap();
-        Self {
-            addr,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            _dir: dir,
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// One conversation: `turns` turns in a row; answers the TTFT of each completed turn.
@@ -139,14 +81,6 @@ async fn conversation(
     ttfts
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` runs this too: keep that short.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -161,7 +95,9 @@ fn main() {
         ..Behaviour::default()
     })
     .unwrap();
-    let server = Server::start(&upstream);
+    // Every conversation opens with the same question: measure routing, not the cache
+    // (`cargo bench --bench cache` measures that).
+    let server = Server::start(&upstream, |cfg| cfg.cache.enabled = false);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -269,23 +269,12 @@ async fn run_inner(
     if reached {
         deps.usage
             .record(UsageRecord {
-                ts_ms: chrono::Utc::now().timestamp_millis(),
-                tenant: input.principal.tenant.clone(),
-                key_id: input.principal.key_id.clone(),
-                conversation: Some(conv.clone()),
-                route: input.route.clone(),
-                provider: provider.clone(),
-                model: model.clone(),
                 prompt_tokens: usage.prompt_tokens,
                 completion_tokens: usage.completion_tokens,
-                cached: false,
-                latency_ms: begun.elapsed().as_millis() as u64,
                 ttft_ms: ttft.map(|t| t.as_millis() as u64),
                 cost,
                 trimmed_tokens,
-                saved_tokens: 0,
-                saved_cost: 0.0,
-                finish_reason: ending.finish_reason.to_owned(),
+                ..usage_record(&input, &provider, &model, begun, ending.finish_reason)
             })
             .await;
     }
@@ -422,23 +411,11 @@ async fn serve_hit(
     );
     deps.usage
         .record(UsageRecord {
-            ts_ms: chrono::Utc::now().timestamp_millis(),
-            tenant: input.principal.tenant.clone(),
-            key_id: input.principal.key_id.clone(),
-            conversation: Some(conv.clone()),
-            route: input.route.clone(),
-            provider: rec.provider.clone(),
-            model: rec.model.clone(),
-            prompt_tokens: 0,
-            completion_tokens: 0,
             cached: true,
-            latency_ms: begun.elapsed().as_millis() as u64,
             ttft_ms: Some(ttft.as_millis() as u64),
-            cost: 0.0,
-            trimmed_tokens: 0,
             saved_tokens: rec.usage.total_tokens,
             saved_cost,
-            finish_reason: "stop".into(),
+            ..usage_record(input, &rec.provider, &rec.model, begun, "stop")
         })
         .await;
     if let Err(e) = deps.store.append_message(conv, &reply).await {
@@ -453,6 +430,35 @@ async fn serve_hit(
         fanout.broadcast(&done, Some(cid));
     }
     input.user_seq + 1
+}
+
+/// A usage record of this turn with nothing used, cached or saved yet.
+fn usage_record(
+    input: &TurnInput,
+    provider: &str,
+    model: &str,
+    begun: Instant,
+    finish_reason: &str,
+) -> UsageRecord {
+    UsageRecord {
+        ts_ms: chrono::Utc::now().timestamp_millis(),
+        tenant: input.principal.tenant.clone(),
+        key_id: input.principal.key_id.clone(),
+        conversation: Some(input.conversation.clone()),
+        route: input.route.clone(),
+        provider: provider.to_owned(),
+        model: model.to_owned(),
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        cached: false,
+        latency_ms: begun.elapsed().as_millis() as u64,
+        ttft_ms: None,
+        cost: 0.0,
+        trimmed_tokens: 0,
+        finish_reason: finish_reason.to_owned(),
+        saved_tokens: 0,
+        saved_cost: 0.0,
+    }
 }
 
 /// What the streaming loop needs besides the stream itself.

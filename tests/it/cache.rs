@@ -73,28 +73,14 @@ async fn a_reworded_question_hits_with_the_original_reply_and_usage() {
     }
     assert_eq!(up.requests(), 1, "no hit reached the upstream");
 
-    let metrics = http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     assert!(
         metrics.contains("parley_cache_lookups_total{result=\"hit\"} 3"),
         "{metrics}"
     );
     assert!(metrics.contains("parley_cache_entries 1"), "{metrics}");
     assert!(metrics.contains("parley_cache_lookup_seconds_count"));
-    let admin: Value = http()
-        .get(server.url("/admin/cache"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = get_json(&server, "/admin/cache").await;
     assert_eq!(admin["entries"], 1, "{admin}");
     assert_eq!(admin["embedder"], "builtin-v1-512");
 }
@@ -128,14 +114,7 @@ async fn near_misses_are_refused_by_the_guards() {
         // Each is cached itself: asked again, it hits.
         assert!(hits(&mut ws, &up, "up", second).await, "{second} again");
     }
-    let metrics = http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     for guard in ["entities", "numbers", "negation", "order", "question"] {
         assert!(
             metrics.contains(&format!(
@@ -391,14 +370,7 @@ async fn recall_memory_brings_back_an_early_fact() {
     let mut sent_fact = Vec::new();
     for memory in ["recall", "window"] {
         let id = create_conversation(&server, None, json!({"model": "up", "memory": memory})).await;
-        let conv: Value = http()
-            .get(server.url(&format!("/v1/conversations/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let conv = get_json(&server, &format!("/v1/conversations/{id}")).await;
         assert_eq!(conv["memory"], memory);
         let mut ws = Ws::connect(&server, None).await;
         ask(&mut ws, &id, "fact", &format!("{fact} [[mock:words=5]]")).await;
@@ -508,14 +480,7 @@ async fn a_provider_embedder_embeds_through_the_provider_and_fails_open() {
     assert!(hits(&mut ws, &up, "up", "what is the tallest mountain on earth?").await);
     let (requests, texts) = emb.embedding_requests();
     assert_eq!((requests, texts), (2, 2), "one embedding per lookup");
-    let providers: Value = http()
-        .get(server.url("/admin/providers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let providers = get_json(&server, "/admin/providers").await;
     let served = providers["data"]
         .as_array()
         .unwrap()
@@ -592,14 +557,7 @@ async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
         !hits(&mut ws, &up, "up", qs[1]).await,
         "the LRU entry was evicted"
     );
-    let metrics = http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     assert!(metrics.contains("parley_cache_entries 3"), "{metrics}");
     drop(ws);
     server.stop();

@@ -191,6 +191,23 @@ pub fn http() -> reqwest::Client {
     reqwest::Client::builder().timeout(TIMEOUT).build().unwrap()
 }
 
+/// `GET path` without a key (development mode): the body as text.
+pub async fn get_text(server: &TestServer, path: &str) -> String {
+    http()
+        .get(server.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// `GET path` without a key (development mode): the body as JSON.
+pub async fn get_json(server: &TestServer, path: &str) -> Value {
+    serde_json::from_str(&get_text(server, path).await).unwrap()
+}
+
 /// Creates a conversation over REST; answers its id.
 pub async fn create_conversation(server: &TestServer, key: Option<&str>, body: Value) -> String {
     let mut req = http().post(server.url("/v1/conversations")).json(&body);
