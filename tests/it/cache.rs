@@ -28,6 +28,14 @@ async fn hits(ws: &mut Ws, up: &MockUpstream, model: &str, question: &str) -> bo
     cached
 }
 
+/// Route `up` to `up`, and the cache embedding through provider `emb` (another mock).
+fn with_provider_embedder(up: &MockUpstream, emb: &MockUpstream) -> parley::config::Config {
+    let mut cfg = config_with(Some(up));
+    cfg.providers.push(openai_provider("emb", &emb.base_url()));
+    cfg.cache.embedder = "provider:emb/text-embedding-3-small".into();
+    cfg
+}
+
 fn two_routes(up: &MockUpstream) -> parley::config::Config {
     let mut cfg = config_with(Some(up));
     cfg.routes.push(route("up2", &[("up", "mock-1")]));
@@ -470,10 +478,7 @@ async fn the_openai_endpoint_shares_the_cache_with_conversations() {
 async fn a_provider_embedder_embeds_through_the_provider_and_fails_open() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
-    let mut cfg = config_with(Some(&up));
-    cfg.providers.push(openai_provider("emb", &emb.base_url()));
-    cfg.cache.embedder = "provider:emb/text-embedding-3-small".into();
-    let server = TestServer::start(cfg);
+    let server = TestServer::start(with_provider_embedder(&up, &emb));
     let mut ws = Ws::connect(&server, None).await;
     let q = "What is the tallest mountain on Earth?";
     assert!(!hits(&mut ws, &up, "up", q).await);
@@ -585,9 +590,7 @@ async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
 async fn recall_memory_embeds_each_message_once() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
-    let mut cfg = config_with(Some(&up));
-    cfg.providers.push(openai_provider("emb", &emb.base_url()));
-    cfg.cache.embedder = "provider:emb/mock-embed".into();
+    let mut cfg = with_provider_embedder(&up, &emb);
     cfg.cache.enabled = false;
     cfg.context.budget_tokens = 300;
     cfg.context.reserve_output_tokens = 100;
@@ -621,14 +624,14 @@ async fn recall_memory_embeds_each_message_once() {
 async fn a_provider_embedder_outside_a_keys_regions_is_not_used() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
-    let mut cfg = config_with(Some(&up));
-    let mut p = openai_provider("emb", &emb.base_url());
-    p.region = Some("us-east".into());
-    cfg.providers.push(p);
-    for prov in cfg.providers.iter_mut().filter(|p| p.name == "up") {
-        prov.region = Some("eu-west".into());
+    let mut cfg = with_provider_embedder(&up, &emb);
+    for prov in &mut cfg.providers {
+        match prov.name.as_str() {
+            "emb" => prov.region = Some("us-east".into()),
+            "up" => prov.region = Some("eu-west".into()),
+            _ => {}
+        }
     }
-    cfg.cache.embedder = "provider:emb/mock-embed".into();
     let server = TestServer::start_with_admin(cfg);
     let (_, eu) = server
         .create_key(json!({"tenant": "t", "regions": ["eu-west"]}))
