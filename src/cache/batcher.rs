@@ -166,7 +166,7 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let b = fake(Duration::ZERO, Arc::clone(&calls));
         assert_eq!(
-            b.embed(vec!["7".into()]).await.expect("ok"),
+            b.embed(vec!["7".into()]).await.expect("ok"), // ok: test code
             vec![vec![7.0]]
         ); // ok: test
         assert_eq!(calls.load(Ordering::SeqCst), 1);

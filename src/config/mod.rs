@@ -473,7 +473,7 @@ mod tests {
         let routes: Vec<_> = cfg.routes.iter().map(|r| r.model.as_str()).collect();
         assert_eq!(routes, ["mock", "default"]);
         assert_eq!(cfg.routes[1].targets[0].provider, "mock");
-        cfg.validate(|_| false).unwrap();
+        cfg.validate(|_| false).unwrap(); // ok: test code
     }
 
     #[test]
@@ -500,7 +500,7 @@ mod tests {
             targets = [{ provider = "a", model = "x" }, { provider = "foo", model = "y" }]
             "#,
         )
-        .unwrap();
+        .unwrap(); // ok: test code
         let err = cfg.validate(|_| true).unwrap_err().to_string();
         assert!(
             err.contains("routes[0].targets[1].provider: unknown provider \"foo\""),
@@ -531,7 +531,7 @@ mod tests {
             targets = [{ provider = "openai", model = "gpt" }]
             "#,
         )
-        .unwrap();
+        .unwrap(); // ok: test code
         let err = cfg.validate(|_| false).unwrap_err().to_string();
         assert!(
             err.contains("providers[0].api_key_env: environment variable NOPE_KEY"),
@@ -549,7 +549,7 @@ mod tests {
             reserve_output_tokens = 100
             "#,
         )
-        .unwrap();
+        .unwrap(); // ok: test code
         let Err(ConfigError::Invalid(problems)) = cfg.validate(|_| true) else {
             panic!()
         };

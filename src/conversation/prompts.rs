@@ -52,9 +52,9 @@ mod tests {
 
     #[test]
     fn references() {
-        assert_eq!(parse("support@3").unwrap(), ("support", Some(3)));
-        assert_eq!(parse("support@latest").unwrap(), ("support", None));
-        assert_eq!(parse("support").unwrap(), ("support", None));
+        assert_eq!(parse("support@3").unwrap(), ("support", Some(3))); // ok: test code
+        assert_eq!(parse("support@latest").unwrap(), ("support", None)); // ok: test code
+        assert_eq!(parse("support").unwrap(), ("support", None)); // ok: test code
         assert!(parse("@3").is_err());
         assert!(parse("support@v3").is_err());
     }

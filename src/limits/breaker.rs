@@ -231,7 +231,7 @@ mod tests {
             b.on_failure(t0);
         }
         let t1 = t0 + Duration::from_secs(1);
-        b.allow(t1).unwrap();
+        b.allow(t1).unwrap(); // ok: test code
         assert_eq!(b.on_failure(t1), Some(Transition::Opened));
         assert!(b.allow(t1 + Duration::from_millis(999)).is_err());
         assert!(b.allow(t1 + Duration::from_secs(1)).is_ok());

@@ -111,15 +111,15 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(60, t0); // one a second
         for _ in 0..60 {
-            b.try_take(1, t0).unwrap();
+            b.try_take(1, t0).unwrap(); // ok: test code
         }
         assert_eq!(b.try_take(1, t0), Err(Duration::from_secs(1)));
         assert_eq!(
             b.try_take(1, t0 + Duration::from_millis(500)).unwrap_err(),
             Duration::from_millis(500)
         );
-        b.try_take(1, t0 + Duration::from_secs(1)).unwrap();
-        // Refill never exceeds capacity.
+        b.try_take(1, t0 + Duration::from_secs(1)).unwrap(); // ok: test code
+                                                             // Refill never exceeds capacity.
         assert!((b.level(t0 + Duration::from_secs(3600)) - 60.0).abs() < 1e-9);
     }
 
@@ -128,7 +128,7 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(0, t0);
         for _ in 0..10_000 {
-            b.try_take(1_000_000, t0).unwrap();
+            b.try_take(1_000_000, t0).unwrap(); // ok: test code
         }
     }
 
@@ -136,7 +136,7 @@ mod tests {
     fn oversized_request_is_admitted_on_a_full_bucket() {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(100, t0);
-        b.try_take(500, t0).unwrap();
+        b.try_take(500, t0).unwrap(); // ok: test code
         assert!(b.try_take(1, t0).is_err());
     }
 
@@ -144,7 +144,7 @@ mod tests {
     fn usage_corrections_and_upstream_hints() {
         let t0 = Instant::now();
         let mut b = TokenBucket::per_minute(6000, t0); // 100 a second
-        b.try_take(1000, t0).unwrap();
+        b.try_take(1000, t0).unwrap(); // ok: test code
         b.adjust(800, t0); // the reply used 200, not 1000
         assert!((b.level(t0) - 5800.0).abs() < 1e-9);
         b.adjust(-6000, t0); // far above the estimate: in debt
@@ -155,7 +155,7 @@ mod tests {
         b.hold_until(t0 + Duration::from_secs(1), t0);
         assert_eq!(b.check(1, t0).unwrap_err(), Duration::from_secs(1));
         assert!(b.check(1, t0 + Duration::from_millis(999)).is_err());
-        b.try_take(1, t0 + Duration::from_secs(1)).unwrap();
+        b.try_take(1, t0 + Duration::from_secs(1)).unwrap(); // ok: test code
         assert!(b.check(1, t0 + Duration::from_secs(1)).is_err());
     }
 }

@@ -101,16 +101,16 @@ mod tests {
     fn counts_exactly_over_the_trailing_minute() {
         let t0 = Instant::now();
         let mut w = SlidingWindow::per_minute(3);
-        w.try_take(1, t0).unwrap();
-        w.try_take(1, t0 + Duration::from_secs(10)).unwrap();
-        w.try_take(1, t0 + Duration::from_secs(20)).unwrap();
-        // Full: the first grant expires at t0 + 60 s.
+        w.try_take(1, t0).unwrap(); // ok: test code
+        w.try_take(1, t0 + Duration::from_secs(10)).unwrap(); // ok: test code
+        w.try_take(1, t0 + Duration::from_secs(20)).unwrap(); // ok: test code
+                                                              // Full: the first grant expires at t0 + 60 s.
         assert_eq!(
             w.try_take(1, t0 + Duration::from_secs(30)),
             Err(Duration::from_secs(30))
         );
-        w.try_take(1, t0 + Duration::from_secs(60)).unwrap();
-        // Two units need the grants of t0+10 and t0+20 to expire.
+        w.try_take(1, t0 + Duration::from_secs(60)).unwrap(); // ok: test code
+                                                              // Two units need the grants of t0+10 and t0+20 to expire.
         assert_eq!(
             w.try_take(2, t0 + Duration::from_secs(61)),
             Err(Duration::from_secs(19))
@@ -122,12 +122,12 @@ mod tests {
         let t0 = Instant::now();
         let t1 = t0 + Duration::from_secs(30);
         let mut w = SlidingWindow::per_minute(100);
-        w.try_take(50, t0).unwrap();
-        w.try_take(50, t1).unwrap();
+        w.try_take(50, t0).unwrap(); // ok: test code
+        w.try_take(50, t1).unwrap(); // ok: test code
         w.give_back(t0, 40); // the first request used 10
                              // At t0 + 60 s the first grant (10 left) expires; the second (50) still counts.
         let t2 = t0 + Duration::from_secs(60);
-        w.try_take(50, t2).unwrap();
+        w.try_take(50, t2).unwrap(); // ok: test code
         assert!(w.try_take(1, t2).is_err());
     }
 
@@ -135,12 +135,12 @@ mod tests {
     fn give_back_and_add() {
         let t0 = Instant::now();
         let mut w = SlidingWindow::per_minute(100);
-        w.try_take(100, t0).unwrap();
+        w.try_take(100, t0).unwrap(); // ok: test code
         w.give_back(t0, 60);
-        w.try_take(60, t0).unwrap();
+        w.try_take(60, t0).unwrap(); // ok: test code
         assert!(w.try_take(1, t0).is_err());
         let mut w = SlidingWindow::per_minute(0);
-        w.try_take(u32::MAX, t0).unwrap();
+        w.try_take(u32::MAX, t0).unwrap(); // ok: test code
         w.add(5, t0);
     }
 }

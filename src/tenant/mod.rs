@@ -235,8 +235,8 @@ mod tests {
 
     #[tokio::test]
     async fn keys_resolve_to_tenants_and_admin_is_refused_on_v1() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let store = Store::open(dir.path()).unwrap(); // ok: test code
         let auth = Auth::new(store, Some(SecretString::from("admin-secret")), false);
         let (rec, secret) = auth
             .create_key(NewKey {
@@ -245,8 +245,8 @@ mod tests {
                 ..NewKey::default()
             })
             .await
-            .unwrap();
-        let p = auth.client(Some(secret.expose_secret())).unwrap();
+            .unwrap(); // ok: test code
+        let p = auth.client(Some(secret.expose_secret())).unwrap(); // ok: test code
         assert_eq!(p.tenant.0, "acme");
         assert!(p.check_model("mock").is_ok());
         assert_eq!(
@@ -260,18 +260,18 @@ mod tests {
         assert_eq!(auth.client(None).unwrap_err().code, ErrorCode::Unauthorized);
         assert!(auth.admin(Some("admin-secret")).is_ok());
         assert!(auth.admin(Some(secret.expose_secret())).is_err());
-        assert!(auth.revoke(&rec.id).await.unwrap());
+        assert!(auth.revoke(&rec.id).await.unwrap()); // ok: test code
         assert!(auth.client(Some(secret.expose_secret())).is_err());
     }
 
     #[tokio::test]
     async fn dev_mode_serves_local() {
-        let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::new(Store::open(dir.path()).unwrap(), None, true);
-        assert_eq!(auth.client(None).unwrap().tenant, TenantId::local());
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let auth = Auth::new(Store::open(dir.path()).unwrap(), None, true); // ok: test code
+        assert_eq!(auth.client(None).unwrap().tenant, TenantId::local()); // ok: test code
         assert!(auth.admin(None).is_ok());
         assert_eq!(
-            auth.client(Some("pk-bogus")).unwrap().tenant,
+            auth.client(Some("pk-bogus")).unwrap().tenant, // ok: test code
             TenantId::local()
         );
     }

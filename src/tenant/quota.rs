@@ -373,8 +373,8 @@ mod tests {
     }
 
     fn governor() -> (tempfile::TempDir, Governor) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let store = Store::open(dir.path()).unwrap(); // ok: test code
         let prices = Prices(HashMap::from([(
             "m".to_owned(),
             Price {
@@ -392,19 +392,19 @@ mod tests {
             rpm: Some(2),
             ..key("a")
         });
-        g.admit(&p, "x", 10, None).unwrap();
-        g.admit(&p, "x", 10, None).unwrap();
+        g.admit(&p, "x", 10, None).unwrap(); // ok: test code
+        g.admit(&p, "x", 10, None).unwrap(); // ok: test code
         let err = g.admit(&p, "x", 10, None).unwrap_err();
         assert_eq!(err.code, ErrorCode::RateLimited);
-        assert!(err.retry_after.unwrap() > Duration::from_secs(20));
+        assert!(err.retry_after.unwrap() > Duration::from_secs(20)); // ok: test code
         let p = principal(KeyRecord {
             tpm: Some(300),
             window: Some(LimitWindow::Sliding),
             ..key("b")
         });
-        g.admit(&p, "x", 50, Some(50)).unwrap();
-        g.admit(&p, "x", 50, Some(50)).unwrap();
-        g.admit(&p, "x", 50, Some(50)).unwrap();
+        g.admit(&p, "x", 50, Some(50)).unwrap(); // ok: test code
+        g.admit(&p, "x", 50, Some(50)).unwrap(); // ok: test code
+        g.admit(&p, "x", 50, Some(50)).unwrap(); // ok: test code
         assert_eq!(
             g.admit(&p, "x", 50, Some(50)).unwrap_err().code,
             ErrorCode::RateLimited
@@ -420,7 +420,7 @@ mod tests {
         });
         // Each request reserves 10 + 100 (the reply reserve): nine fit, the tenth does not...
         let held: Vec<_> = (0..9)
-            .map(|_| g.admit(&p, "x", 10, None).unwrap().unwrap())
+            .map(|_| g.admit(&p, "x", 10, None).unwrap().unwrap()) // ok: test code
             .collect();
         let err = g.admit(&p, "x", 10, None).unwrap_err();
         assert_eq!(err.code, ErrorCode::QuotaExceeded);
@@ -429,7 +429,7 @@ mod tests {
         for r in held {
             g.settle(r, 20, 0.0);
         }
-        g.admit(&p, "x", 10, None).unwrap();
+        g.admit(&p, "x", 10, None).unwrap(); // ok: test code
     }
 
     #[test]
@@ -440,15 +440,15 @@ mod tests {
             monthly_spend: Some(10.0),
             ..key("s")
         });
-        let r = g.admit(&p, "m", 1, Some(1)).unwrap().unwrap(); // reserves 3.0
+        let r = g.admit(&p, "m", 1, Some(1)).unwrap().unwrap(); // ok: test code; reserves 3.0
         g.settle(r, 2, 3.0);
-        let r = g.admit(&p, "m", 2, Some(2)).unwrap().unwrap(); // 6.0 more: 9.0
+        let r = g.admit(&p, "m", 2, Some(2)).unwrap().unwrap(); // ok: test code; 6.0 more: 9.0
         assert_eq!(
             g.admit(&p, "m", 1, Some(1)).unwrap_err().code,
             ErrorCode::QuotaExceeded
         );
         g.settle(r, 1, 1.0); // really 1.0: 4.0 in all
-        g.admit(&p, "m", 1, Some(1)).unwrap();
+        g.admit(&p, "m", 1, Some(1)).unwrap(); // ok: test code
     }
 
     #[test]
@@ -456,7 +456,7 @@ mod tests {
         let (_d, g) = governor();
         assert!(g
             .admit(&Principal::local(), "m", u32::MAX, None)
-            .unwrap()
+            .unwrap() // ok: test code
             .is_none());
     }
 
@@ -464,9 +464,9 @@ mod tests {
     fn month_boundaries() {
         // 2026-12-31T23:00:00Z → one hour to the next month and day.
         let ms = chrono::NaiveDate::from_ymd_opt(2026, 12, 31)
-            .unwrap()
+            .unwrap() // ok: test code
             .and_hms_opt(23, 0, 0)
-            .unwrap()
+            .unwrap() // ok: test code
             .and_utc()
             .timestamp_millis();
         assert_eq!(until_next_month(ms), Duration::from_secs(3600));
