@@ -180,7 +180,7 @@ impl Cache {
             metrics: metrics.clone(),
             min_similarity: settings.min_similarity,
             max_entries: settings.max_entries.max(1),
-            index: None,
+            index: Index::new(0),
         };
         std::thread::Builder::new()
             .name("parley-cache".into())
@@ -345,7 +345,7 @@ struct Worker {
     metrics: Metrics,
     min_similarity: f32,
     max_entries: usize,
-    index: Option<Index>,
+    index: Index,
 }
 
 impl Worker {
@@ -371,19 +371,14 @@ impl Worker {
             }));
             if survived.is_err() {
                 tracing::error!("cache worker panicked; rebuilding the index from storage");
-                self.index = None;
                 self.load();
             }
         }
     }
 
     fn publish_len(&mut self) {
-        let n = self.index().len();
+        let n = self.index.len();
         self.metrics.cache_entries.set(n as i64);
-    }
-
-    fn index(&mut self) -> &mut Index {
-        self.index.get_or_insert_with(|| Index::new(0))
     }
 
     /// Rebuilds the index from storage, timed in the log.
@@ -426,7 +421,7 @@ impl Worker {
             elapsed_ms = begun.elapsed().as_millis() as u64,
             "cache index rebuilt from storage"
         );
-        self.index = Some(index);
+        self.index = index;
         self.evict();
     }
 
@@ -443,12 +438,12 @@ impl Worker {
                 let _ = reply.send(outcome);
             }
             Command::Insert { id, meta, vector } => {
-                let index = self.index();
+                let index = &mut self.index;
                 // The first vector fixes the dimensions of an empty index.
                 if index.is_empty() && index.tombstones() == 0 {
                     *index = Index::new(vector.len());
                 }
-                if let Err(e) = self.index().insert(id, meta, vector) {
+                if let Err(e) = self.index.insert(id, meta, vector) {
                     tracing::warn!(error = %e, "cache entry not indexed");
                     let _ = self.store.remove_cache_entries(&[id]);
                 }
@@ -457,12 +452,12 @@ impl Worker {
             }
             Command::Forget(ids) => {
                 for id in ids {
-                    self.index().remove(id);
+                    self.index.remove(id);
                 }
                 self.publish_len();
             }
             Command::Len(reply) => {
-                let index = self.index();
+                let index = &mut self.index;
                 let _ = reply.send((index.len(), index.tombstones()));
             }
         }
@@ -470,15 +465,16 @@ impl Worker {
 
     fn lookup(&mut self, key: &ScopeKey, tenant: &str, question: &str, vector: &[f32]) -> Outcome {
         let now = now_ms();
-        let index = self.index();
+        let index = &mut self.index;
         let candidates = index.search(key, vector, CANDIDATES);
         let mut rejected_by = Vec::new();
+        let scope = hex::encode(key);
         for (id, similarity) in candidates {
             // A NaN similarity is no hit either.
             if similarity.is_nan() || similarity < self.min_similarity {
                 break;
             }
-            let Some(meta) = self.index().meta(id) else {
+            let Some(meta) = self.index.meta(id) else {
                 continue;
             };
             if meta.expires_ms <= now {
@@ -489,8 +485,8 @@ impl Worker {
                 continue;
             }
             match self.store.cache_entry(id) {
-                Ok(Some(record)) if record.tenant == tenant && record.scope == hex::encode(key) => {
-                    self.index().touch(id, now);
+                Ok(Some(record)) if record.tenant == tenant && record.scope == scope => {
+                    self.index.touch(id, now);
                     return Outcome::Hit(Hit {
                         id,
                         similarity,
@@ -499,7 +495,7 @@ impl Worker {
                 }
                 Ok(_) => {
                     // Deleted with its conversation (or evicted): never served again.
-                    self.index().remove(id);
+                    self.index.remove(id);
                 }
                 Err(e) => tracing::warn!(error = %e, "cache entry unreadable"),
             }
@@ -510,7 +506,7 @@ impl Worker {
     /// Over the size cap: removes the least recently used twentieth of the cap.
     fn evict(&mut self) {
         let max = self.max_entries;
-        let index = self.index();
+        let index = &mut self.index;
         if index.len() <= max {
             return;
         }
@@ -527,15 +523,15 @@ impl Worker {
 
     fn maintain(&mut self) {
         let now = now_ms();
-        let expired = self.index().expired(now);
+        let expired = self.index.expired(now);
         for id in &expired {
-            self.index().remove(*id);
+            self.index.remove(*id);
         }
         if let Err(e) = self.store.remove_cache_entries(&expired) {
             tracing::warn!(error = %e, "expired cache entries not removed");
         }
         let begun = Instant::now();
-        let rebuilt = self.index().compact();
+        let rebuilt = self.index.compact();
         if rebuilt > 0 {
             tracing::info!(
                 partitions = rebuilt,

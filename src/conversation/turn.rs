@@ -577,14 +577,8 @@ async fn stream_inner(
                 usage,
                 model,
             } => {
-                let reason = match finish_reason.as_str() {
-                    "length" => "length",
-                    "content_filter" => "content_filter",
-                    "tool_calls" => "tool_calls",
-                    _ => "stop",
-                };
                 let done = Ending {
-                    finish_reason: reason,
+                    finish_reason: crate::provider::shown_finish_reason(&finish_reason),
                     error: None,
                     usage,
                     model,

@@ -311,37 +311,32 @@ impl Handler<Dispatch> for ProviderActor {
 
     fn handle(&mut self, msg: Dispatch, ctx: &mut Self::Context) {
         let Dispatch { req, tokens, reply } = msg;
-        if !self.queue.is_empty() {
-            // Others wait already: keep the order.
-            return self.enqueue(
-                Waiting {
-                    req,
-                    tokens,
-                    reply,
-                    deadline: Instant::now() + self.queue_timeout,
-                },
-                ctx,
-            );
-        }
-        match self.try_start(req, tokens, ctx) {
-            Ok(generation) => {
-                let _ = reply.send(Ok(generation));
+        // With others waiting already, keep the order: join the queue.
+        let req = if self.queue.is_empty() {
+            match self.try_start(req, tokens, ctx) {
+                Ok(generation) => {
+                    let _ = reply.send(Ok(generation));
+                    return;
+                }
+                Err((_, Refusal::Open(wait))) => {
+                    let _ = reply.send(Err(self.unavailable(wait)));
+                    return;
+                }
+                Err((req, Refusal::Full(_))) => req,
             }
-            Err((_, Refusal::Open(wait))) => {
-                let _ = reply.send(Err(self.unavailable(wait)));
-            }
-            Err((req, Refusal::Full(_))) => {
-                self.enqueue(
-                    Waiting {
-                        req,
-                        tokens,
-                        reply,
-                        deadline: Instant::now() + self.queue_timeout,
-                    },
-                    ctx,
-                );
-            }
-        }
+        } else {
+            req
+        };
+        let deadline = Instant::now() + self.queue_timeout;
+        self.enqueue(
+            Waiting {
+                req,
+                tokens,
+                reply,
+                deadline,
+            },
+            ctx,
+        );
     }
 }
 

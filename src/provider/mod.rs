@@ -57,6 +57,18 @@ pub enum UpstreamEvent {
     Failed(ProviderError),
 }
 
+/// A finish reason as clients know them (OpenAI's words): `length`, `content_filter` and
+/// `tool_calls` pass; an upstream's own reason, or none (`unknown`), is shown as `stop`. Only
+/// an upstream's real `stop` marks a reply complete (see the semantic cache).
+pub fn shown_finish_reason(raw: &str) -> &'static str {
+    match raw {
+        "length" => "length",
+        "content_filter" => "content_filter",
+        "tool_calls" => "tool_calls",
+        _ => "stop",
+    }
+}
+
 /// Why an upstream call failed. Never carries a key or a prompt.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {

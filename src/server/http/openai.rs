@@ -209,14 +209,6 @@ fn scope_of(
     (key, question)
 }
 
-/// A finish reason as OpenAI clients know them (an upstream's own, or none, is `stop`).
-fn shown_reason(reason: &str) -> &str {
-    match reason {
-        "length" | "content_filter" | "tool_calls" => reason,
-        _ => "stop",
-    }
-}
-
 /// A cache hit as a generation that has started: the stored reply, then its end.
 fn cached_start(hit: Hit, begun: std::time::Instant) -> Started {
     let (tx, rest) = tokio::sync::mpsc::channel(1);
@@ -501,7 +493,7 @@ async fn complete(started: Started, mut meta: Meta) -> Result<HttpResponse, ApiE
             } => {
                 let usage = meta.usage(usage, &text);
                 meta.record(usage, None, &finish_reason);
-                let finish_reason = shown_reason(&finish_reason);
+                let finish_reason = crate::provider::shown_finish_reason(&finish_reason);
                 let restored = meta.restore(&text) + &meta.restore_rest();
                 return Ok(HttpResponse::Ok().json(json!({
                     "id": meta.id, "object": "chat.completion", "created": meta.created,
@@ -579,7 +571,10 @@ fn chunks(
                         ));
                     }
                     let finish = meta
-                        .chunk(json!({}), Some(shown_reason(&finish_reason)))
+                        .chunk(
+                            json!({}),
+                            Some(crate::provider::shown_finish_reason(&finish_reason)),
+                        )
                         .to_string();
                     out.extend_from_slice(&sse::event(None, &finish));
                     let usage = meta.usage(usage, &text);
