@@ -211,6 +211,26 @@ impl Cache {
         self.inner.settings.enabled && !self.inner.settings.disabled_tenants.contains(tenant)
     }
 
+    /// Whether `question`, from `principal` on a route that `route_caches`, may be looked up
+    /// and cached: plain questions only — never one carrying personal data, flagged by a
+    /// guardrail or too long — and never against the tenant's, the key's, the route's or the
+    /// request's wish, nor through an embedder outside the key's regions.
+    pub fn admits(
+        &self,
+        principal: &crate::tenant::Principal,
+        route_caches: bool,
+        question: &str,
+        flagged: bool,
+    ) -> bool {
+        route_caches
+            && !flagged
+            && principal.cache()
+            && self.serves(principal.tenant.as_str())
+            && question.len() <= MAX_QUESTION_BYTES
+            && self.embedder_allowed(principal.regions())
+            && crate::guard::pii::detect(question).is_empty()
+    }
+
     /// Whether a request restricted to `regions` may have its text embedded: always by an
     /// in-process embedder; by a provider only inside those regions.
     pub fn embedder_allowed(&self, regions: Option<&[String]>) -> bool {

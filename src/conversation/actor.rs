@@ -107,16 +107,13 @@ impl ConversationActor {
             tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
             SystemPrompt::default()
         });
-        // The cache serves plain questions only: never one carrying personal data or flagged
-        // by a guardrail, and never against the tenant's, the route's or the request's wish.
-        let cache = self.deps.cache.serves(q.principal.tenant.as_str())
-            && self.deps.router.caches(&route)
-            && q.principal.cache()
-            && q.options.cache != Some(false)
-            && q.flags.is_empty()
-            && q.content.len() <= crate::cache::service::MAX_QUESTION_BYTES
-            && self.deps.cache.embedder_allowed(q.principal.regions())
-            && crate::guard::pii::detect(&q.content).is_empty();
+        let cache = q.options.cache != Some(false)
+            && self.deps.cache.admits(
+                &q.principal,
+                self.deps.router.caches(&route),
+                &q.content,
+                !q.flags.is_empty(),
+            );
         let input = TurnInput {
             cache,
             memory: self.record.memory,

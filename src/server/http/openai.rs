@@ -7,7 +7,6 @@ use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::cache::service::MAX_QUESTION_BYTES;
 use crate::cache::{Cache, Hit, Outcome, ScopeParts};
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::InjectionMode;
@@ -101,20 +100,20 @@ pub async fn chat_completions(
     let bill = Bill::new(std::sync::Arc::clone(&state.governor), reservation);
     let begun = std::time::Instant::now();
     let cache = &state.registry.deps().cache;
+    // A stateless request is cached only without personal data anywhere in it.
     let cacheable = vault.is_none()
-        && !flagged
-        && cache.serves(p.tenant.as_str())
-        && state.router().caches(&body.model)
-        && p.cache()
-        && request
-            .messages
-            .last()
-            .is_some_and(|m| m.role == "user" && m.content.len() <= MAX_QUESTION_BYTES)
-        && cache.embedder_allowed(p.regions())
-        && request
-            .messages
-            .iter()
-            .all(|m| crate::guard::pii::detect(&m.content).is_empty());
+        && request.messages.split_last().is_some_and(|(last, before)| {
+            last.role == "user"
+                && cache.admits(
+                    &p,
+                    state.router().caches(&body.model),
+                    &last.content,
+                    flagged,
+                )
+                && before
+                    .iter()
+                    .all(|m| crate::guard::pii::detect(&m.content).is_empty())
+        });
     let mut insert = None;
     let mut hit = None;
     if cacheable {
