@@ -250,23 +250,20 @@ impl Cache {
         parts.key(&self.inner.embedder_id)
     }
 
-    /// Looks `question` up in scope `key`.
-    pub async fn lookup(&self, key: ScopeKey, tenant: &str, question: &str) -> Looked {
+    /// Looks `question` up in scope `key`; `known` is its embedding when the caller has it.
+    pub async fn lookup(
+        &self,
+        key: ScopeKey,
+        tenant: &str,
+        question: &str,
+        known: Option<Vec<f32>>,
+    ) -> Looked {
         let begun = Instant::now();
         let metrics = &self.inner.metrics;
-        let texts = [question.to_owned()];
         let timeout = self.inner.settings.lookup_timeout;
-        let vector = match tokio::time::timeout(timeout, self.inner.embedder.embed(&texts)).await {
-            Ok(Ok(mut v)) if v.len() == 1 => v.pop(),
-            Ok(Ok(_)) => None,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cache lookup skipped: embedding failed");
-                None
-            }
-            Err(_) => {
-                tracing::warn!("cache lookup skipped: embedding slower than lookup_timeout_ms");
-                None
-            }
+        let vector = match known {
+            Some(v) => Some(v),
+            None => self.embed_one(question, timeout).await,
         };
         let Some(vector) = vector else {
             metrics.cache_lookup("skipped", None, &[]);
@@ -307,6 +304,23 @@ impl Cache {
             outcome,
             vector: Some(vector),
             key,
+        }
+    }
+
+    /// The embedding of one text within `timeout` (`None`, logged, when it fails).
+    async fn embed_one(&self, text: &str, timeout: Duration) -> Option<Vec<f32>> {
+        let texts = [text.to_owned()];
+        match tokio::time::timeout(timeout, self.inner.embedder.embed(&texts)).await {
+            Ok(Ok(mut v)) if v.len() == 1 => v.pop(),
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cache lookup skipped: embedding failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("cache lookup skipped: embedding slower than lookup_timeout_ms");
+                None
+            }
         }
     }
 

@@ -140,6 +140,7 @@ async fn run_inner(
         vault,
         trimmed: trimmed_tokens,
         scope,
+        question_vector,
     } = match build_request(deps, &input).await {
         Ok(r) => r,
         Err(e) => {
@@ -151,7 +152,12 @@ async fn run_inner(
     if let Some(key) = scope {
         let l = deps
             .cache
-            .lookup(key, input.principal.tenant.as_str(), &input.content)
+            .lookup(
+                key,
+                input.principal.tenant.as_str(),
+                &input.content,
+                question_vector,
+            )
             .await;
         if let Outcome::Hit(hit) = &l.outcome {
             // A reply longer than this request allows is not an answer to it.
@@ -672,7 +678,13 @@ struct Built {
     trimmed: u32,
     /// The cache scope of this turn, when it may use the cache.
     scope: Option<crate::cache::index::ScopeKey>,
+    /// The new message's embedding, if recall computed it.
+    question_vector: Option<Vec<f32>>,
 }
+
+/// The earlier messages to send (oldest first), the prompt tokens, and the new message's
+/// embedding when choosing them needed it.
+type Context = (Vec<MessageRecord>, u32, Option<Vec<f32>>);
 
 /// Older messages recall memory looks at, at most (the newest ones before the window).
 const RECALL_SCAN: usize = 1000;
@@ -682,7 +694,7 @@ const RECALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The context of PROTOCOL §6: system prompt, newest earlier messages that fit, new message;
 /// in `recall` mode, with the older turns most relevant to the new message.
 async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError> {
-    let (taken, prompt_tokens) = match input.memory {
+    let (taken, prompt_tokens, question_vector) = match input.memory {
         MemoryMode::Window => window(deps, input)?,
         MemoryMode::Recall => recall(deps, input).await?,
     };
@@ -749,6 +761,7 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         vault,
         trimmed,
         scope,
+        question_vector,
     })
 }
 
@@ -771,7 +784,7 @@ fn too_large(e: tokens::TooLarge) -> ApiError {
 }
 
 /// The newest earlier messages that fit, oldest first, and the prompt tokens.
-fn window(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), ApiError> {
+fn window(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     let mut taken = Vec::new();
     let mut read_error = None;
     let history = earlier(deps, input, &mut read_error).map(|m| {
@@ -786,7 +799,7 @@ fn window(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), A
     let (n, prompt_tokens) = fitted.map_err(too_large)?;
     taken.truncate(n);
     taken.reverse();
-    Ok((taken, prompt_tokens))
+    Ok((taken, prompt_tokens, None))
 }
 
 /// The new message's embedding, then each older message's: stored ones read back, the others
@@ -844,7 +857,7 @@ async fn recall_vectors(
 /// Recall mode: when everything fits, the window; otherwise the newest run within the budget
 /// less the recall share, plus the older turns most relevant to the new message within what is
 /// left, oldest first.
-async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u32), ApiError> {
+async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     let mut read_error = None;
     let all: Vec<MessageRecord> = earlier(deps, input, &mut read_error)
         .take(RECALL_SCAN)
@@ -858,7 +871,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
     let window_only = |n: usize, used: u32| {
         let mut run: Vec<MessageRecord> = all[..n].to_vec();
         run.reverse();
-        (run, used)
+        (run, used, None)
     };
     if n_all == all.len() {
         return Ok(window_only(n_all, used_all));
@@ -878,7 +891,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
     }
     let older = &all[n_run..];
     let embedded = tokio::time::timeout(RECALL_TIMEOUT, recall_vectors(deps, input, older)).await;
-    let Ok(Some(vectors)) = embedded else {
+    let Ok(Some(mut vectors)) = embedded else {
         tracing::warn!(
             "recall memory unavailable (embedding failed or too slow); sending the window"
         );
@@ -930,7 +943,9 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<(Vec<MessageRecord>, u
     let mut out: Vec<MessageRecord> = taken.iter().rev().map(|&p| older[p].clone()).collect();
     out.extend(all[..n_run].iter().rev().cloned());
     let used = deps.budget.limit.saturating_sub(spare);
-    Ok((out, used))
+    // The new message's vector serves the cache lookup too.
+    let question = vectors.swap_remove(0);
+    Ok((out, used, Some(question)))
 }
 
 /// Replaces PII in every message (the system prompt too, unless it is the operator's versioned

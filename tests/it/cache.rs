@@ -585,13 +585,12 @@ async fn entries_expire_and_the_size_cap_evicts_the_least_recently_used() {
 
 /// Recall memory embeds each stored message once (kept in storage), not at every turn: with a
 /// provider embedder, the texts sent to `/v1/embeddings` grow with the conversation, not with
-/// its square.
+/// its square, and the cache lookup uses the question's vector recall already has.
 #[tokio::test]
 async fn recall_memory_embeds_each_message_once() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let emb = MockUpstream::spawn(Behaviour::default()).unwrap();
     let mut cfg = with_provider_embedder(&up, &emb);
-    cfg.cache.enabled = false;
     cfg.context.budget_tokens = 300;
     cfg.context.reserve_output_tokens = 100;
     cfg.context.memory = parley::config::MemoryMode::Recall;
@@ -610,7 +609,8 @@ async fn recall_memory_embeds_each_message_once() {
         assert_eq!(done["type"], "done", "{done}");
     }
     let (requests, texts) = emb.embedding_requests();
-    assert!(requests > 0, "recall never ran");
+    // One request a turn: the cache lookup reuses the question's vector from recall.
+    assert_eq!(requests, turns, "{texts} texts");
     // At most the question of each turn plus each stored message once.
     assert!(
         texts <= turns + 2 * turns,

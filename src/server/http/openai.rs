@@ -124,7 +124,7 @@ pub async fn chat_completions(
             &request.messages,
             request.temperature,
         );
-        let looked = cache.lookup(key, p.tenant.as_str(), &question).await;
+        let looked = cache.lookup(key, p.tenant.as_str(), &question, None).await;
         match looked.outcome {
             Outcome::Hit(h)
                 if request
