@@ -230,15 +230,7 @@ async fn tenants_never_share_entries_and_opt_outs_are_honoured() {
     // What the cache saved is attributed to the tenant (records are written in batches).
     let end = std::time::Instant::now() + TIMEOUT;
     let text = loop {
-        let usage: Value = http()
-            .get(server.url("/v1/usage?group_by=model"))
-            .bearer_auth(&ka)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let usage = get_json_as(&server, "/v1/usage?group_by=model", Some(&ka)).await;
         let text = usage.to_string();
         if text.contains("\"cached_requests\":1") || std::time::Instant::now() > end {
             break text;

@@ -241,15 +241,7 @@ async fn usage_adds_up_to_what_the_upstream_reported_and_survives_a_restart() {
     );
     // Another tenant sees none of it.
     let (_, other) = server.create_key(json!({"tenant": "other"})).await;
-    let v: Value = http()
-        .get(server.url("/v1/usage"))
-        .bearer_auth(other)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json_as(&server, "/v1/usage", Some(&other)).await;
     assert_eq!(v["total"]["requests"], 0, "{v}");
 }
 

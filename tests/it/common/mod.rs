@@ -205,7 +205,18 @@ pub async fn get_text(server: &TestServer, path: &str) -> String {
 
 /// `GET path` without a key (development mode): the body as JSON.
 pub async fn get_json(server: &TestServer, path: &str) -> Value {
-    serde_json::from_str(&get_text(server, path).await).unwrap()
+    get_json_as(server, path, None).await
+}
+
+/// `GET path` with `key` (if any): the body as JSON.
+pub async fn get_json_as(server: &TestServer, path: &str, key: Option<&str>) -> Value {
+    with_key(http().get(server.url(path)), key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Creates a conversation over REST; answers its id.
