@@ -13,7 +13,7 @@ pub mod provider_embed;
 pub mod recall;
 pub mod service;
 
-pub use service::{Cache, CacheSettings, Hit, Looked, Outcome, ScopeParts};
+pub use service::{Cache, CacheSettings, Hit, Looked, Outcome, Query, ScopeParts};
 
 /// Whether two questions are a cache hit under the builtin embedder, a similarity threshold
 /// and the false-hit guards.

@@ -110,6 +110,15 @@ pub enum Outcome {
     Skipped,
 }
 
+/// What to look up: a question in a scope, from a tenant, for a reply of at most
+/// `max_tokens` completion tokens (a longer cached reply is no answer to it).
+pub struct Query<'a> {
+    pub key: ScopeKey,
+    pub tenant: &'a str,
+    pub question: &'a str,
+    pub max_tokens: Option<u32>,
+}
+
 /// A lookup's outcome and the question's vector (kept to insert the reply on a miss).
 pub struct Looked {
     pub outcome: Outcome,
@@ -122,6 +131,7 @@ enum Command {
         key: ScopeKey,
         tenant: String,
         question: String,
+        max_tokens: Option<u32>,
         vector: Vec<f32>,
         reply: oneshot::Sender<Outcome>,
     },
@@ -250,14 +260,14 @@ impl Cache {
         parts.key(&self.inner.embedder_id)
     }
 
-    /// Looks `question` up in scope `key`; `known` is its embedding when the caller has it.
-    pub async fn lookup(
-        &self,
-        key: ScopeKey,
-        tenant: &str,
-        question: &str,
-        known: Option<Vec<f32>>,
-    ) -> Looked {
+    /// Looks a question up; `known` is its embedding when the caller has it.
+    pub async fn lookup(&self, q: Query<'_>, known: Option<Vec<f32>>) -> Looked {
+        let Query {
+            key,
+            tenant,
+            question,
+            max_tokens,
+        } = q;
         let begun = Instant::now();
         let metrics = &self.inner.metrics;
         let timeout = self.inner.settings.lookup_timeout;
@@ -278,6 +288,7 @@ impl Cache {
             key,
             tenant: tenant.to_owned(),
             question: question.to_owned(),
+            max_tokens,
             vector: vector.clone(),
             reply,
         };
@@ -465,10 +476,17 @@ impl Worker {
                 key,
                 tenant,
                 question,
+                max_tokens,
                 vector,
                 reply,
             } => {
-                let outcome = self.lookup(&key, &tenant, &question, &vector);
+                let q = Query {
+                    key,
+                    tenant: &tenant,
+                    question: &question,
+                    max_tokens,
+                };
+                let outcome = self.lookup(&q, &vector);
                 let _ = reply.send(outcome);
             }
             Command::Insert { id, meta, vector } => {
@@ -497,7 +515,8 @@ impl Worker {
         }
     }
 
-    fn lookup(&mut self, key: &ScopeKey, tenant: &str, question: &str, vector: &[f32]) -> Outcome {
+    fn lookup(&mut self, q: &Query<'_>, vector: &[f32]) -> Outcome {
+        let (key, tenant, question) = (&q.key, q.tenant, q.question);
         let now = now_ms();
         let index = &mut self.index;
         let candidates = index.search(key, vector, CANDIDATES);
@@ -519,6 +538,9 @@ impl Worker {
                 continue;
             }
             match self.store.cache_entry(id) {
+                Ok(Some(record))
+                    if q.max_tokens
+                        .is_some_and(|m| record.usage.completion_tokens > m) => {}
                 Ok(Some(record)) if record.tenant == tenant && record.scope == scope => {
                     self.index.touch(id, now);
                     return Outcome::Hit(Hit {

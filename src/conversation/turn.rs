@@ -15,7 +15,7 @@ use super::fanout::Fanout;
 use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
 use super::Deps;
-use crate::cache::{Hit, Looked, Outcome, ScopeParts};
+use crate::cache::{Hit, Looked, Outcome, Query, ScopeParts};
 use crate::config::MemoryMode;
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::Leak;
@@ -150,28 +150,17 @@ async fn run_inner(
     };
     let mut looked: Option<Looked> = None;
     if let Some(key) = scope {
-        let l = deps
-            .cache
-            .lookup(
-                key,
-                input.principal.tenant.as_str(),
-                &input.content,
-                question_vector,
-            )
-            .await;
+        let query = Query {
+            key,
+            tenant: input.principal.tenant.as_str(),
+            question: &input.content,
+            max_tokens: input.options.max_tokens,
+        };
+        let l = deps.cache.lookup(query, question_vector).await;
         if let Outcome::Hit(hit) = &l.outcome {
-            // A reply longer than this request allows is not an answer to it.
-            let fits = input
-                .options
-                .max_tokens
-                .is_none_or(|m| hit.record.usage.completion_tokens <= m);
-            if fits {
-                return serve_hit(deps, fanout, &input, hit, billing, begun).await;
-            }
-            // The entry stays; this longer-limited answer is not cached beside it.
-        } else {
-            looked = Some(l);
+            return serve_hit(deps, fanout, &input, hit, billing, begun).await;
         }
+        looked = Some(l);
     }
     let reply_seq = input.user_seq + 1;
     let mut text = String::new();

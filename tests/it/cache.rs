@@ -643,3 +643,25 @@ async fn a_provider_embedder_outside_a_keys_regions_is_not_used() {
     assert!(hits(&mut ws, &up, "up", q).await);
     assert_eq!(emb.embedding_requests().0, 2);
 }
+
+/// A cached reply longer than a request's `max_tokens` is no answer to it: that request goes
+/// upstream, and the entry still serves requests it fits.
+#[tokio::test]
+async fn a_cached_reply_longer_than_max_tokens_is_not_served() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+    let q = "Describe a rainforest. [[mock:words=30]]";
+    assert!(!hits(&mut ws, &up, "up", q).await);
+    let conv = ws.create("up").await;
+    let before = up.requests();
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "m",
+                   "content": q, "options": {"max_tokens": 5}}),
+    )
+    .await;
+    let frames = ws.recv_until(|f| is_end_of(f, "m")).await;
+    assert_eq!(frames.last().unwrap()["cached"], false);
+    assert_eq!(up.requests(), before + 1);
+    assert!(hits(&mut ws, &up, "up", q).await, "the entry still serves");
+}

@@ -7,7 +7,7 @@ use futures_util::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::cache::{Cache, Hit, Outcome, ScopeParts};
+use crate::cache::{Cache, Hit, Outcome, Query, ScopeParts};
 use crate::error::{ApiError, ErrorCode};
 use crate::guard::injection::InjectionMode;
 use crate::guard::pii::{PiiMode, Restorer, Vault};
@@ -124,15 +124,15 @@ pub async fn chat_completions(
             &request.messages,
             request.temperature,
         );
-        let looked = cache.lookup(key, p.tenant.as_str(), &question, None).await;
+        let query = Query {
+            key,
+            tenant: p.tenant.as_str(),
+            question: &question,
+            max_tokens: request.max_tokens,
+        };
+        let looked = cache.lookup(query, None).await;
         match looked.outcome {
-            Outcome::Hit(h)
-                if request
-                    .max_tokens
-                    .is_none_or(|m| h.record.usage.completion_tokens <= m) =>
-            {
-                hit = Some(h);
-            }
+            Outcome::Hit(h) => hit = Some(h),
             _ => insert = looked.vector.map(|v| (cache.clone(), key, v, question)),
         }
     }
