@@ -101,6 +101,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
                 addr,
                 stats,
                 prefill,
+                kind: p.kind,
             }
         })
         .collect();

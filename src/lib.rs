@@ -5,6 +5,7 @@
 //! - [`config`]: `Config`, its embedded default, layering and validation.
 //! - [`app`]: builds the state, starts the actors, runs the HTTP server, shuts down cleanly.
 //! - [`server`]: the edges: HTTP routes (OpenAI, conversations, admin, health), SSE, WebSocket.
+//! - [`generation`]: the one generation path every face drives (guard, cache, route, stream, settle).
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
 //! - [`cache`]: semantic-cache building blocks: embedders and false-hit guards (not wired yet).
@@ -14,6 +15,8 @@
 //! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
 //! - [`store`]: the only module that touches sled.
 //! - [`mock_upstream`]: the fake provider used by the CLI, the tests and the benches.
+//! - [`domain`]: plain types every layer shares (messages, parts, tools, usage, finish reasons).
+//! - [`wire`]: the OpenAI and Anthropic wire formats as typed serde structs, and their mapping.
 //! - [`error`]: the protocol's error codes, one mapping to HTTP and WebSocket.
 //! - [`metrics`], [`telemetry`]: Prometheus registry and tracing setup.
 
@@ -22,7 +25,9 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod conversation;
+pub mod domain;
 pub mod error;
+pub mod generation;
 pub mod guard;
 pub mod ids;
 pub mod limits;
@@ -34,3 +39,4 @@ pub mod store;
 pub mod telemetry;
 pub mod tenant;
 pub mod tokens;
+pub mod wire;

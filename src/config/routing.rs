@@ -83,6 +83,10 @@ pub struct RouteConfig {
     /// Whether this route's turns use the semantic cache.
     #[serde(default = "yes")]
     pub cache: bool,
+    /// Request parameters that a target cannot honour and may be left out for it (by their
+    /// OpenAI names, as `logprobs`); any other such parameter is refused with `bad_request`.
+    #[serde(default)]
+    pub drop_unsupported: Vec<String>,
 }
 
 /// How a route orders its targets for each request.
@@ -147,6 +151,7 @@ impl RouteConfig {
             pii: crate::guard::pii::PiiMode::default(),
             injection: crate::guard::injection::InjectionMode::default(),
             cache: true,
+            drop_unsupported: Vec::new(),
         }
     }
 }

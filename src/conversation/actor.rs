@@ -20,7 +20,7 @@ use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
 use crate::error::{ApiError, ErrorCode};
-use crate::guard::injection::InjectionMode;
+use crate::generation::Screened;
 use crate::guard::pii::PiiMode;
 use crate::store::ConversationRecord;
 use crate::tenant::{Bill, Principal};
@@ -236,43 +236,6 @@ impl ConversationActor {
         })
     }
 
-    /// The guardrails on a new user message, before it is stored: PII in `block` mode and
-    /// prompt injections in `block` mode refuse it; `flag` mode marks it.
-    fn screen(
-        &self,
-        route: &str,
-        principal: &Principal,
-        content: &str,
-    ) -> Result<(PiiMode, Vec<String>), ApiError> {
-        let (route_pii, injection) = self.deps.router.guards(route);
-        let pii = principal.pii().unwrap_or(route_pii);
-        if pii == PiiMode::Block {
-            let kinds = crate::guard::pii::detect(content);
-            if !kinds.is_empty() {
-                self.deps.metrics.guard_event("pii", "block");
-                let msg = format!("the message contains personal data ({})", kinds.join(", "));
-                return Err(ApiError::new(ErrorCode::Blocked, msg));
-            }
-        }
-        let mut flags = Vec::new();
-        if injection != InjectionMode::Off {
-            let verdict = crate::guard::injection::screen(content);
-            if verdict.is_injection() {
-                tracing::warn!(conversation = %self.record.id, score = verdict.score, signals = ?verdict.signals, "prompt injection");
-                if injection == InjectionMode::Block {
-                    self.deps.metrics.guard_event("prompt_injection", "block");
-                    return Err(ApiError::new(
-                        ErrorCode::Blocked,
-                        "the message looks like a prompt injection",
-                    ));
-                }
-                self.deps.metrics.guard_event("prompt_injection", "flag");
-                flags.push("prompt_injection".to_owned());
-            }
-        }
-        Ok((pii, flags))
-    }
-
     /// The prompt tokens this turn will likely send: system prompt, new message and the stored
     /// history that fits the budget.
     fn estimate_prompt(&self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
@@ -281,7 +244,7 @@ impl ConversationActor {
             .store
             .messages_newest_first(&self.record.id)
             .map_while(Result::ok)
-            .filter(|m| !m.content.is_empty())
+            .filter(|m| m.is_sent())
             .map(|m| m.tokens);
         let (_, used) = fit_history(self.deps.budget, system, tokens, history)
             .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
@@ -451,7 +414,8 @@ impl Handler<PostUserMessage> for ConversationActor {
         self.deps
             .router
             .check_regions(route, msg.principal.regions())?;
-        let (pii, flags) = self.screen(route, &msg.principal, &msg.content)?;
+        let Screened { pii, flags } =
+            crate::generation::screen(&self.deps, route, &msg.principal, &msg.content, [])?;
         // Reserved before the turn is stored or queued: a key over its limits is refused here,
         // before anything reaches an upstream.
         let estimate = self.estimate_prompt(system, msg.tokens)?;

@@ -60,7 +60,7 @@ impl Registry {
         }
     }
 
-    pub fn deps(&self) -> &Deps {
+    pub fn deps(&self) -> &Arc<Deps> {
         &self.inner.deps
     }
 

@@ -15,15 +15,15 @@ use super::fanout::Fanout;
 use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
 use super::Deps;
-use crate::cache::{Hit, Looked, Outcome, Query, ScopeParts};
+use crate::cache::ScopeParts;
 use crate::config::MemoryMode;
+use crate::domain::{Message, Role};
 use crate::error::{ApiError, ErrorCode};
-use crate::guard::injection::Leak;
-use crate::guard::pii::{PiiMode, Restorer, Vault};
+use crate::generation::{self, CacheSlot, Event, Request, Sink};
+use crate::guard::pii::{PiiMode, Vault};
 use crate::ids::{unix_now, ConversationId};
-use crate::provider::{ChatMessage, ChatRequest, UpstreamEvent};
-use crate::store::UsageRecord;
-use crate::store::{CacheRecord, MessageRecord, ReplyMeta, Role, StoredError, Usage};
+use crate::provider::ChatRequest;
+use crate::store::{MessageRecord, ReplyMeta, StoredError, Usage};
 use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, fit_history, Encoding};
 
@@ -54,20 +54,6 @@ pub struct TurnInput {
     pub memory: MemoryMode,
 }
 
-/// How a reply ended, before it is stored.
-struct Ending {
-    finish_reason: &'static str,
-    error: Option<ApiError>,
-    usage: Option<Usage>,
-    model: Option<String>,
-    /// The provider that finished the reply, when it is not the one that started it.
-    provider: Option<String>,
-    /// Guardrail findings on the reply.
-    flags: Vec<String>,
-    /// The upstream itself said the reply is complete (`stop`): only such a reply is cached.
-    complete: bool,
-}
-
 /// Runs one turn; answers the conversation's `last_seq` afterwards.
 pub async fn run(
     deps: Arc<Deps>,
@@ -88,14 +74,41 @@ pub async fn run(
         .await
 }
 
+/// The turn's listeners: every subscriber of the conversation, as frames.
+struct FanoutSink<'a> {
+    fanout: &'a Fanout,
+    conversation: &'a ConversationId,
+    client_id: &'a str,
+    reply_to: u64,
+}
+
+impl Sink for FanoutSink<'_> {
+    async fn emit(&mut self, event: Event) {
+        let frame = match event {
+            Event::Text(text) => ServerFrame::Delta {
+                conversation: self.conversation.clone(),
+                reply_to: self.reply_to,
+                text,
+            },
+            Event::Switched { from, to } => ServerFrame::Notice {
+                conversation: self.conversation.clone(),
+                reply_to: self.reply_to,
+                code: "provider_switched",
+                message: format!("the reply continues on {to} after {from} failed"),
+                provider: to,
+            },
+            Event::Started { .. } | Event::ToolCall(_) | Event::Logprobs(_) => return,
+        };
+        self.fanout.broadcast(&frame, Some(self.client_id));
+    }
+}
+
 async fn run_inner(
     deps: &Deps,
     fanout: &Fanout,
     mut input: TurnInput,
     cancel: &CancellationToken,
 ) -> u64 {
-    // Settles the key's reservation however the turn ends (even by a panic).
-    let mut billing = input.bill.take();
     let conv = input.conversation.clone();
     let cid = input.client_id.clone();
     let fail = |err: ApiError, reply_to: Option<u64>| {
@@ -134,188 +147,67 @@ async fn run_inner(
     }
 
     let begun = Instant::now();
-    let Built {
-        request,
-        prompt_tokens,
-        vault,
-        trimmed: trimmed_tokens,
-        scope,
-        question_vector,
-    } = match build_request(deps, &input).await {
+    let built = match build_request(deps, &input).await {
         Ok(r) => r,
         Err(e) => {
             fail(e, Some(input.user_seq));
             return input.user_seq;
         }
     };
-    let mut looked: Option<Looked> = None;
-    if let Some(key) = scope {
-        let query = Query {
+    let request = Request {
+        route: input.route.clone(),
+        principal: input.principal.clone(),
+        chat: built.request,
+        prompt_tokens: built.prompt_tokens,
+        encoding: input.encoding,
+        vault: built.vault,
+        system: input.system.clone(),
+        cache: built.scope.map(|key| CacheSlot {
             key,
-            tenant: input.principal.tenant.as_str(),
-            question: &input.content,
-            max_tokens: input.options.max_tokens,
-        };
-        let l = deps.cache.lookup(query, question_vector).await;
-        if let Outcome::Hit(hit) = &l.outcome {
-            return serve_hit(deps, fanout, &input, hit, billing, begun).await;
-        }
-        looked = Some(l);
-    }
+            question: input.content.clone(),
+            vector: built.question_vector,
+        }),
+        conversation: Some(conv.clone()),
+        trimmed_tokens: built.trimmed,
+        bill: input.bill.take(),
+        begun,
+    };
+    let mut sink = FanoutSink {
+        fanout,
+        conversation: &conv,
+        client_id: &cid,
+        reply_to: input.user_seq,
+    };
+    let out = generation::run(deps, request, &mut sink, cancel).await;
     let reply_seq = input.user_seq + 1;
-    let mut text = String::new();
-    let started = tokio::select! {
-        () = cancel.cancelled() => None,
-        started = deps.router.start(&input.route, request.clone(), prompt_tokens, input.principal.regions()) => Some(started),
-    };
-    let (ending, provider, model, ttft) = match started {
-        // Cancelled before any target answered: `done` still names where the turn was going.
-        None => {
-            let (provider, model) = deps.router.primary_target(&input.route).unwrap_or_default();
-            (ending("cancelled", None), provider, model, None)
-        }
-        Some(Err(e)) => {
-            let err: ApiError = e.into();
-            (
-                ending("error", Some(err)),
-                String::new(),
-                String::new(),
-                None,
-            )
-        }
-        Some(Ok(started)) => {
-            let span = tracing::Span::current();
-            span.record("provider", started.provider.as_str());
-            span.record("ttft_ms", started.ttft.as_millis() as u64);
-            let (provider, model, ttft) = (
-                started.provider.clone(),
-                started.model.clone(),
-                started.ttft,
-            );
-            let ctx = StreamCtx {
-                fanout,
-                conv: &conv,
-                client_id: &cid,
-                reply_to: input.user_seq,
-                deps,
-                route: &input.route,
-                request: &request,
-                tokens: prompt_tokens,
-                regions: input.principal.regions(),
-                vault: vault.as_ref(),
-                system: input.system.as_deref(),
-            };
-            let ending = stream(&ctx, started, &mut text, cancel).await;
-            let provider = ending.provider.clone().unwrap_or(provider);
-            (ending, provider, model, Some(ttft))
-        }
-    };
-    deps.metrics
-        .observe_turn(&provider, ttft, ending.error.as_ref().map(|e| e.code));
-
-    let completion_tokens = tokens::count_async(input.encoding, text.clone()).await;
-    // A turn that never reached a provider (refused, cancelled before it started) used nothing.
-    let reached = ttft.is_some();
-    let usage = match (ending.usage, reached) {
-        (Some(u), _) => u,
-        (None, true) => Usage::new(prompt_tokens, completion_tokens),
-        (None, false) => Usage::default(),
-    };
-    let model = ending.model.unwrap_or(model);
     let reply = MessageRecord {
-        flags: ending.flags.clone(),
+        flags: out.flags.clone(),
         seq: reply_seq,
         role: Role::Assistant,
-        content: text,
+        content: out.text,
         created_at: unix_now(),
         client_id: None,
-        finish_reason: Some(ending.finish_reason.to_owned()),
-        tokens: completion_tokens,
+        finish_reason: Some(out.finish.as_str().to_owned()),
+        tokens: out.completion_tokens,
         reply: Some(ReplyMeta {
             reply_to: input.user_seq,
-            usage,
-            cached: false,
-            provider: provider.clone(),
-            model: model.clone(),
-            ttft_ms: ttft.map(|t| t.as_millis() as u64),
+            usage: out.usage,
+            cached: out.cached,
+            provider: out.provider,
+            model: out.model,
+            ttft_ms: out.ttft.map(|t| t.as_millis() as u64),
             prompt_version: input.prompt_version.clone(),
-            error: ending.error.as_ref().map(|e| StoredError {
+            error: out.error.as_ref().map(|e| StoredError {
                 code: e.code,
                 message: e.message.clone(),
             }),
         }),
     };
-    deps.metrics.add_tokens(&provider, usage);
-    if ending.usage.is_some() && usage.completion_tokens != completion_tokens {
-        tracing::debug!(
-            reported = usage.completion_tokens,
-            counted = completion_tokens,
-            "upstream usage differs from our count; the upstream's wins"
-        );
-    }
-    let cost = deps.governor.prices().cost(
-        &model,
-        u64::from(usage.prompt_tokens),
-        u64::from(usage.completion_tokens),
-    );
-    if let Some(b) = billing.as_mut() {
-        b.set(u64::from(usage.total_tokens), cost);
-    }
-    if reached {
-        deps.usage
-            .record(UsageRecord {
-                prompt_tokens: usage.prompt_tokens,
-                completion_tokens: usage.completion_tokens,
-                ttft_ms: ttft.map(|t| t.as_millis() as u64),
-                cost,
-                trimmed_tokens,
-                ..usage_record(&input, &provider, &model, begun, ending.finish_reason)
-            })
-            .await;
-    }
     if let Err(e) = deps.store.append_message(&conv, &reply).await {
         fail(e.into(), Some(input.user_seq));
         return input.user_seq;
     }
-    tracing::debug!(
-        elapsed_ms = begun.elapsed().as_millis() as u64,
-        finish_reason = ending.finish_reason,
-        "turn finished"
-    );
-    // Only a complete reply is cached (never a cancelled, cut, interrupted or failed one), and
-    // before `done`, so the next question after it can already hit.
-    let complete = ending.complete
-        && ending.finish_reason == "stop"
-        && ending.error.is_none()
-        && ending.flags.is_empty()
-        && !reply.content.is_empty();
-    if let (
-        true,
-        Some(Looked {
-            vector: Some(vector),
-            key,
-            ..
-        }),
-    ) = (complete, looked)
-    {
-        deps.cache.insert(
-            key,
-            vector,
-            CacheRecord {
-                tenant: input.principal.tenant.as_str().to_owned(),
-                scope: String::new(),
-                question: input.content.clone(),
-                reply: reply.content.clone(),
-                usage,
-                provider: provider.clone(),
-                model: model.clone(),
-                conversation: Some(conv.clone()),
-                created_ms: 0,
-                expires_ms: 0,
-            },
-        );
-    }
-    match ending.error {
+    match out.error {
         Some(err) => fail(err, Some(input.user_seq)),
         None => {
             if let Some(done) = outcome_frame(&conv, &reply, &cid) {
@@ -324,337 +216,6 @@ async fn run_inner(
         }
     }
     reply_seq
-}
-
-/// Pieces a cached reply is streamed in: a few words each, white space kept, so clients render
-/// it as they render any stream.
-fn chunks(text: &str) -> Vec<String> {
-    const WORDS: usize = 4;
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut words = 0;
-    for (i, piece) in text.split_inclusive(char::is_whitespace).enumerate() {
-        cur.push_str(piece);
-        if piece.ends_with(char::is_whitespace) {
-            words += 1;
-        }
-        if words >= WORDS && i > 0 {
-            out.push(std::mem::take(&mut cur));
-            words = 0;
-        }
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
-}
-
-/// Serves a cache hit: the stored reply streams through the same `delta`s, is stored like any
-/// reply (marked `cached`, with the original reply's usage and provider), and `done` follows.
-/// No upstream is called and the key is charged nothing; the usage record notes what the hit
-/// saved.
-async fn serve_hit(
-    deps: &Deps,
-    fanout: &Fanout,
-    input: &TurnInput,
-    hit: &Hit,
-    mut billing: Option<Bill>,
-    begun: Instant,
-) -> u64 {
-    let conv = &input.conversation;
-    let cid = &input.client_id;
-    let rec = &hit.record;
-    tracing::debug!(entry = hit.id, similarity = hit.similarity, "cache hit");
-    let ttft = begun.elapsed();
-    for text in chunks(&rec.reply) {
-        let frame = ServerFrame::Delta {
-            conversation: conv.clone(),
-            reply_to: input.user_seq,
-            text,
-        };
-        fanout.broadcast(&frame, Some(cid));
-    }
-    let completion_tokens = tokens::count_async(input.encoding, rec.reply.clone()).await;
-    let reply = MessageRecord {
-        flags: Vec::new(),
-        seq: input.user_seq + 1,
-        role: Role::Assistant,
-        content: rec.reply.clone(),
-        created_at: unix_now(),
-        client_id: None,
-        finish_reason: Some("stop".into()),
-        tokens: completion_tokens,
-        reply: Some(ReplyMeta {
-            reply_to: input.user_seq,
-            usage: rec.usage,
-            cached: true,
-            provider: rec.provider.clone(),
-            model: rec.model.clone(),
-            ttft_ms: Some(ttft.as_millis() as u64),
-            prompt_version: input.prompt_version.clone(),
-            error: None,
-        }),
-    };
-    if let Some(b) = billing.as_mut() {
-        b.set(0, 0.0);
-    }
-    deps.metrics.observe_turn("cache", Some(ttft), None);
-    let saved_cost = deps.governor.prices().cost(
-        &rec.model,
-        u64::from(rec.usage.prompt_tokens),
-        u64::from(rec.usage.completion_tokens),
-    );
-    deps.usage
-        .record(UsageRecord {
-            cached: true,
-            ttft_ms: Some(ttft.as_millis() as u64),
-            saved_tokens: rec.usage.total_tokens,
-            saved_cost,
-            ..usage_record(input, &rec.provider, &rec.model, begun, "stop")
-        })
-        .await;
-    if let Err(e) = deps.store.append_message(conv, &reply).await {
-        let mut frame = ErrorFrame::new(&e.into());
-        frame.conversation = Some(conv.clone());
-        frame.client_id = Some(cid.clone());
-        frame.reply_to = Some(input.user_seq);
-        fanout.broadcast(&ServerFrame::Error(frame), Some(cid));
-        return input.user_seq;
-    }
-    if let Some(done) = outcome_frame(conv, &reply, cid) {
-        fanout.broadcast(&done, Some(cid));
-    }
-    input.user_seq + 1
-}
-
-/// A usage record of this turn with nothing used, cached or saved yet.
-fn usage_record(
-    input: &TurnInput,
-    provider: &str,
-    model: &str,
-    begun: Instant,
-    finish_reason: &str,
-) -> UsageRecord {
-    UsageRecord {
-        ts_ms: chrono::Utc::now().timestamp_millis(),
-        tenant: input.principal.tenant.clone(),
-        key_id: input.principal.key_id.clone(),
-        conversation: Some(input.conversation.clone()),
-        route: input.route.clone(),
-        provider: provider.to_owned(),
-        model: model.to_owned(),
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        cached: false,
-        latency_ms: begun.elapsed().as_millis() as u64,
-        ttft_ms: None,
-        cost: 0.0,
-        trimmed_tokens: 0,
-        finish_reason: finish_reason.to_owned(),
-        saved_tokens: 0,
-        saved_cost: 0.0,
-    }
-}
-
-/// What the streaming loop needs besides the stream itself.
-struct StreamCtx<'a> {
-    fanout: &'a Fanout,
-    conv: &'a ConversationId,
-    client_id: &'a str,
-    reply_to: u64,
-    deps: &'a Deps,
-    route: &'a str,
-    request: &'a ChatRequest,
-    tokens: u32,
-    regions: Option<&'a [String]>,
-    vault: Option<&'a Vault>,
-    system: Option<&'a str>,
-}
-
-/// How many times one reply may move to another target after its stream broke.
-const MAX_SWITCHES: usize = 2;
-
-/// Forwards deltas until the reply ends, fails, or is cancelled. With the route's
-/// `continue_on_fallback`, a stream that breaks after text moves to another target, which
-/// continues from the partial reply; the client's deltas simply go on.
-async fn stream(
-    cx: &StreamCtx<'_>,
-    started: crate::provider::Started,
-    text: &mut String,
-    cancel: &CancellationToken,
-) -> Ending {
-    let mut guards = Guards {
-        restorer: cx.vault.map(|v| (Restorer::default(), v)),
-        leak: Leak::new(cx.system.unwrap_or_default()),
-    };
-    let ending = stream_inner(cx, started, text, cancel, &mut guards).await;
-    // Text held back as a possible placeholder goes out before the turn ends.
-    guards.flush(cx, text);
-    ending
-}
-
-/// What the stream passes each delta through: PII restoration and the leak watcher.
-struct Guards<'a> {
-    restorer: Option<(Restorer, &'a Vault)>,
-    leak: Leak,
-}
-
-impl Guards<'_> {
-    /// Sends and keeps the text the restorer still holds back.
-    fn flush(&mut self, cx: &StreamCtx<'_>, text: &mut String) {
-        let Some((restorer, vault)) = self.restorer.as_mut() else {
-            return;
-        };
-        let rest = restorer.finish(vault);
-        if !rest.is_empty() {
-            text.push_str(&rest);
-            let frame = ServerFrame::Delta {
-                conversation: cx.conv.clone(),
-                reply_to: cx.reply_to,
-                text: rest,
-            };
-            cx.fanout.broadcast(&frame, Some(cx.client_id));
-        }
-    }
-}
-
-async fn stream_inner(
-    cx: &StreamCtx<'_>,
-    started: crate::provider::Started,
-    text: &mut String,
-    cancel: &CancellationToken,
-    guards: &mut Guards<'_>,
-) -> Ending {
-    let mut provider = started.provider;
-    let mut rest = started.rest;
-    let mut next = Some(started.first);
-    let mut switches = 0;
-    loop {
-        let event = match next.take() {
-            Some(e) => e,
-            None => tokio::select! {
-                () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
-                e = rest.recv() => e.unwrap_or_else(|| {
-                    UpstreamEvent::Failed(crate::provider::ProviderError::Interrupted {
-                        provider: provider.clone(),
-                        message: "generation ended without a result".into(),
-                    })
-                }),
-            },
-        };
-        match event {
-            UpstreamEvent::Delta(delta) => {
-                let delta = match guards.restorer.as_mut() {
-                    Some((restorer, vault)) => restorer.push(vault, &delta),
-                    None => delta,
-                };
-                if delta.is_empty() {
-                    continue;
-                }
-                let leaked = guards.leak.push(&delta);
-                text.push_str(&delta);
-                let frame = ServerFrame::Delta {
-                    conversation: cx.conv.clone(),
-                    reply_to: cx.reply_to,
-                    text: delta,
-                };
-                cx.fanout.broadcast(&frame, Some(cx.client_id));
-                if leaked {
-                    tracing::warn!(conversation = %cx.conv, "reply reproduces the system prompt; cut");
-                    cx.deps.metrics.guard_event("system_prompt_leak", "cut");
-                    let mut cut = ending("content_filter", None);
-                    cut.flags.push("system_prompt_leak".into());
-                    return cut.switched(switches, &provider);
-                }
-            }
-            UpstreamEvent::Finished {
-                finish_reason,
-                usage,
-                model,
-            } => {
-                let done = Ending {
-                    finish_reason: crate::provider::shown_finish_reason(&finish_reason),
-                    error: None,
-                    usage,
-                    model,
-                    provider: None,
-                    flags: Vec::new(),
-                    complete: finish_reason == "stop",
-                };
-                return done.switched(switches, &provider);
-            }
-            UpstreamEvent::Failed(e) if !text.is_empty() => {
-                tracing::warn!(error = %e, %provider, "upstream stream broke after text was sent");
-                if switches < MAX_SWITCHES && cx.deps.router.continues_on_fallback(cx.route) {
-                    // Text the restorer holds back belongs to the part already written.
-                    guards.flush(cx, text);
-                    let partial = upstream_text(cx, text);
-                    let resumed = tokio::select! {
-                        () = cancel.cancelled() => return ending("cancelled", None).switched(switches, &provider),
-                        r = cx.deps.router.continue_reply(cx.route, cx.request, cx.tokens, &partial, &provider, cx.regions) => r,
-                    };
-                    match resumed {
-                        Ok(s) => {
-                            tracing::info!(from = %provider, to = %s.provider, "reply continues on another target");
-                            let notice = ServerFrame::Notice {
-                                conversation: cx.conv.clone(),
-                                reply_to: cx.reply_to,
-                                code: "provider_switched",
-                                message: format!(
-                                    "the reply continues on {} after {provider} failed",
-                                    s.provider
-                                ),
-                                provider: s.provider.clone(),
-                            };
-                            cx.fanout.broadcast(&notice, Some(cx.client_id));
-                            switches += 1;
-                            provider = s.provider;
-                            rest = s.rest;
-                            next = Some(s.first);
-                            continue;
-                        }
-                        Err(e2) => {
-                            tracing::warn!(error = %e2, "no target could continue the reply")
-                        }
-                    }
-                }
-                let err = ApiError::new(ErrorCode::UpstreamInterrupted, e.to_string());
-                return ending("interrupted", Some(err)).switched(switches, &provider);
-            }
-            UpstreamEvent::Failed(e) => return ending("error", Some(e.into())),
-        }
-    }
-}
-
-/// The reply so far as the upstream wrote it (with placeholders, never the restored PII).
-fn upstream_text(cx: &StreamCtx<'_>, text: &str) -> String {
-    match cx.vault {
-        Some(vault) => vault.clone().redact(text).0,
-        None => text.to_owned(),
-    }
-}
-
-impl Ending {
-    /// After a switch the upstream's usage covers only the last part: count it ourselves.
-    fn switched(mut self, switches: usize, provider: &str) -> Self {
-        if switches > 0 {
-            self.usage = None;
-            self.provider = Some(provider.to_owned());
-        }
-        self
-    }
-}
-
-fn ending(finish_reason: &'static str, error: Option<ApiError>) -> Ending {
-    Ending {
-        finish_reason,
-        error,
-        usage: None,
-        model: None,
-        provider: None,
-        flags: Vec::new(),
-        complete: false,
-    }
 }
 
 /// A turn's upstream request and what it was built from.
@@ -715,19 +276,10 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
     });
     let mut messages = Vec::with_capacity(taken.len() + 2);
     if let Some(system) = &input.system {
-        messages.push(ChatMessage {
-            role: "system",
-            content: system.clone(),
-        });
+        messages.push(Message::text(Role::System, system.clone()));
     }
-    messages.extend(taken.into_iter().map(|m| ChatMessage {
-        role: m.role.as_str(),
-        content: m.content,
-    }));
-    messages.push(ChatMessage {
-        role: "user",
-        content: input.content.clone(),
-    });
+    messages.extend(taken.into_iter().map(|m| Message::text(m.role, m.content)));
+    messages.push(Message::text(Role::User, input.content.clone()));
     let vault = match input.pii {
         // A versioned prompt is the operator's; a conversation's own system text is the client's.
         PiiMode::Redact => Some(redact(
@@ -739,10 +291,10 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         PiiMode::Off | PiiMode::Block => None,
     };
     let request = ChatRequest {
-        model: String::new(),
         messages,
         max_tokens: input.options.max_tokens,
         temperature: input.options.temperature,
+        ..ChatRequest::default()
     };
     Ok(Built {
         request,
@@ -765,7 +317,7 @@ fn earlier<'a>(
     deps.store
         .messages_newest_first(&input.conversation)
         .filter_map(move |m| m.map_err(|e| *read_error = Some(e)).ok())
-        .filter(move |m| m.seq < user_seq && !m.content.is_empty())
+        .filter(move |m| m.seq < user_seq && m.is_sent())
 }
 
 fn too_large(e: tokens::TooLarge) -> ApiError {
@@ -943,16 +495,16 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
 fn redact(
     deps: &Deps,
     conv: &ConversationId,
-    messages: &mut [ChatMessage],
+    messages: &mut [Message],
     system_too: bool,
 ) -> Result<Vault, ApiError> {
     let mut vault: Vault = deps.store.pii_vault(conv)?.unwrap_or_default();
     let before = vault.clone();
     for m in messages
         .iter_mut()
-        .filter(|m| system_too || m.role != "system")
+        .filter(|m| system_too || m.role != Role::System)
     {
-        m.content = vault.redact(&m.content).0;
+        m.content.map_text(|t| vault.redact(t).0);
     }
     if vault != before {
         deps.store.put_pii_vault(conv, &vault)?;

@@ -256,7 +256,9 @@ async fn forward(
             let Some(event) = event else { break };
             ttft.get_or_insert_with(|| begun.elapsed());
             let outcome = match &event {
-                UpstreamEvent::Delta(_) => None,
+                UpstreamEvent::Delta(_)
+                | UpstreamEvent::ToolCall(_)
+                | UpstreamEvent::Logprobs(_) => None,
                 UpstreamEvent::Finished { usage, .. } => Some(Outcome::Succeeded {
                     usage: *usage,
                     ttft: ttft.unwrap_or_default(),
@@ -282,6 +284,8 @@ async fn forward(
 fn status_of(e: &ProviderError) -> Option<u16> {
     match e {
         ProviderError::Status { status, .. } => Some(*status),
+        // The request could not be put in the provider's format: the client's fault, as a 400.
+        ProviderError::Invalid { .. } => Some(400),
         _ => None,
     }
 }

@@ -6,17 +6,15 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::openai::send;
 use super::sse::{self, Decoded, Decoder};
-use super::{ChatMessage, ChatRequest, Observed, UpstreamEvent};
-use crate::store::Usage;
+use super::{ChatRequest, Observed, ProviderError, UpstreamEvent};
+use crate::domain::{FinishReason, ToolCallDelta, UpstreamFinish, Usage};
+use crate::wire::anthropic::{self, finish_of, BlockDelta, StartBlock, StreamEvent, ANSWER_TOOL};
 
 pub const API_VERSION: &str = "2023-06-01";
-/// Anthropic requires `max_tokens`; this is used when the client gives none.
-pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 
 pub struct AnthropicClient {
     name: String,
@@ -48,7 +46,21 @@ impl AnthropicClient {
     }
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
-        let body = request_body(&req);
+        let body = match anthropic::encode(&req) {
+            Ok(b) => b,
+            Err(message) => {
+                let e = ProviderError::Invalid {
+                    provider: self.name.clone(),
+                    message,
+                };
+                let _ = tx.send(UpstreamEvent::Failed(e)).await;
+                return;
+            }
+        };
+        let decoder = AnthropicDecoder {
+            answer_tool: anthropic::wants_answer_tool(&req),
+            ..AnthropicDecoder::default()
+        };
         let mut request = self
             .http
             .post(&self.url)
@@ -68,7 +80,7 @@ impl AnthropicClient {
         sse::pump(
             &self.name,
             response.bytes_stream(),
-            AnthropicDecoder::default(),
+            decoder,
             self.timeout,
             &tx,
         )
@@ -76,117 +88,135 @@ impl AnthropicClient {
     }
 }
 
-/// The Messages API body of a request.
-pub fn request_body(req: &ChatRequest) -> serde_json::Value {
-    let system: Vec<&str> = req
-        .messages
-        .iter()
-        .filter(|m| m.role == "system")
-        .map(|m| m.content.as_str())
-        .collect();
-    let mut messages: Vec<ChatMessage> = Vec::new();
-    for m in req.messages.iter().filter(|m| m.role != "system") {
-        match messages.last_mut() {
-            Some(last) if last.role == m.role => {
-                last.content.push_str("\n\n");
-                last.content.push_str(&m.content);
-            }
-            _ => messages.push(m.clone()),
-        }
-    }
-    let mut body = json!({
-        "model": req.model,
-        "messages": messages,
-        "max_tokens": req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-        "stream": true,
-    });
-    if !system.is_empty() {
-        body["system"] = system.join("\n\n").into();
-    }
-    if let Some(t) = req.temperature {
-        body["temperature"] = t.into();
-    }
-    body
-}
-
+/// Reads a Messages stream. Tool-use blocks become tool-call fragments numbered in the order
+/// they start; the input of [`ANSWER_TOOL`] (a structured answer) becomes text instead.
 #[derive(Debug, Default)]
 pub struct AnthropicDecoder {
-    finish_reason: Option<String>,
+    finish: Option<UpstreamFinish>,
     input_tokens: u32,
     output_tokens: Option<u32>,
     model: Option<String>,
+    /// Whether the request asked for a structured answer through the answer tool.
+    answer_tool: bool,
+    /// Content block index → what it carries.
+    blocks: Vec<(u32, BlockKind)>,
+    tool_calls: u32,
+    answered: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Text,
+    Tool(u32),
+    Answer,
+    Other,
+}
+
+impl AnthropicDecoder {
+    fn kind(&self, index: u32) -> BlockKind {
+        self.blocks
+            .iter()
+            .find(|(i, _)| *i == index)
+            .map_or(BlockKind::Text, |(_, k)| *k)
+    }
 }
 
 impl Decoder for AnthropicDecoder {
-    fn decode(&mut self, event: &str, data: &str) -> Result<Decoded, String> {
-        let v: serde_json::Value = match event {
-            "ping" => return Ok(Decoded::Nothing),
-            _ => {
-                serde_json::from_str(data).map_err(|e| format!("{event} event is not JSON: {e}"))?
+    fn decode(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<UpstreamEvent>,
+    ) -> Result<Decoded, String> {
+        if event == "ping" {
+            return Ok(Decoded::More);
+        }
+        let ev: StreamEvent =
+            serde_json::from_str(data).map_err(|e| format!("{event} event: {e}"))?;
+        match ev {
+            StreamEvent::MessageStart { message } => {
+                self.input_tokens = message.usage.map_or(0, |u| u.input_tokens);
+                self.model = message.model;
             }
-        };
-        let num = |p: &str| {
-            v.pointer(p)
-                .and_then(serde_json::Value::as_u64)
-                .and_then(|n| u32::try_from(n).ok())
-        };
-        match event {
-            "message_start" => {
-                self.input_tokens = num("/message/usage/input_tokens").unwrap_or(0);
-                self.model = v
-                    .pointer("/message/model")
-                    .and_then(|m| m.as_str())
-                    .map(str::to_owned);
-                Ok(Decoded::Nothing)
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block,
+            } => {
+                let kind = match content_block {
+                    StartBlock::Text { text } => {
+                        if !text.is_empty() {
+                            out.push(UpstreamEvent::Delta(text));
+                        }
+                        BlockKind::Text
+                    }
+                    StartBlock::ToolUse { name, .. } if self.answer_tool && name == ANSWER_TOOL => {
+                        self.answered = true;
+                        BlockKind::Answer
+                    }
+                    StartBlock::ToolUse { id, name } => {
+                        let n = self.tool_calls;
+                        self.tool_calls += 1;
+                        out.push(UpstreamEvent::ToolCall(ToolCallDelta {
+                            index: n,
+                            id: Some(id),
+                            name: Some(name),
+                            arguments: String::new(),
+                        }));
+                        BlockKind::Tool(n)
+                    }
+                    StartBlock::Other => BlockKind::Other,
+                };
+                self.blocks.push((index, kind));
             }
-            "content_block_delta" => {
-                let text = v
-                    .pointer("/delta/text")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or_default();
-                Ok(Decoded::Delta(text.to_owned()))
-            }
-            "message_delta" => {
-                if let Some(reason) = v.pointer("/delta/stop_reason").and_then(|r| r.as_str()) {
-                    self.finish_reason = Some(map_stop_reason(reason).to_owned());
+            StreamEvent::ContentBlockDelta { index, delta } => match (self.kind(index), delta) {
+                (BlockKind::Text, BlockDelta::TextDelta { text }) => {
+                    out.push(UpstreamEvent::Delta(text));
                 }
-                if let Some(n) = num("/usage/output_tokens") {
+                (BlockKind::Answer, BlockDelta::InputJsonDelta { partial_json }) => {
+                    out.push(UpstreamEvent::Delta(partial_json));
+                }
+                (BlockKind::Tool(n), BlockDelta::InputJsonDelta { partial_json }) => {
+                    out.push(UpstreamEvent::ToolCall(ToolCallDelta {
+                        index: n,
+                        id: None,
+                        name: None,
+                        arguments: partial_json,
+                    }));
+                }
+                _ => {}
+            },
+            StreamEvent::MessageDelta { delta, usage } => {
+                if let Some(reason) = delta.stop_reason {
+                    let mut finish = finish_of(&reason);
+                    // The structured answer came as the answer tool's input: a plain reply.
+                    if self.answered && self.tool_calls == 0 && reason == "tool_use" {
+                        finish = UpstreamFinish::known(FinishReason::Stop);
+                    }
+                    self.finish = Some(finish);
+                }
+                if let Some(n) = usage.and_then(|u| u.output_tokens) {
                     self.output_tokens = Some(n);
                 }
-                Ok(Decoded::Nothing)
             }
-            "message_stop" => {
-                self.finish_reason.get_or_insert_with(|| "unknown".into());
-                Ok(Decoded::End)
+            StreamEvent::MessageStop => {
+                self.finish.get_or_insert(UpstreamFinish::UNKNOWN);
+                return Ok(Decoded::End);
             }
-            "error" => {
-                let msg = v
-                    .pointer("/error/message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("upstream error");
-                Ok(Decoded::Error(msg.to_owned()))
+            StreamEvent::Error { error } => {
+                return Ok(Decoded::Error(
+                    error.message.unwrap_or_else(|| "upstream error".into()),
+                ));
             }
-            _ => Ok(Decoded::Nothing),
+            StreamEvent::ContentBlockStop { .. } | StreamEvent::Ping | StreamEvent::Other => {}
         }
+        Ok(Decoded::More)
     }
 
-    fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>) {
+    fn outcome(&self) -> (Option<UpstreamFinish>, Option<Usage>, Option<String>) {
         let usage = self
             .output_tokens
             .map(|out| Usage::new(self.input_tokens, out));
-        (self.finish_reason.clone(), usage, self.model.clone())
-    }
-}
-
-/// Anthropic's stop reasons in OpenAI's words; others (`pause_turn`, future ones) pass as they
-/// are: shown as `stop`, never taken for a complete reply.
-fn map_stop_reason(reason: &str) -> &str {
-    match reason {
-        "end_turn" | "stop_sequence" => "stop",
-        "max_tokens" => "length",
-        "tool_use" => "tool_calls",
-        "refusal" => "content_filter",
-        other => other,
+        (self.finish, usage, self.model.clone())
     }
 }
 
@@ -231,11 +261,11 @@ mod tests {
         assert_eq!(text, "Hi there");
         match end {
             Some(UpstreamEvent::Finished {
-                finish_reason,
+                finish,
                 usage,
                 model,
             }) => {
-                assert_eq!(finish_reason, "length");
+                assert_eq!(finish.reason, FinishReason::Length);
                 assert_eq!(usage, Some(Usage::new(9, 2)));
                 assert_eq!(model.as_deref(), Some("claude-x"));
             }
@@ -243,27 +273,72 @@ mod tests {
         }
     }
 
-    #[test]
-    fn system_goes_apart_and_roles_alternate() {
-        let msg = |role, content: &str| ChatMessage {
-            role,
-            content: content.into(),
+    #[tokio::test]
+    async fn tool_use_blocks_become_call_fragments_and_the_answer_tool_text() {
+        let body = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"c\",\"usage\":{\"input_tokens\":3}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Let me look.\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"q\\\":\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"2}\"}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_2\",\"name\":\"put\",\"input\":{}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":9}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let events = pump_all(body, AnthropicDecoder::default()).await;
+        let mut calls = crate::domain::CallsBuilder::default();
+        let mut text = String::new();
+        for e in &events {
+            match e {
+                UpstreamEvent::ToolCall(d) => calls.push(d),
+                UpstreamEvent::Delta(t) => text.push_str(t),
+                _ => {}
+            }
+        }
+        let calls = calls.finish();
+        assert_eq!(text, "Let me look.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].arguments.as_str()),
+            ("toolu_1", "{\"q\":2}")
+        );
+        assert_eq!(calls[1].name, "put");
+        assert!(
+            matches!(events.last(), Some(UpstreamEvent::Finished { finish, .. }) if finish.reason == FinishReason::ToolCalls)
+        );
+
+        // The answer tool's input is the reply's text, and the reply ends as `stop`.
+        let body = concat!(
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"json_answer\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":1}\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":2}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let decoder = AnthropicDecoder {
+            answer_tool: true,
+            ..AnthropicDecoder::default()
         };
-        let req = ChatRequest {
-            model: "m".into(),
-            messages: vec![
-                msg("system", "be kind"),
-                msg("user", "a"),
-                msg("user", "b"),
-                msg("assistant", "c"),
-            ],
-            max_tokens: None,
-            temperature: None,
-        };
-        let body = request_body(&req);
-        assert_eq!(body["system"], "be kind");
-        assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
-        assert_eq!(body["messages"].as_array().map(Vec::len), Some(2));
-        assert_eq!(body["messages"][0]["content"], "a\n\nb");
+        let events = pump_all(body, decoder).await;
+        assert!(matches!(&events[0], UpstreamEvent::Delta(t) if t == "{\"a\":1}"));
+        assert!(
+            matches!(events.last(), Some(UpstreamEvent::Finished { finish, .. }) if finish.reason == FinishReason::Stop && finish.complete)
+        );
+    }
+
+    async fn pump_all(body: &'static str, decoder: AnthropicDecoder) -> Vec<UpstreamEvent> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let s = stream::iter(
+            body.as_bytes()
+                .chunks(11)
+                .map(|c| Ok::<_, std::io::Error>(bytes::Bytes::copy_from_slice(c))),
+        );
+        sse::pump("a", s, decoder, Duration::from_secs(5), &tx).await;
+        drop(tx);
+        let mut out = Vec::new();
+        while let Some(e) = rx.recv().await {
+            out.push(e);
+        }
+        out
     }
 }

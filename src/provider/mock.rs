@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::{ChatRequest, ProviderError, UpstreamEvent};
+use crate::domain::Usage;
 use crate::mock_upstream::generator::{self, Fault, MockMessage};
-use crate::store::Usage;
 
 pub struct MockBackend {
     name: String,
@@ -31,8 +31,8 @@ impl MockBackend {
             .messages
             .iter()
             .map(|m| MockMessage {
-                role: m.role.to_owned(),
-                content: m.content.clone(),
+                role: m.role.as_str().to_owned(),
+                content: m.content.text(),
             })
             .collect();
         let plan = generator::plan(self.seed, &messages, req.max_tokens);
@@ -83,7 +83,7 @@ impl MockBackend {
         }
         let usage = Usage::new(plan.prompt_tokens, plan.completion_tokens);
         let finished = UpstreamEvent::Finished {
-            finish_reason: plan.finish_reason.to_owned(),
+            finish: crate::wire::openai::finish_of(plan.finish_reason),
             usage: Some(usage),
             model: Some(req.model),
         };

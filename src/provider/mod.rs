@@ -16,57 +16,53 @@ mod sse;
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 pub use actor::{Dispatch, Embed, Generation, ProviderActor, ProviderInfo, ProviderStats};
 pub use deployment::DeploymentInfo;
 pub use router::{ProviderHandle, Router, RouterError, Started, CONTINUE_INSTRUCTION};
 
+use crate::domain::{Message, Params, Tool, ToolCallDelta, ToolChoice, UpstreamFinish, Usage};
 use crate::error::{ApiError, ErrorCode};
-use crate::store::Usage;
 
 /// Events of a generation buffered between the upstream task and its consumer.
 pub const STREAM_BUFFER: usize = 64;
 
-/// One chat message sent upstream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ChatMessage {
-    pub role: &'static str,
-    pub content: String,
-}
-
 /// A request for one generation, in provider-neutral terms.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
     /// The upstream model (filled in per target by the router).
     pub model: String,
-    pub messages: Vec<ChatMessage>,
+    pub messages: Vec<Message>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    pub params: Params,
 }
 
-/// What an upstream generation produces, in order: deltas, then exactly one end.
+impl ChatRequest {
+    /// Whether anything but plain text is asked for or carried: tools, tool results, images,
+    /// a structured answer (the semantic cache stays away from such requests).
+    pub fn is_plain(&self) -> bool {
+        self.tools.is_empty()
+            && !self.params.wants_structured()
+            && self.messages.iter().all(Message::is_plain)
+    }
+}
+
+/// What an upstream generation produces, in order: deltas (text, tool-call fragments), then
+/// exactly one end.
 #[derive(Debug, Clone)]
 pub enum UpstreamEvent {
     Delta(String),
+    ToolCall(ToolCallDelta),
+    /// Log probabilities of the tokens of the next delta (OpenAI's `logprobs.content` items).
+    Logprobs(Vec<serde_json::Value>),
     Finished {
-        finish_reason: String,
+        finish: UpstreamFinish,
         usage: Option<Usage>,
         model: Option<String>,
     },
     Failed(ProviderError),
-}
-
-/// A finish reason as clients know them (OpenAI's words): `length`, `content_filter` and
-/// `tool_calls` pass; an upstream's own reason, or none (`unknown`), is shown as `stop`. Only
-/// an upstream's real `stop` marks a reply complete (see the semantic cache).
-pub fn shown_finish_reason(raw: &str) -> &'static str {
-    match raw {
-        "length" => "length",
-        "content_filter" => "content_filter",
-        "tool_calls" => "tool_calls",
-        _ => "stop",
-    }
 }
 
 /// Why an upstream call failed. Never carries a key or a prompt.
@@ -93,6 +89,10 @@ pub enum ProviderError {
         message: String,
         retry_after: Option<Duration>,
     },
+    /// The request cannot be put in this provider's wire format (a parameter it cannot honour,
+    /// tool arguments that are not an object): the client's to fix, never retried.
+    #[error("{provider} cannot take this request: {message}")]
+    Invalid { provider: String, message: String },
     /// parley's own limits for the provider are exhausted for now.
     #[error("{provider} is at its rate limit")]
     Limited {
@@ -110,6 +110,7 @@ impl ProviderError {
                 ErrorCode::UpstreamUnavailable
             }
             Self::Interrupted { .. } => ErrorCode::UpstreamInterrupted,
+            Self::Invalid { .. } => ErrorCode::BadRequest,
         }
     }
 
@@ -132,6 +133,7 @@ impl ProviderError {
             | Self::Unavailable { .. }
             | Self::Limited { .. } => true,
             Self::Interrupted { .. } | Self::Protocol { .. } => true,
+            Self::Invalid { .. } => false,
         }
     }
 }

@@ -10,7 +10,8 @@ use tokio::sync::mpsc;
 
 use super::sse::{self, Decoded, Decoder};
 use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
-use crate::store::Usage;
+use crate::domain::{ToolCallDelta, UpstreamFinish, Usage};
+use crate::wire::openai::{finish_of, ChatCompletionChunk, ChatCompletionRequest};
 
 /// A client of one OpenAI-compatible provider.
 pub struct OpenAiClient {
@@ -91,18 +92,7 @@ impl OpenAiClient {
 
     /// Runs one streaming generation into `tx`.
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
-        let mut body = json!({
-            "model": req.model,
-            "messages": req.messages,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
-        if let Some(max) = req.max_tokens {
-            body["max_tokens"] = max.into();
-        }
-        if let Some(t) = req.temperature {
-            body["temperature"] = t.into();
-        }
+        let body = ChatCompletionRequest::encode(&req);
         let mut request = self.http.post(&self.url).json(&body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
@@ -229,56 +219,67 @@ fn parse_embeddings(body: &[u8], n: usize) -> Result<(Vec<Vec<f32>>, Option<Usag
 /// Reads `chat.completion.chunk` events.
 #[derive(Debug, Default)]
 pub struct OpenAiDecoder {
-    finish_reason: Option<String>,
+    finish: Option<UpstreamFinish>,
     usage: Option<Usage>,
     model: Option<String>,
 }
 
 impl Decoder for OpenAiDecoder {
-    fn decode(&mut self, _event: &str, data: &str) -> Result<Decoded, String> {
+    fn decode(
+        &mut self,
+        _event: &str,
+        data: &str,
+        out: &mut Vec<UpstreamEvent>,
+    ) -> Result<Decoded, String> {
         let data = data.trim();
         if data == "[DONE]" {
             return Ok(Decoded::End);
         }
         if data.is_empty() {
-            return Ok(Decoded::Nothing);
+            return Ok(Decoded::More);
         }
-        let chunk: serde_json::Value =
-            serde_json::from_str(data).map_err(|e| format!("chunk is not JSON: {e}"))?;
-        if let Some(err) = chunk.get("error") {
-            let msg = err
-                .get("message")
-                .and_then(|m| m.as_str())
-                .unwrap_or("upstream error");
-            return Ok(Decoded::Error(msg.to_owned()));
+        let chunk: ChatCompletionChunk =
+            serde_json::from_str(data).map_err(|e| format!("chunk is not a chunk: {e}"))?;
+        if let Some(err) = chunk.error {
+            return Ok(Decoded::Error(
+                err.message.unwrap_or_else(|| "upstream error".into()),
+            ));
         }
-        if let Some(model) = chunk.get("model").and_then(|m| m.as_str()) {
-            self.model.get_or_insert_with(|| model.to_owned());
+        if !chunk.model.is_empty() && self.model.is_none() {
+            self.model = Some(chunk.model);
         }
-        if let Some(u) = chunk.get("usage").filter(|u| !u.is_null()) {
-            let n = |k: &str| {
-                u.get(k)
-                    .and_then(serde_json::Value::as_u64)
-                    .and_then(|v| u32::try_from(v).ok())
-                    .unwrap_or(0)
-            };
-            self.usage = Some(Usage::new(n("prompt_tokens"), n("completion_tokens")));
+        if let Some(u) = chunk.usage {
+            self.usage = Some(Usage::new(u.prompt_tokens, u.completion_tokens));
         }
-        let choice = chunk.get("choices").and_then(|c| c.get(0));
-        if let Some(reason) = choice
-            .and_then(|c| c.get("finish_reason"))
-            .and_then(|r| r.as_str())
+        // parley asks for one choice; others (a server that ignores `n`) are not read.
+        let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
+            return Ok(Decoded::More);
+        };
+        if let Some(reason) = &choice.finish_reason {
+            self.finish = Some(finish_of(reason));
+        }
+        if let Some(items) = choice
+            .logprobs
+            .and_then(|l| l.get("content").and_then(|c| c.as_array()).cloned())
         {
-            self.finish_reason = Some(reason.to_owned());
+            out.push(UpstreamEvent::Logprobs(items));
         }
-        let text = choice
-            .and_then(|c| c.pointer("/delta/content"))
-            .and_then(|t| t.as_str());
-        Ok(text.map_or(Decoded::Nothing, |t| Decoded::Delta(t.to_owned())))
+        if let Some(text) = choice.delta.content {
+            out.push(UpstreamEvent::Delta(text));
+        }
+        for call in choice.delta.tool_calls.into_iter().flatten() {
+            out.push(UpstreamEvent::ToolCall(ToolCallDelta {
+                index: call.index,
+                id: call.id,
+                name: call.function.name,
+                arguments: call.function.arguments.unwrap_or_default(),
+            }));
+        }
+        Ok(Decoded::More)
     }
 
-    fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>) {
-        (self.finish_reason.clone(), self.usage, self.model.clone())
+    fn outcome(&self) -> (Option<UpstreamFinish>, Option<Usage>, Option<String>) {
+        (self.finish, self.usage, self.model.clone())
     }
 }
 
@@ -356,16 +357,45 @@ mod tests {
         assert_eq!(texts(&events), "Hello");
         match events.last() {
             Some(UpstreamEvent::Finished {
-                finish_reason,
+                finish,
                 usage,
                 model,
             }) => {
-                assert_eq!(finish_reason, "stop");
+                assert_eq!(finish.reason, crate::domain::FinishReason::Stop);
+                assert!(finish.complete);
                 assert_eq!(*usage, Some(Usage::new(5, 2)));
                 assert_eq!(model.as_deref(), Some("m1"));
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn tool_call_fragments_pass_in_order() {
+        let events = run_chunks(vec![
+            "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"c0\",\"type\":\"function\",\"function\":{\"name\":\"get\",\"arguments\":\"\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"1}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\ndata: [DONE]\n\n",
+        ])
+        .await;
+        let mut calls = crate::domain::CallsBuilder::default();
+        for e in &events {
+            if let UpstreamEvent::ToolCall(d) = e {
+                calls.push(d);
+            }
+        }
+        let calls = calls.finish();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].id.as_str(), calls[0].name.as_str()),
+            ("c0", "get")
+        );
+        assert_eq!(calls[0].arguments, "{\"a\":1}");
+        assert!(matches!(
+            events.last(),
+            Some(UpstreamEvent::Finished { finish, .. }) if finish.reason == crate::domain::FinishReason::ToolCalls
+        ));
     }
 
     #[tokio::test]

@@ -16,8 +16,9 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Describe, ProviderInfo, ProviderStats};
-use super::{ChatMessage, ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
-use crate::config::{RetryConfig, RouteConfig, Strategy};
+use super::{ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
+use crate::config::{ProviderKind, RetryConfig, RouteConfig, Strategy};
+use crate::domain::{Message, Role};
 use crate::error::{ApiError, ErrorCode};
 use crate::tokens::Encoding;
 
@@ -73,6 +74,8 @@ pub struct ProviderHandle {
     pub addr: Addr<ProviderActor>,
     pub stats: Arc<ProviderStats>,
     pub prefill: bool,
+    /// The wire format it speaks, which decides what a request may carry to it.
+    pub kind: ProviderKind,
 }
 
 #[derive(Clone)]
@@ -95,6 +98,7 @@ struct Route {
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
     cache: bool,
+    drop_unsupported: Vec<String>,
 }
 
 /// A generation that has produced its first event.
@@ -146,6 +150,7 @@ impl Router {
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
                     continue_on_fallback: r.continue_on_fallback,
                     cache: r.cache,
+                    drop_unsupported: r.drop_unsupported.clone(),
                 };
                 (r.model.clone(), route)
             })
@@ -231,6 +236,59 @@ impl Router {
             .targets
             .first()
             .map(|t| t.model.as_str())
+    }
+
+    /// Refuses, with `bad_request` naming it, what a target of the route cannot honour and the
+    /// route does not allow to be dropped: a parameter outside the target's wire format
+    /// (`logprobs` on Anthropic), an image kind it cannot take, more than one choice (`n`).
+    ///
+    /// # Errors
+    /// `bad_request` as above; `model_not_found` for no route.
+    pub fn check_request(&self, route: &str, req: &ChatRequest) -> Result<(), ApiError> {
+        let r = self
+            .routes
+            .get(route)
+            .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
+        let allowed = |name: &str| r.drop_unsupported.iter().any(|d| d == name);
+        if req.params.n.is_some_and(|n| n > 1) && !allowed("n") {
+            return Err(ApiError::bad_request(
+                "n: parley answers one choice per request; send n requests, or allow dropping \"n\" with the route's drop_unsupported",
+            ));
+        }
+        for t in &r.targets {
+            if t.provider.kind != ProviderKind::Anthropic {
+                continue;
+            }
+            let refused: Vec<String> = crate::wire::anthropic::unsupported(req)
+                .into_iter()
+                .filter(|p| !allowed(p))
+                .collect();
+            if let Some(first) = refused.first() {
+                return Err(ApiError::bad_request(format!(
+                    "{first}: not supported by provider {:?} (anthropic){}; the route may allow dropping it with drop_unsupported",
+                    t.provider.name,
+                    if refused.len() > 1 {
+                        format!(", nor {}", refused[1..].join(", "))
+                    } else {
+                        String::new()
+                    }
+                )));
+            }
+            for m in &req.messages {
+                for image in m.content.images() {
+                    if let Some((media, _)) = image.data() {
+                        if !crate::wire::anthropic::IMAGE_TYPES.contains(&media) {
+                            return Err(ApiError::bad_request(format!(
+                                "image_url: {media} images are not supported by provider {:?} (anthropic takes {})",
+                                t.provider.name,
+                                crate::wire::anthropic::IMAGE_TYPES.join(", ")
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Refuses, with `forbidden`, a request whose allowed regions leave no target of the route.
@@ -476,15 +534,10 @@ impl Target {
             } else {
                 partial
             };
-            req.messages.push(ChatMessage {
-                role: "assistant",
-                content: content.to_owned(),
-            });
+            req.messages.push(Message::text(Role::Assistant, content));
             if !self.provider.prefill {
-                req.messages.push(ChatMessage {
-                    role: "user",
-                    content: CONTINUE_INSTRUCTION.into(),
-                });
+                req.messages
+                    .push(Message::text(Role::User, CONTINUE_INSTRUCTION));
             }
         }
         req

@@ -13,13 +13,13 @@ use futures_util::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::{ProviderError, UpstreamEvent};
-use crate::store::Usage;
+use crate::domain::{UpstreamFinish, Usage};
 
-/// What one SSE event meant.
+/// What one SSE event meant, besides the events it produced.
 #[derive(Debug, PartialEq)]
 pub enum Decoded {
-    Nothing,
-    Delta(String),
+    /// Go on reading.
+    More,
     /// The stream says it is complete (`[DONE]`, `message_stop`).
     End,
     /// The upstream reported an error inside the stream.
@@ -28,10 +28,16 @@ pub enum Decoded {
 
 /// One wire format's reading of SSE events.
 pub trait Decoder {
-    /// Reads one event (`event` is `"message"` when the stream gave no name).
-    fn decode(&mut self, event: &str, data: &str) -> Result<Decoded, String>;
-    /// The finish reason, usage and model seen so far.
-    fn outcome(&self) -> (Option<String>, Option<Usage>, Option<String>);
+    /// Reads one event (`event` is `"message"` when the stream gave no name), pushing the
+    /// deltas it carries onto `out`.
+    fn decode(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<UpstreamEvent>,
+    ) -> Result<Decoded, String>;
+    /// The finish, usage and model seen so far.
+    fn outcome(&self) -> (Option<UpstreamFinish>, Option<Usage>, Option<String>);
 }
 
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
@@ -48,6 +54,7 @@ pub async fn pump<S, E, D>(
 {
     let mut events = body.eventsource();
     let mut sent_text = false;
+    let mut out = Vec::new();
     let failure = loop {
         let next = tokio::select! {
             () = tx.closed() => return,
@@ -67,17 +74,19 @@ pub async fn pump<S, E, D>(
         } else {
             event.event.as_str()
         };
-        match decoder.decode(name, &event.data) {
-            Ok(Decoded::Nothing) => {}
-            Ok(Decoded::Delta(text)) => {
-                if text.is_empty() {
-                    continue;
-                }
-                sent_text = true;
-                if tx.send(UpstreamEvent::Delta(text)).await.is_err() {
-                    return;
-                }
+        let decoded = decoder.decode(name, &event.data, &mut out);
+        for e in out.drain(..) {
+            match &e {
+                UpstreamEvent::Delta(t) if t.is_empty() => continue,
+                UpstreamEvent::Delta(_) | UpstreamEvent::ToolCall(_) => sent_text = true,
+                _ => {}
             }
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+        match decoded {
+            Ok(Decoded::More) => {}
             Ok(Decoded::End) => break None,
             Ok(Decoded::Error(message)) if sent_text => {
                 break Some(ProviderError::Interrupted {
@@ -104,11 +113,9 @@ pub async fn pump<S, E, D>(
     let last = match failure {
         Some(err) => UpstreamEvent::Failed(err),
         None => {
-            let (finish_reason, usage, model) = decoder.outcome();
-            // No reason given: shown as `stop`, but not known complete (never cached).
-            let finish_reason = finish_reason.unwrap_or_else(|| "unknown".into());
+            let (finish, usage, model) = decoder.outcome();
             UpstreamEvent::Finished {
-                finish_reason,
+                finish: finish.unwrap_or(UpstreamFinish::UNKNOWN),
                 usage,
                 model,
             }

@@ -288,12 +288,12 @@ impl Store {
                     ));
                 }
                 header.last_seq = msg.seq;
-                if !msg.content.is_empty() {
+                if msg.is_sent() {
                     let framing = crate::tokens::MESSAGE_FRAMING_TOKENS;
                     header.history_tokens += u64::from(msg.tokens) + u64::from(framing);
                 }
                 msgs.insert(message_key(id, msg.seq).as_slice(), value.as_slice())?;
-                if let (Role::User, Some(cid)) = (msg.role, &msg.client_id) {
+                if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
                     cids.insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
                 }
                 let header = encode(&header).map_err(ConflictableTransactionError::Abort)?;

@@ -4,24 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, TenantId};
 
-/// Who wrote a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    System,
-    User,
-    Assistant,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::System => "system",
-            Self::User => "user",
-            Self::Assistant => "assistant",
-        }
-    }
-}
+use crate::domain::{Content, Message, Part, ToolCall};
+pub use crate::domain::{Role, Usage};
 
 /// A conversation's header; its messages are stored apart, keyed by `seq`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,24 +35,6 @@ pub struct ConversationRecord {
     pub memory: crate::config::MemoryMode,
 }
 
-/// Token usage of one reply.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-impl Usage {
-    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }
-    }
-}
-
 /// What produced an assistant message; kept so a resent `client_id` gets the original `done`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReplyMeta {
@@ -94,7 +60,7 @@ pub struct StoredError {
 }
 
 /// One stored message of a conversation.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct MessageRecord {
     pub seq: u64,
     pub role: Role,
@@ -111,6 +77,48 @@ pub struct MessageRecord {
     /// Guardrail findings (`prompt_injection`, `system_prompt_leak`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
+    /// The content as the client sent it, when it came as parts (`content` is then its text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<Vec<Part>>,
+    /// An assistant message's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool result's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// A tool result that reports a failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_error: bool,
+}
+
+impl MessageRecord {
+    /// Whether the message is sent upstream as context: everything but a reply that ended
+    /// with nothing (failed, or cancelled before its first word).
+    pub fn is_sent(&self) -> bool {
+        !self.content.is_empty()
+            || self.parts.is_some()
+            || !self.tool_calls.is_empty()
+            || self.role == Role::Tool
+    }
+
+    /// The content as it was sent: the parts, or the text.
+    pub fn content(&self) -> Content {
+        match &self.parts {
+            Some(parts) => Content::Parts(parts.clone()),
+            None => Content::Text(self.content.clone()),
+        }
+    }
+
+    /// The message as it goes upstream.
+    pub fn to_message(&self) -> Message {
+        Message {
+            role: self.role,
+            content: self.content(),
+            tool_calls: self.tool_calls.clone(),
+            tool_call_id: self.tool_call_id.clone(),
+            is_error: self.is_error,
+        }
+    }
 }
 
 /// How a key's per-minute limits count.

@@ -4,7 +4,9 @@
 //! which stored messages fit the budget of PROTOCOL §6.
 
 mod budget;
+mod messages;
 mod tokenizer;
 
 pub use budget::{fit_history, ContextBudget, TooLarge, MESSAGE_FRAMING_TOKENS};
+pub use messages::{image_tokens, message_tokens, request_tokens, IMAGE_MAX_TOKENS};
 pub use tokenizer::{count, count_async, Encoding};

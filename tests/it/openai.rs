@@ -192,9 +192,10 @@ async fn content_as_a_list_of_text_parts() {
         mock_reply(0, &[("user", "hello world")]).as_str(),
         "{v}"
     );
+    // Parts pass to an OpenAI-compatible upstream as they came.
     assert_eq!(
         up.received().last().unwrap()["messages"][0]["content"],
-        "hello world"
+        json!([{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}])
     );
 }
 

@@ -1,0 +1,164 @@
+//! The one generation path every face drives — WebSocket and REST turns, `/v1/chat/completions`,
+//! `/v1/responses` — in PROTOCOL order: admit → guard → context → cache → route → stream →
+//! settle. The faces do what only they know (their wire format, a conversation's history and
+//! storage) and hand [`run`] a [`Request`]; it answers an [`Outcome`] and streams [`Event`]s to
+//! the face's [`Sink`] meanwhile. A rule that every face must keep (a guard, a cache condition,
+//! a billing step) lives here, where no face can forget it.
+
+mod screen;
+mod settle;
+mod stream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use screen::{screen, Screened};
+
+use crate::cache::index::ScopeKey;
+use crate::cache::{Outcome as Looked, Query};
+use crate::domain::{FinishReason, ToolCall, ToolCallDelta, Usage};
+use crate::error::ApiError;
+use crate::guard::pii::Vault;
+use crate::ids::ConversationId;
+use crate::metrics::Metrics;
+use crate::provider::{ChatRequest, Router};
+use crate::store::Store;
+use crate::tenant::{Bill, Principal};
+use crate::tokens::{ContextBudget, Encoding};
+
+/// What every generation shares.
+pub struct Deps {
+    pub store: Store,
+    pub router: Router,
+    pub budget: ContextBudget,
+    pub metrics: Metrics,
+    pub idle_timeout: Duration,
+    pub max_queued_turns: usize,
+    /// Cancelled at shutdown: every turn's token is a child of it.
+    pub shutdown: CancellationToken,
+    /// Every running turn, so shutdown can wait for them to store their replies.
+    pub tasks: TaskTracker,
+    /// Per-key limits and quotas.
+    pub governor: Arc<crate::tenant::Governor>,
+    /// Where each generation's usage record goes.
+    pub usage: crate::tenant::usage::UsageRecorder,
+    /// The semantic cache (and the embedder recall memory uses).
+    pub cache: crate::cache::Cache,
+    /// Recall memory settings.
+    pub memory: MemorySettings,
+}
+
+/// `[context]` settings of recall memory.
+#[derive(Debug, Clone, Copy)]
+pub struct MemorySettings {
+    /// The mode of conversations created without one.
+    pub mode: crate::config::MemoryMode,
+    /// Share of the prompt budget for recalled turns.
+    pub share: f32,
+    /// Least similarity a recalled turn needs.
+    pub min_similarity: f32,
+}
+
+/// Where a generation may be served from, and stored in, the semantic cache.
+pub struct CacheSlot {
+    pub key: ScopeKey,
+    /// The new message, compared by similarity.
+    pub question: String,
+    /// Its embedding, when the face already has it (recall memory computed it).
+    pub vector: Option<Vec<f32>>,
+}
+
+/// One generation, admitted, guarded and with its context built by the face.
+pub struct Request {
+    /// The route (model name) the client asked for.
+    pub route: String,
+    pub principal: Principal,
+    /// What goes upstream: personal data already replaced when `vault` is set.
+    pub chat: ChatRequest,
+    pub prompt_tokens: u32,
+    pub encoding: Encoding,
+    /// Restores the personal data the request's placeholders stand for, in the reply.
+    pub vault: Option<Vault>,
+    /// The system prompt the leak watcher keeps out of the reply.
+    pub system: Option<String>,
+    /// `None`: the cache is not used (the face or the request opted out, or it is not plain).
+    pub cache: Option<CacheSlot>,
+    /// The conversation it is a turn of, for usage records and cache entries.
+    pub conversation: Option<ConversationId>,
+    /// History tokens trimming left out.
+    pub trimmed_tokens: u32,
+    /// The key's reservation, settled with what the generation used.
+    pub bill: Option<Bill>,
+    pub begun: Instant,
+}
+
+/// What a face hears while the reply streams.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A target answered (or the cache did): who writes the reply.
+    Started { provider: String, model: String },
+    /// Reply text, PII restored.
+    Text(String),
+    /// A fragment of a tool call.
+    ToolCall(ToolCallDelta),
+    /// Log probabilities of the next text.
+    Logprobs(Vec<serde_json::Value>),
+    /// The reply continues on another target after `from` failed.
+    Switched { from: String, to: String },
+}
+
+/// A face's listener. `emit` may wait (a slow HTTP client holds the stream back, bounded).
+pub trait Sink {
+    fn emit(&mut self, event: Event) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// How a generation ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub finish: FinishReason,
+    /// The reply as the client saw it (PII restored).
+    pub text: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Usage,
+    pub cached: bool,
+    /// The provider that wrote (the end of) the reply; empty when none was reached.
+    pub provider: String,
+    pub model: String,
+    pub ttft: Option<Duration>,
+    pub error: Option<ApiError>,
+    /// Guardrail findings on the reply (`system_prompt_leak`).
+    pub flags: Vec<String>,
+    /// Completion tokens of `text` under the request's encoding (counted once, here).
+    pub completion_tokens: u32,
+    pub logprobs: Vec<serde_json::Value>,
+}
+
+/// Runs one generation: the cache, then the route with its fallbacks, streaming to `sink`, then
+/// the settlement (metrics, bill, usage record, cache entry). Never fails: a failure is an
+/// outcome with `error` set and `finish_reason` `error` (or `interrupted` after text).
+pub async fn run(
+    deps: &Deps,
+    mut req: Request,
+    sink: &mut impl Sink,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let mut looked = None;
+    if let Some(slot) = req.cache.take() {
+        let query = Query {
+            key: slot.key,
+            tenant: req.principal.tenant.as_str(),
+            question: &slot.question,
+            max_tokens: req.chat.max_tokens,
+        };
+        let l = deps.cache.lookup(query, slot.vector).await;
+        if let Looked::Hit(hit) = l.outcome {
+            return settle::hit(deps, req, hit, sink).await;
+        }
+        looked = l.vector.map(|v| (l.key, v, slot.question));
+    }
+    let streamed = stream::run(deps, &req, sink, cancel).await;
+    settle::finish(deps, req, streamed, looked).await
+}
