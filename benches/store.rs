@@ -36,6 +36,7 @@ fn message(seq: u64) -> MessageRecord {
         tokens: 48,
         reply: None,
         flags: Vec::new(),
+        ..MessageRecord::default()
     }
 }
 

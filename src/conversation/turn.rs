@@ -129,6 +129,7 @@ async fn run_inner(
         finish_reason: None,
         tokens: input.tokens,
         reply: None,
+        ..MessageRecord::default()
     };
     if let Err(e) = deps.store.append_message(&conv, &user).await {
         fail(e.into(), None);
@@ -202,6 +203,7 @@ async fn run_inner(
                 message: e.message.clone(),
             }),
         }),
+        ..MessageRecord::default()
     };
     if let Err(e) = deps.store.append_message(&conv, &reply).await {
         fail(e.into(), Some(input.user_seq));
@@ -568,5 +570,6 @@ pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
                 message: err.message.clone(),
             }),
         }),
+        ..MessageRecord::default()
     }
 }

@@ -1,8 +1,8 @@
 //! The deterministic reply generator shared by `parley mock-upstream` and the in-process `mock`
 //! provider: the same seed and request always give the same reply, so tests can assert on it.
 //!
-//! A request can ask for a fault or a pace with a directive anywhere in its last user message,
-//! `[[mock:KEY=VALUE,…]]`:
+//! A request can ask for a fault, a pace or a tool call with a directive anywhere in its last
+//! user message, `[[mock:KEY=VALUE,…]]` (several keys are comma separated):
 //!
 //! | directive | effect |
 //! |---|---|
@@ -13,9 +13,37 @@
 //! | `tps=N` | stream N chunks per second |
 //! | `words=N` | reply with exactly N words |
 //! | `echo` | the reply starts with the last user message |
+//! | `tool` | call the first offered tool (the one `tool_choice` names, when it names one) |
+//! | `tool=NAME` | call the tool NAME if it is offered (no call otherwise) |
+//! | `tools=N` | call the first N offered tools, in parallel |
+//!
+//! What a reply is, first rule that applies first ([`plan_request`]):
+//! 1. **Tool calls**, when tools are offered, the choice is not `None`, the request does not end
+//!    with tool results (nor with an assistant prefix), and a `tool` directive above picks a tool
+//!    or the choice is `Required` (the first tool) or `Named` (that tool, if offered). No text;
+//!    finish reason `tool_calls`; ids `call_<i>_<8 hex of a hash of seed and request>`.
+//!    Arguments come from the tool's JSON schema: every property of `properties`, a `string`
+//!    gets the last user message without its directives (trimmed), `integer`/`number` 1,
+//!    `boolean` true, `array` [], `object` {}, an `enum` its first value; a schema without
+//!    properties gives `{"input": <that text>}`.
+//! 2. **Tool results** ending the request: `Tool results: <c1>; <c2>.`, an error result shown as
+//!    `error: <c>`.
+//! 3. **`json_schema`**: the JSON value the same schema rules build, compact, in chunks of at most
+//!    12 characters. **`json_object`**: `{"reply":"<the usual words reply>"}`, chunked alike.
+//! 4. **Words**, seeded by the messages alone; with images in the last user message the reply
+//!    begins with a chunk `I see 1 image.` / `I see N images.` and the words follow with a
+//!    leading space.
+//!
+//! `max_tokens` cuts any text reply (finish reason `length`), never tool calls. Prompt tokens
+//! count every message's content (cl100k) plus framing: tool results travel as `tool` messages
+//! and an assistant's earlier calls in its content (see [`assistant_content`]), so both count.
+//! Completion tokens of tool calls are those of their names and arguments.
 
 use std::time::Duration;
 
+use serde_json::Value;
+
+use super::tools;
 use crate::tokens::{self, Encoding};
 
 const WORDS: &[&str] = &[
@@ -27,11 +55,61 @@ const WORDS: &[&str] = &[
     "vista", "wander", "yarrow", "zenith", "acorn", "basil", "cedar", "dawn", "fern",
 ];
 
+/// JSON replies stream in pieces of at most this many characters.
+const JSON_CHUNK_CHARS: usize = 12;
+
 /// One message of a request, as the generator sees it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MockMessage {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The text (for `tool`, the result; see [`assistant_content`] for an assistant's calls).
     pub content: String,
+}
+
+/// A function tool the request offers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MockTool {
+    pub name: String,
+    /// JSON schema of the arguments (may be `Null`).
+    pub parameters: Value,
+}
+
+/// How the request lets the model use its tools.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum MockChoice {
+    #[default]
+    Auto,
+    None,
+    Required,
+    Named(String),
+}
+
+/// A whole request, as the generator sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MockRequest {
+    pub messages: Vec<MockMessage>,
+    /// Image parts in the last user message.
+    pub images: usize,
+    /// When the request ends with tool results: `(content, is_error)`, in order. The results are
+    /// also among `messages` (role `tool`), which is where their tokens are counted.
+    pub tool_results: Vec<(String, bool)>,
+    pub tools: Vec<MockTool>,
+    pub choice: MockChoice,
+    /// The schema of a `json_schema` response format.
+    pub json_schema: Option<Value>,
+    /// A `json_object` response format.
+    pub json_object: bool,
+    pub max_tokens: Option<u32>,
+}
+
+/// A tool call of a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockCall {
+    pub id: String,
+    pub name: String,
+    /// Compact JSON text.
+    pub arguments: String,
 }
 
 /// A fault the request asked for.
@@ -53,6 +131,8 @@ pub struct Plan {
     pub fault: Option<Fault>,
     pub ttft: Option<Duration>,
     pub tokens_per_sec: Option<f64>,
+    /// The calls of a `tool_calls` reply (then `chunks` is empty).
+    pub tool_calls: Vec<MockCall>,
 }
 
 impl Plan {
@@ -61,13 +141,35 @@ impl Plan {
     }
 }
 
+/// The content of an assistant message that made `calls`: its text, then one line
+/// `name(arguments)` per call, so that the calls count as prompt tokens of later requests.
+pub fn assistant_content(text: &str, calls: &[MockCall]) -> String {
+    let mut out = text.to_owned();
+    for call in calls {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&format!("{}({})", call.name, call.arguments));
+    }
+    out
+}
+
 /// Plans the reply to `messages` under `seed`. `max_tokens` cuts the reply (`length`).
 pub fn plan(seed: u64, messages: &[MockMessage], max_tokens: Option<u32>) -> Plan {
-    let last_user = messages
-        .iter()
-        .rev()
-        .find(|m| m.role == "user")
-        .map_or("", |m| m.content.as_str());
+    plan_request(
+        seed,
+        &MockRequest {
+            messages: messages.to_vec(),
+            max_tokens,
+            ..MockRequest::default()
+        },
+    )
+}
+
+/// Plans the reply to a whole request under `seed` (the rules are in the module docs).
+pub fn plan_request(seed: u64, req: &MockRequest) -> Plan {
+    let messages = &req.messages;
+    let last_user = last_user(messages);
     // A request that ends with an assistant prefix continues a reply: the faults asked for by
     // the user message were meant for the first attempt, not for the continuation.
     let continuing = messages.last().is_some_and(|m| m.role == "assistant");
@@ -76,13 +178,98 @@ pub fn plan(seed: u64, messages: &[MockMessage], max_tokens: Option<u32>) -> Pla
     } else {
         Directives::parse(last_user)
     };
-    let mut rng = SplitMix64(fnv1a(seed, messages));
-    let n_words = directives
-        .words
-        .unwrap_or_else(|| 8 + (rng.next() % 24) as usize);
+    let prompt_tokens = messages
+        .iter()
+        .map(|m| tokens::count(Encoding::Cl100kBase, &m.content) + tokens::MESSAGE_FRAMING_TOKENS)
+        .sum();
+    let mut plan = Plan {
+        chunks: Vec::new(),
+        finish_reason: "stop",
+        prompt_tokens,
+        completion_tokens: 0,
+        fault: directives.fault,
+        ttft: directives.ttft,
+        tokens_per_sec: directives.tps,
+        tool_calls: Vec::new(),
+    };
+    if !continuing {
+        let hash = request_hash(seed, req);
+        plan.tool_calls = tools::calls(req, directives.tool.as_ref(), last_user, hash);
+    }
+    if !plan.tool_calls.is_empty() {
+        plan.finish_reason = "tool_calls";
+        plan.completion_tokens = plan
+            .tool_calls
+            .iter()
+            .map(|c| {
+                tokens::count(Encoding::Cl100kBase, &c.name)
+                    + tokens::count(Encoding::Cl100kBase, &c.arguments)
+            })
+            .sum();
+        return plan;
+    }
+    let mut chunks = text_chunks(seed, req, &directives, last_user);
+    if let Some(max) = req.max_tokens {
+        let mut kept = 0;
+        let mut text = String::new();
+        for chunk in &chunks {
+            text.push_str(chunk);
+            if tokens::count(Encoding::Cl100kBase, &text) > max {
+                plan.finish_reason = "length";
+                break;
+            }
+            kept += 1;
+        }
+        chunks.truncate(kept);
+    }
+    plan.completion_tokens = tokens::count(Encoding::Cl100kBase, &chunks.concat());
+    plan.chunks = chunks;
+    plan
+}
 
+fn last_user(messages: &[MockMessage]) -> &str {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.role == "user")
+        .map_or("", |m| m.content.as_str())
+}
+
+/// The chunks of a text reply, before `max_tokens` cuts them.
+fn text_chunks(seed: u64, req: &MockRequest, d: &Directives, last_user: &str) -> Vec<String> {
+    if !req.tool_results.is_empty() {
+        return tools::results_reply(&req.tool_results);
+    }
+    if let Some(schema) = &req.json_schema {
+        let value = tools::schema_value(schema, &strip_directives(last_user));
+        return fragments(&value.to_string(), JSON_CHUNK_CHARS);
+    }
+    let mut chunks = words_reply(seed, &req.messages, d, last_user);
+    if req.json_object {
+        let reply = serde_json::json!({ "reply": chunks.concat() });
+        return fragments(&reply.to_string(), JSON_CHUNK_CHARS);
+    }
+    if req.images > 0 {
+        if let Some(first) = chunks.first_mut() {
+            first.insert(0, ' ');
+        }
+        let plural = if req.images == 1 { "image" } else { "images" };
+        chunks.insert(0, format!("I see {} {plural}.", req.images));
+    }
+    chunks
+}
+
+/// The random words reply (the one every plain text request gets).
+fn words_reply(
+    seed: u64,
+    messages: &[MockMessage],
+    d: &Directives,
+    last_user: &str,
+) -> Vec<String> {
+    let mut rng = SplitMix64(fnv1a(seed, messages));
+    let n_words = d.words.unwrap_or_else(|| 8 + (rng.next() % 24) as usize);
     let mut chunks = Vec::with_capacity(n_words + 1);
-    if directives.echo {
+    if d.echo {
         chunks.push(format!("{last_user} |"));
     }
     for i in 0..n_words {
@@ -93,35 +280,42 @@ pub fn plan(seed: u64, messages: &[MockMessage], max_tokens: Option<u32>) -> Pla
     if let Some(last) = chunks.last_mut() {
         last.push('.');
     }
+    chunks
+}
 
-    let mut finish_reason = "stop";
-    if let Some(max) = max_tokens {
-        let mut kept = 0;
-        let mut text = String::new();
-        for chunk in &chunks {
-            text.push_str(chunk);
-            if tokens::count(Encoding::Cl100kBase, &text) > max {
-                finish_reason = "length";
-                break;
-            }
-            kept += 1;
-        }
-        chunks.truncate(kept);
+/// `text` in pieces of at most `max_chars` characters (never splitting a character).
+pub(super) fn fragments(text: &str, max_chars: usize) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    chars
+        .chunks(max_chars.max(1))
+        .map(|c| c.iter().collect())
+        .collect()
+}
+
+/// `text` without its `[[mock:…]]` directives, trimmed.
+pub(super) fn strip_directives(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("[[mock:") {
+        let Some(end) = rest[start..].find("]]") else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        rest = &rest[start + end + 2..];
     }
-    let prompt_tokens = messages
-        .iter()
-        .map(|m| tokens::count(Encoding::Cl100kBase, &m.content) + tokens::MESSAGE_FRAMING_TOKENS)
-        .sum();
-    let completion_tokens = tokens::count(Encoding::Cl100kBase, &chunks.concat());
-    Plan {
-        chunks,
-        finish_reason,
-        prompt_tokens,
-        completion_tokens,
-        fault: directives.fault,
-        ttft: directives.ttft,
-        tokens_per_sec: directives.tps,
-    }
+    out.push_str(rest);
+    out.trim().to_owned()
+}
+
+/// Which tools a `tool` directive asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ToolDirective {
+    /// `tool`: the first tool, or the one the choice names.
+    First,
+    /// `tool=NAME`.
+    Named(String),
+    /// `tools=N`.
+    Count(usize),
 }
 
 #[derive(Debug, Default)]
@@ -131,6 +325,7 @@ struct Directives {
     tps: Option<f64>,
     words: Option<usize>,
     echo: bool,
+    tool: Option<ToolDirective>,
 }
 
 impl Directives {
@@ -150,6 +345,9 @@ impl Directives {
                     ("tps", v) => d.tps = v.parse().ok().filter(|t: &f64| *t > 0.0),
                     ("words", v) => d.words = v.parse().ok().map(|n: usize| n.min(100_000)),
                     ("echo", _) => d.echo = true,
+                    ("tool", "") => d.tool = Some(ToolDirective::First),
+                    ("tool", v) => d.tool = Some(ToolDirective::Named(v.to_owned())),
+                    ("tools", v) => d.tool = v.parse().ok().map(ToolDirective::Count),
                     _ => {}
                 }
             }
@@ -159,23 +357,50 @@ impl Directives {
     }
 }
 
-/// FNV-1a over the seed and the messages: stable across platforms and Rust versions.
-fn fnv1a(seed: u64, messages: &[MockMessage]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
+/// FNV-1a, stable across platforms and Rust versions.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn eat(&mut self, bytes: &[u8]) {
         for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
         }
-    };
-    eat(&seed.to_le_bytes());
+    }
+}
+
+/// FNV-1a over the seed and the messages: what seeds the words of a reply.
+fn fnv1a(seed: u64, messages: &[MockMessage]) -> u64 {
+    hash_messages(seed, messages).0
+}
+
+fn hash_messages(seed: u64, messages: &[MockMessage]) -> Fnv {
+    let mut h = Fnv::new();
+    h.eat(&seed.to_le_bytes());
     for m in messages {
-        eat(m.role.as_bytes());
-        eat(&[0]);
-        eat(m.content.as_bytes());
-        eat(&[1]);
+        h.eat(m.role.as_bytes());
+        h.eat(&[0]);
+        h.eat(m.content.as_bytes());
+        h.eat(&[1]);
     }
     h
+}
+
+/// The seed and everything of the request that shapes tool calls: what call ids derive from.
+fn request_hash(seed: u64, req: &MockRequest) -> u64 {
+    let mut h = hash_messages(seed, &req.messages);
+    for t in &req.tools {
+        h.eat(t.name.as_bytes());
+        h.eat(&[2]);
+        h.eat(t.parameters.to_string().as_bytes());
+        h.eat(&[3]);
+    }
+    h.eat(format!("{:?}|{}", req.choice, req.images).as_bytes());
+    h.0
 }
 
 struct SplitMix64(u64);
@@ -191,51 +416,5 @@ impl SplitMix64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn user(text: &str) -> Vec<MockMessage> {
-        vec![MockMessage {
-            role: "user".into(),
-            content: text.into(),
-        }]
-    }
-
-    #[test]
-    fn deterministic_per_seed_and_request() {
-        let a = plan(1, &user("hello"), None);
-        assert_eq!(a, plan(1, &user("hello"), None));
-        assert_ne!(a.text(), plan(2, &user("hello"), None).text());
-        assert_ne!(a.text(), plan(1, &user("hello!"), None).text());
-        assert!(a.chunks.len() >= 8);
-        assert_eq!(a.finish_reason, "stop");
-    }
-
-    #[test]
-    fn directives() {
-        let p = plan(0, &user("x [[mock:words=3,drop_after=2,ttft_ms=5]]"), None);
-        assert_eq!(p.chunks.len(), 3);
-        assert_eq!(p.fault, Some(Fault::DropAfter(2)));
-        assert_eq!(p.ttft, Some(Duration::from_millis(5)));
-        assert_eq!(
-            plan(0, &user("[[mock:status=503]]"), None).fault,
-            Some(Fault::Status(503))
-        );
-        assert_eq!(
-            plan(0, &user("[[mock:hang]]"), None).fault,
-            Some(Fault::Hang)
-        );
-        assert!(plan(0, &user("hi [[mock:echo]]"), None)
-            .text()
-            .starts_with("hi [[mock:echo]] |"));
-        // Unterminated or unknown directives are ignored.
-        assert_eq!(plan(0, &user("[[mock:status=500"), None).fault, None);
-    }
-
-    #[test]
-    fn max_tokens_cuts_with_length() {
-        let p = plan(0, &user("[[mock:words=50]]"), Some(5));
-        assert_eq!(p.finish_reason, "length");
-        assert!(p.completion_tokens <= 5 && !p.chunks.is_empty());
-    }
-}
+#[path = "generator_tests.rs"]
+mod tests;

@@ -2,10 +2,14 @@
 //! It speaks OpenAI (`/v1/chat/completions`, `/v1/embeddings`, `/v1/models`) and Anthropic
 //! (`/v1/messages`), streaming and not; replies come from [`generator`], so they are
 //! deterministic per seed and request. Faults are drawn per request (`error_rate`,
-//! `rate_limit_rate`) or asked for by directives in the prompt (see [`generator`]).
+//! `rate_limit_rate`) or asked for by directives in the prompt (see [`generator`]). Both wires
+//! carry tools (calls and results), images and (OpenAI) `response_format`: `server` reads them into
+//! a [`generator::MockRequest`], refusing with a 400 what the real API refuses, and `tools` holds
+//! the tool-use rules the generator applies.
 
 pub mod generator;
 mod server;
+mod tools;
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};

@@ -1,4 +1,11 @@
 //! The mock's HTTP surface: OpenAI and Anthropic generation endpoints, embeddings, models.
+//! Each wire ([`openai`], [`anthropic`]) reads its request into a
+//! [`MockRequest`](super::generator::MockRequest), refusing with a 400 what the real API refuses,
+//! and writes the [`generator`]'s plan back as JSON or SSE; this file owns the HTTP side (faults,
+//! pacing, dropped connections).
+
+mod anthropic;
+mod openai;
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -9,7 +16,7 @@ use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 
-use super::generator::{self, Fault, MockMessage, Plan};
+use super::generator::{self, Fault};
 use super::MockState;
 
 /// A hung request is held at most this long (tests close their side long before).
@@ -63,12 +70,17 @@ async fn messages(state: web::Data<MockState>, body: web::Json<Value>) -> HttpRe
 async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
     state.record(&body);
     let behaviour = state.behaviour.read().clone();
-    let messages = read_messages(&body);
-    let max_tokens = body
-        .get("max_tokens")
-        .and_then(Value::as_u64)
-        .and_then(|n| u32::try_from(n).ok());
-    let plan = generator::plan(behaviour.seed, &messages, max_tokens);
+    let read = match wire {
+        Wire::OpenAi => openai::read_request(&body),
+        Wire::Anthropic => anthropic::read_request(&body),
+    };
+    let req = match read {
+        Ok(req) => req,
+        Err(message) => {
+            return HttpResponse::BadRequest().json(bad_request_body(wire, &message));
+        }
+    };
+    let plan = generator::plan_request(behaviour.seed, &req);
     tokio::time::sleep(plan.ttft.unwrap_or(behaviour.ttft)).await;
 
     let fault = if let Some(status) = drawn_fault(state) {
@@ -96,51 +108,50 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
         .unwrap_or(false);
     let tps = plan.tokens_per_sec.unwrap_or(behaviour.tokens_per_sec);
     match (wire, streaming) {
-        (Wire::OpenAi, false) => HttpResponse::Ok().json(openai_json(&plan, &model)),
-        (Wire::Anthropic, false) => HttpResponse::Ok().json(anthropic_json(&plan, &model)),
+        (Wire::OpenAi, false) => HttpResponse::Ok().json(openai::answer(&plan, &model)),
+        (Wire::Anthropic, false) => HttpResponse::Ok().json(anthropic::answer(&plan, &model)),
         (wire, true) => {
             let events = match wire {
-                Wire::OpenAi => openai_events(&plan, &model, include_usage),
-                Wire::Anthropic => anthropic_events(&plan, &model),
+                Wire::OpenAi => openai::events(&plan, &model, include_usage),
+                Wire::Anthropic => anthropic::events(&plan, &model),
             };
             stream_response(events, fault, tps, wire)
         }
     }
 }
 
-fn read_messages(body: &Value) -> Vec<MockMessage> {
-    let text = |c: &Value| match c {
+/// The body of a 400 for a request the real API would refuse, in the wire's error shape.
+fn bad_request_body(wire: Wire, message: &str) -> Value {
+    match wire {
+        Wire::OpenAi => json!({"error": {"message": message, "type": "invalid_request_error",
+                                         "param": null, "code": "400"}}),
+        Wire::Anthropic => json!({"type": "error",
+                                  "error": {"type": "invalid_request_error", "message": message}}),
+    }
+}
+
+/// The text of a content value: a string, or the `text` of its parts or blocks, concatenated.
+fn text_of(content: &Value) -> String {
+    match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
+        Value::Array(parts) => parts_text(parts),
         _ => String::new(),
-    };
-    let mut out = Vec::new();
-    if let Some(system) = body.get("system") {
-        out.push(MockMessage {
-            role: "system".into(),
-            content: text(system),
-        });
     }
-    for m in body
-        .get("messages")
-        .and_then(Value::as_array)
+}
+
+/// The `text` of `parts`, concatenated.
+fn parts_text<'a>(parts: impl IntoIterator<Item = &'a Value>) -> String {
+    parts
         .into_iter()
-        .flatten()
-    {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .unwrap_or("user")
-            .to_owned();
-        out.push(MockMessage {
-            role,
-            content: m.get("content").map(text).unwrap_or_default(),
-        });
-    }
-    out
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+/// `body[key]` as a token count, when it is one.
+fn max_tokens_of(body: &Value, key: &str) -> Option<u32> {
+    body.get(key)
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 fn error_response(status: u16, wire: Wire) -> HttpResponse {
@@ -165,97 +176,8 @@ fn error_response(status: u16, wire: Wire) -> HttpResponse {
     }
 }
 
-fn openai_json(plan: &Plan, model: &str) -> Value {
-    json!({
-        "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": plan.text()}, "finish_reason": plan.finish_reason}],
-        "usage": usage(plan),
-    })
-}
-
-fn anthropic_json(plan: &Plan, model: &str) -> Value {
-    json!({
-        "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": plan.text()}],
-        "stop_reason": anthropic_stop(plan),
-        "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": plan.completion_tokens},
-    })
-}
-
-fn usage(plan: &Plan) -> Value {
-    json!({
-        "prompt_tokens": plan.prompt_tokens,
-        "completion_tokens": plan.completion_tokens,
-        "total_tokens": plan.prompt_tokens + plan.completion_tokens,
-    })
-}
-
-fn anthropic_stop(plan: &Plan) -> &'static str {
-    if plan.finish_reason == "length" {
-        "max_tokens"
-    } else {
-        "end_turn"
-    }
-}
-
-/// SSE events; the i-th content chunk is at index i + 1 (after the opening event).
-fn openai_events(plan: &Plan, model: &str, include_usage: bool) -> Vec<String> {
-    let chunk = |delta: Value, finish: Option<&str>| {
-        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-    };
-    let mut events = vec![data(&chunk(
-        json!({"role": "assistant", "content": ""}),
-        None,
-    ))];
-    events.extend(
-        plan.chunks
-            .iter()
-            .map(|c| data(&chunk(json!({"content": c}), None))),
-    );
-    events.push(data(&chunk(json!({}), Some(plan.finish_reason))));
-    if include_usage {
-        let u = json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0, "model": model,
-                       "choices": [], "usage": usage(plan)});
-        events.push(data(&u));
-    }
-    events.push("data: [DONE]\n\n".into());
-    events
-}
-
-fn anthropic_events(plan: &Plan, model: &str) -> Vec<String> {
-    let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
-    let mut events = vec![ev(
-        "message_start",
-        json!({"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
-               "model": model, "content": [], "stop_reason": null, "stop_sequence": null,
-               "usage": {"input_tokens": plan.prompt_tokens, "output_tokens": 0}}}),
-    )];
-    events.push(ev(
-        "content_block_start",
-        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-    ));
-    events.extend(plan.chunks.iter().map(|c| {
-        ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": c}}))
-    }));
-    events.push(ev(
-        "content_block_stop",
-        json!({"type": "content_block_stop", "index": 0}),
-    ));
-    events.push(ev(
-        "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": anthropic_stop(plan)}, "usage": {"output_tokens": plan.completion_tokens}}),
-    ));
-    events.push(ev("message_stop", json!({"type": "message_stop"})));
-    events
-}
-
-fn data(v: &Value) -> String {
-    format!("data: {v}\n\n")
-}
-
 /// Streams `events` at `tps` chunks per second; `DropAfter(n)` breaks the connection after the
-/// n-th content chunk.
+/// n-th content chunk (on a tool-call stream, the n-th event after the opening ones).
 fn stream_response(
     events: Vec<String>,
     fault: Option<Fault>,
@@ -267,10 +189,10 @@ fn stream_response(
     } else {
         Duration::ZERO
     };
-    // Content chunks follow the opening events: one for OpenAI, two for Anthropic.
+    // Content chunks (or a tool-call stream's pieces) follow the wire's opening events.
     let opening = match wire {
-        Wire::OpenAi => 1,
-        Wire::Anthropic => 2,
+        Wire::OpenAi => openai::OPENING,
+        Wire::Anthropic => anthropic::OPENING,
     };
     let drop_at = match fault {
         Some(Fault::DropAfter(n)) => Some(n + opening),

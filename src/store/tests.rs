@@ -27,6 +27,7 @@ fn msg(seq: u64, role: Role, client_id: Option<&str>) -> MessageRecord {
         tokens: 3,
         reply: None,
         flags: Vec::new(),
+        ..MessageRecord::default()
     }
 }
 

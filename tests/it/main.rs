@@ -14,4 +14,5 @@ mod lifecycle;
 mod openai;
 mod providers;
 mod simulation;
+mod tools;
 mod ws;

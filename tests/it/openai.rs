@@ -328,22 +328,6 @@ except openai.NotFoundError as e:
 print(json.dumps(out))
 "#;
 
-/// Runs `python3 args…` with `envs`; answers (success, stdout, stderr).
-async fn python(args: Vec<String>, envs: Vec<(String, String)>) -> (bool, String, String) {
-    tokio::task::spawn_blocking(move || {
-        let out = std::process::Command::new("python3")
-            .args(&args)
-            .envs(envs)
-            .env_remove("OPENAI_BASE_URL")
-            .env_remove("OPENAI_API_KEY")
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run python3 ({e}): the OpenAI SDK test needs python3 with `pip install openai`"));
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn official_python_sdk() {
     let (ok, _, err) = python(vec!["-c".into(), "import openai".into()], vec![]).await;

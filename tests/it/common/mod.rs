@@ -594,3 +594,19 @@ pub fn with_key(req: reqwest::RequestBuilder, key: Option<&str>) -> reqwest::Req
         None => req,
     }
 }
+
+/// Runs `python3 args…` with `envs`; answers (success, stdout, stderr).
+pub async fn python(args: Vec<String>, envs: Vec<(String, String)>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new("python3")
+            .args(&args)
+            .envs(envs)
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("OPENAI_API_KEY")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run python3 ({e}): the OpenAI SDK test needs python3 with `pip install openai`"));
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    })
+    .await
+    .unwrap()
+}
