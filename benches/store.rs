@@ -18,6 +18,8 @@ fn record() -> ConversationRecord {
         last_seq: 0,
         history_tokens: 0,
         memory: Default::default(),
+        tools: Vec::new(),
+        tool_choice: None,
     }
 }
 

@@ -14,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use super::fanout::{Fanout, Scope, SinkId};
 use super::frames::{ErrorFrame, ServerFrame, Sink};
 use super::messages::{
-    Cancel, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
+    Cancel, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe, Update,
 };
 use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
+use crate::domain::{Message, Role};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::Screened;
 use crate::guard::pii::PiiMode;
@@ -27,6 +28,14 @@ use crate::tenant::{Bill, Principal};
 use crate::tokens::{fit_history, Encoding};
 
 const MAILBOX: usize = 256;
+
+/// The refusal of a user message while the newest reply's tool calls wait for results.
+fn awaiting(open: &[String]) -> ApiError {
+    ApiError::bad_request(format!(
+        "the reply's tool calls wait for their results (tool_result for {})",
+        open.join(", ")
+    ))
+}
 /// The most stored messages one `subscribe` replays; older ones are paged over REST.
 pub const MAX_REPLAY: usize = 50_000;
 
@@ -34,7 +43,7 @@ struct Queued {
     pii: PiiMode,
     flags: Vec<String>,
     client_id: String,
-    content: String,
+    message: Message,
     tokens: u32,
     options: TurnOptions,
     principal: Principal,
@@ -96,6 +105,21 @@ impl ConversationActor {
         let Some(q) = self.queue.pop_front() else {
             return;
         };
+        // A user message queued behind a reply that turned out to call tools cannot be sent
+        // before the calls have their results.
+        if q.message.role == Role::User {
+            match super::tools::open_calls(&self.deps.store, &self.record.id) {
+                Ok(open) if !open.is_empty() => {
+                    self.refuse_queued(&q.client_id, &awaiting(&open));
+                    return self.start_next(ctx);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.refuse_queued(&q.client_id, &e.into());
+                    return self.start_next(ctx);
+                }
+            }
+        }
         let route = q
             .options
             .model
@@ -107,26 +131,37 @@ impl ConversationActor {
             tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
             SystemPrompt::default()
         });
+        let content = q.message.content.text();
         let cache = q.options.cache != Some(false)
+            && self.record.tools.is_empty()
+            && q.message.is_plain()
             && self.deps.cache.admits(
                 &q.principal,
                 self.deps.router.caches(&route),
-                &q.content,
+                &content,
                 !q.flags.is_empty(),
             );
+        let tools_tokens = crate::tokens::request_tokens(self.encoding, &[], &self.record.tools);
         let input = TurnInput {
             cache,
             memory: self.record.memory,
             conversation: self.record.id.clone(),
             route,
             system: system.text,
-            system_tokens: system.tokens,
+            // The tools travel with every turn: budgeted like the system prompt.
+            system_tokens: match (system.tokens, tools_tokens) {
+                (s, 0) => s,
+                (s, t) => Some(s.unwrap_or(0).saturating_add(t)),
+            },
             prompt_version: system.version,
             encoding: self.encoding,
             user_seq: self.record.last_seq + 1,
             client_id: q.client_id.clone(),
-            content: q.content,
+            message: q.message,
+            content,
             tokens: q.tokens,
+            tools: self.record.tools.clone(),
+            tool_choice: self.record.tool_choice.clone(),
             options: q.options,
             principal: q.principal,
             bill: Some(q.bill),
@@ -207,6 +242,42 @@ impl ConversationActor {
                 tracing::error!(conversation = %conv, error = %e, "cannot store the failed reply")
             }
         }
+    }
+
+    /// A tool result must answer an open call of the newest reply (and only once); a user
+    /// message may not come while calls wait for their results.
+    fn check_tool_order(&self, message: &Message) -> Result<(), ApiError> {
+        let mut open = super::tools::open_calls(&self.deps.store, &self.record.id)?;
+        let queued: Vec<&str> = self
+            .queue
+            .iter()
+            .filter_map(|q| q.message.tool_call_id.as_deref())
+            .collect();
+        open.retain(|id| !queued.contains(&id.as_str()));
+        match (message.role, message.tool_call_id.as_deref()) {
+            (Role::Tool, Some(id)) if open.iter().any(|o| o == id) => Ok(()),
+            (Role::Tool, id) => Err(ApiError::bad_request(format!(
+                "tool_call_id {:?} is not an open call of this conversation{}",
+                id.unwrap_or_default(),
+                if open.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (open: {})", open.join(", "))
+                }
+            ))),
+            _ if open.is_empty() => Ok(()),
+            _ => Err(awaiting(&open)),
+        }
+    }
+
+    /// Answers a queued message that cannot run, to whoever waits for it.
+    fn refuse_queued(&self, client_id: &str, err: &ApiError) {
+        let mut frame = ErrorFrame::new(err);
+        frame.conversation = Some(self.record.id.clone());
+        frame.client_id = Some(client_id.to_owned());
+        self.fanout
+            .broadcast(&ServerFrame::Error(frame), Some(client_id));
+        self.fanout.end_turn(client_id);
     }
 
     /// The system prompt of a turn on `route`: the conversation's own text, its versioned
@@ -414,8 +485,10 @@ impl Handler<PostUserMessage> for ConversationActor {
         self.deps
             .router
             .check_regions(route, msg.principal.regions())?;
+        self.check_tool_order(&msg.message)?;
+        let text = msg.message.content.text();
         let Screened { pii, flags } =
-            crate::generation::screen(&self.deps, route, &msg.principal, &msg.content, [])?;
+            crate::generation::screen(&self.deps, route, &msg.principal, &text, [])?;
         // Reserved before the turn is stored or queued: a key over its limits is refused here,
         // before anything reaches an upstream.
         let estimate = self.estimate_prompt(system, msg.tokens)?;
@@ -436,7 +509,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             pii,
             flags,
             client_id: cid,
-            content: msg.content,
+            message: msg.message,
             tokens: msg.tokens,
             options: msg.options,
             principal: msg.principal,
@@ -444,6 +517,34 @@ impl Handler<PostUserMessage> for ConversationActor {
         });
         self.start_next(ctx);
         Ok(Posted::Queued)
+    }
+}
+
+impl Handler<Update> for ConversationActor {
+    type Result = ResponseActFuture<Self, Result<ConversationRecord, ApiError>>;
+
+    fn handle(&mut self, msg: Update, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        let store = self.deps.store.clone();
+        let id = self.record.id.clone();
+        let change = move |rec: &mut ConversationRecord| {
+            if let Some(tools) = &msg.tools {
+                rec.tools.clone_from(tools);
+            }
+            if let Some(choice) = &msg.tool_choice {
+                rec.tool_choice.clone_from(choice);
+            }
+        };
+        Box::pin(
+            async move { store.update_conversation(&id, change).await }
+                .into_actor(self)
+                .map(|res, act, _| {
+                    let rec = res?;
+                    act.record.tools.clone_from(&rec.tools);
+                    act.record.tool_choice.clone_from(&rec.tool_choice);
+                    Ok(rec)
+                }),
+        )
     }
 }
 

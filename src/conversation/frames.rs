@@ -10,16 +10,19 @@ use actix::prelude::*;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::domain::Content;
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::ConversationId;
 use crate::store::{MessageRecord, Role, Usage};
+use crate::wire::openai::{ToolCallChunk, WireToolCall};
 
-/// A stored message as clients see it.
+/// A stored message as clients see it: its content as it was sent (a string, or parts), and
+/// for tool use its calls or the call it answers.
 #[derive(Debug, Clone, Serialize)]
 pub struct WireMessage {
     pub seq: u64,
     pub role: Role,
-    pub content: String,
+    pub content: Content,
     pub created_at: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
@@ -31,14 +34,23 @@ pub struct WireMessage {
     /// Guardrail findings (`prompt_injection`, `system_prompt_leak`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<WireToolCall>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_error: bool,
 }
 
 impl From<MessageRecord> for WireMessage {
     fn from(m: MessageRecord) -> Self {
         Self {
+            tool_calls: m.tool_calls.iter().map(WireToolCall::from).collect(),
+            tool_call_id: m.tool_call_id.clone(),
+            is_error: m.is_error,
             seq: m.seq,
             role: m.role,
-            content: m.content,
+            content: m.content(),
             created_at: m.created_at,
             client_id: m.client_id,
             finish_reason: m.finish_reason,
@@ -60,6 +72,9 @@ pub struct Done {
     pub provider: String,
     pub model: String,
     pub ttft_ms: Option<u64>,
+    /// The calls of a reply that ended with `tool_calls`, as OpenAI writes them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<WireToolCall>,
 }
 
 /// The `error` frame's body.
@@ -107,6 +122,11 @@ pub enum ServerFrame {
         conversation: ConversationId,
         last_seq: u64,
     },
+    /// The conversation's tools changed (`update`); `tools` is how many it offers now.
+    Updated {
+        conversation: ConversationId,
+        tools: usize,
+    },
     Ack {
         conversation: ConversationId,
         client_id: String,
@@ -116,6 +136,9 @@ pub enum ServerFrame {
         conversation: ConversationId,
         reply_to: u64,
         text: String,
+        /// Fragments of the reply's tool calls, as OpenAI streams them.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tool_calls: Option<Vec<ToolCallChunk>>,
     },
     Done(Done),
     Message {
@@ -139,6 +162,7 @@ impl ServerFrame {
         match self {
             Self::Created { .. } => "created",
             Self::Subscribed { .. } => "subscribed",
+            Self::Updated { .. } => "updated",
             Self::Ack { .. } => "ack",
             Self::Delta { .. } => "delta",
             Self::Done(_) => "done",

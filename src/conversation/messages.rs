@@ -4,6 +4,7 @@ use actix::prelude::*;
 
 use super::fanout::{Scope, SinkId};
 use super::frames::Sink;
+use crate::domain::{Message, Tool, ToolChoice};
 use crate::error::ApiError;
 use crate::tenant::Principal;
 
@@ -44,14 +45,24 @@ pub struct Unsubscribe {
 #[rtype(result = "Result<Posted, ApiError>")]
 pub struct PostUserMessage {
     pub client_id: String,
-    pub content: String,
-    /// Content tokens, counted by the caller off the actor's thread.
+    /// A user message (text or parts) or a tool result (role `tool`, with its call's id).
+    pub message: Message,
+    /// Content tokens (text, images), counted by the caller off the actor's thread.
     pub tokens: u32,
     pub options: TurnOptions,
     /// Who hears this turn: a socket (which is thereby subscribed) or an HTTP request.
     pub listener: Option<(SinkId, Sink, Scope)>,
     /// Who sends it: its key's limits, quotas and regions apply.
     pub principal: Principal,
+}
+
+/// Changes the tools offered on the conversation's next turns; answers the updated record.
+#[derive(Message)]
+#[rtype(result = "Result<crate::store::ConversationRecord, ApiError>")]
+pub struct Update {
+    pub tools: Option<Vec<Tool>>,
+    /// `Some(None)` clears the choice.
+    pub tool_choice: Option<Option<ToolChoice>>,
 }
 
 /// What became of a posted message.

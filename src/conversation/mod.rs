@@ -9,6 +9,7 @@ pub mod frames;
 pub mod messages;
 pub mod prompts;
 mod registry;
+mod tools;
 mod turn;
 
 pub use actor::{ConversationActor, MAX_REPLAY};

@@ -45,6 +45,8 @@ pub struct NewConversation {
     pub metadata: Option<serde_json::Value>,
     /// `window` or `recall` (the configured default when absent).
     pub memory: Option<crate::config::MemoryMode>,
+    pub tools: Vec<crate::domain::Tool>,
+    pub tool_choice: Option<crate::domain::ToolChoice>,
 }
 
 impl Registry {
@@ -107,6 +109,8 @@ impl Registry {
             last_seq: 0,
             history_tokens: 0,
             memory: new.memory.unwrap_or(deps.memory.mode),
+            tools: new.tools,
+            tool_choice: new.tool_choice,
         };
         deps.store.create_conversation(&record).await?;
         Ok(record)

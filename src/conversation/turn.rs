@@ -17,7 +17,7 @@ use super::messages::TurnOptions;
 use super::Deps;
 use crate::cache::ScopeParts;
 use crate::config::MemoryMode;
-use crate::domain::{Message, Role};
+use crate::domain::{Content, FinishReason, Message, Role, Tool, ToolChoice};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::{self, CacheSlot, Event, Request, Sink};
 use crate::guard::pii::{PiiMode, Vault};
@@ -25,7 +25,8 @@ use crate::ids::{unix_now, ConversationId};
 use crate::provider::ChatRequest;
 use crate::store::{MessageRecord, ReplyMeta, StoredError, Usage};
 use crate::tenant::{Bill, Principal};
-use crate::tokens::{self, fit_history, Encoding};
+use crate::tokens::{self, fit_history, Encoding, Kind};
+use crate::wire::openai::{ToolCallChunk, WireToolCall};
 
 /// Everything a turn needs to know about its conversation and message.
 pub struct TurnInput {
@@ -36,8 +37,14 @@ pub struct TurnInput {
     pub encoding: Encoding,
     pub user_seq: u64,
     pub client_id: String,
+    /// The new message: a user message (text or parts) or a tool result.
+    pub message: Message,
+    /// Its text (the question the cache and recall compare).
     pub content: String,
     pub tokens: u32,
+    /// The tools offered on this conversation's turns.
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
     pub options: TurnOptions,
     pub principal: Principal,
     /// The key's reservation, settled with what the turn used.
@@ -89,6 +96,13 @@ impl Sink for FanoutSink<'_> {
                 conversation: self.conversation.clone(),
                 reply_to: self.reply_to,
                 text,
+                tool_calls: None,
+            },
+            Event::ToolCall(d) => ServerFrame::Delta {
+                conversation: self.conversation.clone(),
+                reply_to: self.reply_to,
+                text: String::new(),
+                tool_calls: Some(vec![ToolCallChunk::from(&d)]),
             },
             Event::Switched { from, to } => ServerFrame::Notice {
                 conversation: self.conversation.clone(),
@@ -97,7 +111,7 @@ impl Sink for FanoutSink<'_> {
                 message: format!("the reply continues on {to} after {from} failed"),
                 provider: to,
             },
-            Event::Started { .. } | Event::ToolCall(_) | Event::Logprobs(_) => return,
+            Event::Started { .. } | Event::Logprobs(_) => return,
         };
         self.fanout.broadcast(&frame, Some(self.client_id));
     }
@@ -122,14 +136,20 @@ async fn run_inner(
     let user = MessageRecord {
         flags: input.flags.clone(),
         seq: input.user_seq,
-        role: Role::User,
+        role: input.message.role,
         content: input.content.clone(),
         created_at: unix_now(),
         client_id: Some(input.client_id.clone()),
         finish_reason: None,
         tokens: input.tokens,
         reply: None,
-        ..MessageRecord::default()
+        parts: match &input.message.content {
+            Content::Parts(parts) => Some(parts.clone()),
+            Content::Text(_) => None,
+        },
+        tool_calls: Vec::new(),
+        tool_call_id: input.message.tool_call_id.clone(),
+        is_error: input.message.is_error,
     };
     if let Err(e) = deps.store.append_message(&conv, &user).await {
         fail(e.into(), None);
@@ -145,6 +165,18 @@ async fn run_inner(
     #[cfg(feature = "fault-injection")]
     if input.content.contains("[[parley:panic]]") {
         panic!("fault injection: turn panicked");
+    }
+
+    if input.message.role == Role::Tool {
+        // The next turn runs by itself once every call of the reply has its result.
+        match super::tools::open_calls(&deps.store, &conv) {
+            Ok(open) if !open.is_empty() => return input.user_seq,
+            Ok(_) => {}
+            Err(e) => {
+                fail(e.into(), Some(input.user_seq));
+                return input.user_seq;
+            }
+        }
     }
 
     let begun = Instant::now();
@@ -190,6 +222,12 @@ async fn run_inner(
         client_id: None,
         finish_reason: Some(out.finish.as_str().to_owned()),
         tokens: out.completion_tokens,
+        // Calls are kept only from a reply that ended asking for them; a cut one is no call.
+        tool_calls: if out.finish == FinishReason::ToolCalls {
+            out.tool_calls
+        } else {
+            Vec::new()
+        },
         reply: Some(ReplyMeta {
             reply_to: input.user_seq,
             usage: out.usage,
@@ -262,7 +300,10 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         .conversation(&input.conversation)?
         .map_or(0, |c| c.history_tokens);
     let trimmed = u32::try_from(stored.saturating_sub(sent)).unwrap_or(u32::MAX);
-    let scope = input.cache.then(|| {
+    let plain = taken
+        .iter()
+        .all(|m| m.parts.is_none() && m.tool_calls.is_empty() && m.role != Role::Tool);
+    let scope = (input.cache && plain).then(|| {
         let context: Vec<(&str, &str)> = taken
             .iter()
             .map(|m| (m.role.as_str(), m.content.as_str()))
@@ -280,8 +321,8 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
     if let Some(system) = &input.system {
         messages.push(Message::text(Role::System, system.clone()));
     }
-    messages.extend(taken.into_iter().map(|m| Message::text(m.role, m.content)));
-    messages.push(Message::text(Role::User, input.content.clone()));
+    messages.extend(taken.iter().map(MessageRecord::to_message));
+    messages.push(input.message.clone());
     let vault = match input.pii {
         // A versioned prompt is the operator's; a conversation's own system text is the client's.
         PiiMode::Redact => Some(redact(
@@ -296,6 +337,8 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         messages,
         max_tokens: input.options.max_tokens,
         temperature: input.options.temperature,
+        tools: input.tools.clone(),
+        tool_choice: input.tool_choice.clone(),
         ..ChatRequest::default()
     };
     Ok(Built {
@@ -326,23 +369,66 @@ fn too_large(e: tokens::TooLarge) -> ApiError {
     ApiError::new(ErrorCode::TooLarge, e.to_string())
 }
 
-/// The newest earlier messages that fit, oldest first, and the prompt tokens.
+/// How a stored message groups for trimming.
+fn kind(m: &MessageRecord) -> Kind {
+    match m.role {
+        Role::Tool => Kind::Result,
+        Role::Assistant if !m.tool_calls.is_empty() => Kind::Calls,
+        _ => Kind::Plain,
+    }
+}
+
+/// What the new message costs with the messages that must go with it (for a tool result, the
+/// call and the other results: a group is sent whole).
+fn new_cost(input: &TurnInput, forced: &[MessageRecord]) -> u32 {
+    forced.iter().fold(input.tokens, |n, m| {
+        n.saturating_add(m.tokens)
+            .saturating_add(tokens::MESSAGE_FRAMING_TOKENS)
+    })
+}
+
+/// The group the new message belongs to, when it is a tool result: the assistant message with
+/// the calls and the results stored before this one, newest first.
+fn forced_group(
+    input: &TurnInput,
+    groups: &mut impl Iterator<Item = Vec<MessageRecord>>,
+) -> Vec<MessageRecord> {
+    if input.message.role == Role::Tool {
+        groups.next().unwrap_or_default()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The newest earlier messages that fit, whole groups only, oldest first, and the prompt
+/// tokens.
 fn window(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
-    let mut taken = Vec::new();
+    let mut taken: Vec<Vec<MessageRecord>> = Vec::new();
     let mut read_error = None;
-    let history = earlier(deps, input, &mut read_error).map(|m| {
-        let t = m.tokens;
-        taken.push(m);
-        t
+    let mut all = tokens::groups(earlier(deps, input, &mut read_error), kind);
+    let forced = forced_group(input, &mut all);
+    let history = all.map(|g| {
+        let cost = tokens::group_cost(g.iter().map(|m| m.tokens));
+        taken.push(g);
+        cost
     });
-    let fitted = fit_history(deps.budget, input.system_tokens, input.tokens, history);
+    let fitted = fit_history(
+        deps.budget,
+        input.system_tokens,
+        new_cost(input, &forced),
+        history,
+    );
     if let Some(e) = read_error {
         return Err(e.into());
     }
     let (n, prompt_tokens) = fitted.map_err(too_large)?;
     taken.truncate(n);
-    taken.reverse();
-    Ok((taken, prompt_tokens, None))
+    let mut run: Vec<MessageRecord> = forced
+        .into_iter()
+        .chain(taken.into_iter().flatten())
+        .collect();
+    run.reverse();
+    Ok((run, prompt_tokens, None))
 }
 
 /// The new message's embedding, then each older message's: stored ones read back, the others
@@ -402,20 +488,33 @@ async fn recall_vectors(
 /// left, oldest first.
 async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     let mut read_error = None;
-    let all: Vec<MessageRecord> = earlier(deps, input, &mut read_error)
-        .take(RECALL_SCAN)
-        .collect();
+    let mut groups = tokens::groups(
+        earlier(deps, input, &mut read_error).take(RECALL_SCAN),
+        kind,
+    );
+    let forced = forced_group(input, &mut groups);
+    let all: Vec<Vec<MessageRecord>> = groups.collect();
     if let Some(e) = read_error {
         return Err(e.into());
     }
-    let costs = || all.iter().map(|m| m.tokens);
-    let (n_all, used_all) =
-        fit_history(deps.budget, input.system_tokens, input.tokens, costs()).map_err(too_large)?;
-    let window_only = |n: usize, used: u32| {
-        let mut run: Vec<MessageRecord> = all[..n].to_vec();
-        run.reverse();
-        (run, used, None)
+    let new_tokens = new_cost(input, &forced);
+    let costs = || {
+        all.iter()
+            .map(|g| tokens::group_cost(g.iter().map(|m| m.tokens)))
     };
+    let (n_all, used_all) =
+        fit_history(deps.budget, input.system_tokens, new_tokens, costs()).map_err(too_large)?;
+    // The newest `n` groups and the new message's own group, oldest first.
+    let run_of = |n: usize| {
+        let mut run: Vec<MessageRecord> = forced
+            .iter()
+            .chain(all[..n].iter().flatten())
+            .cloned()
+            .collect();
+        run.reverse();
+        run
+    };
+    let window_only = |n: usize, used: u32| (run_of(n), used, None);
     if n_all == all.len() {
         return Ok(window_only(n_all, used_all));
     }
@@ -423,7 +522,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     let run_budget = tokens::ContextBudget {
         limit: deps.budget.limit.saturating_sub(share),
     };
-    let Ok((n_run, used_run)) = fit_history(run_budget, input.system_tokens, input.tokens, costs())
+    let Ok((n_run, used_run)) = fit_history(run_budget, input.system_tokens, new_tokens, costs())
     else {
         // The new message and system prompt leave no room for a recall share.
         return Ok(window_only(n_all, used_all));
@@ -432,7 +531,15 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
         // The embedder is a provider outside this key's regions: the window, not recall.
         return Ok(window_only(n_all, used_all));
     }
-    let older = &all[n_run..];
+    // Recall picks single messages: tool calls and results, which only travel as a group, stay
+    // with the window.
+    let older: Vec<MessageRecord> = all[n_run..]
+        .iter()
+        .flatten()
+        .filter(|m| kind(m) == Kind::Plain)
+        .cloned()
+        .collect();
+    let older = &older[..];
     let embedded = tokio::time::timeout(RECALL_TIMEOUT, recall_vectors(deps, input, older)).await;
     let Ok(Some(mut vectors)) = embedded else {
         tracing::warn!(
@@ -484,7 +591,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     );
     // Everything chosen, oldest first: recalled turns, then the newest run.
     let mut out: Vec<MessageRecord> = taken.iter().rev().map(|&p| older[p].clone()).collect();
-    out.extend(all[..n_run].iter().rev().cloned());
+    out.extend(run_of(n_run));
     let used = deps.budget.limit.saturating_sub(spare);
     // The new message's vector serves the cache lookup too.
     let question = vectors.swap_remove(0);
@@ -542,6 +649,7 @@ pub fn outcome_frame(
         provider: meta.provider.clone(),
         model: meta.model.clone(),
         ttft_ms: meta.ttft_ms,
+        tool_calls: reply.tool_calls.iter().map(WireToolCall::from).collect(),
     }))
 }
 

@@ -399,7 +399,13 @@ fn request_hash(seed: u64, req: &MockRequest) -> u64 {
         h.eat(t.parameters.to_string().as_bytes());
         h.eat(&[3]);
     }
-    h.eat(format!("{:?}|{}", req.choice, req.images).as_bytes());
+    match &req.choice {
+        MockChoice::Auto => h.eat(b"auto"),
+        MockChoice::None => h.eat(b"none"),
+        MockChoice::Required => h.eat(b"required"),
+        MockChoice::Named(name) => h.eat(format!("named:{name}").as_bytes()),
+    }
+    h.eat(&(req.images as u64).to_le_bytes());
     h.0
 }
 

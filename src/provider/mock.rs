@@ -7,7 +7,10 @@ use tokio::sync::mpsc;
 
 use super::{ChatRequest, ProviderError, UpstreamEvent};
 use crate::domain::Usage;
-use crate::mock_upstream::generator::{self, Fault, MockMessage};
+use crate::domain::{ResponseFormat, Role, ToolCallDelta, ToolChoice};
+use crate::mock_upstream::generator::{
+    self, Fault, MockCall, MockChoice, MockMessage, MockRequest, MockTool,
+};
 
 pub struct MockBackend {
     name: String,
@@ -27,15 +30,7 @@ impl MockBackend {
     }
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
-        let messages: Vec<MockMessage> = req
-            .messages
-            .iter()
-            .map(|m| MockMessage {
-                role: m.role.as_str().to_owned(),
-                content: m.content.text(),
-            })
-            .collect();
-        let plan = generator::plan(self.seed, &messages, req.max_tokens);
+        let plan = generator::plan_request(self.seed, &mock_request(&req));
         let ttft = plan.ttft.unwrap_or(self.ttft);
         let gap = match plan.tokens_per_sec.unwrap_or(self.tokens_per_sec) {
             tps if tps > 0.0 => Duration::from_secs_f64(1.0 / tps),
@@ -81,6 +76,17 @@ impl MockBackend {
                 return;
             }
         }
+        for (i, call) in plan.tool_calls.iter().enumerate() {
+            let delta = ToolCallDelta {
+                index: u32::try_from(i).unwrap_or(u32::MAX),
+                id: Some(call.id.clone()),
+                name: Some(call.name.clone()),
+                arguments: call.arguments.clone(),
+            };
+            if tx.send(UpstreamEvent::ToolCall(delta)).await.is_err() {
+                return;
+            }
+        }
         let usage = Usage::new(plan.prompt_tokens, plan.completion_tokens);
         let finished = UpstreamEvent::Finished {
             finish: crate::wire::openai::finish_of(plan.finish_reason),
@@ -88,6 +94,78 @@ impl MockBackend {
             model: Some(req.model),
         };
         let _ = tx.send(finished).await;
+    }
+}
+
+/// The request as the generator reads it (the same reading the mock upstream's server does of
+/// its wire formats).
+fn mock_request(req: &ChatRequest) -> MockRequest {
+    let messages: Vec<MockMessage> = req
+        .messages
+        .iter()
+        .map(|m| MockMessage {
+            role: m.role.as_str().to_owned(),
+            content: if m.tool_calls.is_empty() {
+                m.content.text()
+            } else {
+                let calls: Vec<MockCall> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| MockCall {
+                        id: c.id.clone(),
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    })
+                    .collect();
+                generator::assistant_content(&m.content.text(), &calls)
+            },
+        })
+        .collect();
+    let last_user = req.messages.iter().rev().find(|m| m.role == Role::User);
+    let tool_results: Vec<(String, bool)> = req
+        .messages
+        .iter()
+        .rev()
+        .take_while(|m| m.role == Role::Tool)
+        .map(|m| (m.content.text(), m.is_error))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let (json_schema, json_object) = match &req.params.response_format {
+        Some(ResponseFormat::JsonSchema { json_schema }) => (
+            Some(
+                json_schema
+                    .schema
+                    .clone()
+                    .unwrap_or(serde_json::Value::Null),
+            ),
+            false,
+        ),
+        Some(ResponseFormat::JsonObject) => (None, true),
+        Some(ResponseFormat::Text) | None => (None, false),
+    };
+    MockRequest {
+        messages,
+        images: last_user.map_or(0, |m| m.content.images().count()),
+        tool_results,
+        tools: req
+            .tools
+            .iter()
+            .map(|t| MockTool {
+                name: t.name.clone(),
+                parameters: t.parameters.clone().unwrap_or(serde_json::Value::Null),
+            })
+            .collect(),
+        choice: match &req.tool_choice {
+            None | Some(ToolChoice::Auto) => MockChoice::Auto,
+            Some(ToolChoice::None) => MockChoice::None,
+            Some(ToolChoice::Required) => MockChoice::Required,
+            Some(ToolChoice::Function(name)) => MockChoice::Named(name.clone()),
+        },
+        json_schema,
+        json_object,
+        max_tokens: req.max_tokens,
     }
 }
 

@@ -296,6 +296,8 @@ mod tests {
             last_seq: 0,
             history_tokens: 0,
             memory: Default::default(),
+            tools: Vec::new(),
+            tool_choice: None,
         };
         store.create_conversation(&header).await.expect("create"); // ok: test
         let a = store.cache_next_id().expect("id"); // ok: test

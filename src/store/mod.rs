@@ -183,6 +183,36 @@ impl Store {
         self.flush().await
     }
 
+    /// Changes a conversation's settings (tools, tool choice) atomically with respect to
+    /// appends, and waits until the change is durable. Answers the updated record.
+    ///
+    /// # Errors
+    /// `NoConversation` when absent; a storage failure.
+    pub async fn update_conversation(
+        &self,
+        id: &ConversationId,
+        change: impl Fn(&mut ConversationRecord),
+    ) -> Result<ConversationRecord, StoreError> {
+        loop {
+            let old = self
+                .conversations
+                .get(id.as_bytes())?
+                .ok_or_else(|| StoreError::NoConversation(id.clone()))?;
+            let mut rec: ConversationRecord = decode("conversations", id.as_str(), &old)?;
+            change(&mut rec);
+            let new = encode(&rec)?;
+            // A concurrent append changed the header: read it again and re-apply.
+            if self
+                .conversations
+                .compare_and_swap(id.as_bytes(), Some(old), Some(new))?
+                .is_ok()
+            {
+                self.flush().await?;
+                return Ok(rec);
+            }
+        }
+    }
+
     /// The conversation, if it exists.
     ///
     /// # Errors

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ConversationId, TenantId};
 
-use crate::domain::{Content, Message, Part, ToolCall};
+use crate::domain::{Content, Message, Part, Tool, ToolCall, ToolChoice};
 pub use crate::domain::{Role, Usage};
 
 /// A conversation's header; its messages are stored apart, keyed by `seq`.
@@ -33,6 +33,11 @@ pub struct ConversationRecord {
     /// `window` or `recall`: how context is chosen once history outgrows the budget.
     #[serde(default)]
     pub memory: crate::config::MemoryMode,
+    /// The function tools offered on every turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
 }
 
 /// What produced an assistant message; kept so a resent `client_id` gets the original `done`.

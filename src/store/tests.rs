@@ -13,6 +13,8 @@ fn conv(store_tenant: &str) -> ConversationRecord {
         last_seq: 0,
         history_tokens: 0,
         memory: Default::default(),
+        tools: Vec::new(),
+        tool_choice: None,
     }
 }
 

@@ -72,6 +72,19 @@ pub fn message_tokens(encoding: Encoding, m: &Message) -> u32 {
     n
 }
 
+/// Content tokens of a new message (its text and images, without framing), long texts counted
+/// off the async threads.
+pub async fn content_tokens(encoding: Encoding, m: &Message) -> u32 {
+    let images: u32 = m
+        .content
+        .images()
+        .map(image_tokens)
+        .fold(0, u32::saturating_add);
+    super::count_async(encoding, m.content.text())
+        .await
+        .saturating_add(images)
+}
+
 /// Prompt tokens of a whole request: its messages and the tools it offers.
 pub fn request_tokens(encoding: Encoding, messages: &[Message], tools: &[Tool]) -> u32 {
     let mut n: u32 = messages

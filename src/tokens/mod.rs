@@ -7,6 +7,10 @@ mod budget;
 mod messages;
 mod tokenizer;
 
-pub use budget::{fit_history, ContextBudget, TooLarge, MESSAGE_FRAMING_TOKENS};
-pub use messages::{image_tokens, message_tokens, request_tokens, IMAGE_MAX_TOKENS};
+pub use budget::{
+    fit_history, group_cost, groups, ContextBudget, Kind, TooLarge, MESSAGE_FRAMING_TOKENS,
+};
+pub use messages::{
+    content_tokens, image_tokens, message_tokens, request_tokens, IMAGE_MAX_TOKENS,
+};
 pub use tokenizer::{count, count_async, Encoding};

@@ -220,32 +220,10 @@ impl ChatCompletionRequest {
             .enumerate()
             .map(|(i, m)| m.decode().map_err(|e| format!("messages[{i}]{e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        let tools = std::mem::take(&mut self.tools)
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
-                if t.kind != "function" {
-                    return Err(format!(
-                        "tools[{i}].type: {:?} is not supported (function is)",
-                        t.kind
-                    ));
-                }
-                if t.function.name.is_empty() {
-                    return Err(format!("tools[{i}].function.name must not be empty"));
-                }
-                Ok(t.function)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let tool_choice = self.tool_choice.take().map(|c| c.0);
-        if let Some(ToolChoice::Function(name)) = &tool_choice {
-            if !tools.iter().any(|t| &t.name == name) {
-                return Err(format!("tool_choice names {name:?}, which is not in tools"));
-            }
-        }
-        if matches!(tool_choice, Some(ToolChoice::Required)) && tools.is_empty() {
-            return Err("tool_choice is required but no tools are given".into());
-        }
+        let (tools, tool_choice) = decode_tools(
+            std::mem::take(&mut self.tools).unwrap_or_default(),
+            self.tool_choice.take(),
+        )?;
         let params = Params {
             top_p: self.top_p,
             stop: self.stop.take().map(Stop::into_vec).unwrap_or_default(),
@@ -312,6 +290,43 @@ impl ChatCompletionRequest {
             max_completion_tokens: None,
         }
     }
+}
+
+/// Function tools and the choice among them, checked: every tool a function with a name, a
+/// named choice among the tools, `required` only with tools.
+///
+/// # Errors
+/// A message naming the field that is wrong.
+pub fn decode_tools(
+    tools: Vec<FunctionTool>,
+    choice: Option<WireToolChoice>,
+) -> Result<(Vec<Tool>, Option<ToolChoice>), String> {
+    let tools = tools
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if t.kind != "function" {
+                return Err(format!(
+                    "tools[{i}].type: {:?} is not supported (function is)",
+                    t.kind
+                ));
+            }
+            if t.function.name.is_empty() {
+                return Err(format!("tools[{i}].function.name must not be empty"));
+            }
+            Ok(t.function)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let choice = choice.map(|c| c.0);
+    if let Some(ToolChoice::Function(name)) = &choice {
+        if !tools.iter().any(|t| &t.name == name) {
+            return Err(format!("tool_choice names {name:?}, which is not in tools"));
+        }
+    }
+    if matches!(choice, Some(ToolChoice::Required)) && tools.is_empty() {
+        return Err("tool_choice is required but no tools are given".into());
+    }
+    Ok((tools, choice))
 }
 
 impl RequestMessage {

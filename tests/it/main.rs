@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod common;
 mod context;
+mod conversation_tools;
 mod governance;
 mod guards;
 mod http;

@@ -11,12 +11,14 @@ use crate::conversation::messages::{Cancel, PostUserMessage, TurnOptions};
 use crate::conversation::{
     next_sink_id, NewConversation, Outbound, Scope, ServerFrame, Sink, WireMessage,
 };
+use crate::domain::{Content, Message, Role};
 use crate::error::ApiError;
 use crate::ids::ConversationId;
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
 use crate::store::ConversationRecord;
 use crate::tokens;
+use crate::wire::openai::{decode_tools, FunctionTool, WireToolChoice};
 
 /// Frames buffered for one HTTP turn before the request is dropped as too slow.
 const TURN_BUFFER: usize = 4096;
@@ -37,12 +39,24 @@ pub struct CreateBody {
     /// `window` or `recall`.
     #[serde(default)]
     memory: Option<crate::config::MemoryMode>,
+    #[serde(default)]
+    tools: Option<Vec<FunctionTool>>,
+    #[serde(default)]
+    tool_choice: Option<WireToolChoice>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostBody {
-    content: String,
+    /// A string, or parts (`text`, `image_url`).
+    content: Content,
+    /// `user` (default) or `tool` for a tool result, with `tool_call_id`.
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
+    is_error: bool,
     #[serde(default)]
     client_id: Option<String>,
     #[serde(default)]
@@ -76,6 +90,8 @@ pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
         "metadata": rec.metadata,
         "last_seq": rec.last_seq,
         "memory": rec.memory.as_str(),
+        "tools": rec.tools.iter().map(|t| FunctionTool { kind: "function".into(), function: t.clone() }).collect::<Vec<_>>(),
+        "tool_choice": rec.tool_choice.clone().map(WireToolChoice),
     })
 }
 
@@ -85,12 +101,16 @@ pub async fn create(
     body: web::Json<CreateBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
+    let (tools, tool_choice) = decode_tools(body.tools.unwrap_or_default(), body.tool_choice)
+        .map_err(ApiError::bad_request)?;
     let new = NewConversation {
         model: body.model,
         system: body.system,
         prompt: body.prompt,
         metadata: body.metadata,
         memory: body.memory,
+        tools,
+        tool_choice,
     };
     p.check_model(new.model.as_deref().unwrap_or("default"))?;
     let rec = state.registry.create(&p.tenant, new).await?;
@@ -155,8 +175,27 @@ pub async fn post_message(
     let body = body.into_inner();
     let live = state.registry.get(&id, &p.tenant)?;
     p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
-    let tokens =
-        tokens::count_async(state.router().encoding(&live.model), body.content.clone()).await;
+    let message = match body.role.as_deref() {
+        None | Some("user") => Message {
+            content: body.content,
+            ..Message::default()
+        },
+        Some("tool") => Message {
+            role: Role::Tool,
+            content: body.content,
+            tool_call_id: Some(body.tool_call_id.ok_or_else(|| {
+                ApiError::bad_request("tool_call_id: a tool result must name its call")
+            })?),
+            is_error: body.is_error,
+            ..Message::default()
+        },
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "role: {other:?} is not user or tool"
+            )))
+        }
+    };
+    let tokens = tokens::content_tokens(state.router().encoding(&live.model), &message).await;
     let client_id = body
         .client_id
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -168,7 +207,7 @@ pub async fn post_message(
     );
     let post = PostUserMessage {
         client_id,
-        content: body.content,
+        message,
         tokens,
         options: body.options,
         listener: Some(listener),
@@ -206,11 +245,13 @@ async fn wait_reply(
     id: &ConversationId,
     mut rx: mpsc::Receiver<Outbound>,
 ) -> Result<HttpResponse, ApiError> {
+    let mut acked = None;
     while let Some(out) = rx.recv().await {
         let Outbound::Frame { frame, .. } = out else {
             break;
         };
         match &*frame {
+            ServerFrame::Ack { seq, .. } => acked = Some(*seq),
             ServerFrame::Done(done) => {
                 let msg = state
                     .store()
@@ -230,6 +271,15 @@ async fn wait_reply(
                 return Err(err);
             }
             _ => {}
+        }
+    }
+    // A tool result that leaves other calls open is stored and acked, and nothing runs yet.
+    if let Some(seq) = acked {
+        if let Some(msg) = state.store().message(id, seq)? {
+            if msg.role == crate::store::Role::Tool {
+                return Ok(HttpResponse::Accepted()
+                    .json(serde_json::json!({ "message": WireMessage::from(msg) })));
+            }
         }
     }
     tracing::error!(conversation = %id, "turn ended without done or error");

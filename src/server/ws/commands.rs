@@ -10,13 +10,17 @@ use tokio::sync::mpsc;
 
 use super::frames::ClientFrame;
 use crate::conversation::frames::ErrorFrame;
-use crate::conversation::messages::{Cancel, PostUserMessage, Subscribe, Unsubscribe};
+use crate::conversation::messages::{
+    Cancel, PostUserMessage, Subscribe, TurnOptions, Unsubscribe, Update,
+};
 use crate::conversation::{NewConversation, Outbound, Scope, ServerFrame, Sink, SinkId};
+use crate::domain::{Message, Role};
 use crate::error::ApiError;
 use crate::ids::ConversationId;
 use crate::server::AppState;
 use crate::tenant::Principal;
 use crate::tokens;
+use crate::wire::openai::{decode_tools, FunctionTool, WireToolChoice};
 
 pub struct CommandCtx {
     state: web::Data<AppState>,
@@ -87,13 +91,21 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
             prompt,
             metadata,
             memory,
+            tools,
+            tool_choice,
         } => {
+            let (tools, tool_choice) = match decode_tools(tools.unwrap_or_default(), tool_choice) {
+                Ok(t) => t,
+                Err(e) => return cx.fail(&ApiError::bad_request(e), None, Some(client_id)),
+            };
             let new = NewConversation {
                 model,
                 system,
                 prompt,
                 metadata,
                 memory,
+                tools,
+                tool_choice,
             };
             let created = match cx
                 .principal
@@ -131,8 +143,46 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
                 return;
             };
             let options = options.unwrap_or_default();
-            if let Err(e) = post(cx, &id, client_id.clone(), content, options).await {
+            let message = Message {
+                content,
+                ..Message::default()
+            };
+            if let Err(e) = post(cx, &id, client_id.clone(), message, options).await {
                 cx.fail(&e, Some(id), Some(client_id));
+            }
+        }
+        ClientFrame::ToolResult {
+            conversation,
+            client_id,
+            tool_call_id,
+            content,
+            is_error,
+        } => {
+            let Some(id) = parse(cx, &conversation, Some(&client_id)) else {
+                return;
+            };
+            let message = Message {
+                role: Role::Tool,
+                content,
+                tool_call_id: Some(tool_call_id),
+                is_error,
+                ..Message::default()
+            };
+            if let Err(e) = post(cx, &id, client_id.clone(), message, TurnOptions::default()).await
+            {
+                cx.fail(&e, Some(id), Some(client_id));
+            }
+        }
+        ClientFrame::Update {
+            conversation,
+            tools,
+            tool_choice,
+        } => {
+            let Some(id) = parse(cx, &conversation, None) else {
+                return;
+            };
+            if let Err(e) = update(cx, &id, tools, tool_choice).await {
+                cx.fail(&e, Some(id), None);
             }
         }
         ClientFrame::Cancel { conversation } => {
@@ -176,23 +226,47 @@ async fn subscribe(
     Ok(())
 }
 
+async fn update(
+    cx: &mut CommandCtx,
+    id: &ConversationId,
+    tools: Option<Vec<FunctionTool>>,
+    tool_choice: Option<WireToolChoice>,
+) -> Result<(), ApiError> {
+    let live = cx.state.registry.get(id, &cx.principal.tenant)?;
+    let tools = match tools {
+        Some(t) => Some(decode_tools(t, None).map_err(ApiError::bad_request)?.0),
+        None => None,
+    };
+    let rec = live
+        .addr
+        .send(Update {
+            tools,
+            tool_choice: tool_choice.map(|c| Some(c.0)),
+        })
+        .await??;
+    cx.send(&ServerFrame::Updated {
+        conversation: rec.id,
+        tools: rec.tools.len(),
+    });
+    Ok(())
+}
+
 async fn post(
     cx: &mut CommandCtx,
     id: &ConversationId,
     client_id: String,
-    content: String,
-    options: crate::conversation::messages::TurnOptions,
+    message: Message,
+    options: TurnOptions,
 ) -> Result<(), ApiError> {
     let live = cx.state.registry.get(id, &cx.principal.tenant)?;
     cx.principal
         .check_model(options.model.as_deref().unwrap_or(&live.model))?;
-    let tokens =
-        tokens::count_async(cx.state.router().encoding(&live.model), content.clone()).await;
+    let tokens = tokens::content_tokens(cx.state.router().encoding(&live.model), &message).await;
     let listener = Some((cx.sink_id, cx.sink(), Scope::Conversation));
     live.addr
         .send(PostUserMessage {
             client_id,
-            content,
+            message,
             tokens,
             options,
             listener,

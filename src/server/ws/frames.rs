@@ -4,7 +4,9 @@
 use serde::Deserialize;
 
 use crate::conversation::messages::TurnOptions;
+use crate::domain::Content;
 use crate::error::ApiError;
+use crate::wire::openai::{FunctionTool, WireToolChoice};
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -22,6 +24,19 @@ pub enum ClientFrame {
         /// `window` or `recall` (parley addition).
         #[serde(default)]
         memory: Option<crate::config::MemoryMode>,
+        /// Function tools offered on every turn, as Chat Completions takes them.
+        #[serde(default)]
+        tools: Option<Vec<FunctionTool>>,
+        #[serde(default)]
+        tool_choice: Option<WireToolChoice>,
+    },
+    /// Changes what the conversation offers on its next turns.
+    Update {
+        conversation: String,
+        #[serde(default)]
+        tools: Option<Vec<FunctionTool>>,
+        #[serde(default)]
+        tool_choice: Option<WireToolChoice>,
     },
     Subscribe {
         conversation: String,
@@ -31,9 +46,20 @@ pub enum ClientFrame {
     UserMessage {
         conversation: String,
         client_id: String,
-        content: String,
+        /// A string, or parts (`text`, `image_url`).
+        content: Content,
         #[serde(default)]
         options: Option<TurnOptions>,
+    },
+    /// The result of one tool call of the newest reply.
+    ToolResult {
+        conversation: String,
+        client_id: String,
+        tool_call_id: String,
+        content: Content,
+        /// The tool failed; `content` says how.
+        #[serde(default)]
+        is_error: bool,
     },
     Cancel {
         conversation: String,
