@@ -44,6 +44,7 @@ struct Queued {
     flags: Vec<String>,
     client_id: String,
     message: Message,
+    history: Vec<(Message, u32)>,
     tokens: u32,
     options: TurnOptions,
     principal: Principal,
@@ -125,15 +126,34 @@ impl ConversationActor {
             .model
             .clone()
             .unwrap_or_else(|| self.record.model.clone());
-        let system = self.system_prompt(&route).unwrap_or_else(|e| {
-            // Only a storage failure gets here (references are checked at creation and
-            // versions are never deleted); the turn goes on without the prompt, loudly.
-            tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
-            SystemPrompt::default()
-        });
+        let system = match &q.options.turn.instructions {
+            Some(text) => SystemPrompt {
+                tokens: Some(crate::tokens::count(self.encoding, text)),
+                text: Some(text.clone()),
+                version: None,
+            },
+            None => self.system_prompt(&route).unwrap_or_else(|e| {
+                // Only a storage failure gets here (references are checked at creation and
+                // versions are never deleted); the turn goes on without the prompt, loudly.
+                tracing::error!(conversation = %self.record.id, error = %e, "system prompt unavailable");
+                SystemPrompt::default()
+            }),
+        };
+        let tools = q
+            .options
+            .turn
+            .tools
+            .clone()
+            .unwrap_or_else(|| self.record.tools.clone());
+        let tool_choice = match &q.options.turn.tools {
+            Some(_) => q.options.turn.tool_choice.clone(),
+            None => self.record.tool_choice.clone(),
+        };
         let content = q.message.content.text();
         let cache = q.options.cache != Some(false)
-            && self.record.tools.is_empty()
+            && tools.is_empty()
+            && q.history.is_empty()
+            && q.options.turn.response_format.is_none()
             && q.message.is_plain()
             && self.deps.cache.admits(
                 &q.principal,
@@ -141,7 +161,7 @@ impl ConversationActor {
                 &content,
                 !q.flags.is_empty(),
             );
-        let tools_tokens = crate::tokens::request_tokens(self.encoding, &[], &self.record.tools);
+        let tools_tokens = crate::tokens::request_tokens(self.encoding, &[], &tools);
         let input = TurnInput {
             cache,
             memory: self.record.memory,
@@ -155,13 +175,14 @@ impl ConversationActor {
             },
             prompt_version: system.version,
             encoding: self.encoding,
-            user_seq: self.record.last_seq + 1,
+            user_seq: self.record.last_seq + 1 + q.history.len() as u64,
             client_id: q.client_id.clone(),
             message: q.message,
+            history: q.history,
             content,
             tokens: q.tokens,
-            tools: self.record.tools.clone(),
-            tool_choice: self.record.tool_choice.clone(),
+            tools,
+            tool_choice,
             options: q.options,
             principal: q.principal,
             bill: Some(q.bill),
@@ -510,6 +531,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             flags,
             client_id: cid,
             message: msg.message,
+            history: msg.history,
             tokens: msg.tokens,
             options: msg.options,
             principal: msg.principal,

@@ -4,7 +4,7 @@ use actix::prelude::*;
 
 use super::fanout::{Scope, SinkId};
 use super::frames::Sink;
-use crate::domain::{Message, Tool, ToolChoice};
+use crate::domain::{Message, ResponseFormat, Tool, ToolChoice};
 use crate::error::ApiError;
 use crate::tenant::Principal;
 
@@ -21,6 +21,21 @@ pub struct TurnOptions {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub cache: Option<bool>,
+    /// What the Responses face sets for one turn; clients of the WebSocket cannot.
+    #[serde(skip)]
+    pub turn: TurnOverrides,
+}
+
+/// Settings of one turn over the conversation's own (the Responses API sends them with every
+/// request).
+#[derive(Debug, Clone, Default)]
+pub struct TurnOverrides {
+    /// The system prompt of this turn instead of the conversation's.
+    pub instructions: Option<String>,
+    pub tools: Option<Vec<Tool>>,
+    pub tool_choice: Option<ToolChoice>,
+    pub response_format: Option<ResponseFormat>,
+    pub top_p: Option<f64>,
 }
 
 /// Subscribes a sink; the actor sends `subscribed`, then the replay after `after_seq` if given,
@@ -47,6 +62,9 @@ pub struct PostUserMessage {
     pub client_id: String,
     /// A user message (text or parts) or a tool result (role `tool`, with its call's id).
     pub message: Message,
+    /// Messages stored before it, as given, without replies of their own (a transcript the
+    /// client sends at once), each with its content tokens.
+    pub history: Vec<(Message, u32)>,
     /// Content tokens (text, images), counted by the caller off the actor's thread.
     pub tokens: u32,
     pub options: TurnOptions,

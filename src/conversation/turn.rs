@@ -17,7 +17,7 @@ use super::messages::TurnOptions;
 use super::Deps;
 use crate::cache::ScopeParts;
 use crate::config::MemoryMode;
-use crate::domain::{Content, FinishReason, Message, Role, Tool, ToolChoice};
+use crate::domain::{Content, FinishReason, Message, Params, Role, Tool, ToolChoice};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::{self, CacheSlot, Event, Request, Sink};
 use crate::guard::pii::{PiiMode, Vault};
@@ -39,6 +39,8 @@ pub struct TurnInput {
     pub client_id: String,
     /// The new message: a user message (text or parts) or a tool result.
     pub message: Message,
+    /// Messages stored just before it, without replies, with their content tokens.
+    pub history: Vec<(Message, u32)>,
     /// Its text (the question the cache and recall compare).
     pub content: String,
     pub tokens: u32,
@@ -133,6 +135,20 @@ async fn run_inner(
         fanout.broadcast(&ServerFrame::Error(frame), Some(&cid));
     };
 
+    let first_seq = input.user_seq - input.history.len() as u64;
+    for (i, (m, tokens)) in std::mem::take(&mut input.history).into_iter().enumerate() {
+        let seq = first_seq + i as u64;
+        let rec = MessageRecord {
+            seq,
+            created_at: unix_now(),
+            tokens,
+            ..record_of(m)
+        };
+        if let Err(e) = deps.store.append_message(&conv, &rec).await {
+            fail(e.into(), None);
+            return seq - 1;
+        }
+    }
     let user = MessageRecord {
         flags: input.flags.clone(),
         seq: input.user_seq,
@@ -339,6 +355,11 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         temperature: input.options.temperature,
         tools: input.tools.clone(),
         tool_choice: input.tool_choice.clone(),
+        params: Params {
+            response_format: input.options.turn.response_format.clone(),
+            top_p: input.options.turn.top_p,
+            ..Params::default()
+        },
         ..ChatRequest::default()
     };
     Ok(Built {
@@ -367,6 +388,22 @@ fn earlier<'a>(
 
 fn too_large(e: tokens::TooLarge) -> ApiError {
     ApiError::new(ErrorCode::TooLarge, e.to_string())
+}
+
+/// A message as it is stored (seq, time and tokens left for the caller).
+fn record_of(m: Message) -> MessageRecord {
+    MessageRecord {
+        role: m.role,
+        content: m.content.text(),
+        parts: match m.content {
+            Content::Parts(parts) => Some(parts),
+            Content::Text(_) => None,
+        },
+        tool_calls: m.tool_calls,
+        tool_call_id: m.tool_call_id,
+        is_error: m.is_error,
+        ..MessageRecord::default()
+    }
 }
 
 /// How a stored message groups for trimming.

@@ -86,7 +86,17 @@ impl<'de> Deserialize<'de> for Content {
     /// A string or an array of parts; a part of an unknown type or a malformed image is refused
     /// with a message that names it.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Value::deserialize(d)? {
+        Self::from_value(Value::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+impl Content {
+    /// Reads a string or an array of parts.
+    ///
+    /// # Errors
+    /// A message naming what is wrong, starting with `content` (`content[1]: ...`).
+    pub fn from_value(v: Value) -> Result<Self, String> {
+        match v {
             Value::String(s) => Ok(Self::Text(s)),
             Value::Null => Ok(Self::default()),
             Value::Array(items) => items
@@ -94,11 +104,8 @@ impl<'de> Deserialize<'de> for Content {
                 .enumerate()
                 .map(|(i, item)| Part::from_value(item).map_err(|e| format!("content[{i}]: {e}")))
                 .collect::<Result<Vec<_>, _>>()
-                .map(Self::Parts)
-                .map_err(D::Error::custom),
-            _ => Err(D::Error::custom(
-                "content must be a string or an array of parts",
-            )),
+                .map(Self::Parts),
+            _ => Err("content must be a string or an array of parts".into()),
         }
     }
 }

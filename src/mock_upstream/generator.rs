@@ -91,6 +91,8 @@ pub struct MockRequest {
     pub messages: Vec<MockMessage>,
     /// Image parts in the last user message.
     pub images: usize,
+    /// What every image of the request costs, as OpenAI prices images (counted in the prompt).
+    pub image_tokens: u32,
     /// When the request ends with tool results: `(content, is_error)`, in order. The results are
     /// also among `messages` (role `tool`), which is where their tokens are counted.
     pub tool_results: Vec<(String, bool)>,
@@ -181,7 +183,8 @@ pub fn plan_request(seed: u64, req: &MockRequest) -> Plan {
     let prompt_tokens = messages
         .iter()
         .map(|m| tokens::count(Encoding::Cl100kBase, &m.content) + tokens::MESSAGE_FRAMING_TOKENS)
-        .sum();
+        .sum::<u32>()
+        + req.image_tokens;
     let mut plan = Plan {
         chunks: Vec::new(),
         finish_reason: "stop",

@@ -148,6 +148,12 @@ fn mock_request(req: &ChatRequest) -> MockRequest {
     MockRequest {
         messages,
         images: last_user.map_or(0, |m| m.content.images().count()),
+        image_tokens: req
+            .messages
+            .iter()
+            .flat_map(|m| m.content.images())
+            .map(crate::tokens::image_tokens)
+            .fold(0, u32::saturating_add),
         tool_results,
         tools: req
             .tools

@@ -239,21 +239,25 @@ impl Router {
     }
 
     /// Refuses, with `bad_request` naming it, what a target of the route cannot honour and the
-    /// route does not allow to be dropped: a parameter outside the target's wire format
+    /// route does not allow to be dropped (and drops what it allows; a target's wire format
+    /// leaves out the rest): a parameter outside the target's wire format
     /// (`logprobs` on Anthropic), an image kind it cannot take, more than one choice (`n`).
     ///
     /// # Errors
     /// `bad_request` as above; `model_not_found` for no route.
-    pub fn check_request(&self, route: &str, req: &ChatRequest) -> Result<(), ApiError> {
+    pub fn check_request(&self, route: &str, req: &mut ChatRequest) -> Result<(), ApiError> {
         let r = self
             .routes
             .get(route)
             .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
         let allowed = |name: &str| r.drop_unsupported.iter().any(|d| d == name);
-        if req.params.n.is_some_and(|n| n > 1) && !allowed("n") {
-            return Err(ApiError::bad_request(
-                "n: parley answers one choice per request; send n requests, or allow dropping \"n\" with the route's drop_unsupported",
-            ));
+        if req.params.n.is_some_and(|n| n > 1) {
+            if !allowed("n") {
+                return Err(ApiError::bad_request(
+                    "n: parley answers one choice per request; send n requests, or allow dropping \"n\" with the route's drop_unsupported",
+                ));
+            }
+            req.params.n = None;
         }
         for t in &r.targets {
             if t.provider.kind != ProviderKind::Anthropic {

@@ -72,8 +72,9 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RequestMessage {
     pub role: String,
+    /// Read by [`ChatCompletionRequest::decode`], so that a refusal names the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<Content>,
+    pub content: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<WireToolCall>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,6 +343,10 @@ impl RequestMessage {
                 ))
             }
         };
+        let content = match self.content {
+            Some(v) => Content::from_value(v).map_err(|e| format!(".{e}"))?,
+            None => Content::default(),
+        };
         let tool_calls: Vec<ToolCall> = self
             .tool_calls
             .unwrap_or_default()
@@ -354,16 +359,12 @@ impl RequestMessage {
         if role == Role::Tool && self.tool_call_id.as_deref().is_none_or(str::is_empty) {
             return Err(".tool_call_id: a tool message must name the call it answers".into());
         }
-        if role != Role::User && role != Role::Tool {
-            if let Some(c) = &self.content {
-                if c.has_images() {
-                    return Err(".content: only user messages may carry images".into());
-                }
-            }
+        if role != Role::User && content.has_images() {
+            return Err(".content: only user messages may carry images".into());
         }
         Ok(Message {
             role,
-            content: self.content.unwrap_or_default(),
+            content,
             tool_calls,
             tool_call_id: self.tool_call_id.filter(|_| role == Role::Tool),
             is_error: false,
@@ -376,7 +377,7 @@ impl RequestMessage {
             if m.role == Role::Assistant && !m.tool_calls.is_empty() && m.content.is_empty() {
                 None
             } else {
-                Some(m.content.clone())
+                serde_json::to_value(&m.content).ok()
             };
         Self {
             role: m.role.as_str().to_owned(),

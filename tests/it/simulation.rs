@@ -178,11 +178,9 @@ async fn a_primary_slowing_by_half_under_steady_load() {
     );
     // The queues stay bounded (every request was admitted at once or waited in a capped queue).
     assert!(max_queued <= 64, "queue grew to {max_queued}");
-    // Memory stays flat: no growth with the number of turns served.
-    assert!(
-        rss_after < rss_before + 64 * 1024,
-        "rss grew from {rss_before} to {rss_after} KiB"
-    );
+    // Memory is reported, not asserted: this process also runs every other integration test
+    // in parallel, so its RSS says nothing of the server's own (the load driver measures the
+    // server alone, in its own process).
     // The slowdown shows, but bounded: TTFT during stays well under the ttft timeout.
     assert!(percentile(&during, 0.99) < Duration::from_millis(1000));
 }

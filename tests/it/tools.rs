@@ -422,7 +422,7 @@ async fn parallel_tool_calls_come_back_in_order() {
 async fn streamed_tool_calls_reassemble_from_their_fragments() {
     let (up, server) = start();
     for model in MODELS {
-        let text = "Lyon today";
+        let text = "météo Zürich 東京 today";
         let prompt = format!("{text} [[mock:tools=2]]");
         let body = json!({"model": model, "tools": tools(), "stream": true,
                           "stream_options": {"include_usage": true},
@@ -807,66 +807,66 @@ async fn image_prompt_tokens_count_the_image() {
 
 /// parley's own count of a request prices its images as OpenAI does (85 for `low`, 85 + 170 a
 /// tile from a `data:` image's real size, the `high` maximum of 1445 when the size is unknown):
-/// seen through a key's daily token budget, which admission charges prompt + max tokens.
+/// seen through admission, which charges a key's daily token budget prompt + max tokens before
+/// anything is sent. Each request gets a fresh key with 600 tokens a day, so what earlier
+/// replies really used (an upstream prices images its own way) does not matter.
 #[tokio::test]
 async fn images_are_priced_at_admission() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let server = TestServer::start_with_admin(both_routes(&up));
     let big = format!("data:image/png;base64,{}", png_base64(1024, 1024));
     let small = format!("data:image/png;base64,{}", png_base64(64, 32));
+    let image = |url: &str, detail: Option<&str>| {
+        let mut img = json!({"type": "image_url", "image_url": {"url": url}});
+        if let Some(d) = detail {
+            img["image_url"]["detail"] = json!(d);
+        }
+        Some(img)
+    };
+    let mut n = 0;
     for model in MODELS {
-        let (_, key) = server
-            .create_key(json!({"tenant": format!("img-{model}"), "daily_tokens": 600}))
-            .await;
         let ask = |image: Option<Value>| {
             let mut parts = vec![json!({"type": "text", "text": "describe the picture"})];
             parts.extend(image);
             json!({"model": model, "max_completion_tokens": 20,
                    "messages": [{"role": "user", "content": parts}]})
         };
-        let image = |url: &str, detail: Option<&str>| {
-            let mut img = json!({"type": "image_url", "image_url": {"url": url}});
-            if let Some(d) = detail {
-                img["image_url"]["detail"] = json!(d);
-            }
-            Some(img)
-        };
-        let send = |body: Value| {
-            http()
+        // Text, a low-detail 1024² image (85), a 64×32 one (255): each fits in 600.
+        // A 1024² image at high detail (765) and an https image of unknown size (1445) do not,
+        // and never reach the upstream.
+        for (body, fits) in [
+            (ask(None), true),
+            (ask(image(&big, Some("low"))), true),
+            (ask(image(&small, None)), true),
+            (ask(image(&big, None)), false),
+            (
+                ask(image("https://example.com/huge.png", Some("high"))),
+                false,
+            ),
+        ] {
+            n += 1;
+            let (_, key) = server
+                .create_key(json!({"tenant": format!("img-{n}"), "daily_tokens": 600}))
+                .await;
+            let before = up.requests();
+            let resp = http()
                 .post(server.url("/v1/chat/completions"))
                 .bearer_auth(&key)
                 .json(&body)
                 .send()
-        };
-        let before = up.requests();
-        // Text, a low-detail 1024² image (85) and a 64×32 one (255): all fit in 600 a day.
-        for body in [
-            ask(None),
-            ask(image(&big, Some("low"))),
-            ask(image(&small, None)),
-        ] {
-            let resp = send(body.clone()).await.unwrap();
-            assert_eq!(
-                resp.status(),
-                200,
-                "{model}: {body}: {:?}",
-                resp.text().await
-            );
+                .await
+                .unwrap();
+            if fits {
+                let status = resp.status();
+                assert_eq!(status, 200, "{model}: {body}: {:?}", resp.text().await);
+                assert_eq!(up.requests(), before + 1);
+            } else {
+                let err = expect_error(resp, 429, "quota_exceeded").await;
+                let msg = err["error"]["message"].as_str().unwrap();
+                assert!(msg.contains("daily"), "{model}: {err}");
+                assert_eq!(up.requests(), before, "{model}: {body}");
+            }
         }
-        assert_eq!(up.requests(), before + 3);
-        // A 1024² image at high detail is 765 tokens, an https image of unknown size 1445:
-        // neither fits, and neither reaches the upstream.
-        for body in [
-            ask(image(&big, None)),
-            ask(image("https://example.com/huge.png", Some("high"))),
-        ] {
-            let err = expect_error(send(body).await.unwrap(), 429, "quota_exceeded").await;
-            assert!(
-                err["error"]["message"].as_str().unwrap().contains("daily"),
-                "{err}"
-            );
-        }
-        assert_eq!(up.requests(), before + 3);
     }
 }
 
@@ -1182,6 +1182,17 @@ async fn malformed_parts_and_roles_are_refused_naming_the_field() {
                           "tools": [{"type": "code_interpreter", "function": {"name": "f"}}]});
         let msg = bad_request(&server, &body).await;
         assert!(msg.contains("tools[0].type"), "{msg}");
+    }
+    // Anthropic takes a call's arguments as a JSON object: other arguments are refused there.
+    for args in ["not json", "[1, 2]"] {
+        let body = json!({"model": "claude", "tools": tools(), "messages": [
+            ok_user(),
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_x", "type": "function", "function": {"name": "get_time", "arguments": args}}]},
+            {"role": "tool", "tool_call_id": "call_x", "content": "noon"},
+        ]});
+        let msg = bad_request(&server, &body).await;
+        assert!(msg.contains("call_x"), "{args}: {msg}");
     }
     assert_eq!(up.requests(), 0);
 

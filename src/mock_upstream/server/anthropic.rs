@@ -183,6 +183,8 @@ fn read_message(m: &Value, i: usize, previous: Option<&Turn>) -> Result<Turn, St
     Ok(turn)
 }
 
+/// Checks an image source. (Images are not counted in this wire's usage: Anthropic prices them
+/// by area, not as OpenAI does, and the mock does not pretend to know either's exact figure.)
 fn check_image(source: Option<&Value>, at: &str) -> Result<(), String> {
     let source = source.ok_or(format!("{at}.source: Field required"))?;
     let field = |k: &str| source.get(k).and_then(Value::as_str);

@@ -35,7 +35,8 @@ pub(super) fn read_request(body: &Value) -> Result<MockRequest, String> {
     let messages = body.get("messages").and_then(Value::as_array);
     for (i, m) in messages.into_iter().flatten().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
-        let (text, images) = read_content(m.get("content"), i)?;
+        let (text, images, image_tokens) = read_content(m.get("content"), i)?;
+        req.image_tokens += image_tokens;
         let content = match role {
             "assistant" => {
                 let calls = read_calls(m, i)?;
@@ -71,12 +72,13 @@ pub(super) fn read_request(body: &Value) -> Result<MockRequest, String> {
     Ok(req)
 }
 
-/// A message's text and its number of image parts.
-fn read_content(content: Option<&Value>, i: usize) -> Result<(String, usize), String> {
+/// A message's text, its number of image parts and what they cost.
+fn read_content(content: Option<&Value>, i: usize) -> Result<(String, usize, u32), String> {
     let Some(Value::Array(parts)) = content else {
-        return Ok((content.map(text_of).unwrap_or_default(), 0));
+        return Ok((content.map(text_of).unwrap_or_default(), 0, 0));
     };
     let mut images = 0;
+    let mut image_tokens = 0;
     for (j, part) in parts.iter().enumerate() {
         match part.get("type").and_then(Value::as_str) {
             Some("text") => {}
@@ -97,6 +99,13 @@ fn read_content(content: Option<&Value>, i: usize) -> Result<(String, usize), St
                     ));
                 }
                 images += 1;
+                let detail = part
+                    .pointer("/image_url/detail")
+                    .and_then(|d| serde_json::from_value(d.clone()).ok());
+                image_tokens += crate::tokens::image_tokens(&crate::domain::ImageUrl {
+                    url: url.to_owned(),
+                    detail,
+                });
             }
             other => {
                 return Err(format!(
@@ -106,7 +115,7 @@ fn read_content(content: Option<&Value>, i: usize) -> Result<(String, usize), St
             }
         }
     }
-    Ok((parts_text(parts), images))
+    Ok((parts_text(parts), images, image_tokens))
 }
 
 /// The `tool_calls` of an assistant message.

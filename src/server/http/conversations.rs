@@ -208,6 +208,7 @@ pub async fn post_message(
     let post = PostUserMessage {
         client_id,
         message,
+        history: Vec::new(),
         tokens,
         options: body.options,
         listener: Some(listener),

@@ -89,7 +89,7 @@ fn prepare(
         ));
     }
     p.check_model(route)?;
-    deps.router.check_request(route, &chat)?;
+    deps.router.check_request(route, &mut chat)?;
     deps.router.check_regions(route, p.regions())?;
     let texts: Vec<String> = chat.messages.iter().map(|m| m.content.text()).collect();
     // Injections are looked for in the newest user message; personal data everywhere.

@@ -267,6 +267,7 @@ async fn post(
         .send(PostUserMessage {
             client_id,
             message,
+            history: Vec::new(),
             tokens,
             options,
             listener,
