@@ -158,6 +158,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         metrics,
         sockets: SocketHub::default(),
         governor,
+        retries: Default::default(),
     });
 
     let max_body = config.server.max_frame_bytes;

@@ -16,6 +16,7 @@ pub use actor::{ConversationActor, MAX_REPLAY};
 pub use fanout::{next_sink_id, Scope, SinkId};
 pub use frames::{Outbound, ServerFrame, Sink, WireMessage};
 pub use registry::{Live, NewConversation, Registry};
+pub use tools::open_calls;
 pub use turn::outcome_frame;
 
 pub use crate::generation::{Deps, MemorySettings};

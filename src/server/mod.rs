@@ -29,6 +29,8 @@ pub struct AppState {
     pub metrics: Metrics,
     pub sockets: ws::SocketHub,
     pub governor: Arc<crate::tenant::Governor>,
+    /// Recent Responses API requests, for the SDKs' retries.
+    pub retries: http::responses::Retries,
 }
 
 impl AppState {

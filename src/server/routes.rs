@@ -4,7 +4,7 @@
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use super::http::{admin, conversations, health, openai, usage};
+use super::http::{admin, conversations, health, openai, responses, usage};
 use super::ws;
 use crate::error::{ApiError, ErrorCode};
 
@@ -25,6 +25,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     .route(
         "/v1/chat/completions",
         web::post().to(openai::chat_completions),
+    )
+    .route("/v1/responses", web::post().to(responses::create))
+    .route("/v1/responses/{id}", web::get().to(responses::get))
+    .route("/v1/responses/{id}", web::delete().to(responses::delete))
+    .route(
+        "/v1/responses/{id}/input_items",
+        web::get().to(responses::input_items),
     )
     .route("/v1/conversations", web::post().to(conversations::create))
     .route("/v1/conversations/{id}", web::get().to(conversations::get))

@@ -8,6 +8,7 @@
 //! - `keys`: SHA-256 of a key's secret → [`KeyRecord`]; `key_ids`: key id → that hash
 //! - `cache_entries`, `cache_vectors`, `cache_by_conversation`, `cache_meta`: the semantic
 //!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`)
+//! - `responses`, `responses_by_conversation`: Responses API records (see `responses.rs`)
 //!
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
@@ -15,6 +16,7 @@
 mod cache;
 mod prompts;
 mod records;
+mod responses;
 mod usage;
 
 use std::path::Path;
@@ -28,6 +30,7 @@ pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
+pub use responses::ResponseRecord;
 pub use usage::periods;
 
 use crate::error::{ApiError, ErrorCode};
@@ -96,6 +99,8 @@ pub struct Store {
     cache_by_conversation: sled::Tree,
     cache_meta: sled::Tree,
     recall_vectors: sled::Tree,
+    responses: sled::Tree,
+    responses_by_conversation: sled::Tree,
 }
 
 impl Store {
@@ -123,6 +128,8 @@ impl Store {
             cache_by_conversation: db.open_tree("cache_by_conversation")?,
             cache_meta: db.open_tree("cache_meta")?,
             recall_vectors: db.open_tree("recall_vectors")?,
+            responses: db.open_tree("responses")?,
+            responses_by_conversation: db.open_tree("responses_by_conversation")?,
             db,
         })
     }
@@ -268,6 +275,7 @@ impl Store {
             batch.remove(kv?.0);
         }
         self.recall_vectors.apply_batch(batch)?;
+        self.remove_conversation_responses(id)?;
         self.flush().await?;
         Ok(cached)
     }

@@ -14,6 +14,7 @@ mod http;
 mod lifecycle;
 mod openai;
 mod providers;
+mod responses;
 mod simulation;
 mod tools;
 mod ws;

@@ -4,4 +4,6 @@ pub mod admin;
 pub mod conversations;
 pub mod health;
 pub mod openai;
+pub mod responses;
+pub mod stateless;
 pub mod usage;

@@ -9,27 +9,19 @@ use std::sync::Arc;
 use actix_web::{web, HttpResponse};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::cache::ScopeParts;
-use crate::domain::{FinishReason, Role};
-use crate::error::{ApiError, ErrorCode};
-use crate::generation::{self, CacheSlot, Deps, Event, Outcome, Request, Sink};
-use crate::guard::pii::{PiiMode, Vault};
+use super::stateless::{failure, prepare, Piece, Running};
+use crate::domain::FinishReason;
+use crate::error::ApiError;
+use crate::generation::{Event, Outcome};
 use crate::ids::unix_now;
 use crate::provider::ChatRequest;
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
-use crate::tenant::{Bill, Principal};
-use crate::tokens;
 use crate::wire::openai::{
     AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
     ChunkChoice, ChunkDelta, ToolCallChunk,
 };
-
-/// Events buffered between the generation and a slow HTTP client.
-const EVENT_BUFFER: usize = 64;
 
 pub async fn models(Client(p): Client, state: web::Data<AppState>) -> HttpResponse {
     let data: Vec<Value> = state
@@ -75,179 +67,6 @@ pub async fn chat_completions(
     }
 }
 
-/// Admission, guards and the cache scope of a stateless request: the steps before the core.
-fn prepare(
-    deps: &Deps,
-    p: Principal,
-    route: &str,
-    mut chat: ChatRequest,
-) -> Result<Request, ApiError> {
-    if !deps.router.has_route(route) {
-        return Err(ApiError::new(
-            ErrorCode::ModelNotFound,
-            format!("model {route:?} does not exist"),
-        ));
-    }
-    p.check_model(route)?;
-    deps.router.check_request(route, &mut chat)?;
-    deps.router.check_regions(route, p.regions())?;
-    let texts: Vec<String> = chat.messages.iter().map(|m| m.content.text()).collect();
-    // Injections are looked for in the newest user message; personal data everywhere.
-    let newest_user = chat
-        .messages
-        .iter()
-        .rposition(|m| m.role == Role::User)
-        .unwrap_or(0);
-    let screened = generation::screen(
-        deps,
-        route,
-        &p,
-        &texts[newest_user],
-        texts.iter().map(String::as_str),
-    )?;
-    let vault = match screened.pii {
-        PiiMode::Redact => {
-            let mut vault = Vault::default();
-            // Every message comes from the client here, system messages included.
-            for m in &mut chat.messages {
-                m.content.map_text(|t| vault.redact(t).0);
-            }
-            (!vault.is_empty()).then_some(vault)
-        }
-        PiiMode::Off | PiiMode::Block => None,
-    };
-    let encoding = deps.router.encoding(route);
-    let prompt_tokens = tokens::request_tokens(encoding, &chat.messages, &chat.tools);
-    let price_model = deps.router.primary_model(route).unwrap_or(route).to_owned();
-    let reservation = deps
-        .governor
-        .admit(&p, &price_model, prompt_tokens, chat.max_tokens)?;
-    let cacheable = vault.is_none()
-        && chat.is_plain()
-        && chat.messages.last().is_some_and(|last| {
-            last.role == Role::User
-                && deps.cache.admits(
-                    &p,
-                    deps.router.caches(route),
-                    &last.content.text(),
-                    !screened.flags.is_empty(),
-                )
-        });
-    let cache = cacheable.then(|| cache_slot(deps, &p, route, &chat));
-    Ok(Request {
-        route: route.to_owned(),
-        bill: Some(Bill::new(Arc::clone(&deps.governor), reservation)),
-        principal: p,
-        chat,
-        prompt_tokens,
-        encoding,
-        vault,
-        system: None,
-        cache,
-        conversation: None,
-        trimmed_tokens: 0,
-        begun: std::time::Instant::now(),
-    })
-}
-
-/// The cache scope of a stateless request: a leading system message is the system prompt, the
-/// messages between it and the last are the context, so a conversation's first turn and the same
-/// stateless request share entries.
-fn cache_slot(deps: &Deps, p: &Principal, route: &str, chat: &ChatRequest) -> CacheSlot {
-    let texts: Vec<(&'static str, String)> = chat
-        .messages
-        .iter()
-        .map(|m| (m.role.as_str(), m.content.text()))
-        .collect();
-    let (question, before) = match texts.split_last() {
-        Some((last, before)) => (last.1.clone(), before),
-        None => (String::new(), &texts[..]),
-    };
-    let (system, context) = match before.split_first() {
-        Some((first, rest)) if first.0 == "system" => (Some(first.1.as_str()), rest),
-        _ => (None, before),
-    };
-    let context: Vec<(&str, &str)> = context.iter().map(|(r, c)| (*r, c.as_str())).collect();
-    let key = deps.cache.scope_key(&ScopeParts {
-        tenant: p.tenant.as_str(),
-        route,
-        system,
-        prompt_version: None,
-        context: &context,
-        temperature: chat.temperature,
-    });
-    CacheSlot {
-        key,
-        question,
-        vector: None,
-    }
-}
-
-/// What the generation task sends the response: its events, then its outcome.
-enum Piece {
-    Event(Event),
-    Done(Box<Outcome>),
-}
-
-struct ChannelSink(mpsc::Sender<Piece>);
-
-impl Sink for ChannelSink {
-    async fn emit(&mut self, event: Event) {
-        // A client that left is noticed through the cancel token; what it missed is lost with it.
-        let _ = self.0.send(Piece::Event(event)).await;
-    }
-}
-
-/// A generation running on its own task. Dropping it (the client went away) cancels the
-/// generation, which still settles what it used.
-struct Running {
-    rx: mpsc::Receiver<Piece>,
-    _cancel: DropGuard,
-}
-
-impl Running {
-    fn start(deps: Arc<Deps>, request: Request) -> Self {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        let tracker = deps.tasks.clone();
-        tracker.spawn(async move {
-            let mut sink = ChannelSink(tx);
-            let out = generation::run(&deps, request, &mut sink, &token).await;
-            let _ = sink.0.send(Piece::Done(Box::new(out))).await;
-        });
-        Self {
-            rx,
-            _cancel: cancel.drop_guard(),
-        }
-    }
-
-    async fn next(&mut self) -> Piece {
-        self.rx
-            .recv()
-            .await
-            .unwrap_or_else(|| Piece::Done(Box::new(lost())))
-    }
-}
-
-/// The outcome of a generation task that ended without one (it panicked).
-fn lost() -> Outcome {
-    Outcome {
-        finish: FinishReason::Error,
-        text: String::new(),
-        tool_calls: Vec::new(),
-        usage: crate::domain::Usage::default(),
-        cached: false,
-        provider: String::new(),
-        model: String::new(),
-        ttft: None,
-        error: Some(ApiError::new(ErrorCode::Internal, "the generation failed")),
-        flags: Vec::new(),
-        completion_tokens: 0,
-        logprobs: Vec::new(),
-    }
-}
-
 /// What every answer of one request shares.
 struct Reply {
     id: String,
@@ -277,15 +96,6 @@ impl Reply {
             error: None,
         }
     }
-}
-
-/// The error a failed outcome answers: after part of a reply, `upstream_interrupted`.
-fn failure(out: &mut Outcome) -> Option<ApiError> {
-    let mut err = out.error.take()?;
-    if !out.text.is_empty() || !out.tool_calls.is_empty() {
-        err.code = ErrorCode::UpstreamInterrupted;
-    }
-    Some(err)
 }
 
 async fn complete(mut run: Running, reply: Reply) -> Result<HttpResponse, ApiError> {
