@@ -62,6 +62,7 @@ pub(super) fn read_request(body: &Value) -> Result<MockRequest, String> {
     for (i, m) in messages.iter().enumerate() {
         let turn = read_message(m, i, previous.as_ref())?;
         req.messages.extend(turn.messages.iter().cloned());
+        req.image_tokens += turn.image_tokens;
         if turn.role == "user" {
             req.images = turn.images;
         }
@@ -79,6 +80,7 @@ struct Turn {
     /// As the generator sees it: the results of a user turn as `tool` messages, then its text.
     messages: Vec<MockMessage>,
     images: usize,
+    image_tokens: u32,
     /// The ids of an assistant turn's `tool_use` blocks.
     tool_use_ids: Vec<String>,
     results: Vec<(String, bool)>,
@@ -118,6 +120,7 @@ fn read_message(m: &Value, i: usize, previous: Option<&Turn>) -> Result<Turn, St
         role,
         messages: Vec::new(),
         images: 0,
+        image_tokens: 0,
         tool_use_ids: Vec::new(),
         results: Vec::new(),
         only_results: false,
@@ -141,7 +144,7 @@ fn read_message(m: &Value, i: usize, previous: Option<&Turn>) -> Result<Turn, St
         match (block.get("type").and_then(Value::as_str), role) {
             (Some("text"), _) => others += 1,
             (Some("image"), "user") => {
-                check_image(block.get("source"), &at)?;
+                turn.image_tokens += check_image(block.get("source"), &at)?;
                 turn.images += 1;
                 others += 1;
             }
@@ -183,9 +186,9 @@ fn read_message(m: &Value, i: usize, previous: Option<&Turn>) -> Result<Turn, St
     Ok(turn)
 }
 
-/// Checks an image source. (Images are not counted in this wire's usage: Anthropic prices them
-/// by area, not as OpenAI does, and the mock does not pretend to know either's exact figure.)
-fn check_image(source: Option<&Value>, at: &str) -> Result<(), String> {
+/// Checks an image source; answers its input tokens as Anthropic counts them: about one per
+/// 750 pixels after scaling the long edge to at most 1568, 1600 when the size is unknown.
+fn check_image(source: Option<&Value>, at: &str) -> Result<u32, String> {
     let source = source.ok_or(format!("{at}.source: Field required"))?;
     let field = |k: &str| source.get(k).and_then(Value::as_str);
     match field("type") {
@@ -199,16 +202,37 @@ fn check_image(source: Option<&Value>, at: &str) -> Result<(), String> {
             if field("data").is_none_or(str::is_empty) {
                 return Err(format!("{at}.source.data: image data must not be empty"));
             }
-            Ok(())
+            Ok(area_tokens(field("data").unwrap_or_default()))
         }
         Some("url") => match field("url") {
-            Some(u) if u.starts_with("https://") || u.starts_with("http://") => Ok(()),
+            Some(u) if u.starts_with("https://") || u.starts_with("http://") => {
+                Ok(UNKNOWN_IMAGE_TOKENS)
+            }
             _ => Err(format!("{at}.source.url: Input should be an http(s) URL")),
         },
         _ => Err(format!(
             "{at}.source.type: Input should be 'base64' or 'url'"
         )),
     }
+}
+
+/// Anthropic's figure for an image whose size is not known.
+const UNKNOWN_IMAGE_TOKENS: u32 = 1600;
+
+fn area_tokens(base64_data: &str) -> u32 {
+    use base64::Engine;
+    let mut end = base64_data.len().min(64 * 1024);
+    end -= end % 4;
+    let size = base64::engine::general_purpose::STANDARD
+        .decode(&base64_data[..end])
+        .ok()
+        .and_then(|b| imagesize::blob_size(&b).ok());
+    let Some(size) = size else {
+        return UNKNOWN_IMAGE_TOKENS;
+    };
+    let (w, h) = (size.width as f64, size.height as f64);
+    let scale = (1568.0 / w.max(h)).min(1.0);
+    ((w * scale) * (h * scale) / 750.0).ceil() as u32
 }
 
 fn read_tool_use(block: &Value, at: &str) -> Result<MockCall, String> {
