@@ -6,6 +6,7 @@
 //! a change: `cargo bench --bench turn`.
 
 #[path = "support/mod.rs"]
+#[allow(dead_code)]
 mod support;
 use support::Server;
 

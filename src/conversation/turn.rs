@@ -355,11 +355,11 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         temperature: input.options.temperature,
         tools: input.tools.clone(),
         tool_choice: input.tool_choice.clone(),
-        params: Params {
+        params: Box::new(Params {
             response_format: input.options.turn.response_format.clone(),
             top_p: input.options.turn.top_p,
             ..Params::default()
-        },
+        }),
         ..ChatRequest::default()
     };
     Ok(Built {

@@ -43,6 +43,9 @@ pub struct Params {
     pub response_format: Option<ResponseFormat>,
     /// Fields parley does not know, passed verbatim to OpenAI-compatible targets.
     pub extra: Map<String, Value>,
+    /// The client named the limit `max_completion_tokens` (which newer OpenAI models require);
+    /// an OpenAI-compatible target gets it under the name the client used.
+    pub max_completion_tokens: bool,
 }
 
 impl Params {

@@ -122,6 +122,8 @@ impl ProviderActor {
     }
 
     /// Starts `req` on the least busy deployment that can take it now.
+    // A refused request comes back whole to wait in the queue: one move of a small struct.
+    #[allow(clippy::result_large_err)]
     fn try_start(
         &mut self,
         req: ChatRequest,

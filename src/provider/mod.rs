@@ -36,7 +36,8 @@ pub struct ChatRequest {
     pub temperature: Option<f32>,
     pub tools: Vec<Tool>,
     pub tool_choice: Option<ToolChoice>,
-    pub params: Params,
+    /// Boxed: a request moves through queues and channels, and most carry no parameters.
+    pub params: Box<Params>,
 }
 
 impl ChatRequest {

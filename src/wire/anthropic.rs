@@ -549,7 +549,7 @@ mod tests {
     #[test]
     fn json_schema_becomes_a_forced_tool_and_bad_arguments_are_refused() {
         let mut r = req(vec![Message::text(Role::User, "x")]);
-        r.params = Params {
+        *r.params = Params {
             response_format: Some(ResponseFormat::JsonSchema {
                 json_schema: JsonSchema {
                     name: "person".into(),

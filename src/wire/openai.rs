@@ -240,6 +240,7 @@ impl ChatCompletionRequest {
             parallel_tool_calls: self.parallel_tool_calls,
             response_format: self.response_format.take(),
             extra: std::mem::take(&mut self.extra),
+            max_completion_tokens: self.max_completion_tokens.is_some(),
         };
         Ok(Decoded {
             messages,
@@ -262,7 +263,8 @@ impl ChatCompletionRequest {
             stream_options: Some(StreamOptions {
                 include_usage: true,
             }),
-            max_tokens: req.max_tokens,
+            max_tokens: req.max_tokens.filter(|_| !p.max_completion_tokens),
+            max_completion_tokens: req.max_tokens.filter(|_| p.max_completion_tokens),
             temperature: req.temperature,
             tools: (!req.tools.is_empty()).then(|| {
                 req.tools
@@ -288,7 +290,6 @@ impl ChatCompletionRequest {
             user: p.user.clone(),
             metadata: p.metadata.clone(),
             extra: p.extra.clone(),
-            max_completion_tokens: None,
         }
     }
 }

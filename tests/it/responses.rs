@@ -190,7 +190,7 @@ async fn streamed_responses_send_typed_events_in_order() {
             "response.output_item.added",
             "response.content_part.added",
         ];
-        want.extend(std::iter::repeat("response.output_text.delta").take(deltas));
+        want.extend(std::iter::repeat_n("response.output_text.delta", deltas));
         want.extend([
             "response.output_text.done",
             "response.content_part.done",

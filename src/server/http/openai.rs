@@ -48,7 +48,7 @@ pub async fn chat_completions(
         temperature: decoded.temperature,
         tools: decoded.tools,
         tool_choice: decoded.tool_choice,
-        params: decoded.params,
+        params: Box::new(decoded.params),
     };
     let logprobs = chat.params.logprobs == Some(true);
     let deps = state.registry.deps();

@@ -1092,13 +1092,13 @@ async fn stateless_response(
         temperature: s.temperature,
         tools: s.tools.clone(),
         tool_choice: s.tool_choice.clone(),
-        params: crate::domain::Params {
+        params: Box::new(crate::domain::Params {
             top_p: s.top_p,
             user: s.user.clone(),
             parallel_tool_calls: s.parallel_tool_calls,
             response_format: s.format.clone(),
             ..crate::domain::Params::default()
-        },
+        }),
     };
     let request = stateless::prepare(deps, p.clone(), &s.route, chat)?;
     let mut run = Running::start(Arc::clone(deps), request);
