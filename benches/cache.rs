@@ -11,16 +11,16 @@
 
 #[path = "support/mod.rs"]
 mod support;
-use support::{percentile, Server};
+use support::{frame, percentile, Server, Socket};
 
 use std::time::{Duration, Instant};
 
 use criterion::{black_box, Criterion, Throughput};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use parley::cache::embed::{Builtin, DIM};
 use parley::cache::index::{EntryMeta, Index};
 use parley::mock_upstream::{Behaviour, MockUpstream};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const SUBJECTS: &[&str] = &[
@@ -134,22 +134,6 @@ fn index_figures(n: usize, inserts: usize, lookups: usize) {
         us(percentile(&lookup_times, 0.99)),
         f64::from(found) / lookups as f64,
     );
-}
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn frame(ws: &mut Socket) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame before the timeout")
-            .expect("socket open")
-            .expect("frame");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
 }
 
 /// One turn in a fresh conversation: (time to first delta, time to done, cached).

@@ -7,6 +7,7 @@
 //! LOAD_UPSTREAM_TTFT_MS (20), LOAD_WORDS per reply (30), LOAD_SECONDS time limit (60).
 
 #[path = "support/mod.rs"]
+#[allow(dead_code)] // each bench uses part of what they share
 mod support;
 use support::{percentile, Server};
 

@@ -6,33 +6,17 @@
 //! a change: `cargo bench --bench turn`.
 
 #[path = "support/mod.rs"]
-#[allow(dead_code)]
+#[allow(dead_code)] // each bench uses part of what they share
 mod support;
-use support::Server;
+use support::{frame, Server, Socket};
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use parley::mock_upstream::{Behaviour, MockUpstream};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn frame(ws: &mut Socket) -> Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("frame before the timeout")
-            .expect("socket open")
-            .expect("frame");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
-}
 
 /// A new conversation and one turn in it, to its `done`.
 async fn ws_turn(ws: &mut Socket, n: u64) {

@@ -152,20 +152,10 @@ async fn run_inner(
     let user = MessageRecord {
         flags: input.flags.clone(),
         seq: input.user_seq,
-        role: input.message.role,
-        content: input.content.clone(),
         created_at: unix_now(),
         client_id: Some(input.client_id.clone()),
-        finish_reason: None,
         tokens: input.tokens,
-        reply: None,
-        parts: match &input.message.content {
-            Content::Parts(parts) => Some(parts.clone()),
-            Content::Text(_) => None,
-        },
-        tool_calls: Vec::new(),
-        tool_call_id: input.message.tool_call_id.clone(),
-        is_error: input.message.is_error,
+        ..record_of(input.message.clone())
     };
     if let Err(e) = deps.store.append_message(&conv, &user).await {
         fail(e.into(), None);

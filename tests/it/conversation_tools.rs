@@ -299,16 +299,6 @@ async fn rest_tool_loop_through_an_anthropic_target() {
     assert_eq!(msgs[2]["content"][0]["tool_use_id"], id);
 }
 
-const MOCK_ONLY: &str = r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[routes]]
-model = "mock"
-targets = [{ provider = "mock", model = "mock-1" }]
-"#;
-
 #[tokio::test]
 async fn kill_9_between_a_call_and_its_result_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();

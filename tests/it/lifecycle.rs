@@ -7,16 +7,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const MOCK_ONLY: &str = r#"
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[routes]]
-model = "mock"
-targets = [{ provider = "mock", model = "mock-1" }]
-"#;
-
 #[tokio::test]
 async fn graceful_restart_keeps_history_and_numbering() {
     let tmp = tempfile::tempdir().unwrap();

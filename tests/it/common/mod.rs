@@ -610,3 +610,14 @@ pub async fn python(args: Vec<String>, envs: Vec<(String, String)>) -> (bool, St
     .await
     .unwrap()
 }
+
+/// A config file with only the built-in mock provider, for tests that run the binary.
+pub const MOCK_ONLY: &str = r#"
+[[providers]]
+name = "mock"
+kind = "mock"
+
+[[routes]]
+model = "mock"
+targets = [{ provider = "mock", model = "mock-1" }]
+"#;

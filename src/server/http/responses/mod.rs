@@ -156,15 +156,20 @@ pub async fn create(
     }
 }
 
+/// The response `id` of the key's tenant; any other is not found.
+fn owned(state: &AppState, p: &Principal, id: &str) -> Result<ResponseRecord, ApiError> {
+    state
+        .store()
+        .response(id, &p.tenant)?
+        .ok_or_else(|| ApiError::not_found("response"))
+}
+
 pub async fn get(
     Client(p): Client,
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rec = state
-        .store()
-        .response(&id, &p.tenant)?
-        .ok_or_else(|| ApiError::not_found("response"))?;
+    let rec = owned(&state, &p, &id)?;
     let reply = match rec.reply_seq {
         Some(seq) => state.store().message(&rec.conversation, seq)?,
         None => None,
@@ -177,10 +182,7 @@ pub async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let rec = state
-        .store()
-        .response(&id, &p.tenant)?
-        .ok_or_else(|| ApiError::not_found("response"))?;
+    let rec = owned(&state, &p, &id)?;
     state.store().delete_response(&rec).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": rec.id, "object": "response.deleted", "deleted": true,
@@ -195,10 +197,7 @@ pub async fn input_items(
     id: web::Path<String>,
     query: web::Query<ItemsQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let rec = state
-        .store()
-        .response(&id, &p.tenant)?
-        .ok_or_else(|| ApiError::not_found("response"))?;
+    let rec = owned(&state, &p, &id)?;
     let (first, last) = rec.input_seqs;
     let count = usize::try_from(last.saturating_sub(first) + 1).unwrap_or(usize::MAX);
     let mut items: Vec<serde_json::Value> = if first == 0 {

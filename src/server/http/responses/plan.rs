@@ -223,9 +223,7 @@ pub(super) async fn conversation_for(
 ) -> Result<ConversationId, ApiError> {
     let store = state.store();
     if let Some(prev) = &s.previous {
-        let rec = store
-            .response(prev, &p.tenant)?
-            .ok_or_else(|| ApiError::not_found("response"))?;
+        let rec = super::owned(state, p, prev)?;
         let reply = rec.reply_seq.ok_or_else(|| {
             ApiError::bad_request(format!(
                 "previous_response_id: {prev} has no reply to continue from"

@@ -17,10 +17,7 @@ pub(super) async fn stateless_response(
         messages.push(Message::text(Role::System, i.clone()));
     }
     if let Some(prev) = &s.previous {
-        let rec = state
-            .store()
-            .response(prev, &p.tenant)?
-            .ok_or_else(|| ApiError::not_found("response"))?;
+        let rec = super::owned(state, &p, prev)?;
         let upto = usize::try_from(rec.reply_seq.unwrap_or(rec.input_seqs.1)).unwrap_or(0);
         let earlier = state.store().messages_after(&rec.conversation, 0, upto)?;
         messages.extend(
