@@ -19,7 +19,7 @@ use super::messages::{
 use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
-use crate::domain::{Message, Role};
+use crate::domain::{FinishReason, Message, Role};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::Screened;
 use crate::guard::pii::PiiMode;
@@ -239,28 +239,65 @@ impl ConversationActor {
     }
 
     /// After a panicked turn: if its user message was stored without a reply, stores an
-    /// `internal` error reply (flushed in the background; the next turn flushes anyway).
+    /// `internal` error reply.
     fn store_failed_reply(&mut self, client_id: &str) {
-        let store = &self.deps.store;
-        let conv = &self.record.id;
-        let Ok(Some(user_seq)) = store.seq_for_client_id(conv, client_id) else {
+        let Ok(Some(user_seq)) = self
+            .deps
+            .store
+            .seq_for_client_id(&self.record.id, client_id)
+        else {
             return;
         };
-        let replied = matches!(store.message(conv, user_seq + 1), Ok(Some(_)));
-        if replied {
+        self.store_missing_reply(user_seq, &ApiError::internal(), FinishReason::Error);
+    }
+
+    /// When the actor starts: a message acked before the process died mid-turn has no reply and
+    /// nothing will run it again; it gets an `interrupted` one now, so every acked message is
+    /// answered exactly once (and a resent client id hears how it ended).
+    fn answer_interrupted(&mut self) {
+        let store = &self.deps.store;
+        let Some(Ok(last)) = store.messages_newest_first(&self.record.id).next() else {
+            return;
+        };
+        let unanswered = match last.role {
+            Role::User => true,
+            // A result that left calls open waits for the others, not for a reply.
+            Role::Tool => {
+                super::tools::open_calls(store, &self.record.id).is_ok_and(|open| open.is_empty())
+            }
+            Role::Assistant | Role::System => false,
+        };
+        if unanswered {
+            tracing::warn!(conversation = %self.record.id, seq = last.seq, "message acked before a crash had no reply; answering it interrupted");
+            let err = ApiError::new(
+                ErrorCode::UpstreamInterrupted,
+                "the server stopped before the reply was finished",
+            );
+            self.store_missing_reply(last.seq, &err, FinishReason::Interrupted);
+        }
+    }
+
+    /// Stores the reply of message `seq` that has none (its turn died with its task or its
+    /// process), so that history keeps alternating; flushed in the background, as the next
+    /// turn flushes anyway.
+    fn store_missing_reply(&mut self, seq: u64, err: &ApiError, finish: FinishReason) {
+        let store = &self.deps.store;
+        let conv = &self.record.id;
+        if matches!(store.message(conv, seq + 1), Ok(Some(_))) {
             return;
         }
-        match store.append_message_unflushed(conv, &failed_reply(user_seq, &ApiError::internal())) {
+        match store.append_message_unflushed(conv, &failed_reply(seq, err, finish)) {
             Ok(()) => {
+                self.record.last_seq = self.record.last_seq.max(seq + 1);
                 let store = store.clone();
                 actix::spawn(async move {
                     if let Err(e) = store.flush().await {
-                        tracing::error!(error = %e, "flush after a panicked turn failed");
+                        tracing::error!(error = %e, "flush of a missing reply failed");
                     }
                 });
             }
             Err(e) => {
-                tracing::error!(conversation = %conv, error = %e, "cannot store the failed reply")
+                tracing::error!(conversation = %conv, error = %e, "cannot store the missing reply")
             }
         }
     }
@@ -409,6 +446,7 @@ impl Actor for ConversationActor {
         let every =
             (self.deps.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(every, Self::check_idle);
+        self.answer_interrupted();
         self.start_next(ctx);
     }
 }

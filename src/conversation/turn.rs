@@ -680,9 +680,10 @@ pub fn outcome_frame(
     }))
 }
 
-/// The reply stored for a turn that ended without one (its task panicked), so that history
-/// keeps alternating and a resent client id learns how the turn ended.
-pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
+/// The reply stored for a turn that ended without one (its task panicked, or the process died
+/// while it ran), so that history keeps alternating and a resent client id learns how the turn
+/// ended.
+pub fn failed_reply(user_seq: u64, err: &ApiError, finish: FinishReason) -> MessageRecord {
     MessageRecord {
         flags: Vec::new(),
         seq: user_seq + 1,
@@ -690,7 +691,7 @@ pub fn failed_reply(user_seq: u64, err: &ApiError) -> MessageRecord {
         content: String::new(),
         created_at: unix_now(),
         client_id: None,
-        finish_reason: Some("error".into()),
+        finish_reason: Some(finish.as_str().to_owned()),
         tokens: 0,
         reply: Some(ReplyMeta {
             reply_to: user_seq,

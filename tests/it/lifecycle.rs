@@ -82,6 +82,37 @@ async fn kill_9_loses_no_acked_message_and_no_done_reply() {
     }
     assert_eq!(stored[10]["client_id"], "last");
     assert_eq!(stored[10]["seq"], ack["seq"]);
+
+    // The message acked before the crash is answered once: resending it gets its ack and an
+    // `upstream_interrupted` error, the reply is stored as interrupted, and history alternates.
+    let mut ws = ws_to(&bin.addr.to_string()).await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "last",
+                   "content": "slow [[mock:words=500,tps=10]]"}),
+    )
+    .await;
+    let frames = ws.recv_until(|f| is_end_of(f, "last")).await;
+    assert_eq!(frames[0]["type"], "ack");
+    assert_eq!(frames[0]["seq"], ack["seq"]);
+    let end = frames.last().unwrap();
+    assert_eq!(end["type"], "error", "{frames:?}");
+    assert_eq!(end["code"], "upstream_interrupted");
+    let frames = ws.turn(&conv, "after", "and now").await;
+    assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
+    let stored: Value = http()
+        .get(bin.url(&format!("/v1/conversations/{conv}/messages?limit=100")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored = stored["data"].as_array().unwrap();
+    let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
+    for pair in roles.chunks(2) {
+        assert_eq!(pair, ["user", "assistant"], "{roles:?}");
+    }
+    assert_eq!(stored[11]["finish_reason"], "interrupted");
 }
 
 #[tokio::test]
