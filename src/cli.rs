@@ -43,8 +43,8 @@ pub struct MockArgs {
     /// Delay before the first byte of a reply, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub ttft_ms: u64,
-    /// Streaming pace (0 = as fast as possible).
-    #[arg(long, default_value_t = 0.0)]
+    /// Streaming pace (0 = as fast as possible; else one a minute to a million a second).
+    #[arg(long, default_value_t = 0.0, value_parser = pace)]
     pub tokens_per_sec: f64,
     /// Fraction of requests (0–1) answered 500.
     #[arg(long, default_value_t = 0.0, value_parser = fraction)]
@@ -55,6 +55,17 @@ pub struct MockArgs {
     /// Seed of the reply generator and of the fault draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+fn pace(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if f == 0.0 || crate::mock_upstream::generator::pace(f).is_some() {
+        Ok(f)
+    } else {
+        Err(format!(
+            "{f} is not 0 or a pace between 1/60 and 1000000 chunks a second"
+        ))
+    }
 }
 
 fn fraction(s: &str) -> Result<f64, String> {

@@ -449,7 +449,14 @@ fn validate_provider(
                 ));
             }
         }
-        ProviderKind::Mock => {}
+        ProviderKind::Mock => {
+            let tps = p.tokens_per_sec.unwrap_or(0.0);
+            if tps != 0.0 && crate::mock_upstream::generator::pace(tps).is_none() {
+                problems.push(format!(
+                    "providers[{i}].tokens_per_sec: {tps} is not 0 or between 1/60 and 1000000"
+                ));
+            }
+        }
     }
     if p.timeout_secs == 0 {
         problems.push(format!(

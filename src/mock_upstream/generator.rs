@@ -213,11 +213,12 @@ pub fn plan_request(seed: u64, req: &MockRequest) -> Plan {
     }
     let mut chunks = text_chunks(seed, req, &directives, last_user);
     if let Some(max) = req.max_tokens {
+        // Each chunk counted once (linear in the reply, however long it is asked to be).
         let mut kept = 0;
-        let mut text = String::new();
+        let mut used: u32 = 0;
         for chunk in &chunks {
-            text.push_str(chunk);
-            if tokens::count(Encoding::Cl100kBase, &text) > max {
+            used = used.saturating_add(tokens::count(Encoding::Cl100kBase, chunk));
+            if used > max {
                 plan.finish_reason = "length";
                 break;
             }
@@ -341,12 +342,32 @@ impl Directives {
             for item in body[..end].split(',') {
                 let (key, value) = item.split_once('=').unwrap_or((item, ""));
                 match (key.trim(), value.trim()) {
-                    ("status", v) => d.fault = v.parse().ok().map(Fault::Status),
+                    // Values out of range are ignored, as unknown directives are: a prompt
+                    // cannot ask the mock for a panic, an endless wait or unbounded work.
+                    ("status", v) => {
+                        d.fault = v
+                            .parse()
+                            .ok()
+                            .filter(|s| (100..=599).contains(s))
+                            .map(Fault::Status)
+                    }
                     ("hang", _) => d.fault = Some(Fault::Hang),
-                    ("drop_after", v) => d.fault = v.parse().ok().map(Fault::DropAfter),
-                    ("ttft_ms", v) => d.ttft = v.parse().ok().map(Duration::from_millis),
-                    ("tps", v) => d.tps = v.parse().ok().filter(|t: &f64| *t > 0.0),
-                    ("words", v) => d.words = v.parse().ok().map(|n: usize| n.min(100_000)),
+                    ("drop_after", v) => {
+                        d.fault = v
+                            .parse()
+                            .ok()
+                            .filter(|n| *n <= MAX_WORDS)
+                            .map(Fault::DropAfter)
+                    }
+                    ("ttft_ms", v) => {
+                        d.ttft = v
+                            .parse()
+                            .ok()
+                            .filter(|ms| *ms <= MAX_TTFT_MS)
+                            .map(Duration::from_millis)
+                    }
+                    ("tps", v) => d.tps = v.parse().ok().filter(|t| pace(*t).is_some()),
+                    ("words", v) => d.words = v.parse().ok().filter(|n| *n <= MAX_WORDS),
                     ("echo", _) => d.echo = true,
                     ("tool", "") => d.tool = Some(ToolDirective::First),
                     ("tool", v) => d.tool = Some(ToolDirective::Named(v.to_owned())),
@@ -358,6 +379,19 @@ impl Directives {
         }
         d
     }
+}
+
+/// The most words a reply may be asked for.
+pub const MAX_WORDS: usize = 20_000;
+/// The longest wait before the first byte a prompt may ask for.
+const MAX_TTFT_MS: u64 = 600_000;
+
+/// The gap between chunks at `tps` chunks per second: `None` for a pace that is not a finite
+/// rate between one chunk a minute and a million a second (0 means "as fast as possible" and
+/// is the caller's to handle).
+pub fn pace(tps: f64) -> Option<Duration> {
+    (tps.is_finite() && (1.0 / 60.0..=1_000_000.0).contains(&tps))
+        .then(|| Duration::from_secs_f64(1.0 / tps))
 }
 
 /// FNV-1a, stable across platforms and Rust versions.

@@ -334,3 +334,36 @@ fn strip_and_fragments() {
     assert_eq!(fragments("héllo wörld", 4), ["héll", "o wö", "rld"]);
     assert!(fragments("", 4).is_empty());
 }
+
+#[test]
+fn directive_values_out_of_range_are_ignored() {
+    // None of these may panic, wait for ever, or ask for unbounded work.
+    let p = plan(0, &user("[[mock:tps=1e-300,ttft_ms=99999999999,words=99999999,status=9999,drop_after=99999999]]"), None);
+    assert_eq!(p.tokens_per_sec, None);
+    assert_eq!(p.ttft, None);
+    assert_eq!(p.fault, None);
+    assert!(p.chunks.len() < 100, "{}", p.chunks.len());
+    assert_eq!(
+        plan(0, &user("[[mock:tps=NaN]]"), None).tokens_per_sec,
+        None
+    );
+    assert_eq!(
+        plan(0, &user("[[mock:tps=inf]]"), None).tokens_per_sec,
+        None
+    );
+    assert_eq!(pace(0.0), None);
+    assert_eq!(pace(2.0), Some(Duration::from_millis(500)));
+}
+
+#[test]
+fn the_longest_reply_cut_by_max_tokens_stays_within_it() {
+    // The most words a prompt may ask for, cut near the end (each chunk is counted once: the
+    // whole reply was re-counted after every chunk before, which held a core for a minute).
+    let p = plan(0, &user("[[mock:words=20000]]"), Some(19_000));
+    assert_eq!(p.finish_reason, "length");
+    assert!(
+        p.completion_tokens <= 19_000 && p.completion_tokens > 18_000,
+        "{}",
+        p.completion_tokens
+    );
+}

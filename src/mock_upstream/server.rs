@@ -184,11 +184,7 @@ fn stream_response(
     tps: f64,
     wire: Wire,
 ) -> HttpResponse {
-    let gap = if tps > 0.0 {
-        Duration::from_secs_f64(1.0 / tps)
-    } else {
-        Duration::ZERO
-    };
+    let gap = generator::pace(tps).unwrap_or(Duration::ZERO);
     // Content chunks (or a tool-call stream's pieces) follow the wire's opening events.
     let opening = match wire {
         Wire::OpenAi => openai::OPENING,

@@ -31,6 +31,7 @@ impl Backend {
                 cfg.seed.unwrap_or(0),
                 Duration::from_millis(cfg.ttft_ms.unwrap_or(0)),
                 cfg.tokens_per_sec.unwrap_or(0.0),
+                timeout,
             )),
         }
     }

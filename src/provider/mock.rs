@@ -17,25 +17,32 @@ pub struct MockBackend {
     seed: u64,
     ttft: Duration,
     tokens_per_sec: f64,
+    /// The provider's `timeout_secs`: how long a hung reply is waited for.
+    timeout: Duration,
 }
 
 impl MockBackend {
-    pub fn new(name: &str, seed: u64, ttft: Duration, tokens_per_sec: f64) -> Self {
+    pub fn new(
+        name: &str,
+        seed: u64,
+        ttft: Duration,
+        tokens_per_sec: f64,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name: name.to_owned(),
             seed,
             ttft,
             tokens_per_sec,
+            timeout,
         }
     }
 
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
         let plan = generator::plan_request(self.seed, &mock_request(&req));
         let ttft = plan.ttft.unwrap_or(self.ttft);
-        let gap = match plan.tokens_per_sec.unwrap_or(self.tokens_per_sec) {
-            tps if tps > 0.0 => Duration::from_secs_f64(1.0 / tps),
-            _ => Duration::ZERO,
-        };
+        let gap = generator::pace(plan.tokens_per_sec.unwrap_or(self.tokens_per_sec))
+            .unwrap_or(Duration::ZERO);
         let provider = self.name.clone();
         let fail = |e| UpstreamEvent::Failed(e);
         if !wait(ttft, &tx).await {
@@ -55,8 +62,11 @@ impl MockBackend {
                     .await;
                 return;
             }
+            // Like any provider, a silent one times out.
             Some(Fault::Hang) => {
-                tx.closed().await;
+                if wait(self.timeout, &tx).await {
+                    let _ = tx.send(fail(ProviderError::Timeout { provider })).await;
+                }
                 return;
             }
             _ => {}

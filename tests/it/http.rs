@@ -607,3 +607,22 @@ async fn health_ready_and_metrics() {
         "{turns:?}"
     );
 }
+
+/// The built-in mock honours its provider's `timeout_secs` like any provider: a `hang`
+/// directive ends in a timeout, not a request held for ever.
+#[tokio::test]
+async fn the_builtin_mock_times_out_a_hung_reply() {
+    let mut cfg = config_with(None);
+    for p in cfg.providers.iter_mut().filter(|p| p.name == "mock") {
+        p.timeout_secs = 1;
+    }
+    let server = TestServer::start(cfg);
+    let resp = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock", "messages": [{"role": "user", "content": "[[mock:hang]]"}]}))
+        .timeout(std::time::Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 504, "upstream_unavailable").await;
+}
