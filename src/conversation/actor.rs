@@ -623,8 +623,11 @@ impl Handler<Shutdown> for ConversationActor {
 
     fn handle(&mut self, _: Shutdown, ctx: &mut Self::Context) -> Self::Result {
         self.stopping = true;
-        // Turns that never ran give their reservations back as they are dropped.
-        self.queue.clear();
+        // The conversation is being deleted: turns waiting their turn are answered `not_found`
+        // (never acked, nothing of them stored) and give their reservations back.
+        for q in std::mem::take(&mut self.queue) {
+            self.refuse_queued(&q.client_id, &ApiError::not_found("conversation"));
+        }
         self.registry.forget(&self.record.id, &ctx.address());
         let ended = self.running.as_ref().map(|r| {
             r.cancel.cancel();

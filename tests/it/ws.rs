@@ -850,3 +850,40 @@ async fn a_full_queue_answers_rate_limited_and_stores_nothing() {
     assert_eq!(cids, ["m1", "m2"]);
     assert_eq!(stored.len(), 4);
 }
+
+/// Deleting a conversation answers the turns still waiting in its queue with `not_found`
+/// (they were never acked and nothing of them is stored).
+#[tokio::test]
+async fn deleting_a_conversation_answers_its_queued_turns() {
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("mock").await;
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "slow",
+                   "content": "long [[mock:words=400,tps=20]]"}),
+    )
+    .await;
+    let ack = ws.recv().await;
+    assert_eq!(ack["type"], "ack");
+    for id in ["q1", "q2"] {
+        ws.send(
+            json!({"type": "user_message", "conversation": conv, "client_id": id, "content": id}),
+        )
+        .await;
+    }
+    let resp = http()
+        .delete(server.url(&format!("/v1/conversations/{conv}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let mut refused = Vec::new();
+    while refused.len() < 2 {
+        let f = ws.recv().await;
+        if f["type"] == "error" && f["code"] == "not_found" {
+            refused.push(f["client_id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    refused.sort();
+    assert_eq!(refused, ["q1", "q2"]);
+}
