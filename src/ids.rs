@@ -4,6 +4,30 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// The longest `client_id` accepted, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+
+/// Checks a client-chosen id (`client_id`): not empty, at most [`MAX_CLIENT_ID_BYTES`], no
+/// control characters (it is stored, indexed and echoed in every frame of its turn).
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn check_client_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("client_id must not be empty".into());
+    }
+    if id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(format!(
+            "client_id is {} bytes; at most {MAX_CLIENT_ID_BYTES} are accepted",
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("client_id must not contain control characters".into());
+    }
+    Ok(())
+}
+
 /// A conversation id chosen by the server: `conv_` and 32 hex digits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -510,6 +510,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             return Err(ApiError::not_found("conversation"));
         }
         let cid = msg.client_id;
+        crate::ids::check_client_id(&cid).map_err(ApiError::bad_request)?;
         if let Some(seq) = self.deps.store.seq_for_client_id(&self.record.id, &cid)? {
             let sink = self.listen(msg.listener.map(|(id, sink, scope)| match scope {
                 // The reply may still be streaming: the HTTP caller listens to that turn.

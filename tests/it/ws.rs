@@ -887,3 +887,38 @@ async fn deleting_a_conversation_answers_its_queued_turns() {
     refused.sort();
     assert_eq!(refused, ["q1", "q2"]);
 }
+
+/// Input that would be stored is checked first: a `client_id` empty or too long, `options`
+/// or `metadata` that are not objects.
+#[tokio::test]
+async fn malformed_ids_and_fields_are_refused_not_stored() {
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("mock").await;
+    let long = "x".repeat(300);
+    for frame in [
+        json!({"type": "user_message", "conversation": conv, "client_id": "", "content": "hi"}),
+        json!({"type": "user_message", "conversation": conv, "client_id": long, "content": "hi"}),
+        json!({"type": "user_message", "conversation": conv, "client_id": "c", "content": "hi", "options": []}),
+        json!({"type": "create", "client_id": "c2", "metadata": 1}),
+        json!({"type": "create", "client_id": ""}),
+    ] {
+        ws.send(frame.clone()).await;
+        let f = ws.recv().await;
+        assert_eq!(
+            (f["type"].as_str(), f["code"].as_str()),
+            (Some("error"), Some("bad_request")),
+            "{frame} → {f}"
+        );
+    }
+    assert!(messages(&server, None, &conv).await.is_empty());
+    for body in [json!([]), json!({"metadata": 1})] {
+        let resp = http()
+            .post(server.url("/v1/conversations"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 400, "bad_request").await;
+    }
+}

@@ -95,12 +95,26 @@ pub fn conversation_json(rec: &ConversationRecord) -> serde_json::Value {
     })
 }
 
+/// A JSON body that must be an object (serde would read `[]` as a struct with every field
+/// left out).
+fn object<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, ApiError> {
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be a JSON object"));
+    }
+    if v.get("metadata")
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
 pub async fn create(
     Client(p): Client,
     state: web::Data<AppState>,
-    body: web::Json<CreateBody>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
+    let body: CreateBody = object(body.into_inner())?;
     let (tools, tool_choice) = decode_tools(body.tools.unwrap_or_default(), body.tool_choice)
         .map_err(ApiError::bad_request)?;
     let new = NewConversation {
@@ -169,10 +183,10 @@ pub async fn post_message(
     Client(p): Client,
     state: web::Data<AppState>,
     id: web::Path<String>,
-    body: web::Json<PostBody>,
+    body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
     let id = parse_id(&id)?;
-    let body = body.into_inner();
+    let body: PostBody = object(body.into_inner())?;
     let live = state.registry.get(&id, &p.tenant)?;
     p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
     let message = match body.role.as_deref() {

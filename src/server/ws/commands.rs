@@ -94,6 +94,9 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
             tools,
             tool_choice,
         } => {
+            if let Err(e) = crate::ids::check_client_id(&client_id) {
+                return cx.fail(&ApiError::bad_request(e), None, None);
+            }
             let (tools, tool_choice) = match decode_tools(tools.unwrap_or_default(), tool_choice) {
                 Ok(t) => t,
                 Err(e) => return cx.fail(&ApiError::bad_request(e), None, Some(client_id)),

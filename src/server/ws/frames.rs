@@ -102,6 +102,20 @@ pub fn decode(text: &str) -> Result<ClientFrame, BadFrame> {
             client_id,
         });
     }
+    // serde would take `[]` for a struct of options; a field that is an object must be one.
+    for key in ["options", "metadata"] {
+        if value
+            .get(key)
+            .is_some_and(|v| !v.is_object() && !v.is_null())
+        {
+            let error = ApiError::bad_request(format!("{key} must be an object"));
+            return Err(BadFrame {
+                error,
+                conversation,
+                client_id,
+            });
+        }
+    }
     serde_json::from_value(value).map_err(|e| BadFrame {
         error: ApiError::bad_request(format!("invalid frame: {e}")),
         conversation,
@@ -148,6 +162,9 @@ mod tests {
         let bad =
             decode(r#"{"type":"user_message","conversation":"x","client_id":"c"}"#).unwrap_err();
         assert!(bad.error.message.contains("missing field `content`"));
+        assert!(msg(r#"{"type":"user_message","conversation":"x","client_id":"c","content":"hi","options":[]}"#).contains("options must be an object"));
+        assert!(msg(r#"{"type":"create","client_id":"c","metadata":1}"#)
+            .contains("metadata must be an object"));
         assert_eq!(bad.client_id.as_deref(), Some("c"));
         assert_eq!(bad.conversation.as_deref(), Some("x"));
     }
