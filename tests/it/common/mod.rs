@@ -281,8 +281,10 @@ impl Ws {
         self.stream.send(Message::Binary(bytes)).await.unwrap();
     }
 
-    /// Asserts that no frame arrives within `quiet` (the socket stays silent).
+    /// Asserts that no frame arrives within `quiet` (the socket stays silent); `quiet` must be
+    /// more than zero, or the check could not fail.
     pub async fn assert_silent(&mut self, quiet: Duration) {
+        assert!(!quiet.is_zero(), "a zero-length silence checks nothing");
         if let Some(f) = self.try_recv(quiet).await {
             panic!("expected no frame, got {f}");
         }
@@ -309,10 +311,12 @@ impl Ws {
             .expect("no frame before the timeout")
     }
 
+    /// The next JSON frame within `timeout`. A frame already received is always returned, even
+    /// with a zero timeout (the socket is polled at least once).
     pub async fn try_recv(&mut self, timeout: Duration) -> Option<Value> {
         let end = Instant::now() + timeout;
         loop {
-            let left = end.checked_duration_since(Instant::now())?;
+            let left = end.saturating_duration_since(Instant::now());
             match tokio::time::timeout(left, self.stream.next())
                 .await
                 .ok()??
