@@ -88,19 +88,37 @@ impl WsSession {
     }
 }
 
+/// How long a peer last heard `heard_ago` may stay silent before it is dropped (`None`: now).
+fn silence_left(heard_ago: Duration) -> Option<Duration> {
+    CLIENT_TIMEOUT
+        .checked_sub(heard_ago)
+        .filter(|left| !left.is_zero())
+}
+
+impl WsSession {
+    /// Drops the peer once it has been silent for [`CLIENT_TIMEOUT`], to the moment: the watch
+    /// wakes when the silence would end and, if the peer spoke meanwhile, sleeps again for what
+    /// is left.
+    fn watch(&self, ctx: &mut ws::WebsocketContext<Self>) {
+        match silence_left(self.heartbeat.elapsed()) {
+            Some(left) => {
+                ctx.run_later(left, |act, ctx| act.watch(ctx));
+            }
+            None => {
+                tracing::debug!("websocket peer timed out");
+                ctx.stop();
+            }
+        }
+    }
+}
+
 impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX);
-        ctx.run_interval(PING_INTERVAL, |act, ctx| {
-            if act.heartbeat.elapsed() > CLIENT_TIMEOUT {
-                tracing::debug!("websocket peer timed out");
-                ctx.stop();
-                return;
-            }
-            ctx.ping(b"");
-        });
+        ctx.run_interval(PING_INTERVAL, |_, ctx| ctx.ping(b""));
+        self.watch(ctx);
         let me = ctx.address().recipient::<Outbound>();
         self.state
             .sockets
@@ -192,5 +210,22 @@ impl WsSession {
                 Err(_) => Self::close(ctx, CloseCode::Invalid, "text is not UTF-8"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_peer_is_dropped_at_the_timeout_not_the_next_ping() {
+        assert_eq!(silence_left(Duration::ZERO), Some(CLIENT_TIMEOUT));
+        // Heard 44 s ago: one second left, not until the next 15 s ping tick.
+        assert_eq!(
+            silence_left(Duration::from_secs(44)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(silence_left(CLIENT_TIMEOUT), None);
+        assert_eq!(silence_left(Duration::from_secs(60)), None);
     }
 }
