@@ -117,6 +117,7 @@ fn bench(c: &mut Criterion) {
                 cost: 0.0002,
                 trimmed_tokens: 0,
                 saved_tokens: 0,
+                max_tokens_clamped: None,
                 saved_cost: 0.0,
                 finish_reason: "stop".into(),
             };

@@ -564,6 +564,10 @@ impl Handler<PostUserMessage> for ConversationActor {
             estimate,
             msg.options.max_tokens,
         )?;
+        let mut options = msg.options;
+        if let Some(max) = reservation.as_ref().and_then(|r| r.max_tokens()) {
+            options.max_tokens = Some(max);
+        }
         self.listen(msg.listener);
         self.queue.push_back(Queued {
             pii,
@@ -572,7 +576,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             message: msg.message,
             history: msg.history,
             tokens: msg.tokens,
-            options: msg.options,
+            options,
             principal: msg.principal,
             bill: Bill::new(Arc::clone(&self.deps.governor), reservation),
         });

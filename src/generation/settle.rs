@@ -111,8 +111,6 @@ pub(super) async fn finish(
     if let Some(b) = req.bill.as_mut() {
         b.set(u64::from(usage.total_tokens), cost);
     }
-    // The reservation settles now, before the face answers.
-    drop(req.bill.take());
     if reached {
         deps.usage
             .record(UsageRecord {
@@ -125,6 +123,8 @@ pub(super) async fn finish(
             })
             .await;
     }
+    // The reservation settles now, before the face answers.
+    drop(req.bill.take());
     // Only a complete plain reply is cached: never a cancelled, cut, interrupted or failed one,
     // one with tool calls, or one a guard flagged; and before the face answers, so the next
     // question after it can already hit.
@@ -199,6 +199,7 @@ fn record(
         finish_reason: finish.as_str().to_owned(),
         saved_tokens: 0,
         saved_cost: 0.0,
+        max_tokens_clamped: req.bill.as_ref().and_then(crate::tenant::Bill::clamped),
     }
 }
 

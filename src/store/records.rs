@@ -192,6 +192,9 @@ pub struct UsageRecord {
     #[serde(default)]
     pub trimmed_tokens: u32,
     pub finish_reason: String,
+    /// The reply's token limit when the key's budget left less than was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens_clamped: Option<u32>,
     /// A cached reply: the tokens and cost of the original reply that it saved.
     #[serde(default)]
     pub saved_tokens: u32,

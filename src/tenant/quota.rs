@@ -48,6 +48,15 @@ pub struct Reservation {
     /// The UTC day and month the reservation was counted in.
     periods: (String, String),
     spend: f64,
+    /// The reply's token limit when the key's budget leaves less than it asked for.
+    max_tokens: Option<u32>,
+}
+
+impl Reservation {
+    /// The reply's token limit the budget imposes, when it is lower than what was asked for.
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.max_tokens
+    }
 }
 
 /// A reservation that settles itself, with the usage set on it, when dropped: however a
@@ -72,6 +81,11 @@ impl Bill {
     /// The price of `prompt` and `completion` tokens of `model`.
     pub fn cost(&self, model: &str, prompt: u64, completion: u64) -> f64 {
         self.governor.prices().cost(model, prompt, completion)
+    }
+
+    /// The reply's token limit the key's budget imposes, if it lowered what was asked for.
+    pub fn clamped(&self) -> Option<u32> {
+        self.reservation.as_ref().and_then(Reservation::max_tokens)
     }
 
     /// What the request used in the end.
@@ -174,12 +188,6 @@ impl Governor {
         };
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
-        let tokens = u64::from(prompt_tokens) + u64::from(max_tokens.unwrap_or(self.reply_reserve));
-        let spend = self.prices.cost(
-            model,
-            u64::from(prompt_tokens),
-            u64::from(max_tokens.unwrap_or(self.reply_reserve)),
-        );
         let mut keys = self.keys.lock();
         let state = match keys.get_mut(&rec.id) {
             Some(s) => s,
@@ -188,18 +196,35 @@ impl Governor {
                 .or_insert(self.load(rec, wall_ms, now)),
         };
         self.roll(state, rec, wall_ms);
+        // A budget that covers the prompt serves it: what the reply may use is clamped to what
+        // is left (at least one token); only a prompt that does not fit is refused.
+        let prompt = u64::from(prompt_tokens);
         check_budget(
             rec.daily_tokens,
-            state.day_tokens + tokens,
+            state.day_tokens + prompt + 1,
             "daily token",
             until_next_day(wall_ms),
         )?;
         check_budget(
             rec.monthly_tokens,
-            state.month_tokens + tokens,
+            state.month_tokens + prompt + 1,
             "monthly token",
             until_next_month(wall_ms),
         )?;
+        let wanted = u64::from(max_tokens.unwrap_or(self.reply_reserve));
+        let left = [
+            rec.daily_tokens
+                .map(|l| l.saturating_sub(state.day_tokens + prompt)),
+            rec.monthly_tokens
+                .map(|l| l.saturating_sub(state.month_tokens + prompt)),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let reply = left.map_or(wanted, |left| wanted.min(left));
+        let clamped = (reply < wanted).then(|| u32::try_from(reply).unwrap_or(u32::MAX));
+        let tokens = prompt + reply;
+        let spend = self.prices.cost(model, prompt, reply);
         if let Some(limit) = rec.monthly_spend {
             if state.month_spend + spend > limit {
                 return Err(quota("monthly spend", until_next_month(wall_ms)));
@@ -227,6 +252,7 @@ impl Governor {
             granted_at: now,
             periods,
             spend,
+            max_tokens: clamped,
         }))
     }
 
@@ -471,5 +497,24 @@ mod tests {
             .timestamp_millis();
         assert_eq!(until_next_month(ms), Duration::from_secs(3600));
         assert_eq!(until_next_day(ms), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_budget_that_covers_the_prompt_clamps_the_reply() {
+        let (_dir, g) = governor();
+        let p = principal(KeyRecord {
+            daily_tokens: Some(100),
+            ..key("small")
+        });
+        // The default reserve (1024) does not fit: the reply gets what is left.
+        let r = g.admit(&p, "x", 30, None).unwrap().unwrap(); // ok: test code
+        assert_eq!(r.max_tokens(), Some(70));
+        g.settle(r, 0, 0.0);
+        // A limit that fits is left alone.
+        let r = g.admit(&p, "x", 30, Some(20)).unwrap().unwrap(); // ok: test code
+        assert_eq!(r.max_tokens(), None);
+        // A prompt that leaves no room for one reply token is refused.
+        let err = g.admit(&p, "x", 100, None).unwrap_err(); // ok: test code
+        assert_eq!(err.code, ErrorCode::QuotaExceeded);
     }
 }

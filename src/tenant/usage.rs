@@ -239,6 +239,7 @@ mod tests {
             cost: 0.5,
             trimmed_tokens: 0,
             saved_tokens: 0,
+            max_tokens_clamped: None,
             saved_cost: 0.0,
             finish_reason: "stop".into(),
         }

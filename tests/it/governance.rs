@@ -420,3 +420,33 @@ async fn a_key_restricted_to_a_region_never_reaches_another() {
     expect_error(resp, 403, "forbidden").await;
     assert_eq!(us.requests() + eu.requests(), 5);
 }
+
+/// A small budget is usable: a key whose budget covers the prompt is served, with the reply's
+/// `max_tokens` clamped to what is left (its first request used to be refused because the
+/// reservation of prompt + 1024 exceeded the whole day); a prompt that does not fit is refused
+/// before anything is sent.
+#[tokio::test]
+async fn a_small_daily_budget_serves_what_it_covers() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start_with_admin(config_with(Some(&up)));
+    let (_, key) = server
+        .create_key(json!({"tenant": "small", "daily_tokens": 1000}))
+        .await;
+    let ask = |content: String| {
+        http()
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "up", "messages": [{"role": "user", "content": content}]}))
+            .send()
+    };
+    let resp = ask("hello [[mock:words=5]]".into()).await.unwrap();
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    let sent = up.received().last().unwrap().clone();
+    let max = sent["max_tokens"].as_u64().unwrap();
+    assert!(max < 1000 && max > 900, "{sent}");
+    // A prompt larger than what is left is refused, and reaches nobody.
+    let before = up.requests();
+    let resp = ask("word ".repeat(1200)).await.unwrap();
+    expect_error(resp, 429, "quota_exceeded").await;
+    assert_eq!(up.requests(), before);
+}

@@ -183,7 +183,11 @@ async fn a_primary_slowing_by_half_under_steady_load() {
         max_queued <= CONVERSATIONS as u64,
         "queue grew to {max_queued} with {CONVERSATIONS} conversations"
     );
-    assert_eq!(queued(&server).await, 0, "requests left in the provider queues");
+    assert_eq!(
+        queued(&server).await,
+        0,
+        "requests left in the provider queues"
+    );
     // Memory is reported, not asserted: this process also runs every other integration test
     // in parallel, so its RSS says nothing of the server's own (the load driver measures the
     // server alone, in its own process).

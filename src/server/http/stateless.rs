@@ -67,6 +67,9 @@ pub fn prepare(
     let reservation = deps
         .governor
         .admit(&p, &price_model, prompt_tokens, chat.max_tokens)?;
+    if let Some(max) = reservation.as_ref().and_then(|r| r.max_tokens()) {
+        chat.max_tokens = Some(max);
+    }
     let cacheable = vault.is_none()
         && chat.is_plain()
         && chat.messages.last().is_some_and(|last| {
