@@ -282,14 +282,26 @@ impl Config {
         Self::from_toml(&text, path)
     }
 
-    /// The listen address as a socket address.
+    /// The listen address as a socket address: an address, or a host name and port that
+    /// resolves (`localhost:8080`; IPv4 preferred when the name has both).
     ///
     /// # Errors
-    /// `Invalid` naming `listen` when it does not parse.
+    /// `Invalid` naming `listen` when it neither parses nor resolves.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        self.listen
-            .parse()
-            .map_err(|e| ConfigError::Invalid(vec![format!("listen: {:?}: {e}", self.listen)]))
+        if let Ok(addr) = self.listen.parse() {
+            return Ok(addr);
+        }
+        let invalid =
+            |e: String| ConfigError::Invalid(vec![format!("listen: {:?}: {e}", self.listen)]);
+        let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&self.listen)
+            .map_err(|e| invalid(e.to_string()))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| invalid("the name resolves to no address".into()))
     }
 
     /// Checks everything that can be checked before start, and names each problem's field.
@@ -471,6 +483,18 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        let mut cfg = Config::embedded(|_| false);
+        cfg.listen = "localhost:8080".into();
+        let addr = cfg.listen_addr().unwrap(); // ok: test code
+        assert!(addr.ip().is_loopback() && addr.port() == 8080, "{addr}");
+        cfg.listen = "127.0.0.1:9".into();
+        assert_eq!(cfg.listen_addr().unwrap().port(), 9); // ok: test code
+        cfg.listen = "no port".into();
+        assert!(cfg.listen_addr().is_err());
     }
 
     #[test]

@@ -18,50 +18,62 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     )
     .app_data(web::QueryConfig::default().error_handler(query_error))
     .app_data(web::PathConfig::default().error_handler(path_error))
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(health::metrics))
-    .route("/v1/models", web::get().to(openai::models))
-    .route(
-        "/v1/chat/completions",
-        web::post().to(openai::chat_completions),
+    .service(at("/healthz").route(web::get().to(health::healthz)))
+    .service(at("/readyz").route(web::get().to(health::readyz)))
+    .service(at("/metrics").route(web::get().to(health::metrics)))
+    .service(at("/v1/models").route(web::get().to(openai::models)))
+    .service(at("/v1/chat/completions").route(web::post().to(openai::chat_completions)))
+    .service(at("/v1/responses").route(web::post().to(responses::create)))
+    .service(
+        at("/v1/responses/{id}")
+            .route(web::get().to(responses::get))
+            .route(web::delete().to(responses::delete)),
     )
-    .route("/v1/responses", web::post().to(responses::create))
-    .route("/v1/responses/{id}", web::get().to(responses::get))
-    .route("/v1/responses/{id}", web::delete().to(responses::delete))
-    .route(
-        "/v1/responses/{id}/input_items",
-        web::get().to(responses::input_items),
+    .service(at("/v1/responses/{id}/input_items").route(web::get().to(responses::input_items)))
+    .service(at("/v1/conversations").route(web::post().to(conversations::create)))
+    .service(
+        at("/v1/conversations/{id}")
+            .route(web::get().to(conversations::get))
+            .route(web::delete().to(conversations::delete)),
     )
-    .route("/v1/conversations", web::post().to(conversations::create))
-    .route("/v1/conversations/{id}", web::get().to(conversations::get))
-    .route(
-        "/v1/conversations/{id}",
-        web::delete().to(conversations::delete),
+    .service(
+        at("/v1/conversations/{id}/messages")
+            .route(web::get().to(conversations::list_messages))
+            .route(web::post().to(conversations::post_message)),
     )
-    .route(
-        "/v1/conversations/{id}/messages",
-        web::get().to(conversations::list_messages),
+    .service(at("/v1/conversations/{id}/cancel").route(web::post().to(conversations::cancel)))
+    .service(at("/v1/ws").route(web::get().to(ws::connect)))
+    .service(
+        at("/admin/keys")
+            .route(web::post().to(admin::create_key))
+            .route(web::get().to(admin::list_keys)),
     )
-    .route(
-        "/v1/conversations/{id}/messages",
-        web::post().to(conversations::post_message),
+    .service(at("/admin/keys/{id}").route(web::delete().to(admin::revoke_key)))
+    .service(at("/admin/providers").route(web::get().to(admin::providers)))
+    .service(at("/admin/cache").route(web::get().to(admin::cache)))
+    .service(at("/admin/usage").route(web::get().to(usage::admin)))
+    .service(
+        at("/admin/prompts/{name}")
+            .route(web::put().to(admin::put_prompt))
+            .route(web::get().to(admin::list_prompts)),
     )
-    .route(
-        "/v1/conversations/{id}/cancel",
-        web::post().to(conversations::cancel),
-    )
-    .route("/v1/ws", web::get().to(ws::connect))
-    .route("/admin/keys", web::post().to(admin::create_key))
-    .route("/admin/keys", web::get().to(admin::list_keys))
-    .route("/admin/keys/{id}", web::delete().to(admin::revoke_key))
-    .route("/admin/providers", web::get().to(admin::providers))
-    .route("/admin/cache", web::get().to(admin::cache))
-    .route("/admin/usage", web::get().to(usage::admin))
-    .route("/admin/prompts/{name}", web::put().to(admin::put_prompt))
-    .route("/admin/prompts/{name}", web::get().to(admin::list_prompts))
-    .route("/v1/usage", web::get().to(usage::own))
+    .service(at("/v1/usage").route(web::get().to(usage::own)))
     .default_service(web::to(not_found));
+}
+
+/// A path of the table: a method it does not serve is answered 405, not 404.
+fn at(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    let mut err = ApiError::bad_request(format!(
+        "method {} is not allowed on {}",
+        req.method(),
+        req.path()
+    ));
+    err.status = Some(actix_web::http::StatusCode::METHOD_NOT_ALLOWED);
+    Err(err)
 }
 
 async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {

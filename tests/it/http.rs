@@ -626,3 +626,28 @@ async fn the_builtin_mock_times_out_a_hung_reply() {
         .unwrap();
     expect_error(resp, 504, "upstream_unavailable").await;
 }
+
+/// A method a path does not serve is 405 in the error shape, not 404; an unknown path is 404.
+#[tokio::test]
+async fn wrong_methods_are_405_and_unknown_paths_404() {
+    let server = TestServer::start(config_with(None));
+    let resp = http()
+        .get(server.url("/v1/chat/completions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("GET"),
+        "{body}"
+    );
+    let resp = http()
+        .put(server.url("/v1/conversations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    let resp = http().get(server.url("/v1/nothing")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
