@@ -42,7 +42,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub retry: RetryConfig,
     /// Prices per upstream model, per million tokens (`[prices."gpt-4o-mini"]`).
-    pub prices: std::collections::HashMap<String, crate::tenant::Price>,
+    pub prices: std::collections::HashMap<String, crate::domain::Price>,
     pub providers: Vec<ProviderConfig>,
     pub routes: Vec<RouteConfig>,
 }
@@ -68,26 +68,7 @@ pub struct ContextConfig {
     pub recall_min_similarity: f32,
 }
 
-/// How a conversation's context is chosen when its history outgrows the budget.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryMode {
-    /// The newest turns that fit (PROTOCOL §6).
-    #[default]
-    Window,
-    /// The newest turns that fit in part of the budget, plus the older turns most relevant to
-    /// the new message in the rest.
-    Recall,
-}
-
-impl MemoryMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Window => "window",
-            Self::Recall => "recall",
-        }
-    }
-}
+pub use crate::domain::MemoryMode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

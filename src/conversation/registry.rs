@@ -44,7 +44,7 @@ pub struct NewConversation {
     pub prompt: Option<String>,
     pub metadata: Option<serde_json::Value>,
     /// `window` or `recall` (the configured default when absent).
-    pub memory: Option<crate::config::MemoryMode>,
+    pub memory: Option<crate::domain::MemoryMode>,
     pub tools: Vec<crate::domain::Tool>,
     pub tool_choice: Option<crate::domain::ToolChoice>,
 }

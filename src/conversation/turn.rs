@@ -16,7 +16,7 @@ use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
 use super::Deps;
 use crate::cache::ScopeParts;
-use crate::config::MemoryMode;
+use crate::domain::MemoryMode;
 use crate::domain::{Content, FinishReason, Message, Params, Role, Tool, ToolChoice};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::{self, CacheSlot, Event, Request, Sink};

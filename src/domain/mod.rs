@@ -1,5 +1,5 @@
 //! Plain types every layer shares: roles, messages and their parts, tools and tool calls,
-//! request parameters, usage and finish reasons. No I/O, and nothing of ours underneath, so
+//! request parameters, usage and finish reasons, memory modes and prices. No I/O, and nothing of ours underneath, so
 //! the store, the providers, the generation core and the faces can all speak them.
 
 mod message;
@@ -126,4 +126,33 @@ impl UpstreamFinish {
             complete: reason == FinishReason::Stop,
         }
     }
+}
+
+/// How a conversation's context is chosen when its history outgrows the budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryMode {
+    /// The newest turns that fit (PROTOCOL §6).
+    #[default]
+    Window,
+    /// The newest turns that fit in part of the budget, plus the older turns most relevant to
+    /// the new message in the rest.
+    Recall,
+}
+
+impl MemoryMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Window => "window",
+            Self::Recall => "recall",
+        }
+    }
+}
+
+/// Price of a model per million tokens (`[prices."gpt-4o-mini"]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
 }

@@ -55,7 +55,7 @@ pub struct Deps {
 #[derive(Debug, Clone, Copy)]
 pub struct MemorySettings {
     /// The mode of conversations created without one.
-    pub mode: crate::config::MemoryMode,
+    pub mode: crate::domain::MemoryMode,
     /// Share of the prompt budget for recalled turns.
     pub share: f32,
     /// Least similarity a recalled turn needs.

@@ -32,7 +32,7 @@ pub struct ConversationRecord {
     pub history_tokens: u64,
     /// `window` or `recall`: how context is chosen once history outgrows the budget.
     #[serde(default)]
-    pub memory: crate::config::MemoryMode,
+    pub memory: crate::domain::MemoryMode,
     /// The function tools offered on every turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<Tool>,

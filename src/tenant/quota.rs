@@ -9,20 +9,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde::Deserialize;
 
 use super::Principal;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{SlidingWindow, TokenBucket};
 use crate::store::{periods, KeyRecord, LimitWindow, Store};
 
-/// Price of a model per million tokens (`[prices."gpt-4o-mini"]`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Price {
-    pub input_per_mtok: f64,
-    pub output_per_mtok: f64,
-}
+pub use crate::domain::Price;
 
 /// The price table; models without a price cost nothing.
 #[derive(Debug, Clone, Default)]

@@ -38,7 +38,7 @@ pub struct CreateBody {
     metadata: Option<serde_json::Value>,
     /// `window` or `recall`.
     #[serde(default)]
-    memory: Option<crate::config::MemoryMode>,
+    memory: Option<crate::domain::MemoryMode>,
     #[serde(default)]
     tools: Option<Vec<FunctionTool>>,
     #[serde(default)]

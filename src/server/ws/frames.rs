@@ -23,7 +23,7 @@ pub enum ClientFrame {
         metadata: Option<serde_json::Value>,
         /// `window` or `recall` (parley addition).
         #[serde(default)]
-        memory: Option<crate::config::MemoryMode>,
+        memory: Option<crate::domain::MemoryMode>,
         /// Function tools offered on every turn, as Chat Completions takes them.
         #[serde(default)]
         tools: Option<Vec<FunctionTool>>,
