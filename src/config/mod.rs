@@ -31,8 +31,46 @@ pub enum ConfigError {
     Invalid(Vec<String>),
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+/// A config file as written: every part optional, nothing filled in while parsing.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    auth: Option<AuthConfig>,
+    context: Option<ContextConfig>,
+    cache: Option<CacheConfig>,
+    server: Option<ServerConfig>,
+    retry: Option<RetryConfig>,
+    prices: Option<std::collections::HashMap<String, crate::domain::Price>>,
+    providers: Option<Vec<ProviderConfig>>,
+    routes: Option<Vec<RouteConfig>>,
+}
+
+impl FileConfig {
+    /// The file laid over `defaults`.
+    fn over(self, defaults: Config) -> Config {
+        let (providers, routes) = match (self.providers, self.routes) {
+            (Some(providers), routes) => (providers, routes.unwrap_or_default()),
+            (None, Some(routes)) => (defaults.providers, routes),
+            (None, None) => (defaults.providers, defaults.routes),
+        };
+        Config {
+            listen: self.listen.unwrap_or(defaults.listen),
+            data_dir: self.data_dir.unwrap_or(defaults.data_dir),
+            auth: self.auth.unwrap_or(defaults.auth),
+            context: self.context.unwrap_or(defaults.context),
+            cache: self.cache.unwrap_or(defaults.cache),
+            server: self.server.unwrap_or(defaults.server),
+            retry: self.retry.unwrap_or(defaults.retry),
+            prices: self.prices.unwrap_or(defaults.prices),
+            providers,
+            routes,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
     pub data_dir: PathBuf,
@@ -240,15 +278,19 @@ impl Config {
         }
     }
 
-    /// Parses a TOML document (without validating it).
+    /// Parses a TOML document as written (without validating it), then lays it over the
+    /// embedded default: what the file sets replaces the default's. A file that declares its
+    /// own providers also declares its own routes (none if it gives none), so it never inherits
+    /// routes that point at providers it does not know of.
     ///
     /// # Errors
     /// `Parse` with the TOML error, which names the offending key and line.
     pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string(),
-        })
+        })?;
+        Ok(file.over(Self::default()))
     }
 
     /// Reads and parses a config file.
@@ -464,6 +506,31 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn a_file_with_its_own_providers_does_not_inherit_the_default_routes() {
+        let cfg = parse(
+            r#"
+[[providers]]
+name = "local"
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+"#,
+        )
+        .unwrap(); // ok: test code
+        assert!(cfg.routes.is_empty());
+        let err = cfg.validate(|_| false).unwrap_err().to_string(); // ok: test code
+        assert!(err.contains("routes"), "{err}");
+        // Routes alone are laid over the default providers; an empty file is the default.
+        let cfg = parse(
+            "[[routes]]\nmodel = \"m\"\ntargets = [{ provider = \"mock\", model = \"x\" }]\n",
+        )
+        .unwrap(); // ok: test code
+        assert_eq!(cfg.routes.len(), 1);
+        assert_eq!(cfg.providers[0].name, "mock");
+        let cfg = parse("").unwrap(); // ok: test code
+        assert_eq!(cfg.routes.len(), 2);
     }
 
     #[test]
