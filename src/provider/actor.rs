@@ -42,6 +42,7 @@ type Reply = oneshot::Sender<Result<Generation, ProviderError>>;
 struct Waiting {
     req: ChatRequest,
     tokens: u32,
+    retry: bool,
     reply: Reply,
     deadline: Instant,
 }
@@ -128,10 +129,11 @@ impl ProviderActor {
         &mut self,
         req: ChatRequest,
         tokens: u32,
+        retry: bool,
         ctx: &mut Context<Self>,
     ) -> Result<Generation, (ChatRequest, Refusal)> {
         match self.pick(tokens) {
-            Ok(i) => Ok(self.spawn_generation(i, req, tokens, ctx)),
+            Ok(i) => Ok(self.spawn_generation(i, req, tokens, retry, ctx)),
             Err(r) => Err((req, r)),
         }
     }
@@ -141,6 +143,7 @@ impl ProviderActor {
         key_index: usize,
         req: ChatRequest,
         tokens: u32,
+        retry: bool,
         ctx: &mut Context<Self>,
     ) -> Generation {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -151,6 +154,15 @@ impl ProviderActor {
         actix::spawn(tracing::Instrument::instrument(
             async move {
                 let (outcome, headers) = forward(&backend, req, tx).await;
+                // A request's retries count once toward the breaker: its first failure has
+                // been counted, and one bad request must not open a deployment for everyone
+                // (a 429 still holds the bucket back).
+                let outcome = match outcome {
+                    Outcome::Failed { status } if retry && status != Some(429) => {
+                        Outcome::Abandoned
+                    }
+                    other => other,
+                };
                 me.do_send(GenerationEnded {
                     key_index,
                     tokens,
@@ -172,7 +184,7 @@ impl ProviderActor {
                 continue;
             }
             let now = Instant::now();
-            match self.try_start(w.req, w.tokens, ctx) {
+            match self.try_start(w.req, w.tokens, w.retry, ctx) {
                 Ok(generation) => {
                     let _ = w.reply.send(Ok(generation));
                 }
@@ -309,6 +321,8 @@ pub struct Dispatch {
     pub req: ChatRequest,
     /// Prompt tokens, reserved against the tokens-per-minute bucket.
     pub tokens: u32,
+    /// A later attempt of a request that already failed here: its failure is not counted again.
+    pub retry: bool,
     pub reply: Reply,
 }
 
@@ -316,10 +330,15 @@ impl Handler<Dispatch> for ProviderActor {
     type Result = ();
 
     fn handle(&mut self, msg: Dispatch, ctx: &mut Self::Context) {
-        let Dispatch { req, tokens, reply } = msg;
+        let Dispatch {
+            req,
+            tokens,
+            retry,
+            reply,
+        } = msg;
         // With others waiting already, keep the order: join the queue.
         let req = if self.queue.is_empty() {
-            match self.try_start(req, tokens, ctx) {
+            match self.try_start(req, tokens, retry, ctx) {
                 Ok(generation) => {
                     let _ = reply.send(Ok(generation));
                     return;
@@ -338,6 +357,7 @@ impl Handler<Dispatch> for ProviderActor {
             Waiting {
                 req,
                 tokens,
+                retry,
                 reply,
                 deadline,
             },

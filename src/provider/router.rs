@@ -396,7 +396,7 @@ impl Router {
             for target in allowed {
                 let req = target.request(&req, partial);
                 match self
-                    .try_target(target, req, tokens, route.ttft_timeout, begun)
+                    .try_target(target, req, tokens, pass > 0, route.ttft_timeout, begun)
                     .await
                 {
                     Ok(started) => return Ok(started),
@@ -436,6 +436,7 @@ impl Router {
         target: &Target,
         req: ChatRequest,
         tokens: u32,
+        retry: bool,
         ttft_timeout: Option<Duration>,
         begun: Instant,
     ) -> Result<Started, RouterError> {
@@ -443,7 +444,12 @@ impl Router {
         target
             .provider
             .addr
-            .send(Dispatch { req, tokens, reply })
+            .send(Dispatch {
+                req,
+                tokens,
+                retry,
+                reply,
+            })
             .await?;
         let provider = target.provider.name.clone();
         let generation = answer.await.map_err(|_| ProviderError::Unavailable {

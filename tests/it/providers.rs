@@ -983,3 +983,29 @@ async fn admin_providers_shows_breaker_state_and_bucket_levels() {
     assert!((50_000..=60_000).contains(&hint), "{err}");
     assert_eq!(up.requests(), 2);
 }
+
+/// One request's retries count once toward the breaker: a prompt that fails on every attempt
+/// (three passes) does not open the deployment for the next, healthy request.
+#[tokio::test]
+async fn one_requests_retries_do_not_open_the_breaker_for_everyone() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.enabled = false;
+    with_retries(&mut cfg);
+    provider_mut(&mut cfg, "up").breaker = breaker(3, 15_000);
+    let server = TestServer::start(cfg);
+    let ask = |content: &str| {
+        http()
+            .post(server.url("/v1/chat/completions"))
+            .json(&json!({"model": "up", "messages": [{"role": "user", "content": content}]}))
+            .send()
+    };
+    let before = up.requests();
+    let resp = ask("always fails [[mock:status=500]]").await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(up.requests(), before + 3, "three attempts");
+    let info = provider_info(&server, "up").await;
+    assert_eq!(info["deployments"][0]["breaker"], "closed", "{info}");
+    let resp = ask("a healthy question").await.unwrap();
+    assert_eq!(resp.status(), 200);
+}
