@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 use super::fanout::{Fanout, Scope, SinkId};
 use super::frames::{ErrorFrame, ServerFrame, Sink};
 use super::messages::{
-    Cancel, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe, Update,
+    Cancel, KeyRevoked, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
+    Update,
 };
 use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
@@ -61,6 +62,8 @@ struct SystemPrompt {
 
 struct Running {
     client_id: String,
+    /// The key the turn acts for (none in development mode).
+    key_id: Option<String>,
     cancel: CancellationToken,
     /// Cancelled when the turn's task has ended, whatever the way.
     ended: CancellationToken,
@@ -149,6 +152,7 @@ impl ConversationActor {
             Some(_) => q.options.turn.tool_choice.clone(),
             None => self.record.tool_choice.clone(),
         };
+        let key_id = q.principal.key_id.clone();
         let content = q.message.content.text();
         let cache = q.options.cache != Some(false)
             && tools.is_empty()
@@ -204,6 +208,7 @@ impl ConversationActor {
         });
         self.running = Some(Running {
             client_id: q.client_id,
+            key_id: key_id.clone(),
             cancel,
             ended,
         });
@@ -610,6 +615,27 @@ impl Handler<Update> for ConversationActor {
                     Ok(rec)
                 }),
         )
+    }
+}
+
+impl Handler<KeyRevoked> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: KeyRevoked, _ctx: &mut Self::Context) {
+        let mine = |k: &Option<String>| k.as_deref() == Some(msg.key_id.as_str());
+        if let Some(running) = self.running.as_ref().filter(|r| mine(&r.key_id)) {
+            running.cancel.cancel();
+        }
+        let (revoked, kept): (Vec<Queued>, Vec<Queued>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|q| mine(&q.principal.key_id));
+        self.queue = kept.into();
+        for q in revoked {
+            self.refuse_queued(
+                &q.client_id,
+                &ApiError::new(ErrorCode::Unauthorized, "the key was revoked"),
+            );
+        }
     }
 }
 

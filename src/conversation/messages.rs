@@ -90,6 +90,13 @@ pub enum Posted {
     Duplicate,
 }
 
+/// A key was revoked: its running turn is cancelled and its queued turns are refused.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct KeyRevoked {
+    pub key_id: String,
+}
+
 /// Stops the generation in progress, if any.
 #[derive(Message)]
 #[rtype(result = "()")]

@@ -162,6 +162,17 @@ impl Registry {
         Ok(())
     }
 
+    /// Tells every live conversation that `key_id` was revoked: turns acting for it stop.
+    pub fn key_revoked(&self, key_id: &str) {
+        let actors: Vec<Addr<ConversationActor>> =
+            self.inner.actors.lock().values().cloned().collect();
+        for addr in actors {
+            addr.do_send(super::messages::KeyRevoked {
+                key_id: key_id.to_owned(),
+            });
+        }
+    }
+
     /// The live actor of a conversation, without starting one.
     pub fn peek(&self, id: &ConversationId) -> Option<Addr<ConversationActor>> {
         self.inner.actors.lock().get(id).cloned()

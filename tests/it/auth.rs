@@ -556,3 +556,32 @@ async fn development_mode_serves_keyless_requests_as_local() {
     )
     .await;
 }
+
+/// Revoking a key stops the work it started: its streaming turn is cancelled (a bystander on
+/// the conversation sees `done` with `cancelled`, and the partial reply is stored).
+#[tokio::test]
+async fn revoking_a_key_cancels_its_running_turn() {
+    let server = TestServer::start_with_admin(config_with(None));
+    let (id, key) = server.create_key(json!({"tenant": "t"})).await;
+    let (_, other) = server.create_key(json!({"tenant": "t"})).await;
+    let mut ws = Ws::connect(&server, Some(&key)).await;
+    let conv = ws.create("mock").await;
+    let mut bystander = Ws::connect(&server, Some(&other)).await;
+    bystander
+        .send(json!({"type": "subscribe", "conversation": conv}))
+        .await;
+    assert_eq!(bystander.recv().await["type"], "subscribed");
+    ws.send(
+        json!({"type": "user_message", "conversation": conv, "client_id": "long",
+                   "content": "tell me everything [[mock:words=2000,tps=20]]"}),
+    )
+    .await;
+    bystander.recv_until(|f| f["type"] == "delta").await;
+    let resp = delete(&server, &format!("/admin/keys/{id}"), Some(ADMIN)).await;
+    assert_eq!(resp.status(), 204);
+    let frames = bystander.recv_until(|f| f["type"] == "done").await;
+    let done = frames.last().unwrap();
+    assert_eq!(done["finish_reason"], "cancelled", "{done}");
+    let stored = messages(&server, Some(&other), &conv).await;
+    assert_eq!(stored[1]["finish_reason"], "cancelled");
+}

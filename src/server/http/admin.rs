@@ -36,6 +36,7 @@ pub async fn revoke_key(
         return Err(ApiError::not_found("key"));
     }
     state.sockets.revoke(&id);
+    state.registry.key_revoked(&id);
     tracing::info!(key_id = %id, "key revoked");
     Ok(HttpResponse::NoContent().finish())
 }
