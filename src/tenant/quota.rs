@@ -249,6 +249,31 @@ impl Governor {
         }))
     }
 
+    /// Counts a request that reaches no model (creating a conversation) against the key's
+    /// requests per minute: work a key asks for is metered even when it costs no tokens.
+    ///
+    /// # Errors
+    /// `rate_limited` past the key's rpm.
+    pub fn take_request(&self, principal: &Principal) -> Result<(), ApiError> {
+        let Some(rec) = principal.limits.as_deref() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let wall_ms = chrono::Utc::now().timestamp_millis();
+        let mut keys = self.keys.lock();
+        let state = match keys.get_mut(&rec.id) {
+            Some(s) => s,
+            None => keys
+                .entry(rec.id.clone())
+                .or_insert(self.load(rec, wall_ms, now)),
+        };
+        state
+            .rpm
+            .try_take(1, now)
+            .map(|_| ())
+            .map_err(|wait| limited("requests", wait))
+    }
+
     /// Replaces a reservation by what the request really used.
     pub fn settle(&self, reservation: Reservation, used_tokens: u64, cost: f64) {
         let now = Instant::now();

@@ -31,7 +31,8 @@ async fn admin_get(server: &TestServer, path: &str) -> reqwest::Response {
 async fn a_key_past_its_rpm_is_refused_before_any_upstream_call() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let server = TestServer::start_with_admin(config_with(Some(&up)));
-    let (_, key) = server.create_key(json!({"tenant": "acme", "rpm": 2})).await;
+    // Creating the conversation is a request too: it and two turns make three.
+    let (_, key) = server.create_key(json!({"tenant": "acme", "rpm": 3})).await;
     let conv = create_conversation(&server, Some(&key), json!({"model": "up"})).await;
     for i in 0..2 {
         let resp = post_turn(
@@ -67,6 +68,16 @@ async fn a_key_past_its_rpm_is_refused_before_any_upstream_call() {
     assert_eq!(err["code"], "rate_limited");
     assert!(err["retry_after_ms"].as_u64().unwrap() > 1000, "{err}");
     assert_eq!(up.requests(), 2);
+    // Creating conversations is metered as well: no more than the key's requests a minute.
+    let resp = with_key(http().post(server.url("/v1/conversations")), Some(&key))
+        .json(&json!({"model": "up"}))
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 429, "rate_limited").await;
+    ws.send(json!({"type": "create", "client_id": "c", "model": "up"}))
+        .await;
+    assert_eq!(ws.recv().await["code"], "rate_limited");
 }
 
 #[tokio::test]

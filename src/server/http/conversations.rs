@@ -127,6 +127,7 @@ pub async fn create(
         tool_choice,
     };
     p.check_model(new.model.as_deref().unwrap_or("default"))?;
+    state.governor.take_request(&p)?;
     let rec = state.registry.create(&p.tenant, new).await?;
     Ok(HttpResponse::Created().json(conversation_json(&rec)))
 }

@@ -114,7 +114,10 @@ async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
                 .principal
                 .check_model(new.model.as_deref().unwrap_or("default"))
             {
-                Ok(()) => cx.state.registry.create(&cx.principal.tenant, new).await,
+                Ok(()) => match cx.state.governor.take_request(&cx.principal) {
+                    Ok(()) => cx.state.registry.create(&cx.principal.tenant, new).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             match created {
