@@ -217,8 +217,10 @@ impl AppHandle {
         self.state.registry.shutdown(self.shutdown_timeout).await;
         self.state.sockets.close_all();
         self.server.stop(true).await;
-        // Every turn and request has ended: store the usage records still queued.
+        // Every turn and request has ended: store the usage records still queued, and let the
+        // cache worker finish what it was sent and end, before the last flush.
         self.usage_writer.finish().await;
+        self.state.registry.deps().cache.stop().await;
         let flushed = self.state.store().flush().await;
         // Joining the arbiters drops the actors they host, and with them the last handles on
         // the store, so its directory lock is released when this returns.

@@ -142,6 +142,8 @@ enum Command {
     },
     Forget(Vec<EntryId>),
     Len(oneshot::Sender<(usize, usize)>),
+    /// Ends the worker (shutdown): what it was sent before is done first.
+    Stop,
 }
 
 struct Inner {
@@ -151,6 +153,8 @@ struct Inner {
     store: Store,
     metrics: Metrics,
     tx: SyncSender<Command>,
+    /// The worker thread, joined at shutdown so it lets go of the store before the last flush.
+    worker: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// The handle to the cache; cheap to clone.
@@ -192,7 +196,7 @@ impl Cache {
             max_entries: settings.max_entries.max(1),
             index: Index::new(0),
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("parley-cache".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| StoreError::Task(e.to_string()))?;
@@ -204,8 +208,23 @@ impl Cache {
                 store,
                 metrics,
                 tx,
+                worker: parking_lot::Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// Stops the worker after what it was already sent, and waits for its thread to end.
+    pub async fn stop(&self) {
+        let Some(thread) = self.inner.worker.lock().take() else {
+            return;
+        };
+        let tx = self.inner.tx.clone();
+        // `send` waits for room in the queue: off the async threads, like the join.
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = tx.send(Command::Stop);
+            let _ = thread.join();
+        })
+        .await;
     }
 
     pub fn settings(&self) -> &CacheSettings {
@@ -399,6 +418,7 @@ impl Worker {
         let mut last = Instant::now();
         loop {
             let cmd = match rx.recv_timeout(MAINTENANCE_EVERY) {
+                Ok(Command::Stop) => return,
                 Ok(cmd) => Some(cmd),
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return,
@@ -512,6 +532,7 @@ impl Worker {
                 let index = &mut self.index;
                 let _ = reply.send((index.len(), index.tombstones()));
             }
+            Command::Stop => {}
         }
     }
 

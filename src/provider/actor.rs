@@ -154,13 +154,12 @@ impl ProviderActor {
         actix::spawn(tracing::Instrument::instrument(
             async move {
                 let (outcome, headers) = forward(&backend, req, tx).await;
-                // A request's retries count once toward the breaker: its first failure has
-                // been counted, and one bad request must not open a deployment for everyone
-                // (a 429 still holds the bucket back).
+                // A request's 500s count once toward the breaker: the first has been counted,
+                // and one request the upstream chokes on must not open a deployment for
+                // everyone. What speaks of the deployment itself (429, 503, 529, connection
+                // failures, timeouts) counts on every attempt.
                 let outcome = match outcome {
-                    Outcome::Failed { status } if retry && status != Some(429) => {
-                        Outcome::Abandoned
-                    }
+                    Outcome::Failed { status: Some(500) } if retry => Outcome::Abandoned,
                     other => other,
                 };
                 me.do_send(GenerationEnded {
@@ -321,7 +320,7 @@ pub struct Dispatch {
     pub req: ChatRequest,
     /// Prompt tokens, reserved against the tokens-per-minute bucket.
     pub tokens: u32,
-    /// A later attempt of a request that already failed here: its failure is not counted again.
+    /// A later attempt of a request that already failed: a 500 of it is not counted again.
     pub retry: bool,
     pub reply: Reply,
 }
