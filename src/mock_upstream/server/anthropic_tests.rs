@@ -250,7 +250,7 @@ fn anthropic_reason(case: &str) -> &str {
 fn answers_text_and_tool_use() {
     let text = plan_request(
         0,
-        &read_request(&body(json!([{"role": "user", "content": "hi"}]))).unwrap(),
+        &read_request(&body(json!([{"role": "user", "content": "hi"}]))).unwrap(), // ok: test
     ); // ok: test
     let a = answer(&text, "m");
     assert_eq!(a["content"], json!([{"type": "text", "text": text.text()}]));
@@ -332,7 +332,7 @@ fn streams_text_after_two_opening_events() {
         0,
         &read_request(&json!({"max_tokens": 2, "messages": [
         {"role": "user", "content": "[[mock:words=40]]"}]}))
-        .unwrap(),
+        .unwrap(), // ok: test
     ); // ok: test
     assert_eq!(answer(&cut, "m")["stop_reason"], "max_tokens");
 }

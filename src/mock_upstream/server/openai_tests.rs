@@ -184,7 +184,7 @@ fn openai_reason(case: &str) -> &'static str {
 fn answers_text_and_tool_calls() {
     let text = plan_request(
         0,
-        &read_request(&json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap(),
+        &read_request(&json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap(), // ok: test
     ); // ok: test
     let a = answer(&text, "m");
     assert_eq!(a["choices"][0]["message"]["content"], text.text());
@@ -226,7 +226,7 @@ fn streams_tool_calls_in_fragments() {
             assert_eq!(call["type"], "function");
             heads.push((
                 i,
-                id.as_str().unwrap().to_owned(),
+                id.as_str().unwrap().to_owned(), // ok: test
                 call["function"]["name"].clone(),
             )); // ok: test
         } else {
