@@ -925,3 +925,15 @@ async fn malformed_ids_and_fields_are_refused_not_stored() {
         expect_error(resp, 400, "bad_request").await;
     }
 }
+
+/// A text frame that is not UTF-8 closes the socket with 1007 (invalid payload), as RFC 6455
+/// says, not with a generic protocol error.
+#[tokio::test]
+async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::{coding::Data, coding::OpCode, Frame};
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    let bad = Frame::message(vec![b'{', 0xC0, 0xAF, b'}'], OpCode::Data(Data::Text), true);
+    let _ = ws.stream.send(Message::Frame(bad)).await;
+    assert_eq!(ws.close_code(TIMEOUT).await, Some(1007));
+}

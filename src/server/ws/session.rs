@@ -155,6 +155,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for WsSession {
             Err(ws::ProtocolError::Overflow) => {
                 return Self::close(ctx, CloseCode::Size, "frame too large")
             }
+            // actix reports a text frame that is not UTF-8 as an I/O error carrying the UTF-8
+            // error's text; RFC 6455 closes such a socket with 1007, not 1002.
+            Err(ws::ProtocolError::Io(e)) if e.to_string().contains("utf-8") => {
+                return Self::close(ctx, CloseCode::Invalid, "text is not UTF-8");
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "websocket protocol error");
                 return Self::close(ctx, CloseCode::Protocol, "protocol error");
