@@ -145,6 +145,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         metrics: metrics.clone(),
         idle_timeout: config.idle_timeout(),
         max_queued_turns: config.server.max_queued_turns,
+        max_conversations_per_tenant: config.server.max_conversations_per_tenant,
         shutdown: CancellationToken::new(),
         tasks: TaskTracker::new(),
         governor: Arc::clone(&governor),

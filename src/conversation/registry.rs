@@ -76,6 +76,15 @@ impl Registry {
         new: NewConversation,
     ) -> Result<ConversationRecord, ApiError> {
         let deps = self.deps();
+        let stored = deps.store.tenant_conversations(tenant)?;
+        if stored >= deps.max_conversations_per_tenant {
+            return Err(ApiError::new(
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this tenant keeps {stored} conversations, the most it may; delete some first"
+                ),
+            ));
+        }
         let model = new.model.unwrap_or_else(|| "default".into());
         if !deps.router.has_route(&model) {
             return Err(ApiError::new(

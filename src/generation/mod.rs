@@ -37,6 +37,8 @@ pub struct Deps {
     pub metrics: Metrics,
     pub idle_timeout: Duration,
     pub max_queued_turns: usize,
+    /// Conversations one tenant may keep stored.
+    pub max_conversations_per_tenant: u64,
     /// Cancelled at shutdown: every turn's token is a child of it.
     pub shutdown: CancellationToken,
     /// Every running turn, so shutdown can wait for them to store their replies.

@@ -9,6 +9,7 @@
 //! - `cache_entries`, `cache_vectors`, `cache_by_conversation`, `cache_meta`: the semantic
 //!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`)
 //! - `responses`, `responses_by_conversation`: Responses API records (see `responses.rs`)
+//! - `tenant_conversations`: tenant → how many conversations it keeps
 //!
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
@@ -101,6 +102,8 @@ pub struct Store {
     recall_vectors: sled::Tree,
     responses: sled::Tree,
     responses_by_conversation: sled::Tree,
+    /// Tenant → how many conversations it keeps (u64 big-endian).
+    tenant_conversations: sled::Tree,
 }
 
 impl Store {
@@ -130,6 +133,7 @@ impl Store {
             recall_vectors: db.open_tree("recall_vectors")?,
             responses: db.open_tree("responses")?,
             responses_by_conversation: db.open_tree("responses_by_conversation")?,
+            tenant_conversations: db.open_tree("tenant_conversations")?,
             db,
         })
     }
@@ -187,7 +191,31 @@ impl Store {
     /// On a storage failure.
     pub async fn create_conversation(&self, rec: &ConversationRecord) -> Result<(), StoreError> {
         self.conversations.insert(rec.id.as_bytes(), encode(rec)?)?;
+        self.count_conversation(&rec.tenant, 1)?;
         self.flush().await
+    }
+
+    /// How many conversations `tenant` keeps stored (counted from when counting began).
+    ///
+    /// # Errors
+    /// On a storage failure.
+    pub fn tenant_conversations(&self, tenant: &TenantId) -> Result<u64, StoreError> {
+        Ok(self
+            .tenant_conversations
+            .get(tenant.as_str().as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    fn count_conversation(&self, tenant: &TenantId, delta: i64) -> Result<(), StoreError> {
+        self.tenant_conversations
+            .update_and_fetch(tenant.as_str().as_bytes(), |old| {
+                let n = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map_or(0, u64::from_be_bytes);
+                Some(n.saturating_add_signed(delta).to_be_bytes().to_vec())
+            })?;
+        Ok(())
     }
 
     /// Changes a conversation's settings (tools, tool choice) atomically with respect to
@@ -257,7 +285,10 @@ impl Store {
     pub async fn delete_conversation(&self, id: &ConversationId) -> Result<Vec<u64>, StoreError> {
         // The header goes first, so a turn still finishing cannot append to a half-deleted
         // conversation (its transaction finds no header).
-        self.conversations.remove(id.as_bytes())?;
+        if let Some(old) = self.conversations.remove(id.as_bytes())? {
+            let rec: ConversationRecord = decode("conversations", id.as_str(), &old)?;
+            self.count_conversation(&rec.tenant, -1)?;
+        }
         self.pii_vaults.remove(id.as_bytes())?;
         let mut batch = sled::Batch::default();
         for kv in self.messages.scan_prefix(id.as_bytes()) {

@@ -461,3 +461,32 @@ async fn a_small_daily_budget_serves_what_it_covers() {
     expect_error(resp, 429, "quota_exceeded").await;
     assert_eq!(up.requests(), before);
 }
+
+/// A tenant keeps a bounded number of conversations: past the bound, creating one is
+/// `quota_exceeded`; deleting one makes room again.
+#[tokio::test]
+async fn a_tenant_keeps_a_bounded_number_of_conversations() {
+    let mut cfg = config_with(None);
+    cfg.server.max_conversations_per_tenant = 2;
+    let server = TestServer::start(cfg);
+    let first = create_conversation(&server, None, json!({"model": "mock"})).await;
+    create_conversation(&server, None, json!({"model": "mock"})).await;
+    let create = || {
+        http()
+            .post(server.url("/v1/conversations"))
+            .json(&json!({"model": "mock"}))
+            .send()
+    };
+    expect_error(create().await.unwrap(), 429, "quota_exceeded").await;
+    let mut ws = Ws::connect(&server, None).await;
+    ws.send(json!({"type": "create", "client_id": "c", "model": "mock"}))
+        .await;
+    assert_eq!(ws.recv().await["code"], "quota_exceeded");
+    let resp = http()
+        .delete(server.url(&format!("/v1/conversations/{first}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    assert_eq!(create().await.unwrap().status(), 201);
+}
