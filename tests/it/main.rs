@@ -8,6 +8,7 @@ mod cache;
 mod common;
 mod context;
 mod conversation_tools;
+mod crash;
 mod governance;
 mod guards;
 mod http;
