@@ -36,6 +36,8 @@ pub struct TurnOverrides {
     pub tool_choice: Option<ToolChoice>,
     pub response_format: Option<ResponseFormat>,
     pub top_p: Option<f64>,
+    pub parallel_tool_calls: Option<bool>,
+    pub user: Option<String>,
 }
 
 /// Subscribes a sink; the actor sends `subscribed`, then the replay after `after_seq` if given,

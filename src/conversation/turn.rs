@@ -348,6 +348,8 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         params: Box::new(Params {
             response_format: input.options.turn.response_format.clone(),
             top_p: input.options.turn.top_p,
+            parallel_tool_calls: input.options.turn.parallel_tool_calls,
+            user: input.options.turn.user.clone(),
             ..Params::default()
         }),
         ..ChatRequest::default()

@@ -201,6 +201,8 @@ pub struct Message {
     pub tool_call_id: Option<String>,
     /// A tool result that reports a failure (Anthropic `is_error`).
     pub is_error: bool,
+    /// The participant's name (OpenAI's `name`), for OpenAI-compatible targets.
+    pub name: Option<String>,
 }
 
 impl Message {

@@ -122,6 +122,7 @@ impl MessageRecord {
             tool_calls: self.tool_calls.clone(),
             tool_call_id: self.tool_call_id.clone(),
             is_error: self.is_error,
+            name: None,
         }
     }
 }

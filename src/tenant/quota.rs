@@ -182,13 +182,7 @@ impl Governor {
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
         let mut keys = self.keys.lock();
-        let state = match keys.get_mut(&rec.id) {
-            Some(s) => s,
-            None => keys
-                .entry(rec.id.clone())
-                .or_insert(self.load(rec, wall_ms, now)),
-        };
-        self.roll(state, rec, wall_ms);
+        let state = self.state_of(&mut keys, rec, wall_ms, now);
         // A budget that covers the prompt serves it: what the reply may use is clamped to what
         // is left (at least one token); only a prompt that does not fit is refused.
         let prompt = u64::from(prompt_tokens);
@@ -261,13 +255,7 @@ impl Governor {
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
         let mut keys = self.keys.lock();
-        let state = match keys.get_mut(&rec.id) {
-            Some(s) => s,
-            None => keys
-                .entry(rec.id.clone())
-                .or_insert(self.load(rec, wall_ms, now)),
-        };
-        state
+        self.state_of(&mut keys, rec, wall_ms, now)
             .rpm
             .try_take(1, now)
             .map(|_| ())
@@ -297,6 +285,21 @@ impl Governor {
             0.0
         };
         state.month_spend = (state.month_spend + cost - spent).max(0.0);
+    }
+
+    /// The key's state, loaded on first use and rolled over to the current day and month.
+    fn state_of<'a>(
+        &self,
+        keys: &'a mut HashMap<String, KeyState>,
+        rec: &KeyRecord,
+        wall_ms: i64,
+        now: Instant,
+    ) -> &'a mut KeyState {
+        let state = keys
+            .entry(rec.id.clone())
+            .or_insert_with(|| self.load(rec, wall_ms, now));
+        self.roll(state, rec, wall_ms);
+        state
     }
 
     fn load(&self, rec: &KeyRecord, wall_ms: i64, now: Instant) -> KeyState {

@@ -250,6 +250,7 @@ pub fn unsupported(req: &ChatRequest) -> Vec<String> {
     flag(p.logprobs == Some(true), "logprobs");
     flag(p.top_logprobs.is_some(), "top_logprobs");
     flag(p.metadata.is_some(), "metadata");
+    flag(req.messages.iter().any(|m| m.name.is_some()), "name");
     out.extend(p.extra.keys().cloned());
     out
 }

@@ -369,6 +369,7 @@ impl RequestMessage {
             tool_calls,
             tool_call_id: self.tool_call_id.filter(|_| role == Role::Tool),
             is_error: false,
+            name: self.name,
         })
     }
 
@@ -386,7 +387,7 @@ impl RequestMessage {
             tool_calls: (!m.tool_calls.is_empty())
                 .then(|| m.tool_calls.iter().map(WireToolCall::from).collect()),
             tool_call_id: m.tool_call_id.clone(),
-            name: None,
+            name: m.name.clone(),
         }
     }
 }
@@ -552,6 +553,26 @@ mod tests {
         assert_eq!(
             d.params.extra.get("service_tier"),
             Some(&Value::from("flex"))
+        );
+    }
+
+    #[test]
+    fn a_participant_name_reaches_openai_compatible_targets() {
+        let mut req: ChatCompletionRequest = serde_json::from_str(
+            r#"{"model":"m","messages":[{"role":"user","name":"ada","content":"hi"}]}"#,
+        )
+        .unwrap(); // ok: test
+        let d = req.decode().unwrap(); // ok: test
+        assert_eq!(d.messages[0].name.as_deref(), Some("ada"));
+        let up = crate::provider::ChatRequest {
+            messages: d.messages,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(ChatCompletionRequest::encode(&up)).unwrap(); // ok: test
+        assert_eq!(v["messages"][0]["name"], "ada");
+        assert_eq!(
+            crate::wire::anthropic::unsupported(&up),
+            vec!["name".to_owned()]
         );
     }
 

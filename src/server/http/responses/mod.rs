@@ -213,6 +213,9 @@ pub async fn input_items(
     if query.order.as_deref() != Some("asc") {
         items.reverse();
     }
+    let limit = query.limit.unwrap_or(20).clamp(1, 100);
+    let has_more = items.len() > limit;
+    items.truncate(limit);
     let first_id = items
         .first()
         .and_then(|i| i["id"].as_str())
@@ -222,7 +225,7 @@ pub async fn input_items(
         .and_then(|i| i["id"].as_str())
         .map(str::to_owned);
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "object": "list", "data": items, "first_id": first_id, "last_id": last_id, "has_more": false,
+        "object": "list", "data": items, "first_id": first_id, "last_id": last_id, "has_more": has_more,
     })))
 }
 
@@ -230,8 +233,8 @@ pub async fn input_items(
 pub struct ItemsQuery {
     #[serde(default)]
     order: Option<String>,
+    /// Items per page, 1 to 100 (20 when absent), as OpenAI pages them.
     #[serde(default)]
-    #[allow(dead_code)]
     limit: Option<usize>,
 }
 

@@ -61,6 +61,8 @@ impl Settings {
                 tool_choice: self.tool_choice.clone(),
                 response_format: self.format.clone(),
                 top_p: self.top_p,
+                parallel_tool_calls: self.parallel_tool_calls,
+                user: self.user.clone(),
             },
         }
     }
