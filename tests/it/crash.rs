@@ -90,17 +90,8 @@ async fn drive(addr: String, told: Arc<Mutex<Told>>, trial: usize, n: usize) {
 async fn verify(bin: &BinServer, told: &Told) -> (usize, usize) {
     let (mut acked, mut done) = (0, 0);
     for (conv, acks) in &told.acked {
-        let stored: Value = http()
-            .get(bin.url(&format!("/v1/conversations/{conv}/messages?limit=10000")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let by_seq: HashMap<u64, &Value> = stored["data"]
-            .as_array()
-            .unwrap()
+        let stored = bin.messages(conv).await;
+        let by_seq: HashMap<u64, &Value> = stored
             .iter()
             .map(|m| (m["seq"].as_u64().unwrap(), m))
             .collect();

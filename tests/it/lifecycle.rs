@@ -66,15 +66,7 @@ async fn kill_9_loses_no_acked_message_and_no_done_reply() {
     bin.kill9();
 
     let bin = BinServer::start(MOCK_ONLY, tmp.path(), &[]);
-    let stored: Value = http()
-        .get(bin.url(&format!("/v1/conversations/{conv}/messages?limit=100")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let stored = stored["data"].as_array().unwrap();
+    let stored = bin.messages(&conv).await;
     assert!(stored.len() >= 11, "{stored:?}");
     for (i, text) in done_texts.iter().enumerate() {
         assert_eq!(stored[2 * i]["content"], format!("message {i}"));
@@ -99,15 +91,7 @@ async fn kill_9_loses_no_acked_message_and_no_done_reply() {
     assert_eq!(end["code"], "upstream_interrupted");
     let frames = ws.turn(&conv, "after", "and now").await;
     assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
-    let stored: Value = http()
-        .get(bin.url(&format!("/v1/conversations/{conv}/messages?limit=100")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let stored = stored["data"].as_array().unwrap();
+    let stored = bin.messages(&conv).await;
     let roles: Vec<&str> = stored.iter().map(|m| m["role"].as_str().unwrap()).collect();
     for pair in roles.chunks(2) {
         assert_eq!(pair, ["user", "assistant"], "{roles:?}");

@@ -455,6 +455,19 @@ impl BinServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Stored messages of a conversation over REST (the first 10 000).
+    pub async fn messages(&self, conv: &str) -> Vec<Value> {
+        let v: Value = http()
+            .get(self.url(&format!("/v1/conversations/{conv}/messages?limit=10000")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].as_array().unwrap().clone()
+    }
+
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
