@@ -72,15 +72,30 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RequestMessage {
     pub role: String,
-    /// Read by [`ChatCompletionRequest::decode`], so that a refusal names the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content: Option<Value>,
+    pub content: Option<WireContent>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_calls: Option<Vec<WireToolCall>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// A message's content on the wire: read raw, so that [`ChatCompletionRequest::decode`] can
+/// name the message a refusal is about; written from the domain content as it is (no detour
+/// through a JSON tree for every message of every upstream request).
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum WireContent {
+    Raw(Value),
+    Content(Content),
+}
+
+impl<'de> Deserialize<'de> for WireContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Value::deserialize(d).map(Self::Raw)
+    }
 }
 
 /// `{"type": "function", "function": {...}}`.
@@ -345,7 +360,8 @@ impl RequestMessage {
             }
         };
         let content = match self.content {
-            Some(v) => Content::from_value(v).map_err(|e| format!(".{e}"))?,
+            Some(WireContent::Raw(v)) => Content::from_value(v).map_err(|e| format!(".{e}"))?,
+            Some(WireContent::Content(c)) => c,
             None => Content::default(),
         };
         let tool_calls: Vec<ToolCall> = self
@@ -379,7 +395,7 @@ impl RequestMessage {
             if m.role == Role::Assistant && !m.tool_calls.is_empty() && m.content.is_empty() {
                 None
             } else {
-                serde_json::to_value(&m.content).ok()
+                Some(WireContent::Content(m.content.clone()))
             };
         Self {
             role: m.role.as_str().to_owned(),

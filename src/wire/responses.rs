@@ -43,7 +43,7 @@ pub struct CreateResponse {
     pub parallel_tool_calls: Option<bool>,
     #[serde(default)]
     pub user: Option<String>,
-    /// `auto` is what parley does (§6 trimming); `disabled` is accepted and means the same.
+    /// `auto` is what parley does (§6 trimming); `disabled` (fail rather than trim) is refused.
     #[serde(default)]
     pub truncation: Option<String>,
     #[serde(flatten)]
@@ -83,6 +83,14 @@ impl CreateResponse {
     pub fn decode(&mut self) -> Result<Decoded, String> {
         if let Some(name) = self.extra.keys().find(|k| !harmless(k, &self.extra[*k])) {
             return Err(format!("{name}: not supported by parley's Responses API"));
+        }
+        match self.truncation.as_deref() {
+            None | Some("auto") => {}
+            Some(other) => {
+                return Err(format!(
+                    "truncation: {other:?} is not supported (parley trims history to the budget: \"auto\")"
+                ))
+            }
         }
         let items = match std::mem::take(&mut self.input) {
             Value::String(s) => vec![InputItem::Message(Message::text(Role::User, s))],
@@ -593,6 +601,13 @@ mod tests {
         .starts_with("reasoning"));
         assert!(err(serde_json::json!({"model": "m", "input": []})).contains("empty"));
         assert!(decode(serde_json::json!({"model": "m", "input": "x", "include": []})).is_ok());
+        assert!(
+            err(serde_json::json!({"model": "m", "input": "x", "truncation": "disabled"}))
+                .starts_with("truncation")
+        );
+        assert!(
+            decode(serde_json::json!({"model": "m", "input": "x", "truncation": "auto"})).is_ok()
+        );
     }
 
     #[test]

@@ -651,3 +651,24 @@ async fn wrong_methods_are_405_and_unknown_paths_404() {
     let resp = http().get(server.url("/v1/nothing")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
 }
+
+/// A user message that carries a tool result's fields is refused, not stored as a plain message
+/// with the fields ignored.
+#[tokio::test]
+async fn tool_result_fields_on_a_user_message_are_refused() {
+    let server = TestServer::start(config_with(None));
+    let conv = create_conversation(&server, None, json!({"model": "mock"})).await;
+    for body in [
+        json!({"content": "hi", "tool_call_id": "call_1"}),
+        json!({"content": "hi", "role": "user", "is_error": true}),
+    ] {
+        let resp = http()
+            .post(server.url(&format!("/v1/conversations/{conv}/messages")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 400, "bad_request").await;
+    }
+    assert!(messages(&server, None, &conv).await.is_empty());
+}

@@ -191,6 +191,11 @@ pub async fn post_message(
     let live = state.registry.get(&id, &p.tenant)?;
     p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
     let message = match body.role.as_deref() {
+        None | Some("user") if body.tool_call_id.is_some() || body.is_error => {
+            return Err(ApiError::bad_request(
+                "tool_call_id and is_error belong to a tool result (\"role\": \"tool\")",
+            ))
+        }
         None | Some("user") => Message {
             content: body.content,
             ..Message::default()

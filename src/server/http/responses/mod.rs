@@ -230,6 +230,7 @@ pub async fn input_items(
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ItemsQuery {
     #[serde(default)]
     order: Option<String>,

@@ -85,6 +85,8 @@ pub(super) fn response_of(rec: &ResponseRecord, reply: Option<&MessageRecord>) -
 /// piece comes and close when the next item starts or the response ends.
 pub(super) struct Writer {
     pub(super) seq: u64,
+    /// The id of the response's message item (derived from the response's once).
+    msg_id: String,
     pub(super) response: Response,
     /// Items closed so far.
     pub(super) output: Vec<OutputItem>,
@@ -107,6 +109,7 @@ impl Writer {
     pub(super) fn new(response: Response) -> Self {
         Self {
             seq: 0,
+            msg_id: message_item_id(&response.id),
             response,
             output: Vec::new(),
             open: None,
@@ -148,7 +151,7 @@ impl Writer {
         if !matches!(self.open, Some(Open::Text { .. })) {
             self.close(&mut out);
             let item = OutputItem::Message {
-                id: message_item_id(self.id()),
+                id: self.msg_id.clone(),
                 status: "in_progress",
                 role: "assistant",
                 content: Vec::new(),
@@ -161,7 +164,7 @@ impl Writer {
                     item,
                 },
             );
-            let item_id = message_item_id(self.id());
+            let item_id = self.msg_id.clone();
             self.emit(
                 &mut out,
                 StreamEvent::ContentPartAdded {
@@ -178,7 +181,7 @@ impl Writer {
         if let Some(Open::Text { text }) = &mut self.open {
             text.push_str(delta);
         }
-        let item_id = message_item_id(self.id());
+        let item_id = self.msg_id.clone();
         let output_index = self.output.len();
         self.emit(
             &mut out,
@@ -249,7 +252,7 @@ impl Writer {
         let item = match self.open.take() {
             None => return,
             Some(Open::Text { text }) => {
-                let item_id = message_item_id(self.id());
+                let item_id = self.msg_id.clone();
                 let part = OutputText::new(text.clone());
                 self.emit(
                     out,
