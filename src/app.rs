@@ -81,11 +81,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
             crate::tokens::count(encoding, "warm up");
         }
     });
-    let http = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .tcp_nodelay(true)
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build()?;
+    let http = crate::provider::http::builder().build()?;
 
     let provider_arbiter = Arbiter::new();
     let providers: Vec<ProviderHandle> = config
@@ -93,12 +89,14 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         .iter()
         .map(|p| {
             let actor = ProviderActor::new(p, http.clone(), |name| std::env::var(name).ok());
-            let (stats, prefill) = (actor.stats(), actor.supports_prefill());
+            let (stats, limits, prefill) =
+                (actor.stats(), actor.limits(), actor.supports_prefill());
             let addr = ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor);
             ProviderHandle {
                 name: p.name.clone(),
                 region: p.region.clone(),
                 addr,
+                limits,
                 stats,
                 prefill,
                 kind: p.kind,
@@ -113,7 +111,11 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         Prices(config.prices.clone()),
         config.context.reserve_output_tokens,
     ));
-    let (usage, usage_writer) = UsageRecorder::start(store.clone());
+    let retention = match config.storage.usage_retention_days {
+        0 => None,
+        days => Some(std::time::Duration::from_secs(u64::from(days) * 86_400)),
+    };
+    let (usage, usage_writer) = UsageRecorder::start(store.clone(), retention);
     let spec = config.cache.embedder_spec().map_err(AppError::Refused)?;
     let embedder = crate::cache::build_embedder(&spec, &router).map_err(AppError::Refused)?;
     let cache = Cache::start(

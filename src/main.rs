@@ -50,7 +50,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     };
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let store = Store::open_waiting(&config.data_dir, std::time::Duration::from_secs(5))
+        let store = Store::open_with(&config.data_dir, config.storage.cache_mb << 20)
             .map_err(|e| anyhow::anyhow!("cannot open storage in {}: {e}", config.data_dir.display()))?;
         let listener =
             TcpListener::bind(&config.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

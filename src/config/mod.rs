@@ -41,6 +41,7 @@ struct FileConfig {
     context: Option<ContextConfig>,
     cache: Option<CacheConfig>,
     server: Option<ServerConfig>,
+    storage: Option<StorageConfig>,
     retry: Option<RetryConfig>,
     prices: Option<std::collections::HashMap<String, crate::domain::Price>>,
     providers: Option<Vec<ProviderConfig>>,
@@ -62,6 +63,7 @@ impl FileConfig {
             context: self.context.unwrap_or(defaults.context),
             cache: self.cache.unwrap_or(defaults.cache),
             server: self.server.unwrap_or(defaults.server),
+            storage: self.storage.unwrap_or(defaults.storage),
             retry: self.retry.unwrap_or(defaults.retry),
             prices: self.prices.unwrap_or(defaults.prices),
             providers,
@@ -78,6 +80,7 @@ pub struct Config {
     pub context: ContextConfig,
     pub cache: CacheConfig,
     pub server: ServerConfig,
+    pub storage: StorageConfig,
     pub retry: RetryConfig,
     /// Prices per upstream model, per million tokens (`[prices."gpt-4o-mini"]`).
     pub prices: std::collections::HashMap<String, crate::domain::Price>,
@@ -183,6 +186,26 @@ pub struct ServerConfig {
     pub max_conversations_per_tenant: u64,
 }
 
+/// `[storage]`: how much memory the store may keep, and how long raw usage records stay.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// The store's page cache, in MiB (sled's own default is 1 GiB).
+    pub cache_mb: u64,
+    /// Days a raw usage record is kept; reports read per-minute roll-ups, which stay.
+    /// 0 keeps no raw records at all.
+    pub usage_retention_days: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            cache_mb: 16,
+            usage_retention_days: 7,
+        }
+    }
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         Self {
@@ -271,6 +294,7 @@ impl Config {
             context: ContextConfig::default(),
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
+            storage: StorageConfig::default(),
             retry: RetryConfig::default(),
             prices: std::collections::HashMap::new(),
             providers,
@@ -388,6 +412,9 @@ impl Config {
                 }
             }
             Ok(EmbedderSpec::Builtin) => {}
+        }
+        if !(1..=1 << 20).contains(&self.storage.cache_mb) {
+            problems.push("storage.cache_mb: must be between 1 and 1048576".into());
         }
         if self.server.max_frame_bytes < 1024 {
             problems.push("server.max_frame_bytes: must be at least 1024".into());

@@ -80,12 +80,19 @@ pub(super) async fn finish(
     let error_code = s.error.as_ref().map(|e| e.code);
     deps.metrics.observe_turn(&s.provider, s.ttft, error_code);
     let tool_calls = s.calls.finish();
-    let mut counted_text = s.text.clone();
-    for c in &tool_calls {
-        counted_text.push_str(&c.name);
-        counted_text.push_str(&c.arguments);
-    }
-    let completion_tokens = tokens::count_async(req.encoding, counted_text).await;
+    // A conversation stores the reply with its size under our encoding (trimming reads it); a
+    // stateless reply whose usage the upstream reported needs no count of ours.
+    let completion_tokens = match s.usage {
+        Some(u) if req.conversation.is_none() => u.completion_tokens,
+        _ => {
+            let mut counted_text = s.text.clone();
+            for c in &tool_calls {
+                counted_text.push_str(&c.name);
+                counted_text.push_str(&c.arguments);
+            }
+            tokens::count_async(req.encoding, counted_text).await
+        }
+    };
     // A generation that never reached a provider (refused, cancelled before it started) used
     // nothing; one without the upstream's own figures is counted here.
     let reached = s.ttft.is_some();

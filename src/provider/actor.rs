@@ -1,9 +1,15 @@
-//! `ProviderActor`: the one path to a provider. It owns one [`Deployment`] per API key, each
-//! with its buckets, concurrency cap and breaker. A request goes to the least busy deployment
-//! that can take it; one that cannot wait now waits in a bounded queue up to the provider's
-//! `queue_timeout_ms`, else is refused with `Limited` (or `Unavailable` when every breaker is
-//! open) so the router can move on. Each generation runs as a task that forwards its events and
-//! reports back how it ended, which feeds the buckets, the breaker and the latency figures.
+//! `ProviderActor`: the one path to a provider. A provider has one [`Deployment`] per API key,
+//! each with its buckets, concurrency cap and breaker, held in [`Limits`]. A request goes to the
+//! least busy deployment that can take it; one that cannot start now waits in the actor's
+//! bounded queue up to the provider's `queue_timeout_ms`, else is refused with `Limited` (or
+//! `Unavailable` when every breaker is open) so the router can move on.
+//!
+//! The common case never crosses a thread: while nobody is queued, the caller takes a slot
+//! under the limits' lock ([`ProviderHandle::dispatch`](super::ProviderHandle)) and runs the
+//! generation on its own thread, so an upstream stream is read where its client reads it. Only a
+//! request that must wait goes to the actor, which owns the queue and its timers. Each generation
+//! reports how it ended to the limits, which feeds the buckets, the breaker and the latency
+//! figures, and wakes the actor when someone waits.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use parking_lot::Mutex;
 use secrecy::SecretString;
 use tokio::sync::{mpsc, oneshot};
 
@@ -39,74 +46,25 @@ pub struct Generation {
 
 type Reply = oneshot::Sender<Result<Generation, ProviderError>>;
 
-struct Waiting {
-    req: ChatRequest,
-    tokens: u32,
-    retry: bool,
-    reply: Reply,
-    deadline: Instant,
-}
-
-pub struct ProviderActor {
+/// A provider's deployments, shared by its actor and the callers that start generations
+/// directly. Every critical section is a few bucket updates: no I/O, no await under the lock.
+pub struct Limits {
     name: String,
-    deployments: Vec<Deployment>,
-    queue: VecDeque<Waiting>,
-    max_queue: usize,
-    queue_timeout: Duration,
+    deployments: Mutex<Vec<Deployment>>,
+    /// Requests waiting in the actor's queue: while there are any, callers join the queue too,
+    /// so that nobody overtakes a waiting request.
+    queued: AtomicUsize,
     stats: Arc<ProviderStats>,
-    recheck: Option<SpawnHandle>,
 }
 
-impl ProviderActor {
-    /// Builds the actor of one configured provider, resolving its key variables from `env`:
-    /// one deployment per key (one keyless deployment when it has none).
-    pub fn new(
-        cfg: &ProviderConfig,
-        http: reqwest::Client,
-        env: impl Fn(&str) -> Option<String>,
-    ) -> Self {
+impl Limits {
+    /// Takes a slot on the least busy deployment that can take `tokens` now.
+    fn pick(&self, tokens: u32) -> Result<(usize, Arc<Backend>), Refusal> {
         let now = Instant::now();
-        let mut keys: Vec<Option<SecretString>> = cfg
-            .key_envs()
-            .into_iter()
-            .filter_map(env)
-            .map(|k| Some(SecretString::from(k)))
-            .collect();
-        if keys.is_empty() {
-            keys.push(None);
-        }
-        let deployments = keys
-            .into_iter()
-            .map(|key| Deployment::new(cfg, Backend::new(cfg, key, http.clone()), now))
-            .collect();
-        Self {
-            name: cfg.name.clone(),
-            deployments,
-            queue: VecDeque::new(),
-            max_queue: cfg.max_queue,
-            queue_timeout: Duration::from_millis(cfg.queue_timeout_ms),
-            stats: Arc::new(ProviderStats::default()),
-            recheck: None,
-        }
-    }
-
-    pub fn stats(&self) -> Arc<ProviderStats> {
-        Arc::clone(&self.stats)
-    }
-
-    /// Whether this provider continues a reply from an assistant prefix.
-    pub fn supports_prefill(&self) -> bool {
-        self.deployments
-            .first()
-            .is_some_and(|d| d.backend.supports_prefill())
-    }
-
-    /// The least busy deployment that can take `tokens` now.
-    fn pick(&mut self, tokens: u32) -> Result<usize, Refusal> {
-        let now = Instant::now();
+        let mut deployments = self.deployments.lock();
         let mut refusal: Option<Refusal> = None;
         let mut best: Option<(u32, usize)> = None;
-        for (i, d) in self.deployments.iter_mut().enumerate() {
+        for (i, d) in deployments.iter_mut().enumerate() {
             match d.check(tokens, now) {
                 Ok(()) => best = best.min(Some((d.in_flight, i))).or(Some((d.in_flight, i))),
                 Err(r) => refusal = Some(merge(refusal, r)),
@@ -115,95 +73,59 @@ impl ProviderActor {
         let Some((_, i)) = best else {
             return Err(refusal.unwrap_or(Refusal::Full(Duration::from_millis(50))));
         };
-        if let Some(t) = self.deployments[i].take(tokens, now) {
+        let d = &mut deployments[i];
+        let transition = d.take(tokens, now);
+        let backend = Arc::clone(&d.backend);
+        drop(deployments);
+        if let Some(t) = transition {
             self.trace(i, t);
         }
         self.stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        Ok(i)
+        Ok((i, backend))
     }
 
-    /// Starts `req` on the least busy deployment that can take it now.
-    // A refused request comes back whole to wait in the queue: one move of a small struct.
-    #[allow(clippy::result_large_err)]
-    fn try_start(
-        &mut self,
-        req: ChatRequest,
-        tokens: u32,
-        retry: bool,
-        ctx: &mut Context<Self>,
-    ) -> Result<Generation, (ChatRequest, Refusal)> {
-        match self.pick(tokens) {
-            Ok(i) => Ok(self.spawn_generation(i, req, tokens, retry, ctx)),
-            Err(r) => Err((req, r)),
-        }
-    }
-
-    fn spawn_generation(
+    /// Accounts for a generation that ended; answers whether anyone is queued.
+    fn finish(
         &self,
         key_index: usize,
-        req: ChatRequest,
         tokens: u32,
-        retry: bool,
-        ctx: &mut Context<Self>,
-    ) -> Generation {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let backend = Arc::clone(&self.deployments[key_index].backend);
-        let me = ctx.address();
-        let span =
-            tracing::debug_span!("upstream", provider = %self.name, model = %req.model, key_index);
-        actix::spawn(tracing::Instrument::instrument(
-            async move {
-                let (outcome, headers) = forward(&backend, req, tx).await;
-                // A request's 500s count once toward the breaker: the first has been counted,
-                // and one request the upstream chokes on must not open a deployment for
-                // everyone. What speaks of the deployment itself (429, 503, 529, connection
-                // failures, timeouts) counts on every attempt.
-                let outcome = match outcome {
-                    Outcome::Failed { status: Some(500) } if retry => Outcome::Abandoned,
-                    other => other,
-                };
-                me.do_send(GenerationEnded {
-                    key_index,
-                    tokens,
-                    outcome,
-                    headers,
-                });
-            },
-            span,
-        ));
-        Generation { rx, key_index }
+        outcome: &Outcome,
+        headers: RateHeaders,
+    ) -> bool {
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut deployments = self.deployments.lock();
+        let Some(d) = deployments.get_mut(key_index) else {
+            return false;
+        };
+        let transition = d.finish(tokens, outcome, headers, now);
+        if let Some(ttft) = d.ttft_ms() {
+            self.stats
+                .ttft_us
+                .store((ttft * 1000.0) as u64, Ordering::Relaxed);
+        }
+        drop(deployments);
+        if let Some(t) = transition {
+            self.trace(key_index, t);
+        }
+        if let Outcome::Failed { status } = outcome {
+            tracing::debug!(provider = %self.name, key_index, ?status, "upstream failure recorded");
+        }
+        self.queued.load(Ordering::Relaxed) > 0
     }
 
-    /// Serves the queue in order: starts what fits, refuses what waited too long.
-    fn drain(&mut self, ctx: &mut Context<Self>) {
-        self.recheck = None;
-        let mut next_wait: Option<Duration> = None;
-        while let Some(w) = self.queue.pop_front() {
-            if w.reply.is_closed() {
-                continue;
-            }
-            let now = Instant::now();
-            match self.try_start(w.req, w.tokens, w.retry, ctx) {
-                Ok(generation) => {
-                    let _ = w.reply.send(Ok(generation));
-                }
-                Err((_, Refusal::Open(wait))) => {
-                    let _ = w.reply.send(Err(self.unavailable(wait)));
-                }
-                Err((req, Refusal::Full(wait))) if now < w.deadline => {
-                    next_wait = Some(wait.min(w.deadline - now));
-                    self.queue.push_front(Waiting { req, ..w });
-                    break;
-                }
-                Err((_, Refusal::Full(wait))) => {
-                    let _ = w.reply.send(Err(self.limited(wait)));
-                }
-            }
-        }
-        if let Some(wait) = next_wait {
-            let wait = wait.max(Duration::from_millis(1));
-            self.recheck = Some(ctx.run_later(wait, |act, ctx| act.drain(ctx)));
-        }
+    /// The shortest wait until some deployment that is only full could take `tokens`.
+    fn full_wait(&self, tokens: u32) -> Duration {
+        let now = Instant::now();
+        self.deployments
+            .lock()
+            .iter_mut()
+            .filter_map(|d| match d.check(tokens, now) {
+                Err(Refusal::Full(wait)) => Some(wait),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(1))
     }
 
     fn limited(&self, wait: Duration) -> ProviderError {
@@ -234,6 +156,210 @@ impl ProviderActor {
             }
         }
     }
+
+    /// Starts `req` now on the caller's thread when nobody waits and a deployment can take it:
+    /// `Ok(Some)` started, `Err` refused for good (every breaker open), `Ok(None)` it must wait
+    /// in the actor's queue.
+    pub(super) fn try_dispatch(
+        self: &Arc<Self>,
+        actor: &Addr<ProviderActor>,
+        req: ChatRequest,
+        tokens: u32,
+        retry: bool,
+    ) -> Result<Result<Generation, ChatRequest>, ProviderError> {
+        if self.queued.load(Ordering::Relaxed) > 0 {
+            return Ok(Err(req));
+        }
+        match self.pick(tokens) {
+            Ok((i, backend)) => Ok(Ok(spawn_generation(
+                Arc::clone(self),
+                actor.clone(),
+                backend,
+                i,
+                req,
+                tokens,
+                retry,
+            ))),
+            Err(Refusal::Open(wait)) => Err(self.unavailable(wait)),
+            Err(Refusal::Full(_)) => Ok(Err(req)),
+        }
+    }
+}
+
+struct Waiting {
+    req: ChatRequest,
+    tokens: u32,
+    retry: bool,
+    reply: Reply,
+    deadline: Instant,
+}
+
+pub struct ProviderActor {
+    limits: Arc<Limits>,
+    queue: VecDeque<Waiting>,
+    max_queue: usize,
+    queue_timeout: Duration,
+    recheck: Option<SpawnHandle>,
+    /// Whether the deployments continue a reply from an assistant prefix.
+    prefill: bool,
+}
+
+impl ProviderActor {
+    /// Builds the actor of one configured provider, resolving its key variables from `env`:
+    /// one deployment per key (one keyless deployment when it has none).
+    pub fn new(
+        cfg: &ProviderConfig,
+        http: reqwest::Client,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut keys: Vec<Option<SecretString>> = cfg
+            .key_envs()
+            .into_iter()
+            .filter_map(env)
+            .map(|k| Some(SecretString::from(k)))
+            .collect();
+        if keys.is_empty() {
+            keys.push(None);
+        }
+        let deployments: Vec<Deployment> = keys
+            .into_iter()
+            .map(|key| Deployment::new(cfg, Backend::new(cfg, key, http.clone()), now))
+            .collect();
+        let prefill = deployments
+            .first()
+            .is_some_and(|d| d.backend.supports_prefill());
+        Self {
+            limits: Arc::new(Limits {
+                name: cfg.name.clone(),
+                deployments: Mutex::new(deployments),
+                queued: AtomicUsize::new(0),
+                stats: Arc::new(ProviderStats::default()),
+            }),
+            queue: VecDeque::new(),
+            max_queue: cfg.max_queue,
+            queue_timeout: Duration::from_millis(cfg.queue_timeout_ms),
+            recheck: None,
+            prefill,
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ProviderStats> {
+        Arc::clone(&self.limits.stats)
+    }
+
+    /// The limits callers share with the actor (for the direct path).
+    pub fn limits(&self) -> Arc<Limits> {
+        Arc::clone(&self.limits)
+    }
+
+    /// Whether this provider continues a reply from an assistant prefix.
+    pub fn supports_prefill(&self) -> bool {
+        self.prefill
+    }
+
+    /// Starts `req` on the least busy deployment that can take it now.
+    // A refused request comes back whole to wait in the queue: one move of a small struct.
+    #[allow(clippy::result_large_err)]
+    fn try_start(
+        &mut self,
+        req: ChatRequest,
+        tokens: u32,
+        retry: bool,
+        ctx: &mut Context<Self>,
+    ) -> Result<Generation, (ChatRequest, Refusal)> {
+        match self.limits.pick(tokens) {
+            Ok((i, backend)) => Ok(spawn_generation(
+                Arc::clone(&self.limits),
+                ctx.address(),
+                backend,
+                i,
+                req,
+                tokens,
+                retry,
+            )),
+            Err(r) => Err((req, r)),
+        }
+    }
+
+    fn set_queued(&self) {
+        self.limits
+            .queued
+            .store(self.queue.len(), Ordering::Relaxed);
+    }
+
+    /// Serves the queue in order: starts what fits, refuses what waited too long.
+    fn drain(&mut self, ctx: &mut Context<Self>) {
+        self.drain_queue(ctx);
+        self.set_queued();
+    }
+
+    fn drain_queue(&mut self, ctx: &mut Context<Self>) {
+        self.recheck = None;
+        let mut next_wait: Option<Duration> = None;
+        while let Some(w) = self.queue.pop_front() {
+            if w.reply.is_closed() {
+                continue;
+            }
+            let now = Instant::now();
+            match self.try_start(w.req, w.tokens, w.retry, ctx) {
+                Ok(generation) => {
+                    let _ = w.reply.send(Ok(generation));
+                }
+                Err((_, Refusal::Open(wait))) => {
+                    let _ = w.reply.send(Err(self.limits.unavailable(wait)));
+                }
+                Err((req, Refusal::Full(wait))) if now < w.deadline => {
+                    next_wait = Some(wait.min(w.deadline - now));
+                    self.queue.push_front(Waiting { req, ..w });
+                    break;
+                }
+                Err((_, Refusal::Full(wait))) => {
+                    let _ = w.reply.send(Err(self.limits.limited(wait)));
+                }
+            }
+        }
+        if let Some(wait) = next_wait {
+            let wait = wait.max(Duration::from_millis(1));
+            self.recheck = Some(ctx.run_later(wait, |act, ctx| act.drain(ctx)));
+        }
+    }
+}
+
+/// Runs a generation that took a slot of deployment `key_index` as a task on the current
+/// thread; it forwards the events and, once it ends, settles the slot (and wakes the actor when
+/// requests wait for one).
+fn spawn_generation(
+    limits: Arc<Limits>,
+    actor: Addr<ProviderActor>,
+    backend: Arc<Backend>,
+    key_index: usize,
+    req: ChatRequest,
+    tokens: u32,
+    retry: bool,
+) -> Generation {
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    let span =
+        tracing::debug_span!("upstream", provider = %limits.name, model = %req.model, key_index);
+    // `tokio::spawn`, not `actix::spawn`: the caller may be a plain task outside any `LocalSet`.
+    tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let (outcome, headers) = forward(&backend, req, tx).await;
+            // A request's 500s count once toward the breaker: the first has been counted, and
+            // one request the upstream chokes on must not open a deployment for everyone. What
+            // speaks of the deployment itself (429, 503, 529, connection failures, timeouts)
+            // counts on every attempt.
+            let outcome = match outcome {
+                Outcome::Failed { status: Some(500) } if retry => Outcome::Abandoned,
+                other => other,
+            };
+            if limits.finish(key_index, tokens, &outcome, headers) {
+                actor.do_send(Drain);
+            }
+        },
+        span,
+    ));
+    Generation { rx, key_index }
 }
 
 /// The refusal that tells the caller most: any deployment merely full beats all being open.
@@ -308,7 +434,7 @@ impl Actor for ProviderActor {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX);
-        tracing::debug!(provider = %self.name, deployments = self.deployments.len(), "provider actor started");
+        tracing::debug!(provider = %self.limits.name, "provider actor started");
     }
 }
 
@@ -343,7 +469,7 @@ impl Handler<Dispatch> for ProviderActor {
                     return;
                 }
                 Err((_, Refusal::Open(wait))) => {
-                    let _ = reply.send(Err(self.unavailable(wait)));
+                    let _ = reply.send(Err(self.limits.unavailable(wait)));
                     return;
                 }
                 Err((req, Refusal::Full(_))) => req,
@@ -368,56 +494,27 @@ impl Handler<Dispatch> for ProviderActor {
 impl ProviderActor {
     fn enqueue(&mut self, w: Waiting, ctx: &mut Context<Self>) {
         if self.queue.len() >= self.max_queue || self.queue_timeout.is_zero() {
-            let now = Instant::now();
-            let wait = self
-                .deployments
-                .iter_mut()
-                .filter_map(|d| match d.check(w.tokens, now) {
-                    Err(Refusal::Full(wait)) => Some(wait),
-                    _ => None,
-                })
-                .min()
-                .unwrap_or(Duration::from_secs(1));
-            let _ = w.reply.send(Err(self.limited(wait)));
+            let wait = self.limits.full_wait(w.tokens);
+            let _ = w.reply.send(Err(self.limits.limited(wait)));
             return;
         }
         self.queue.push_back(w);
+        self.set_queued();
         if self.recheck.is_none() {
             self.drain(ctx);
         }
     }
 }
 
+/// A slot freed up while requests wait: serve the queue.
 #[derive(Message)]
 #[rtype(result = "()")]
-struct GenerationEnded {
-    key_index: usize,
-    tokens: u32,
-    outcome: Outcome,
-    headers: RateHeaders,
-}
+struct Drain;
 
-impl Handler<GenerationEnded> for ProviderActor {
+impl Handler<Drain> for ProviderActor {
     type Result = ();
 
-    fn handle(&mut self, msg: GenerationEnded, ctx: &mut Self::Context) {
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let Some(d) = self.deployments.get_mut(msg.key_index) else {
-            return;
-        };
-        let transition = d.finish(msg.tokens, &msg.outcome, msg.headers, now);
-        if let Some(ttft) = d.ttft_ms() {
-            self.stats
-                .ttft_us
-                .store((ttft * 1000.0) as u64, Ordering::Relaxed);
-        }
-        if let Some(t) = transition {
-            self.trace(msg.key_index, t);
-        }
-        if let Outcome::Failed { status } = &msg.outcome {
-            tracing::debug!(provider = %self.name, key_index = msg.key_index, ?status, "upstream failure recorded");
-        }
+    fn handle(&mut self, _: Drain, ctx: &mut Self::Context) {
         if let Some(handle) = self.recheck.take() {
             ctx.cancel_future(handle);
         }
@@ -448,18 +545,18 @@ impl Handler<Embed> for ProviderActor {
             tokens,
             reply,
         } = msg;
-        let i = match self.pick(tokens) {
-            Ok(i) => i,
+        let (i, backend) = match self.limits.pick(tokens) {
+            Ok(picked) => picked,
             Err(Refusal::Open(wait)) => {
-                let _ = reply.send(Err(self.unavailable(wait)));
+                let _ = reply.send(Err(self.limits.unavailable(wait)));
                 return;
             }
             Err(Refusal::Full(wait)) => {
-                let _ = reply.send(Err(self.limited(wait)));
+                let _ = reply.send(Err(self.limits.limited(wait)));
                 return;
             }
         };
-        let backend = Arc::clone(&self.deployments[i].backend);
+        let limits = Arc::clone(&self.limits);
         let me = ctx.address();
         actix::spawn(async move {
             let begun = Instant::now();
@@ -479,12 +576,9 @@ impl Handler<Embed> for ProviderActor {
                 },
             };
 
-            me.do_send(GenerationEnded {
-                key_index: i,
-                tokens,
-                outcome,
-                headers,
-            });
+            if limits.finish(i, tokens, &outcome, headers) {
+                me.do_send(Drain);
+            }
             let _ = reply.send(result.map(|(v, _)| v));
         });
     }
@@ -508,13 +602,15 @@ impl Handler<Describe> for ProviderActor {
     fn handle(&mut self, _: Describe, _ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
         let deployments = self
+            .limits
             .deployments
+            .lock()
             .iter_mut()
             .enumerate()
             .map(|(i, d)| d.info(i, now))
             .collect();
         MessageResult(ProviderInfo {
-            name: self.name.clone(),
+            name: self.limits.name.clone(),
             queued: self.queue.len(),
             deployments,
         })

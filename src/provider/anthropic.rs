@@ -61,8 +61,7 @@ impl AnthropicClient {
             answer_tool: anthropic::wants_answer_tool(&req),
             ..AnthropicDecoder::default()
         };
-        let mut request = self
-            .http
+        let mut request = super::http::local(&self.http)
             .post(&self.url)
             .header("anthropic-version", API_VERSION)
             .json(&body);

@@ -9,6 +9,7 @@ mod actor;
 mod anthropic;
 mod backend;
 mod deployment;
+pub mod http;
 mod mock;
 mod openai;
 mod router;
@@ -16,7 +17,7 @@ mod sse;
 
 use std::time::Duration;
 
-pub use actor::{Dispatch, Embed, Generation, ProviderActor, ProviderInfo, ProviderStats};
+pub use actor::{Dispatch, Embed, Generation, Limits, ProviderActor, ProviderInfo, ProviderStats};
 pub use deployment::DeploymentInfo;
 pub use router::{ProviderHandle, Router, RouterError, Started, CONTINUE_INSTRUCTION};
 
@@ -38,6 +39,10 @@ pub struct ChatRequest {
     pub tool_choice: Option<ToolChoice>,
     /// Boxed: a request moves through queues and channels, and most carry no parameters.
     pub params: Box<Params>,
+    /// The caller wants the reply in one piece (a non-streaming HTTP request): an
+    /// OpenAI-compatible target may answer in one JSON body instead of a stream. The router
+    /// clears it where a stream matters (a route with a time-to-first-token limit).
+    pub whole: bool,
 }
 
 impl ChatRequest {

@@ -1,6 +1,8 @@
 //! The OpenAI Chat Completions wire format, for OpenAI and every compatible server (vLLM,
-//! Ollama, LM Studio, `parley mock-upstream`). Requests always stream upstream, asking for the
-//! final usage chunk, so time to first token is measured and deltas are forwarded as they come.
+//! Ollama, LM Studio, `parley mock-upstream`). Requests stream upstream, asking for the final
+//! usage chunk, so time to first token is measured and deltas are forwarded as they come; a
+//! request whose caller wants the reply in one piece ([`ChatRequest::whole`]) asks for one JSON
+//! answer instead, which is one parse rather than one per chunk.
 
 use std::time::Duration;
 
@@ -51,7 +53,9 @@ impl OpenAiClient {
         RateHeaders,
     ) {
         let body = json!({"model": model, "input": texts});
-        let mut request = self.http.post(&self.embeddings_url).json(&body);
+        let mut request = super::http::local(&self.http)
+            .post(&self.embeddings_url)
+            .json(&body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
         }
@@ -90,10 +94,14 @@ impl OpenAiClient {
         )
     }
 
-    /// Runs one streaming generation into `tx`.
+    /// Runs one generation into `tx`: streamed, or as one answer when `req.whole`.
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
-        let body = ChatCompletionRequest::encode(&req);
-        let mut request = self.http.post(&self.url).json(&body);
+        let mut body = ChatCompletionRequest::encode(&req);
+        if req.whole {
+            body.stream = false;
+            body.stream_options = None;
+        }
+        let mut request = super::http::local(&self.http).post(&self.url).json(&body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
         }
@@ -105,6 +113,37 @@ impl OpenAiClient {
             }
             None => return,
         };
+        if req.whole {
+            let read = tokio::select! {
+                () = tx.closed() => return,
+                read = tokio::time::timeout(self.timeout, response.bytes()) => read,
+            };
+            let last = match read {
+                Err(_) => UpstreamEvent::Failed(ProviderError::Timeout {
+                    provider: self.name.clone(),
+                }),
+                Ok(Err(e)) => UpstreamEvent::Failed(ProviderError::Connect {
+                    provider: self.name.clone(),
+                    message: e.to_string(),
+                }),
+                Ok(Ok(bytes)) => match whole_answer(&bytes) {
+                    Ok(events) => {
+                        for e in events {
+                            if tx.send(e).await.is_err() {
+                                return;
+                            }
+                        }
+                        return;
+                    }
+                    Err(message) => UpstreamEvent::Failed(ProviderError::Protocol {
+                        provider: self.name.clone(),
+                        message,
+                    }),
+                },
+            };
+            let _ = tx.send(last).await;
+            return;
+        }
         sse::pump(
             &self.name,
             response.bytes_stream(),
@@ -214,6 +253,104 @@ fn parse_embeddings(body: &[u8], n: usize) -> Result<(Vec<Vec<f32>>, Option<Usag
     }
     let usage = parsed.usage.map(|u| Usage::new(u.prompt_tokens, 0));
     Ok((vectors, usage))
+}
+
+/// A non-streaming answer, read leniently: only what parley passes on.
+#[derive(serde::Deserialize)]
+struct WholeAnswer {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<WholeChoice>,
+    #[serde(default)]
+    usage: Option<WholeUsage>,
+}
+
+#[derive(serde::Deserialize)]
+struct WholeChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    message: WholeMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    logprobs: Option<serde_json::Value>,
+}
+
+#[derive(Default, serde::Deserialize)]
+struct WholeMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WholeCall>>,
+}
+
+#[derive(serde::Deserialize)]
+struct WholeCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: WholeFunction,
+}
+
+#[derive(serde::Deserialize)]
+struct WholeFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct WholeUsage {
+    #[serde(default)]
+    prompt_tokens: u32,
+    #[serde(default)]
+    completion_tokens: u32,
+}
+
+/// The events of a non-streaming answer, in the order a stream would have given them, ending
+/// with `Finished`.
+fn whole_answer(body: &[u8]) -> Result<Vec<UpstreamEvent>, String> {
+    let answer: WholeAnswer = serde_json::from_slice(body)
+        .map_err(|e| format!("answer is not a chat completion: {e}"))?;
+    let mut out = Vec::new();
+    // parley asks for one choice; others (a server that ignores `n`) are not read.
+    let choice = answer.choices.into_iter().find(|c| c.index == 0);
+    let finish = match &choice {
+        Some(WholeChoice {
+            finish_reason: Some(reason),
+            ..
+        }) => finish_of(reason),
+        _ => return Err("answer has no finished choice".into()),
+    };
+    if let Some(choice) = choice {
+        if let Some(items) = choice
+            .logprobs
+            .and_then(|l| l.get("content").and_then(|c| c.as_array()).cloned())
+        {
+            out.push(UpstreamEvent::Logprobs(items));
+        }
+        if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+            out.push(UpstreamEvent::Delta(text));
+        }
+        for (index, call) in choice.message.tool_calls.into_iter().flatten().enumerate() {
+            out.push(UpstreamEvent::ToolCall(ToolCallDelta {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                id: call.id,
+                name: call.function.name,
+                arguments: call.function.arguments.unwrap_or_default(),
+            }));
+        }
+    }
+    out.push(UpstreamEvent::Finished {
+        finish,
+        usage: answer
+            .usage
+            .map(|u| Usage::new(u.prompt_tokens, u.completion_tokens)),
+        model: answer.model.filter(|m| !m.is_empty()),
+    });
+    Ok(out)
 }
 
 /// Reads `chat.completion.chunk` events.

@@ -15,7 +15,7 @@ use actix::Addr;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use super::actor::{Describe, ProviderInfo, ProviderStats};
+use super::actor::{Describe, Limits, ProviderInfo, ProviderStats};
 use super::{ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
 use crate::config::{ProviderKind, RetryConfig, RouteConfig, Strategy};
 use crate::domain::{Message, Role};
@@ -72,6 +72,8 @@ pub struct ProviderHandle {
     /// The provider's data-residency region.
     pub region: Option<String>,
     pub addr: Addr<ProviderActor>,
+    /// The deployments' limits, for starting a generation without a round trip to the actor.
+    pub limits: Arc<Limits>,
     pub stats: Arc<ProviderStats>,
     pub prefill: bool,
     /// The wire format it speaks, which decides what a request may carry to it.
@@ -373,7 +375,7 @@ impl Router {
     async fn start_excluding(
         &self,
         route_name: &str,
-        req: ChatRequest,
+        mut req: ChatRequest,
         tokens: u32,
         exclude: Option<&str>,
         partial: Option<&str>,
@@ -383,6 +385,8 @@ impl Router {
             .routes
             .get(route_name)
             .ok_or_else(|| RouterError::UnknownRoute(route_name.to_owned()))?;
+        // A first-token limit needs a stream to watch.
+        req.whole &= route.ttft_timeout.is_none();
         let begun = Instant::now();
         let deadline = begun + self.retry.budget();
         let backoff = self.retry.backoff();
@@ -440,23 +444,32 @@ impl Router {
         ttft_timeout: Option<Duration>,
         begun: Instant,
     ) -> Result<Started, RouterError> {
-        let (reply, answer) = oneshot::channel();
-        target
-            .provider
-            .addr
-            .send(Dispatch {
-                req,
-                tokens,
-                retry,
-                reply,
-            })
-            .await?;
-        let provider = target.provider.name.clone();
-        let generation = answer.await.map_err(|_| ProviderError::Unavailable {
-            provider: provider.clone(),
-            message: "provider actor stopped".into(),
-            retry_after: None,
-        })??;
+        let handle = &target.provider;
+        let provider = handle.name.clone();
+        let generation = match handle
+            .limits
+            .try_dispatch(&handle.addr, req, tokens, retry)?
+        {
+            Ok(generation) => generation,
+            // It must wait for a slot: the actor keeps the queue.
+            Err(req) => {
+                let (reply, answer) = oneshot::channel();
+                handle
+                    .addr
+                    .send(Dispatch {
+                        req,
+                        tokens,
+                        retry,
+                        reply,
+                    })
+                    .await?;
+                answer.await.map_err(|_| ProviderError::Unavailable {
+                    provider: provider.clone(),
+                    message: "provider actor stopped".into(),
+                    retry_after: None,
+                })??
+            }
+        };
         let mut rx = generation.rx;
         let admitted = Instant::now();
         let first = match ttft_timeout {

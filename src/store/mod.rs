@@ -32,7 +32,7 @@ pub use records::{
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
 pub use responses::ResponseRecord;
-pub use usage::periods;
+pub use usage::{periods, Rollup, RollupKey};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};
@@ -82,6 +82,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The page cache of a store opened without a setting (`[storage] cache_mb` has the same).
+pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
+
 /// The handle to parley's storage; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -91,7 +94,8 @@ pub struct Store {
     client_ids: sled::Tree,
     keys: sled::Tree,
     key_ids: sled::Tree,
-    usage: sled::Tree,
+    usage_log: sled::Tree,
+    usage_rollups: sled::Tree,
     usage_totals: sled::Tree,
     prompts: sled::Tree,
     pii_vaults: sled::Tree,
@@ -112,17 +116,27 @@ impl Store {
     /// # Errors
     /// When sled cannot open the directory (missing permissions, held by another process).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store in `dir`, its page cache bounded to `cache_bytes`.
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_with(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
             .open()?;
-        Ok(Self {
+        let store = Self {
             conversations: db.open_tree("conversations")?,
             messages: db.open_tree("messages")?,
             client_ids: db.open_tree("client_ids")?,
             keys: db.open_tree("keys")?,
             key_ids: db.open_tree("key_ids")?,
-            usage: db.open_tree("usage")?,
+            usage_log: db.open_tree("usage_log")?,
+            usage_rollups: db.open_tree("usage_rollups")?,
             usage_totals: db.open_tree("usage_totals")?,
             prompts: db.open_tree("prompts")?,
             pii_vaults: db.open_tree("pii_vaults")?,
@@ -135,26 +149,14 @@ impl Store {
             responses_by_conversation: db.open_tree("responses_by_conversation")?,
             tenant_conversations: db.open_tree("tenant_conversations")?,
             db,
-        })
-    }
-
-    /// Opens the store, waiting up to `patience` for another holder of its lock to let go (a
-    /// previous server still shutting down).
-    ///
-    /// # Errors
-    /// As [`Store::open`], once `patience` is spent.
-    pub fn open_waiting(dir: &Path, patience: std::time::Duration) -> Result<Self, StoreError> {
-        let deadline = std::time::Instant::now() + patience;
-        loop {
-            match Self::open(dir) {
-                Err(StoreError::Sled(sled::Error::Io(e)))
-                    if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => return other,
-            }
+        };
+        // Stores of earlier versions kept raw usage records tenant first, with no roll-ups.
+        if store.db.tree_names().iter().any(|n| n.as_ref() == b"usage") {
+            let old = store.db.open_tree("usage")?;
+            store.migrate_usage(&old)?;
+            store.db.drop_tree("usage")?;
         }
+        Ok(store)
     }
 
     /// Waits until everything written so far is on disk.

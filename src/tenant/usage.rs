@@ -1,7 +1,9 @@
 //! Usage attribution: every turn's record goes through a bounded channel to one writer task
 //! that stores them in batches (every [`BATCH`] records or [`BATCH_INTERVAL`], whichever comes
 //! first): never one write per token or per turn. Shutdown drains the channel, so no record is
-//! lost. Also the reports of `GET /v1/usage` and `GET /admin/usage` (JSON or CSV).
+//! lost. The writer also expires raw records past their retention (reports read the per-minute
+//! roll-ups, which stay). Also the reports of `GET /v1/usage` and `GET /admin/usage` (JSON or
+//! CSV).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::store::{Store, UsageRecord};
+use crate::store::{Rollup, RollupKey, Store, UsageRecord};
 
 /// Records written together.
 pub const BATCH: usize = 256;
@@ -17,6 +19,8 @@ pub const BATCH: usize = 256;
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(200);
 /// Records that may wait for the writer; senders wait beyond that (backpressure, not loss).
 const CHANNEL: usize = 8192;
+/// How often raw records past their retention are removed.
+const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 
 /// The sending side; cheap to clone.
 #[derive(Clone)]
@@ -31,14 +35,15 @@ pub struct UsageWriter {
 }
 
 impl UsageRecorder {
-    /// Starts the writer task on the current runtime.
-    pub fn start(store: Store) -> (Self, UsageWriter) {
+    /// Starts the writer task on the current runtime. Raw records are kept for `retention`
+    /// (`None`: not kept at all; roll-ups and period totals always are).
+    pub fn start(store: Store, retention: Option<Duration>) -> (Self, UsageWriter) {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let stop = tokio_util::sync::CancellationToken::new();
         let stopped = stop.clone();
         tokio::spawn(async move {
-            write_batches(store, rx, stopped).await;
+            write_batches(store, rx, stopped, retention).await;
             let _ = done_tx.send(());
         });
         (Self { tx }, UsageWriter { done, stop })
@@ -84,11 +89,18 @@ async fn write_batches(
     store: Store,
     mut rx: mpsc::Receiver<UsageRecord>,
     stop: tokio_util::sync::CancellationToken,
+    retention: Option<Duration>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut expiry = tokio::time::interval(EXPIRE_EVERY);
+    expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             r = rx.recv() => r,
+            _ = expiry.tick(), if retention.is_some() => {
+                expire(&store, retention).await;
+                continue;
+            }
             () = stop.cancelled() => {
                 // Refuse new records, then drain what is queued.
                 rx.close();
@@ -104,10 +116,24 @@ async fn write_batches(
                 Ok(None) | Err(_) => break,
             }
         }
-        if let Err(e) = store.append_usage(&batch).await {
+        if let Err(e) = store.append_usage(&batch, retention.is_some()).await {
             tracing::error!(error = %e, records = batch.len(), "usage batch could not be stored");
         }
         batch.clear();
+    }
+}
+
+/// Removes the raw records older than `retention`, off the async threads.
+async fn expire(store: &Store, retention: Option<Duration>) {
+    let Some(retention) = retention else { return };
+    let before = chrono::Utc::now().timestamp_millis()
+        - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || store.expire_usage(before)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(records = n, "expired raw usage records"),
+        Ok(Err(e)) => tracing::error!(error = %e, "raw usage records could not be expired"),
+        Err(e) => tracing::error!(error = %e, "usage expiry task failed"),
     }
 }
 
@@ -137,14 +163,25 @@ pub struct UsageRow {
     pub saved_cost: f64,
 }
 
-/// Groups `records` into rows, sorted by group.
-pub fn aggregate(records: &[UsageRecord], by: GroupBy) -> Vec<UsageRow> {
+/// The report rows of one tenant (or all) over `[from_ms, to_ms)`, read from the per-minute
+/// roll-ups (a minute counts when it starts in the range). Scans storage: call it off the
+/// async threads.
+///
+/// # Errors
+/// Storage failures.
+pub fn report_rows(
+    store: &Store,
+    tenant: Option<&crate::ids::TenantId>,
+    from_ms: i64,
+    to_ms: i64,
+    by: GroupBy,
+) -> Result<Vec<UsageRow>, crate::store::StoreError> {
     let mut agg = Aggregator::new(by);
-    records.iter().for_each(|r| agg.add(r));
-    agg.rows()
+    store.fold_rollups(tenant, from_ms, to_ms, |k, r| agg.add(k, r))?;
+    Ok(agg.rows())
 }
 
-/// Groups records into rows as they stream by, holding one row per group, not the records.
+/// Groups roll-up rows into report rows as they stream by, holding one row per group.
 pub struct Aggregator {
     by: GroupBy,
     rows: BTreeMap<String, UsageRow>,
@@ -162,16 +199,17 @@ impl Aggregator {
         self.rows.into_values().collect()
     }
 
-    pub fn add(&mut self, r: &UsageRecord) {
+    /// Adds one roll-up row to its group.
+    pub fn add(&mut self, key: &RollupKey, r: &Rollup) {
         let (by, rows) = (self.by, &mut self.rows);
         let group = match by {
-            GroupBy::Day => crate::store::periods(r.ts_ms)
+            GroupBy::Day => crate::store::periods(key.minute_ms)
                 .0
                 .trim_start_matches('d')
                 .to_owned(),
-            GroupBy::Model => r.model.clone(),
-            GroupBy::Key => r.key_id.clone().unwrap_or_else(|| "-".into()),
-            GroupBy::Conversation => r
+            GroupBy::Model => key.model.clone(),
+            GroupBy::Key => key.key_id.clone().unwrap_or_else(|| "-".into()),
+            GroupBy::Conversation => key
                 .conversation
                 .as_ref()
                 .map_or_else(|| "-".into(), ToString::to_string),
@@ -180,14 +218,14 @@ impl Aggregator {
             group,
             ..UsageRow::default()
         });
-        row.requests += 1;
-        row.cached_requests += u64::from(r.cached);
-        row.prompt_tokens += u64::from(r.prompt_tokens);
-        row.completion_tokens += u64::from(r.completion_tokens);
-        row.total_tokens += u64::from(r.prompt_tokens) + u64::from(r.completion_tokens);
+        row.requests += r.requests;
+        row.cached_requests += r.cached_requests;
+        row.prompt_tokens += r.prompt_tokens;
+        row.completion_tokens += r.completion_tokens;
+        row.total_tokens += r.prompt_tokens + r.completion_tokens;
         row.cost += r.cost;
-        row.trimmed_tokens += u64::from(r.trimmed_tokens);
-        row.saved_tokens += u64::from(r.saved_tokens);
+        row.trimmed_tokens += r.trimmed_tokens;
+        row.saved_tokens += r.saved_tokens;
         row.saved_cost += r.saved_cost;
     }
 }
@@ -245,33 +283,70 @@ mod tests {
         }
     }
 
-    #[test]
-    fn groups_and_exports() {
+    #[tokio::test]
+    async fn reports_read_rollups_and_outlive_raw_records() {
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let store = Store::open(dir.path()).unwrap(); // ok: test code
         let day = 86_400_000;
-        let records = [rec(0, "a", 1, 2), rec(10, "b", 3, 4), rec(day, "a", 5, 6)];
-        let by_day = aggregate(&records, GroupBy::Day);
+        let records = [
+            rec(0, "a", 1, 2),
+            rec(10, "b", 3, 4),
+            rec(61_000, "a", 7, 0),
+            rec(day, "a", 5, 6),
+        ];
+        store.append_usage(&records, true).await.unwrap(); // ok: test code
+        let t = TenantId("t".into());
+        let rows = |from, to, by| report_rows(&store, Some(&t), from, to, by).unwrap(); // ok: test code
+        let by_day = rows(0, i64::MAX, GroupBy::Day);
         assert_eq!(by_day.len(), 2);
         assert_eq!(by_day[0].group, "1970-01-01");
-        assert_eq!(by_day[0].total_tokens, 10);
-        let by_model = aggregate(&records, GroupBy::Model);
+        assert_eq!(by_day[0].total_tokens, 17);
+        assert_eq!(by_day[0].requests, 3);
+        let by_model = rows(0, i64::MAX, GroupBy::Model);
         assert_eq!(by_model[0].group, "a");
-        assert_eq!(by_model[0].requests, 2);
-        assert!((by_model[0].cost - 1.0).abs() < 1e-9);
+        assert_eq!(by_model[0].requests, 3);
+        assert!((by_model[0].cost - 1.5).abs() < 1e-9);
         let csv = to_csv(&by_model);
         assert!(csv.starts_with("group,requests"));
         assert!(
-            csv.contains("\na,2,0,6,8,14,1.000000,0,0,0.000000\n"),
+            csv.contains("\na,3,0,13,8,21,1.500000,0,0,0.000000\n"),
             "{csv}"
         );
+        // A range holds the minutes that start in it; another tenant sees nothing.
+        assert_eq!(rows(60_000, day, GroupBy::Model)[0].requests, 1);
+        assert!(report_rows(
+            &store,
+            Some(&TenantId("u".into())),
+            0,
+            i64::MAX,
+            GroupBy::Day
+        )
+        .unwrap() // ok: test code
+        .is_empty());
+        // Raw records expire; the reports stay the same.
+        assert_eq!(store.usage_between(None, 0, i64::MAX, 10).unwrap().len(), 4); // ok: test code
+        assert_eq!(store.expire_usage(day).unwrap(), 3); // ok: test code
+        assert_eq!(store.usage_between(None, 0, i64::MAX, 10).unwrap().len(), 1); // ok: test code
+        assert_eq!(rows(0, i64::MAX, GroupBy::Day), by_day);
+        // Without retention no raw record is kept, and the roll-ups still add up.
+        store
+            .append_usage(&[rec(day + 5, "a", 1, 1)], false)
+            .await
+            .unwrap(); // ok: test code
+        assert_eq!(store.usage_between(None, 0, i64::MAX, 10).unwrap().len(), 1); // ok: test code
+        assert_eq!(rows(day, i64::MAX, GroupBy::Day)[0].requests, 2);
     }
 
     #[tokio::test]
     async fn batches_are_written_and_drained_at_shutdown() {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let store = Store::open(dir.path()).unwrap(); // ok: test code
-        let (recorder, writer) = UsageRecorder::start(store.clone());
+        let (recorder, writer) =
+            UsageRecorder::start(store.clone(), Some(Duration::from_secs(3600)));
+        // Recent records: older ones would be expired by the writer's first sweep.
+        let now = chrono::Utc::now().timestamp_millis();
         for i in 0..1000 {
-            recorder.record(rec(i, "m", 1, 1)).await;
+            recorder.record(rec(now + i, "m", 1, 1)).await;
         }
         writer.finish().await;
         drop(recorder);
@@ -279,7 +354,7 @@ mod tests {
             .usage_between(Some(&TenantId("t".into())), 0, i64::MAX, usize::MAX)
             .unwrap(); // ok: test code
         assert_eq!(all.len(), 1000);
-        let (day, month) = crate::store::periods(0);
+        let (day, month) = crate::store::periods(now);
         assert_eq!(store.period_total("k", &day).unwrap().tokens, 2000); // ok: test code
         let spend = store.period_total("k", &month).unwrap().spend; // ok: test code
         assert!((spend - 500.0).abs() < 1e-6);

@@ -49,6 +49,7 @@ pub async fn chat_completions(
         tools: decoded.tools,
         tool_choice: decoded.tool_choice,
         params: Box::new(decoded.params),
+        whole: !body.stream,
     };
     let logprobs = chat.params.logprobs == Some(true);
     let deps = state.registry.deps();

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::ids::TenantId;
 use crate::server::auth::{Admin, Client};
 use crate::server::AppState;
-use crate::tenant::usage::{to_csv, Aggregator, GroupBy, UsageRow};
+use crate::tenant::usage::{report_rows, to_csv, GroupBy, UsageRow};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,8 +47,8 @@ pub async fn admin(
     report(state, tenant, q.into_inner()).await
 }
 
-/// Folds the records into rows on the blocking pool: a report over months of traffic holds one
-/// row per group, never the records themselves, and never stalls an HTTP worker.
+/// Folds the per-minute roll-ups into rows on the blocking pool: a report over months of
+/// traffic holds one row per group, and never stalls an HTTP worker.
 async fn report(
     state: web::Data<AppState>,
     tenant: Option<TenantId>,
@@ -63,16 +63,9 @@ async fn report(
     let group_by = q.group_by.unwrap_or(GroupBy::Day);
     let store = state.store().clone();
     let scan_tenant = tenant.clone();
-    let rows = web::block(move || {
-        let mut agg = Aggregator::new(group_by);
-        store.fold_usage(scan_tenant.as_ref(), from, to, |r| {
-            agg.add(&r);
-            true
-        })?;
-        Ok::<_, crate::store::StoreError>(agg.rows())
-    })
-    .await
-    .map_err(|_| ApiError::internal())??;
+    let rows = web::block(move || report_rows(&store, scan_tenant.as_ref(), from, to, group_by))
+        .await
+        .map_err(|_| ApiError::internal())??;
     let tenant = tenant.as_ref();
     match q.format.as_deref() {
         Some("csv") => Ok(HttpResponse::Ok()

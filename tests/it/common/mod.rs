@@ -121,8 +121,7 @@ impl TestServer {
         let thread = std::thread::spawn(move || {
             let system = actix_web::rt::System::new();
             system.block_on(async move {
-                let store =
-                    parley::store::Store::open_waiting(&data, Duration::from_secs(10)).unwrap();
+                let store = parley::store::Store::open(&data).unwrap();
                 let listener = TcpListener::bind("127.0.0.1:0").unwrap();
                 let handle = parley::app::start(cfg, listener, store).unwrap();
                 addr_tx.send(handle.addr).unwrap();

@@ -44,6 +44,7 @@ pub(super) async fn stateless_response(
             response_format: s.format.clone(),
             ..crate::domain::Params::default()
         }),
+        whole: !s.stream,
     };
     let request = stateless::prepare(deps, p.clone(), &s.route, chat)?;
     let mut run = Running::start(Arc::clone(deps), request);
