@@ -32,7 +32,7 @@ pub use records::{
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
 pub use responses::ResponseRecord;
-pub use usage::{periods, Rollup, RollupKey};
+pub use usage::{periods, Rollup, RollupKey, LOG_CHUNK};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};

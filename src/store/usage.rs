@@ -1,8 +1,9 @@
 //! Usage: raw records for a bounded retention, per-minute roll-ups that reports read, and
 //! per-key period totals that quotas read.
 //!
-//! - `usage_log`: ts_ms (i64 BE, offset) ‖ n (u32 BE) ‖ tenant → [`UsageRecord`]. Time first,
-//!   so expiry is one range delete from the start of the tree.
+//! - `usage_log`: ts_ms (i64 BE, offset) ‖ n (u32 BE) → up to [`LOG_CHUNK`] [`UsageRecord`]s
+//!   of one batch, the key's time being the newest of them. One write per chunk, not per
+//!   record; time first, so expiry is one range delete from the start of the tree.
 //! - `usage_rollups`: tenant ‖ 0 ‖ minute (i64 BE, offset, ms) ‖ key id ‖ 0 ‖ model ‖ 0 ‖
 //!   conversation → [`Rollup`]: what one key spent on one model in one conversation (or none)
 //!   in one minute. At a steady 1 000 requests/s of one key and model that is one row a minute.
@@ -23,8 +24,15 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 const MINUTE_MS: i64 = 60_000;
 
-/// Raw records removed per batch when expiring, so one sweep never holds a huge batch.
-const EXPIRE_BATCH: usize = 4096;
+/// Raw records stored under one key.
+pub const LOG_CHUNK: usize = 256;
+
+/// How much older than the newest record of its chunk a record may be (it waited in the
+/// writer's queue): range reads look this far past their end.
+const CHUNK_SPREAD_MS: i64 = 3_600_000;
+
+/// Chunks removed per batch when expiring, so one sweep never holds a huge batch.
+const EXPIRE_BATCH: usize = 1024;
 
 fn time_bytes(ts_ms: i64) -> [u8; 8] {
     // Offset so that the big-endian bytes of negative times still sort before positive ones.
@@ -36,11 +44,10 @@ fn time_from(bytes: &[u8]) -> Option<i64> {
     Some((u64::from_be_bytes(raw) ^ (1 << 63)) as i64)
 }
 
-fn log_key(ts_ms: i64, n: u32, tenant: &TenantId) -> Vec<u8> {
-    let mut key = Vec::with_capacity(12 + tenant.0.len());
-    key.extend_from_slice(&time_bytes(ts_ms));
-    key.extend_from_slice(&n.to_be_bytes());
-    key.extend_from_slice(tenant.0.as_bytes());
+fn log_key(ts_ms: i64, n: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&time_bytes(ts_ms));
+    key[8..].copy_from_slice(&n.to_be_bytes());
     key
 }
 
@@ -59,6 +66,17 @@ pub fn periods(ts_ms: i64) -> (String, String) {
         dt.format("d%Y-%m-%d").to_string(),
         dt.format("m%Y-%m").to_string(),
     )
+}
+
+/// The chunks of raw records of one batch, each filed under its newest record's time.
+fn log_batch(records: &[UsageRecord]) -> Result<sled::Batch, StoreError> {
+    let mut batch = sled::Batch::default();
+    for chunk in records.chunks(LOG_CHUNK) {
+        let newest = chunk.iter().map(|r| r.ts_ms).max().unwrap_or(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        batch.insert(&log_key(newest, n)[..], encode(&chunk)?);
+    }
+    Ok(batch)
 }
 
 /// What a roll-up row is about: one tenant's key, model and conversation in one minute.
@@ -179,12 +197,7 @@ impl Store {
         keep_raw: bool,
     ) -> Result<(), StoreError> {
         if keep_raw {
-            let mut batch = sled::Batch::default();
-            for r in records {
-                let n = SEQ.fetch_add(1, Ordering::Relaxed);
-                batch.insert(log_key(r.ts_ms, n, &r.tenant), encode(r)?);
-            }
-            self.usage_log.apply_batch(batch)?;
+            self.usage_log.apply_batch(log_batch(records)?)?;
         }
         let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
         let mut totals: HashMap<Vec<u8>, PeriodTotal> = HashMap::new();
@@ -251,16 +264,25 @@ impl Store {
         if from_ms >= to_ms {
             return Ok(out);
         }
-        let range = time_bytes(from_ms).to_vec()..time_bytes(to_ms).to_vec();
-        for kv in self.usage_log.range(range) {
-            if out.len() >= limit {
-                break;
-            }
-            let r: UsageRecord = decode("usage_log", "<usage>", &kv?.1)?;
-            if tenant.is_none_or(|t| *t == r.tenant) {
-                out.push(r);
+        // A chunk is filed under its newest record, so every record from `from_ms` on is in a
+        // chunk filed at or after it, and one before `to_ms` may be filed a little after.
+        let end = to_ms.saturating_add(CHUNK_SPREAD_MS);
+        for kv in self
+            .usage_log
+            .range(time_bytes(from_ms).to_vec()..time_bytes(end).to_vec())
+        {
+            let chunk: Vec<UsageRecord> = decode("usage_log", "<usage>", &kv?.1)?;
+            for r in chunk {
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                let wanted = r.ts_ms >= from_ms && r.ts_ms < to_ms;
+                if wanted && tenant.is_none_or(|t| *t == r.tenant) {
+                    out.push(r);
+                }
             }
         }
+        out.sort_by_key(|r| r.ts_ms);
         Ok(out)
     }
 
@@ -303,7 +325,8 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the raw usage records older than `before_ms`; answers how many went.
+    /// Removes the raw usage records older than `before_ms` (whole chunks, filed by their
+    /// newest record); answers how many chunks went.
     ///
     /// # Errors
     /// Storage failures.
@@ -361,15 +384,15 @@ impl Store {
         old: &sled::Tree,
         records: &mut Vec<(sled::IVec, UsageRecord)>,
     ) -> Result<(), StoreError> {
-        let mut log = sled::Batch::default();
         let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
         let mut gone = sled::Batch::default();
+        let mut moved = Vec::with_capacity(records.len());
         for (k, r) in records.drain(..) {
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            log.insert(log_key(r.ts_ms, n, &r.tenant), encode(&r)?);
             rollups.entry(RollupKey::of(&r)).or_default().add(&r);
             gone.remove(k);
+            moved.push(r);
         }
+        let log = log_batch(&moved)?;
         let mut batch = sled::Batch::default();
         for (key, add) in rollups {
             let k = key.encode();
