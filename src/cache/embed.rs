@@ -1,8 +1,10 @@
 //! Text embeddings for the semantic cache and recall memory, behind one trait.
 //!
-//! [`Builtin`] is the offline default: no model files, deterministic. Text is normalised
-//! (lower case, contractions expanded — "what's" is "what is" —, punctuation folded to spaces,
-//! runs of white space collapsed); its features are the words, word bigrams and character
+//! [`Builtin`] is the offline default: no model files, deterministic. Text is put in its
+//! canonical form ([`super::normalise`]: number words as digits, American spelling, compounds
+//! joined, plurals singular, one-letter typos fixed), then normalised (lower case, contractions
+//! expanded — "what's" is "what is" —, punctuation folded to spaces, runs of white space
+//! collapsed); its features are the words, word bigrams and character
 //! trigrams inside each padded word of three letters or more (what makes typo and inflection
 //! variants land close together). Function words ("the", "please", "tell me") weigh little, so
 //! a rewording that only changes them stays close; content words weigh most. Each feature is
@@ -57,7 +59,8 @@ impl Builtin {
 
 impl Embedder for Builtin {
     fn id(&self) -> String {
-        format!("builtin-v1-{DIM}")
+        // v2: text in canonical form first (vectors of v1 are not comparable).
+        format!("builtin-v2-{DIM}")
     }
 
     fn embed<'a>(
@@ -123,7 +126,7 @@ fn weight(word: &str) -> f32 {
 }
 
 fn embed_one(text: &str) -> Vec<f32> {
-    let norm = normalise(text);
+    let norm = normalise(&super::normalise::canonical(text));
     let words: Vec<&str> = norm.split(' ').filter(|w| !w.is_empty()).collect();
     let mut v = vec![0f32; DIM];
     let mut add = |feature: &[u8], weight: f32| {

@@ -4,7 +4,9 @@
 //!
 //! It follows the model's sentence-transformers pipeline: WordPiece tokens truncated at 256
 //! (special tokens included) and padded to the longest text of each batch, the BERT forward
-//! pass, the mean of the last hidden state over real tokens, then L2 normalisation. Forward
+//! pass, the mean of the last hidden state over real tokens, then L2 normalisation. Texts go
+//! in their canonical form ([`super::normalise`]), as for the builtin embedder: the model
+//! knows "three" is near "3", but not as near as the same word. Forward
 //! passes are CPU-bound, so they run on the blocking pool, [`BATCH`] texts at a time.
 
 use std::path::Path;
@@ -114,7 +116,11 @@ impl LocalEmbedder {
     /// Tokenizer or model failures.
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, EmbedError> {
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(BATCH) {
+        let canonical: Vec<String> = texts
+            .iter()
+            .map(|t| super::normalise::canonical(t))
+            .collect();
+        for chunk in canonical.chunks(BATCH) {
             out.extend(self.model.batch(chunk).map_err(EmbedError::Local)?);
         }
         Ok(out)
@@ -168,7 +174,8 @@ impl Model {
 
 impl Embedder for LocalEmbedder {
     fn id(&self) -> String {
-        format!("local:{}", self.name)
+        // "+c": texts in canonical form (vectors made from raw text are not comparable).
+        format!("local:{}+c", self.name)
     }
 
     fn embed<'a>(

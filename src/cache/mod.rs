@@ -1,5 +1,6 @@
 //! The semantic cache (issue "Embedded semantic cache and recall memory"): embedders behind one
-//! trait ([`embed`]), the false-hit guards ([`guards`]), the scope-partitioned HNSW index
+//! trait ([`embed`]), the canonical form questions take before both ([`normalise`]), the
+//! false-hit guards ([`guards`]), the scope-partitioned HNSW index
 //! ([`index`]) and the service that owns it on its own thread ([`service`]). Turns use it
 //! through [`Cache`]; recall memory ([`recall`]) uses the same embedder.
 
@@ -9,6 +10,7 @@ pub mod guards;
 pub mod index;
 #[cfg(feature = "local-embed")]
 pub mod local_embed;
+pub mod normalise;
 pub mod provider_embed;
 pub mod recall;
 pub mod service;

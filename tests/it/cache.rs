@@ -90,7 +90,7 @@ async fn a_reworded_question_hits_with_the_original_reply_and_usage() {
     assert!(metrics.contains("parley_cache_lookup_seconds_count"));
     let admin = get_json(&server, "/admin/cache").await;
     assert_eq!(admin["entries"], 1, "{admin}");
-    assert_eq!(admin["embedder"], "builtin-v1-512");
+    assert_eq!(admin["embedder"], "builtin-v2-512");
 }
 
 #[tokio::test]
