@@ -23,9 +23,6 @@ use crate::tenant::usage::{UsageRecorder, UsageWriter};
 use crate::tenant::{Auth, Governor, Prices};
 use crate::tokens::{ContextBudget, Encoding};
 
-/// Arbiters that host conversation actors.
-const CONVERSATION_ARBITERS: usize = 2;
-
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
@@ -105,7 +102,11 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         .collect();
     let router = Router::new(&config.routes, providers, config.retry.clone());
 
-    let arbiters: Vec<Arbiter> = (0..CONVERSATION_ARBITERS).map(|_| Arbiter::new()).collect();
+    let threads = match config.server.conversation_threads {
+        0 => std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+        n => n,
+    };
+    let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
     let governor = Arc::new(Governor::new(
         store.clone(),
         Prices(config.prices.clone()),

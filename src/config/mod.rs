@@ -182,6 +182,8 @@ pub struct ServerConfig {
     pub max_queued_turns: usize,
     /// HTTP worker threads (0 = one per core).
     pub workers: usize,
+    /// Threads that host conversation actors (0 = one per core).
+    pub conversation_threads: usize,
     /// Conversations one tenant may keep stored; creating more is `quota_exceeded`.
     pub max_conversations_per_tenant: u64,
 }
@@ -248,6 +250,7 @@ impl Default for ServerConfig {
             shutdown_timeout_secs: 10,
             max_queued_turns: 32,
             workers: 0,
+            conversation_threads: 0,
             max_conversations_per_tenant: 100_000,
         }
     }

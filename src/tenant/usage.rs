@@ -16,9 +16,9 @@ use crate::store::{Rollup, RollupKey, Store, UsageRecord};
 /// Records written together (one flush), in chunks of [`crate::store::LOG_CHUNK`].
 pub const BATCH: usize = 4096;
 /// The longest a record waits before its batch is written.
-pub const BATCH_INTERVAL: Duration = Duration::from_millis(200);
+pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
 /// Records that may wait for the writer; senders wait beyond that (backpressure, not loss).
-const CHANNEL: usize = 8192;
+const CHANNEL: usize = 16_384;
 /// How often raw records past their retention are removed.
 const EXPIRE_EVERY: Duration = Duration::from_secs(600);
 
@@ -109,11 +109,16 @@ async fn write_batches(
         };
         let Some(first) = first else { break };
         batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_INTERVAL;
+        // Let the batch gather without waking up for each record (a record sent to a sleeping
+        // task wakes its thread), then take what came.
+        tokio::select! {
+            () = tokio::time::sleep(BATCH_INTERVAL) => {}
+            () = stop.cancelled() => {}
+        }
         while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
-                Ok(None) | Err(_) => break,
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
             }
         }
         if let Err(e) = store.append_usage(&batch, retention.is_some()).await {
@@ -288,9 +293,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let store = Store::open(dir.path()).unwrap(); // ok: test code
         let day = 86_400_000;
-        let first_day = [rec(0, "a", 1, 2), rec(10, "b", 3, 4), rec(61_000, "a", 7, 0)];
+        let first_day = [
+            rec(0, "a", 1, 2),
+            rec(10, "b", 3, 4),
+            rec(61_000, "a", 7, 0),
+        ];
         store.append_usage(&first_day, true).await.unwrap(); // ok: test code
-        store.append_usage(&[rec(day, "a", 5, 6)], true).await.unwrap(); // ok: test code
+        store
+            .append_usage(&[rec(day, "a", 5, 6)], true)
+            .await
+            .unwrap(); // ok: test code
         let t = TenantId("t".into());
         let rows = |from, to, by| report_rows(&store, Some(&t), from, to, by).unwrap(); // ok: test code
         let by_day = rows(0, i64::MAX, GroupBy::Day);
