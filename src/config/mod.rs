@@ -504,6 +504,9 @@ fn validate_provider(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
