@@ -6,7 +6,7 @@
 //! log, an unclean shutdown afterwards, or RSS growth beyond a bound.
 //!
 //! CI runs it for 20 s. A longer run, and a failing seed repeated:
-//! `PARLEY_FUZZ_SECS=600 cargo test --release --all-features --test it fuzz -- --nocapture`
+//! `PARLEY_FUZZ_SECS=600 PARLEY_FUZZ_RSS_MB=1024 cargo test --release --all-features --test it fuzz -- --nocapture`
 //! `PARLEY_FUZZ_SEED=<seed> PARLEY_FUZZ_WORKERS=1 cargo test --release --all-features --test it fuzz -- --nocapture`
 //! (`PARLEY_FUZZ_MAX` bounds the request count, `PARLEY_FUZZ_RSS_MB` the RSS growth.)
 
