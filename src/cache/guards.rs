@@ -667,3 +667,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -534,6 +534,9 @@ fn validate_provider(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -451,6 +451,13 @@ impl Actor for ConversationActor {
         let every =
             (self.deps.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
         ctx.run_interval(every, Self::check_idle);
+        // The supervisor restarts an actor told to stop (its conversation deleted, or idle)
+        // while anyone still holds its address. That actor does no work: its last turn may
+        // still be storing its reply, which `answer_interrupted` would otherwise take for an
+        // interrupted one and answer first (a seq conflict, and `internal` for the caller).
+        if self.stopping {
+            return;
+        }
         self.answer_interrupted();
         self.start_next(ctx);
     }

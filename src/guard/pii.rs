@@ -329,3 +329,6 @@ fn phone_ok(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod props;

@@ -52,7 +52,7 @@ pub async fn pump<S, E, D>(
     E: std::fmt::Display,
     D: Decoder,
 {
-    let mut events = body.eventsource();
+    let mut events = without_bom(body).eventsource();
     let mut sent_text = false;
     let mut out = Vec::new();
     let failure = loop {
@@ -125,6 +125,47 @@ pub async fn pump<S, E, D>(
     let _ = tx.send(last).await;
 }
 
+/// The UTF-8 byte order mark an event stream may open with.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `body` without the byte order marks it opens with, even one split across chunks. The SSE
+/// spec strips one; eventsource-stream 0.2 cuts a leading BOM at one byte instead of three and
+/// panics on the char boundary, so it must never see one. A second BOM would meet the same
+/// fate, so every leading one goes.
+fn without_bom<S, E>(body: S) -> impl Stream<Item = Result<bytes::Bytes, E>> + Unpin
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+{
+    // `head` holds the opening bytes until they are known not to be (part of) a BOM.
+    let state = (body.fuse(), Some(Vec::new()));
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut body, mut head)| async move {
+            loop {
+                let Some(opening) = head.as_mut() else {
+                    let next = body.next().await?;
+                    return Some((next, (body, head)));
+                };
+                match body.next().await {
+                    Some(Ok(chunk)) => opening.extend_from_slice(&chunk),
+                    Some(Err(e)) => return Some((Err(e), (body, head))),
+                    None => {
+                        let rest = head.take().filter(|h| !h.is_empty())?;
+                        return Some((Ok(rest.into()), (body, head)));
+                    }
+                }
+                while opening.starts_with(BOM) {
+                    opening.drain(..BOM.len());
+                }
+                if !opening.is_empty() && !BOM.starts_with(opening) {
+                    let rest = head.take().unwrap_or_default();
+                    return Some((Ok(rest.into()), (body, head)));
+                }
+            }
+        },
+    ))
+}
+
 fn interrupted_or(provider: &str, sent_text: bool, message: &str) -> Option<ProviderError> {
     let provider = provider.to_owned();
     let message = message.to_owned();
@@ -192,3 +233,6 @@ mod tests {
         assert_eq!(error_message(&[b'a'; 2000]).len(), 512);
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -396,6 +396,46 @@ async fn delete_removes_the_conversation() {
     assert_eq!(expect_error(resp, 404, "not_found").await, not_found);
 }
 
+/// Found by the fuzz driver: the actor shut down for the delete was restarted by its
+/// supervisor, took the running turn's message for an interrupted one and stored a reply for
+/// it, so the turn's own reply met a seq conflict and its caller got `internal` (500).
+#[tokio::test]
+async fn deleting_a_conversation_mid_turn_answers_the_turn_without_internal() {
+    let server = TestServer::start(config_with(None));
+    for stream in [false, true] {
+        let conv = create_conversation(&server, None, json!({"model": "mock"})).await;
+        let body = json!({"content": "slow [[mock:ttft_ms=5000]]", "stream": stream});
+        let url = server.url(&format!("/v1/conversations/{conv}/messages"));
+        let turn = tokio::spawn(async move {
+            let resp = http().post(url).json(&body).send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        });
+        // The turn is running once its user message is stored.
+        let end = std::time::Instant::now() + TIMEOUT;
+        while messages(&server, None, &conv).await.is_empty() {
+            assert!(std::time::Instant::now() < end, "the turn never started");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let resp = http()
+            .delete(server.url(&format!("/v1/conversations/{conv}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 204);
+        let (status, text) = tokio::time::timeout(TIMEOUT, turn).await.unwrap().unwrap();
+        assert!(
+            !text.contains("internal") && status != 500,
+            "{status} {text}"
+        );
+        let resp = http()
+            .get(server.url(&format!("/v1/conversations/{conv}/messages")))
+            .send()
+            .await
+            .unwrap();
+        expect_error(resp, 404, "not_found").await;
+    }
+}
+
 #[tokio::test]
 async fn unknown_model_is_model_not_found() {
     let server = TestServer::start(config_with(None));

@@ -9,6 +9,7 @@ mod common;
 mod context;
 mod conversation_tools;
 mod crash;
+mod fuzz;
 mod governance;
 mod guards;
 mod http;

@@ -169,3 +169,6 @@ mod tests {
         assert_eq!(bad.conversation.as_deref(), Some("x"));
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -1,0 +1,171 @@
+//! Property tests of the SSE path: an upstream's bytes may arrive split anywhere (inside a
+//! line, a CRLF, a multi-byte character), and the same events must come out whatever the
+//! split; no byte stream, however malformed, panics the pump.
+
+use std::time::Duration;
+
+use futures_util::stream;
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+use crate::provider::openai::OpenAiDecoder;
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        cases: 256,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+/// Records every SSE event as a delta `event|data`, so the framing itself is compared.
+#[derive(Default)]
+struct Recorder;
+
+impl Decoder for Recorder {
+    fn decode(
+        &mut self,
+        event: &str,
+        data: &str,
+        out: &mut Vec<UpstreamEvent>,
+    ) -> Result<Decoded, String> {
+        out.push(UpstreamEvent::Delta(format!("{event}|{data}")));
+        Ok(Decoded::More)
+    }
+
+    fn outcome(&self) -> (Option<UpstreamFinish>, Option<Usage>, Option<String>) {
+        (Some(UpstreamFinish::UNKNOWN), None, None)
+    }
+}
+
+/// Runs `pump` over `body` cut at `cuts` (byte offsets, any order); answers the events, each
+/// as its debug text (`UpstreamEvent` has no `PartialEq`).
+fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<String> {
+    let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+    at.push(0);
+    at.push(body.len());
+    at.sort_unstable();
+    at.dedup();
+    let chunks: Vec<Result<bytes::Bytes, std::io::Error>> = at
+        .windows(2)
+        .map(|w| Ok(bytes::Bytes::copy_from_slice(&body[w[0]..w[1]])))
+        .collect();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        return vec!["no runtime".into()];
+    };
+    rt.block_on(async {
+        let (tx, mut rx) = mpsc::channel(16);
+        let pumped = async move {
+            pump(
+                "p",
+                stream::iter(chunks),
+                decoder,
+                Duration::from_secs(30),
+                &tx,
+            )
+            .await;
+        };
+        let collect = async {
+            let mut out = Vec::new();
+            while let Some(e) = rx.recv().await {
+                out.push(format!("{e:?}"));
+            }
+            out
+        };
+        tokio::join!(pumped, collect).1
+    })
+}
+
+/// Pieces SSE streams are made of, including the awkward ones (bare CR, a BOM, non-ASCII).
+fn sse_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        Just("data: ".to_owned()),
+        Just("data:".to_owned()),
+        Just("event: delta".to_owned()),
+        Just("id: 7".to_owned()),
+        Just("retry: 10".to_owned()),
+        Just(": keep-alive".to_owned()),
+        Just("\n".to_owned()),
+        Just("\r\n".to_owned()),
+        Just("\r".to_owned()),
+        Just("\n\n".to_owned()),
+        Just("\u{feff}".to_owned()),
+        Just("héllo 🦀 ".to_owned()),
+        Just("[DONE]".to_owned()),
+        "[a-z :{}\"]{0,12}",
+        any::<String>(),
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|p| p.concat().into_bytes())
+}
+
+/// An OpenAI chunk stream carrying `texts` as deltas, ended by `finish_reason` and `[DONE]`.
+fn openai_body(texts: &[String], crlf: bool) -> Vec<u8> {
+    let eol = if crlf { "\r\n" } else { "\n" };
+    let mut body = String::new();
+    for t in texts {
+        let chunk = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
+        body.push_str(&format!("data: {chunk}{eol}{eol}"));
+    }
+    let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    body.push_str(&format!("data: {last}{eol}{eol}data: [DONE]{eol}{eol}"));
+    body.into_bytes()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn sse_events_do_not_depend_on_the_split(
+        body in sse_bytes(),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let whole = pump_split(&body, &[], Recorder);
+        prop_assert_eq!(pump_split(&body, &cuts, Recorder), whole);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_and_split_alike(
+        body in prop::collection::vec(any::<u8>(), 0..300),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let whole = pump_split(&body, &[], Recorder);
+        prop_assert!(whole.last().is_some_and(|e| e.starts_with("Finished") || e.starts_with("Failed")));
+        prop_assert_eq!(pump_split(&body, &cuts, Recorder), whole);
+    }
+
+    #[test]
+    fn openai_deltas_come_out_whole_whatever_the_split(
+        texts in prop::collection::vec(any::<String>(), 0..8),
+        crlf in any::<bool>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..16),
+    ) {
+        let body = openai_body(&texts, crlf);
+        let events = pump_split(&body, &cuts, OpenAiDecoder::default());
+        let expected: Vec<String> = texts
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| format!("{:?}", UpstreamEvent::Delta(t.clone())))
+            .collect();
+        prop_assert_eq!(&events[..events.len().saturating_sub(1)], &expected[..]);
+        prop_assert!(events.last().is_some_and(|e| e.starts_with("Finished")), "{:?}", events.last());
+    }
+}
+
+/// A byte order mark may open an event stream (the SSE spec strips it); it used to panic the
+/// pump, which sliced the BOM's first byte off a three-byte character.
+#[test]
+fn a_leading_byte_order_mark_is_stripped() {
+    let body = "\u{feff}data: hi\n\n".as_bytes();
+    for cuts in [vec![], vec![1], vec![2], vec![3], vec![1, 2, 3]] {
+        let events = pump_split(body, &cuts, Recorder);
+        assert_eq!(
+            events.first().map(String::as_str),
+            Some("Delta(\"message|hi\")"),
+            "{cuts:?}"
+        );
+    }
+}
