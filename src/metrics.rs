@@ -19,6 +19,8 @@ pub struct Metrics {
     errors: IntCounterVec,
     pub ws_connections: IntGauge,
     pub live_conversations: IntGauge,
+    /// Conversation actors stopped for being idle.
+    pub conversation_idle_stops: prometheus::IntCounter,
     guard_events: IntCounterVec,
     cache_lookups: IntCounterVec,
     cache_near_misses: IntCounterVec,
@@ -60,6 +62,11 @@ impl Metrics {
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(ws_connections.clone()))?;
         registry.register(Box::new(live_conversations.clone()))?;
+        let conversation_idle_stops = prometheus::IntCounter::new(
+            "parley_conversation_idle_stops_total",
+            "Conversation actors stopped for being idle (history stays on disk)",
+        )?;
+        registry.register(Box::new(conversation_idle_stops.clone()))?;
         let guard_events = IntCounterVec::new(
             Opts::new(
                 "parley_guard_events_total",
@@ -111,6 +118,7 @@ impl Metrics {
             errors,
             ws_connections,
             live_conversations,
+            conversation_idle_stops,
             guard_events,
         })
     }

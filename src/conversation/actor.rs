@@ -436,8 +436,10 @@ impl ConversationActor {
         let idle = self.running.is_none() && self.queue.is_empty() && self.fanout.is_empty();
         if idle && self.last_active.elapsed() >= self.deps.idle_timeout {
             tracing::debug!(conversation = %self.record.id, "conversation idle; stopping its actor");
-            self.registry.forget(&self.record.id, &ctx.address());
-            self.stopping = true;
+            // Not `stopping`: the conversation lives on. The registry holds the actor weakly,
+            // so it ends here unless someone holds its address (a message on its way), in
+            // which case the supervisor restarts it and it goes on serving.
+            self.deps.metrics.conversation_idle_stops.inc();
             ctx.stop();
         }
     }
@@ -464,6 +466,9 @@ impl Actor for ConversationActor {
 }
 
 impl Supervised for ConversationActor {
+    /// After a panic, or after an idle stop while a message was on its way: the same actor
+    /// (still the registry's) goes on from what is stored. An actor told to stop (deleted,
+    /// shut down) stays stopped and answers `not_found`.
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.running = None;
         self.reload();
@@ -602,6 +607,9 @@ impl Handler<Update> for ConversationActor {
 
     fn handle(&mut self, msg: Update, _ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
+        if self.stopping {
+            return Box::pin(actix::fut::ready(Err(ApiError::not_found("conversation"))));
+        }
         let store = self.deps.store.clone();
         let id = self.record.id.clone();
         let change = move |rec: &mut ConversationRecord| {

@@ -1,5 +1,12 @@
-//! `Registry`: conversation id → the address of its live actor, started on demand on one of the
-//! conversation arbiters under a `Supervisor`, forgotten when the actor idles out or is shut down.
+//! `Registry`: conversation id → its live actor, started on demand on one of the conversation
+//! arbiters under a `Supervisor`.
+//!
+//! The registry holds each actor weakly. An idle actor stops; if nobody holds its address it
+//! ends, and the next `get` starts a fresh one from storage. If a message is on its way (a
+//! caller got the address just before), the supervisor restarts the same actor, still the
+//! registry's, and it serves the message: there is never a second actor for one conversation,
+//! nor a revived one that answers `not_found`. Deleting a conversation removes its entry and
+//! stops its actor for good.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use actix::WeakAddr;
 use parking_lot::Mutex;
 
 use super::actor::ConversationActor;
@@ -24,9 +32,16 @@ pub struct Registry {
 
 struct Inner {
     deps: Arc<Deps>,
-    actors: Mutex<HashMap<ConversationId, Addr<ConversationActor>>>,
+    actors: Mutex<HashMap<ConversationId, WeakAddr<ConversationActor>>>,
     arbiters: Vec<ArbiterHandle>,
     next: AtomicUsize,
+}
+
+/// Actors started between two sweeps of the entries of actors that ended.
+const SWEEP_EVERY: usize = 1024;
+
+fn alive(weak: &WeakAddr<ConversationActor>) -> Option<Addr<ConversationActor>> {
+    weak.upgrade().filter(Addr::connected)
 }
 
 /// A live conversation actor and the conversation's route.
@@ -134,13 +149,14 @@ impl Registry {
         let record = self.deps().store.owned_conversation(id, tenant)?;
         let model = record.model.clone();
         let mut actors = self.inner.actors.lock();
-        if let Some(addr) = actors.get(id).filter(|a| a.connected()) {
-            return Ok(Live {
-                addr: addr.clone(),
-                model,
-            });
+        if let Some(addr) = actors.get(id).and_then(alive) {
+            return Ok(Live { addr, model });
         }
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.arbiters.len().max(1);
+        let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            actors.retain(|_, weak| alive(weak).is_some());
+        }
+        let i = n % self.inner.arbiters.len().max(1);
         let arbiter = self
             .inner
             .arbiters
@@ -151,7 +167,7 @@ impl Registry {
         let addr = Supervisor::start_in_arbiter(&arbiter, move |_| {
             ConversationActor::new(record, deps, registry)
         });
-        actors.insert(id.clone(), addr.clone());
+        actors.insert(id.clone(), addr.downgrade());
         Ok(Live { addr, model })
     }
 
@@ -162,7 +178,7 @@ impl Registry {
     pub async fn delete(&self, id: &ConversationId, tenant: &TenantId) -> Result<(), ApiError> {
         self.deps().store.owned_conversation(id, tenant)?;
         let live = self.inner.actors.lock().remove(id);
-        if let Some(addr) = live {
+        if let Some(addr) = live.as_ref().and_then(alive) {
             // A stopped actor has nothing to wait for.
             let _ = addr.send(Shutdown).await;
         }
@@ -173,8 +189,13 @@ impl Registry {
 
     /// Tells every live conversation that `key_id` was revoked: turns acting for it stop.
     pub fn key_revoked(&self, key_id: &str) {
-        let actors: Vec<Addr<ConversationActor>> =
-            self.inner.actors.lock().values().cloned().collect();
+        let actors: Vec<Addr<ConversationActor>> = self
+            .inner
+            .actors
+            .lock()
+            .values()
+            .filter_map(alive)
+            .collect();
         for addr in actors {
             addr.do_send(super::messages::KeyRevoked {
                 key_id: key_id.to_owned(),
@@ -184,20 +205,25 @@ impl Registry {
 
     /// The live actor of a conversation, without starting one.
     pub fn peek(&self, id: &ConversationId) -> Option<Addr<ConversationActor>> {
-        self.inner.actors.lock().get(id).cloned()
+        self.inner.actors.lock().get(id).and_then(alive)
     }
 
     /// Forgets `addr` as the actor of `id` (only if it still is).
     pub(super) fn forget(&self, id: &ConversationId, addr: &Addr<ConversationActor>) {
         let mut actors = self.inner.actors.lock();
-        if actors.get(id) == Some(addr) {
+        if actors.get(id).and_then(alive).as_ref() == Some(addr) {
             actors.remove(id);
         }
     }
 
     /// Number of live conversation actors.
     pub fn live(&self) -> usize {
-        self.inner.actors.lock().len()
+        self.inner
+            .actors
+            .lock()
+            .values()
+            .filter(|weak| alive(weak).is_some())
+            .count()
     }
 
     /// Cancels every turn and waits (up to `timeout`) until each has stored what it had.

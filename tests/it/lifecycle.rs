@@ -2,6 +2,7 @@
 //! stores the partial reply and exits 0, and configurations refused at start.
 
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -292,4 +293,98 @@ async fn idle_conversation_actors_stop_and_come_back_from_storage() {
     let frames = ws.turn(&conv, "b", "again").await;
     assert_eq!(frames[0]["seq"], 3);
     assert_eq!(frames.last().unwrap()["seq"], 4);
+}
+
+/// An actor that idles out while a caller holds its address (a message on its way) is
+/// restarted by its supervisor and serves that message, as the registry's actor still; a
+/// deleted conversation's actor stays stopped and answers `not_found`.
+#[test]
+fn eviction_and_deletion_race_posting() {
+    use parley::conversation::messages::Update;
+    use parley::conversation::NewConversation;
+    use parley::ids::TenantId;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config_with(None);
+    cfg.server.idle_timeout_secs = 1;
+    let system = actix_web::rt::System::new();
+    system.block_on(async move {
+        let store = parley::store::Store::open(dir.path()).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let handle = parley::app::start(cfg, listener, store).unwrap();
+        let state = handle.state().clone();
+        let registry = &state.registry;
+        let tenant = TenantId("local".into());
+        let new = || NewConversation {
+            model: Some("mock".into()),
+            ..NewConversation::default()
+        };
+        let idle_stops = || {
+            let text = state.metrics.render();
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix("parley_conversation_idle_stops_total ")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let wait_for_idle_stops = |n: u64| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while idle_stops() < n {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the actor never idled out"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+
+        // Held across an idle stop: the same actor serves, and stays the registry's.
+        let kept = registry.create(&tenant, new()).await.unwrap();
+        let live = registry.get(&kept.id, &tenant).unwrap();
+        wait_for_idle_stops(1).await;
+        let update = Update {
+            tools: None,
+            tool_choice: None,
+        };
+        let rec = live.addr.send(update).await.unwrap().unwrap();
+        assert_eq!(rec.id, kept.id);
+        assert!(registry.peek(&kept.id).is_some_and(|a| a == live.addr));
+        assert_eq!(registry.live(), 1);
+
+        // Not held: the idle actor ends, and the next caller gets a fresh one from storage.
+        drop(live);
+        wait_for_idle_stops(2).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while registry.live() != 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the idle actor did not end"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let again = registry.get(&kept.id, &tenant).unwrap();
+        let update = Update {
+            tools: None,
+            tool_choice: None,
+        };
+        assert!(again.addr.send(update).await.unwrap().is_ok());
+
+        // Deleted while held: the actor stays stopped and says so.
+        let doomed = registry.create(&tenant, new()).await.unwrap();
+        let live = registry.get(&doomed.id, &tenant).unwrap();
+        registry.delete(&doomed.id, &tenant).await.unwrap();
+        let update = Update {
+            tools: None,
+            tool_choice: None,
+        };
+        match live.addr.send(update).await {
+            Ok(Err(e)) => assert_eq!(e.code, parley::error::ErrorCode::NotFound),
+            Ok(Ok(_)) => panic!("a deleted conversation was updated"),
+            Err(_) => {} // the mailbox closed: nothing was served either
+        }
+        assert!(registry.get(&doomed.id, &tenant).is_err());
+        handle.shutdown().await.unwrap();
+    });
 }
