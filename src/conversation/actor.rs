@@ -37,8 +37,8 @@ fn awaiting(open: &[String]) -> ApiError {
         open.join(", ")
     ))
 }
-/// The most stored messages one `subscribe` replays; older ones are paged over REST.
-pub const MAX_REPLAY: usize = 50_000;
+/// Stored messages read per page of a `subscribe` replay.
+pub const REPLAY_PAGE: usize = 1_000;
 
 struct Queued {
     pii: PiiMode,
@@ -478,7 +478,7 @@ impl Supervised for ConversationActor {
 impl Handler<Subscribe> for ConversationActor {
     type Result = Result<u64, ApiError>;
 
-    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Subscribe, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         let conv = self.record.id.clone();
         // A running turn stores its messages before this actor hears that it ended (and its
@@ -496,17 +496,74 @@ impl Handler<Subscribe> for ConversationActor {
             }
             .encode(),
         );
-        if let Some(after) = msg.after_seq {
-            for m in self.deps.store.messages_after(&conv, after, MAX_REPLAY)? {
-                let frame = ServerFrame::Message {
-                    conversation: conv.clone(),
-                    message: m.into(),
-                };
-                msg.sink.deliver_replay(&frame.encode());
+        match msg.after_seq {
+            Some(after) if after < last_seq => {
+                // The replay is read page by page off this thread and sent at the socket's
+                // pace; live frames wait for it, so the client sees every message in order.
+                self.fanout.add_held(msg.sink_id, msg.sink.clone());
+                let store = self.deps.store.clone();
+                let me = ctx.address();
+                actix::spawn(async move {
+                    replay(store, conv, after, last_seq, msg.sink).await;
+                    me.do_send(ReplayDone {
+                        sink_id: msg.sink_id,
+                    });
+                });
+            }
+            _ => self.fanout.add(msg.sink_id, msg.sink, Scope::Conversation),
+        }
+        Ok(last_seq)
+    }
+}
+
+/// Sends the stored messages `after < seq <= upto` to `sink`, [`REPLAY_PAGE`] at a time.
+async fn replay(
+    store: crate::store::Store,
+    conv: crate::ids::ConversationId, after: u64, upto: u64, sink: Sink) {
+    let mut cursor = after;
+    while cursor < upto {
+        let (s, c) = (store.clone(), conv.clone());
+        let page =
+            tokio::task::spawn_blocking(move || s.messages_after(&c, cursor, REPLAY_PAGE)).await;
+        let page = match page {
+            Ok(Ok(page)) => page,
+            Ok(Err(e)) => {
+                tracing::error!(conversation = %conv, error = %e, "replay could not be read");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(conversation = %conv, error = %e, "replay task failed");
+                return;
+            }
+        };
+        let Some(last) = page.last().map(|m| m.seq) else {
+            return;
+        };
+        for m in page.into_iter().filter(|m| m.seq <= upto) {
+            let frame = ServerFrame::Message {
+                conversation: conv.clone(),
+                message: m.into(),
+            };
+            if !sink.deliver_paced(&frame.encode()).await {
+                return;
             }
         }
-        self.fanout.add(msg.sink_id, msg.sink, Scope::Conversation);
-        Ok(last_seq)
+        cursor = last;
+    }
+}
+
+/// A subscriber's replay has been sent: its held-back live frames follow.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ReplayDone {
+    sink_id: SinkId,
+}
+
+impl Handler<ReplayDone> for ConversationActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReplayDone, _ctx: &mut Self::Context) {
+        self.fanout.release(msg.sink_id);
     }
 }
 

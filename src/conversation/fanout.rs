@@ -29,14 +29,70 @@ pub enum Scope {
     Turn(String),
 }
 
+/// Live frames held back for one subscriber while its replay is still being read, at most.
+pub const MAX_HELD: usize = 10_000;
+
+struct Subscriber {
+    sink: Sink,
+    scope: Scope,
+    /// Live frames that wait for the subscriber's replay to end, in order.
+    held: Option<Vec<Outbound>>,
+}
+
+impl Subscriber {
+    /// Passes `out` on (or holds it back); `false` drops the subscriber.
+    fn deliver(&mut self, out: &Outbound) -> bool {
+        match &mut self.held {
+            None => self.sink.deliver(out),
+            Some(held) if held.len() < MAX_HELD => {
+                held.push(out.clone());
+                true
+            }
+            Some(_) => {
+                self.sink.deliver(&Outbound::Close {
+                    code: super::frames::CLOSE_LAGGING,
+                    reason: "subscriber fell behind",
+                });
+                false
+            }
+        }
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct Fanout {
-    inner: Arc<Mutex<HashMap<SinkId, (Sink, Scope)>>>,
+    inner: Arc<Mutex<HashMap<SinkId, Subscriber>>>,
 }
 
 impl Fanout {
     pub fn add(&self, id: SinkId, sink: Sink, scope: Scope) {
-        self.inner.lock().insert(id, (sink, scope));
+        let sub = Subscriber {
+            sink,
+            scope,
+            held: None,
+        };
+        self.inner.lock().insert(id, sub);
+    }
+
+    /// Adds a subscriber whose replay is still to come: its live frames are held back until
+    /// [`Fanout::release`].
+    pub fn add_held(&self, id: SinkId, sink: Sink) {
+        let sub = Subscriber {
+            sink,
+            scope: Scope::Conversation,
+            held: Some(Vec::new()),
+        };
+        self.inner.lock().insert(id, sub);
+    }
+
+    /// The replay of `id` has been delivered: the frames held back follow, then live ones.
+    pub fn release(&self, id: SinkId) {
+        let mut subs = self.inner.lock();
+        let Some(sub) = subs.get_mut(&id) else { return };
+        let held = sub.held.take().unwrap_or_default();
+        if !held.iter().all(|out| sub.sink.deliver(out)) {
+            subs.remove(&id);
+        }
     }
 
     pub fn remove(&self, id: SinkId) {
@@ -45,7 +101,7 @@ impl Fanout {
 
     /// Forgets listeners that are gone.
     pub fn prune(&self) {
-        self.inner.lock().retain(|_, (sink, _)| !sink.is_closed());
+        self.inner.lock().retain(|_, sub| !sub.sink.is_closed());
     }
 
     /// Whether anyone listens at all (an idle actor with listeners stays alive).
@@ -61,9 +117,9 @@ impl Fanout {
     }
 
     fn deliver(&self, out: &Outbound, client_id: Option<&str>) {
-        self.inner.lock().retain(|_, (sink, scope)| match scope {
-            Scope::Conversation => sink.deliver(out),
-            Scope::Turn(c) if Some(c.as_str()) == client_id => sink.deliver(out),
+        self.inner.lock().retain(|_, sub| match &sub.scope {
+            Scope::Conversation => sub.deliver(out),
+            Scope::Turn(c) if Some(c.as_str()) == client_id => sub.deliver(out),
             Scope::Turn(_) => true,
         });
     }
@@ -72,6 +128,6 @@ impl Fanout {
     pub fn end_turn(&self, client_id: &str) {
         self.inner
             .lock()
-            .retain(|_, (_, scope)| !matches!(scope, Scope::Turn(c) if c == client_id));
+            .retain(|_, sub| !matches!(&sub.scope, Scope::Turn(c) if c == client_id));
     }
 }

@@ -236,6 +236,15 @@ impl Sink {
         }
     }
 
+    /// Delivers a replay frame once the listener has room for it (a long replay keeps pace
+    /// with the socket instead of piling up in its mailbox); `false` when the listener is gone.
+    pub async fn deliver_paced(&self, out: &Outbound) -> bool {
+        match self {
+            Self::Socket(r) => r.send(out.clone()).await.is_ok(),
+            Self::Channel(tx) => tx.send(out.clone()).await.is_ok(),
+        }
+    }
+
     /// Whether the listener behind the sink is gone.
     pub fn is_closed(&self) -> bool {
         match self {

@@ -12,7 +12,7 @@ mod registry;
 mod tools;
 mod turn;
 
-pub use actor::{ConversationActor, MAX_REPLAY};
+pub use actor::{ConversationActor, REPLAY_PAGE};
 pub use fanout::{next_sink_id, Scope, SinkId};
 pub use frames::{Outbound, ServerFrame, Sink, WireMessage};
 pub use registry::{Live, NewConversation, Registry};

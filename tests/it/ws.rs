@@ -937,3 +937,55 @@ async fn a_text_frame_that_is_not_utf8_closes_with_1007() {
     let _ = ws.stream.send(Message::Frame(bad)).await;
     assert_eq!(ws.close_code(TIMEOUT).await, Some(1007));
 }
+
+/// A replay longer than a page arrives whole and in order, at the socket's pace, and a turn
+/// that runs meanwhile is heard only after it.
+#[tokio::test]
+async fn a_long_replay_is_paged_whole_and_live_frames_wait_for_it() {
+    let server = TestServer::start(config_with(None));
+    // A transcript of 2 400 messages given at once (Responses input), then its reply.
+    let mut input: Vec<Value> = (0..2400)
+        .map(|i| {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            json!({"role": role, "content": format!("line {i}")})
+        })
+        .collect();
+    input.push(json!({"role": "user", "content": "the end"}));
+    let r: Value = http()
+        .post(server.url("/v1/responses"))
+        .json(&json!({"model": "mock", "input": input}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conv = r["conversation"]["id"].as_str().unwrap().to_owned();
+    let total = 2402;
+    assert!(total > 2 * parley::conversation::REPLAY_PAGE);
+
+    let mut ws = Ws::connect(&server, None).await;
+    ws.send(json!({"type": "subscribe", "conversation": conv, "after_seq": 0}))
+        .await;
+    assert_eq!(
+        ws.recv().await,
+        json!({"type": "subscribed", "conversation": conv, "last_seq": total})
+    );
+    // A turn from another socket while the replay is on its way.
+    let mut other = Ws::connect(&server, None).await;
+    other
+        .send(json!({"type": "user_message", "conversation": conv, "client_id": "live", "content": "more"}))
+        .await;
+    let mut next = 1;
+    while next <= total {
+        let f = ws.recv().await;
+        assert_eq!(f["type"], "message", "a live frame before the replay ended: {f}");
+        assert_eq!(f["seq"], next);
+        next += 1;
+    }
+    // Then the live turn, in order: its ack, deltas, done.
+    let live = ws.recv_until(|f| f["type"] == "done").await;
+    assert_eq!(live[0]["type"], "ack", "{}", live[0]);
+    assert_eq!(live[0]["seq"], total + 1);
+    assert_eq!(live.last().unwrap()["seq"], total + 2);
+}
