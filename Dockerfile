@@ -2,7 +2,7 @@
 # Multi-stage build: compile in the Rust image, run from a slim Debian with a non-root user.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
 COPY tests ./tests

@@ -21,7 +21,7 @@ use crate::server::{routes, ws::SocketHub, AppState, CatchPanic};
 use crate::store::{Store, StoreError};
 use crate::tenant::usage::{UsageRecorder, UsageWriter};
 use crate::tenant::{Auth, Governor, Prices};
-use crate::tokens::{ContextBudget, Encoding};
+use crate::tokens::ContextBudget;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -72,12 +72,8 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         )));
     }
     let metrics = Metrics::new()?;
-    // Loading a tiktoken vocabulary takes tens of milliseconds: do it now, not in a first turn.
-    tokio::task::spawn_blocking(|| {
-        for encoding in [Encoding::Cl100kBase, Encoding::O200kBase] {
-            crate::tokens::count(encoding, "warm up");
-        }
-    });
+    // No token counter is warmed here: each is built on its first count, in under 10 ms and
+    // about 4 MB, so a server that only ever sees one encoding never holds the other.
     let http = crate::provider::http::builder().build()?;
 
     let provider_arbiter = Arbiter::new();

@@ -9,7 +9,7 @@
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
 //! - [`cache`]: semantic-cache building blocks: embedders and false-hit guards (not wired yet).
-//! - [`tokens`]: token counting (tiktoken-rs) and context trimming.
+//! - [`tokens`]: token counting (tiktoken encodings, compact counter) and context trimming.
 //! - [`limits`]: token buckets, circuit breaker, backoff: state machines with the clock passed in.
 //! - [`guard`]: PII redaction and restoration, prompt-injection screening, system-prompt leaks.
 //! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
