@@ -48,6 +48,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    raise_fd_limit();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
         let store = Store::open_with(&config.data_dir, config.storage.cache_mb << 20)
@@ -66,6 +67,15 @@ fn serve(args: &ServeArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
+    }
+}
+
+/// Every socket is a file descriptor, and the usual soft limit (1024) is far below what one
+/// server holds: raise it to the hard limit. A failure only means fewer sockets, never no start.
+fn raise_fd_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit raised to the hard limit"),
+        Err(e) => tracing::debug!(error = %e, "open file limit not raised"),
     }
 }
 

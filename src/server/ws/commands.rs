@@ -69,9 +69,11 @@ impl CommandCtx {
 }
 
 /// Runs until the socket closes (its sender is dropped).
-pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<ClientFrame>) {
+pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<Box<ClientFrame>>) {
     while let Some(frame) = inbox.recv().await {
-        handle(&mut cx, frame).await;
+        // Boxed so that this task, alive as long as its socket, is small while idle: the
+        // handler's state exists only while a frame is handled.
+        Box::pin(handle(&mut cx, *frame)).await;
     }
     for id in &cx.subscribed {
         if let Some(addr) = cx.state.registry.peek(id) {

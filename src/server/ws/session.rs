@@ -32,7 +32,9 @@ pub struct WsSession {
     sink_id: SinkId,
     heartbeat: Instant,
     max_frame: usize,
-    inbox: Option<mpsc::Sender<ClientFrame>>,
+    /// Boxed: the channel allocates its slots up front in blocks of 32, and a `ClientFrame`
+    /// is a few hundred bytes, which every idle socket would pay for.
+    inbox: Option<mpsc::Sender<Box<ClientFrame>>>,
     /// A fragmented text message being reassembled.
     partial: Option<Vec<u8>>,
 }
@@ -69,7 +71,7 @@ impl WsSession {
             }
         };
         let Some(inbox) = &self.inbox else { return };
-        if inbox.try_send(frame).is_err() {
+        if inbox.try_send(Box::new(frame)).is_err() {
             let err = ApiError::new(
                 ErrorCode::RateLimited,
                 "too many frames in flight on this socket",
