@@ -519,7 +519,11 @@ impl Handler<Subscribe> for ConversationActor {
 /// Sends the stored messages `after < seq <= upto` to `sink`, [`REPLAY_PAGE`] at a time.
 async fn replay(
     store: crate::store::Store,
-    conv: crate::ids::ConversationId, after: u64, upto: u64, sink: Sink) {
+    conv: crate::ids::ConversationId,
+    after: u64,
+    upto: u64,
+    sink: Sink,
+) {
     let mut cursor = after;
     while cursor < upto {
         let (s, c) = (store.clone(), conv.clone());

@@ -979,7 +979,10 @@ async fn a_long_replay_is_paged_whole_and_live_frames_wait_for_it() {
     let mut next = 1;
     while next <= total {
         let f = ws.recv().await;
-        assert_eq!(f["type"], "message", "a live frame before the replay ended: {f}");
+        assert_eq!(
+            f["type"], "message",
+            "a live frame before the replay ended: {f}"
+        );
         assert_eq!(f["seq"], next);
         next += 1;
     }
