@@ -79,6 +79,10 @@ pub struct ConversationActor {
     running: Option<Running>,
     last_active: Instant,
     stopping: bool,
+    /// The actor's own address while it means to live: the registry holds it only weakly, and
+    /// the supervisor restarts a stopped actor (after a panic) only while an address is held.
+    /// Dropped when it stops on purpose (idle, deleted, shut down).
+    keep_alive: Option<Addr<ConversationActor>>,
 }
 
 impl ConversationActor {
@@ -94,6 +98,7 @@ impl ConversationActor {
             running: None,
             last_active: Instant::now(),
             stopping: false,
+            keep_alive: None,
         }
     }
 
@@ -440,6 +445,7 @@ impl ConversationActor {
             // so it ends here unless someone holds its address (a message on its way), in
             // which case the supervisor restarts it and it goes on serving.
             self.deps.metrics.conversation_idle_stops.inc();
+            self.keep_alive = None;
             ctx.stop();
         }
     }
@@ -460,6 +466,7 @@ impl Actor for ConversationActor {
         if self.stopping {
             return;
         }
+        self.keep_alive = Some(ctx.address());
         self.answer_interrupted();
         self.start_next(ctx);
     }
@@ -736,6 +743,7 @@ impl Handler<Shutdown> for ConversationActor {
             self.refuse_queued(&q.client_id, &ApiError::not_found("conversation"));
         }
         self.registry.forget(&self.record.id, &ctx.address());
+        self.keep_alive = None;
         let ended = self.running.as_ref().map(|r| {
             r.cancel.cancel();
             r.ended.clone()
