@@ -1,7 +1,8 @@
-//! Token counting and context trimming at several history sizes.
+//! Token counting at several text sizes. (Trimming stored history is timed end to end, from
+//! storage, by `store/replay` and the turn benches, not here.)
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use parley::tokens::{count, fit_history, ContextBudget, Encoding};
+use parley::tokens::{count, Encoding};
 
 fn paragraph(i: usize) -> String {
     format!(
@@ -26,17 +27,5 @@ fn bench_count(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_trim(c: &mut Criterion) {
-    let mut group = c.benchmark_group("tokens/trim");
-    let budget = ContextBudget::new(8192, 1024);
-    for messages in [10usize, 100, 1_000, 10_000] {
-        let history: Vec<u32> = (0..messages).map(|i| 40 + (i as u32 * 7) % 200).collect();
-        group.bench_with_input(BenchmarkId::from_parameter(messages), &history, |b, h| {
-            b.iter(|| fit_history(budget, Some(120), 80, h.iter().copied()));
-        });
-    }
-    group.finish();
-}
-
-criterion_group!(benches, bench_count, bench_trim);
+criterion_group!(benches, bench_count);
 criterion_main!(benches);

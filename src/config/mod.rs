@@ -194,8 +194,8 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     /// The store's page cache, in MiB (sled's own default is 1 GiB).
     pub cache_mb: u64,
-    /// Days a raw usage record is kept; reports read per-minute roll-ups, which stay.
-    /// 0 keeps no raw records at all.
+    /// Days a raw usage record is kept (in daily files, removed whole); reports read
+    /// per-minute roll-ups, which stay. 0 keeps no raw records at all.
     pub usage_retention_days: u32,
 }
 
@@ -203,7 +203,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             cache_mb: 16,
-            usage_retention_days: 7,
+            usage_retention_days: 1,
         }
     }
 }

@@ -17,7 +17,6 @@ use super::messages::{
     Cancel, KeyRevoked, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
     Update,
 };
-use super::registry::Registry;
 use super::turn::{self, failed_reply, outcome_frame, TurnInput};
 use super::Deps;
 use crate::domain::{FinishReason, Message, Role};
@@ -73,7 +72,6 @@ pub struct ConversationActor {
     record: ConversationRecord,
     encoding: Encoding,
     deps: Arc<Deps>,
-    registry: Registry,
     fanout: Fanout,
     queue: VecDeque<Queued>,
     running: Option<Running>,
@@ -86,13 +84,12 @@ pub struct ConversationActor {
 }
 
 impl ConversationActor {
-    pub fn new(record: ConversationRecord, deps: Arc<Deps>, registry: Registry) -> Self {
+    pub fn new(record: ConversationRecord, deps: Arc<Deps>) -> Self {
         let encoding = deps.router.encoding(&record.model);
         Self {
             record,
             encoding,
             deps,
-            registry,
             fanout: Fanout::default(),
             queue: VecDeque::new(),
             running: None,
@@ -742,7 +739,7 @@ impl Handler<Shutdown> for ConversationActor {
         for q in std::mem::take(&mut self.queue) {
             self.refuse_queued(&q.client_id, &ApiError::not_found("conversation"));
         }
-        self.registry.forget(&self.record.id, &ctx.address());
+        // The registry has already let go of it (`Registry::delete`).
         self.keep_alive = None;
         let ended = self.running.as_ref().map(|r| {
             r.cancel.cancel();

@@ -163,10 +163,9 @@ impl Registry {
             .get(i)
             .cloned()
             .unwrap_or_else(Arbiter::current);
-        let (deps, registry) = (Arc::clone(&self.inner.deps), self.clone());
-        let addr = Supervisor::start_in_arbiter(&arbiter, move |_| {
-            ConversationActor::new(record, deps, registry)
-        });
+        let deps = Arc::clone(&self.inner.deps);
+        let addr =
+            Supervisor::start_in_arbiter(&arbiter, move |_| ConversationActor::new(record, deps));
         actors.insert(id.clone(), addr.downgrade());
         Ok(Live { addr, model })
     }
@@ -206,14 +205,6 @@ impl Registry {
     /// The live actor of a conversation, without starting one.
     pub fn peek(&self, id: &ConversationId) -> Option<Addr<ConversationActor>> {
         self.inner.actors.lock().get(id).and_then(alive)
-    }
-
-    /// Forgets `addr` as the actor of `id` (only if it still is).
-    pub(super) fn forget(&self, id: &ConversationId, addr: &Addr<ConversationActor>) {
-        let mut actors = self.inner.actors.lock();
-        if actors.get(id).and_then(alive).as_ref() == Some(addr) {
-            actors.remove(id);
-        }
     }
 
     /// Number of live conversation actors.

@@ -9,6 +9,7 @@
 
 pub mod generator;
 mod server;
+pub(crate) use server::embed;
 mod tools;
 
 use std::collections::VecDeque;

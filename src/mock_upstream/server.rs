@@ -266,8 +266,9 @@ async fn embeddings(state: web::Data<MockState>, body: web::Json<Value>) -> Http
                                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
 }
 
-/// A deterministic unit vector of 64 dimensions from hashed words.
-fn embed(seed: u64, text: &str) -> Vec<f32> {
+/// A deterministic unit vector of 64 dimensions from hashed words (the mock's embeddings, over
+/// HTTP and in-process alike).
+pub(crate) fn embed(seed: u64, text: &str) -> Vec<f32> {
     let mut v = vec![0f32; 64];
     for word in text.split_whitespace() {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;

@@ -53,10 +53,10 @@ impl Backend {
     ) {
         match self {
             Self::OpenAi(c) => c.embed(model, texts).await,
-            Self::Mock(_) => {
+            Self::Mock(m) => {
                 let v = texts
                     .iter()
-                    .map(|t| crate::cache::embed::Builtin::vector(t))
+                    .map(|t| crate::mock_upstream::embed(m.seed(), t))
                     .collect();
                 (Ok((v, None)), RateHeaders::default())
             }

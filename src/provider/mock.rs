@@ -38,6 +38,11 @@ impl MockBackend {
         }
     }
 
+    /// The seed its replies (and embeddings) are drawn from.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
         let plan = generator::plan_request(self.seed, &mock_request(&req));
         let ttft = plan.ttft.unwrap_or(self.ttft);

@@ -1,4 +1,5 @@
-//! The only module that touches sled: typed trees, key encoding, durable appends, flush.
+//! The only module that touches storage: sled's typed trees, key encoding, durable appends,
+//! flush, and the daily files of raw usage records.
 //!
 //! Trees:
 //! - `conversations`: conversation id → [`ConversationRecord`]
@@ -10,6 +11,8 @@
 //!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`)
 //! - `responses`, `responses_by_conversation`: Responses API records (see `responses.rs`)
 //! - `tenant_conversations`: tenant → how many conversations it keeps
+//! - `usage_rollups`, `usage_totals`: per-minute usage and per-key period totals; raw usage
+//!   records go to daily files beside the trees (see `usage.rs`)
 //!
 //! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
 //! message the caller acknowledges has reached the disk.
@@ -32,7 +35,7 @@ pub use records::{
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
 };
 pub use responses::ResponseRecord;
-pub use usage::{periods, Rollup, RollupKey, LOG_CHUNK};
+pub use usage::{periods, Rollup, RollupKey};
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};
@@ -94,7 +97,8 @@ pub struct Store {
     client_ids: sled::Tree,
     keys: sled::Tree,
     key_ids: sled::Tree,
-    usage_log: sled::Tree,
+    /// Raw usage records, one file per UTC day (`<data_dir>/usage`).
+    usage_dir: std::path::PathBuf,
     usage_rollups: sled::Tree,
     usage_totals: sled::Tree,
     prompts: sled::Tree,
@@ -135,7 +139,7 @@ impl Store {
             client_ids: db.open_tree("client_ids")?,
             keys: db.open_tree("keys")?,
             key_ids: db.open_tree("key_ids")?,
-            usage_log: db.open_tree("usage_log")?,
+            usage_dir: dir.join("usage"),
             usage_rollups: db.open_tree("usage_rollups")?,
             usage_totals: db.open_tree("usage_totals")?,
             prompts: db.open_tree("prompts")?,

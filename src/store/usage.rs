@@ -1,9 +1,10 @@
 //! Usage: raw records for a bounded retention, per-minute roll-ups that reports read, and
 //! per-key period totals that quotas read.
 //!
-//! - `usage_log`: ts_ms (i64 BE, offset) ‖ n (u32 BE) → up to [`LOG_CHUNK`] [`UsageRecord`]s
-//!   of one batch, the key's time being the newest of them. One write per chunk, not per
-//!   record; time first, so expiry is one range delete from the start of the tree.
+//! - raw records: not in sled but appended, one JSON line each, to a file per UTC day
+//!   (`<data_dir>/usage/2026-11-30.jsonl`), synced once per batch; expiry deletes whole days.
+//!   Kept in sled, hundreds of bytes per request would grow its in-memory structures with
+//!   every request served.
 //! - `usage_rollups`: tenant ‖ 0 ‖ minute (i64 BE, offset, ms) ‖ key id ‖ 0 ‖ model ‖ 0 ‖
 //!   conversation → [`Rollup`]: what one key spent on one model in one conversation (or none)
 //!   in one minute. At a steady 1 000 requests/s of one key and model that is one row a minute.
@@ -13,26 +14,13 @@
 //! read-modify-written by it alone, so no transaction is needed.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use super::{decode, encode, PeriodTotal, Store, StoreError, UsageRecord};
 use crate::ids::{ConversationId, TenantId};
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
 const MINUTE_MS: i64 = 60_000;
-
-/// Raw records stored under one key.
-pub const LOG_CHUNK: usize = 256;
-
-/// How much older than the newest record of its chunk a record may be (it waited in the
-/// writer's queue): range reads look this far past their end.
-const CHUNK_SPREAD_MS: i64 = 3_600_000;
-
-/// Chunks removed per batch when expiring, so one sweep never holds a huge batch.
-const EXPIRE_BATCH: usize = 1024;
 
 fn time_bytes(ts_ms: i64) -> [u8; 8] {
     // Offset so that the big-endian bytes of negative times still sort before positive ones.
@@ -42,13 +30,6 @@ fn time_bytes(ts_ms: i64) -> [u8; 8] {
 fn time_from(bytes: &[u8]) -> Option<i64> {
     let raw: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
     Some((u64::from_be_bytes(raw) ^ (1 << 63)) as i64)
-}
-
-fn log_key(ts_ms: i64, n: u32) -> [u8; 12] {
-    let mut key = [0; 12];
-    key[..8].copy_from_slice(&time_bytes(ts_ms));
-    key[8..].copy_from_slice(&n.to_be_bytes());
-    key
 }
 
 fn total_key(key_id: &str, period: &str) -> Vec<u8> {
@@ -68,15 +49,54 @@ pub fn periods(ts_ms: i64) -> (String, String) {
     )
 }
 
-/// The chunks of raw records of one batch, each filed under its newest record's time.
-fn log_batch(records: &[UsageRecord]) -> Result<sled::Batch, StoreError> {
-    let mut batch = sled::Batch::default();
-    for chunk in records.chunks(LOG_CHUNK) {
-        let newest = chunk.iter().map(|r| r.ts_ms).max().unwrap_or(0);
-        let n = SEQ.fetch_add(1, Ordering::Relaxed);
-        batch.insert(&log_key(newest, n)[..], encode(&chunk)?);
+const DAY_MS: i64 = 86_400_000;
+
+/// `2026-11-30` for day number `day` since the epoch.
+fn day_name(day: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(day * DAY_MS)
+        .unwrap_or_default()
+        .format("%Y-%m-%d")
+        .to_string()
+}
+
+fn io(e: std::io::Error) -> StoreError {
+    StoreError::Task(format!("usage file: {e}"))
+}
+
+/// The JSON lines of `records`, grouped by UTC day.
+fn raw_lines(
+    records: &[UsageRecord],
+) -> Result<std::collections::BTreeMap<i64, Vec<u8>>, StoreError> {
+    let mut days: std::collections::BTreeMap<i64, Vec<u8>> = Default::default();
+    for r in records {
+        let buf = days.entry(r.ts_ms.div_euclid(DAY_MS)).or_default();
+        buf.extend_from_slice(&encode(r)?);
+        buf.push(b'\n');
     }
-    Ok(batch)
+    Ok(days)
+}
+
+/// Appends each day's lines to its file in `dir` and syncs it.
+fn write_raw(
+    dir: &std::path::Path,
+    days: std::collections::BTreeMap<i64, Vec<u8>>,
+) -> Result<(), StoreError> {
+    use std::io::Write;
+    if days.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(io)?;
+    for (day, buf) in days {
+        let path = dir.join(format!("{}.jsonl", day_name(day)));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io)?;
+        f.write_all(&buf).map_err(io)?;
+        f.sync_data().map_err(io)?;
+    }
+    Ok(())
 }
 
 /// What a roll-up row is about: one tenant's key, model and conversation in one minute.
@@ -197,7 +217,7 @@ impl Store {
         keep_raw: bool,
     ) -> Result<(), StoreError> {
         if keep_raw {
-            self.usage_log.apply_batch(log_batch(records)?)?;
+            self.append_raw(records).await?;
         }
         let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
         let mut totals: HashMap<Vec<u8>, PeriodTotal> = HashMap::new();
@@ -249,10 +269,11 @@ impl Store {
     }
 
     /// Raw usage records with `from_ms <= ts < to_ms`, of one tenant or of all, at most
-    /// `limit`, oldest first. Only records within the retention are still there.
+    /// `limit`, oldest first. Only records within the retention are still there. Reads files:
+    /// call it off the async threads.
     ///
     /// # Errors
-    /// Storage failures or corrupt records.
+    /// Unreadable files or corrupt records.
     pub fn usage_between(
         &self,
         tenant: Option<&TenantId>,
@@ -261,21 +282,15 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<UsageRecord>, StoreError> {
         let mut out = Vec::new();
-        if from_ms >= to_ms {
-            return Ok(out);
-        }
-        // A chunk is filed under its newest record, so every record from `from_ms` on is in a
-        // chunk filed at or after it, and one before `to_ms` may be filed a little after.
-        let end = to_ms.saturating_add(CHUNK_SPREAD_MS);
-        for kv in self
-            .usage_log
-            .range(time_bytes(from_ms).to_vec()..time_bytes(end).to_vec())
-        {
-            let chunk: Vec<UsageRecord> = decode("usage_log", "<usage>", &kv?.1)?;
-            for r in chunk {
-                if out.len() >= limit {
-                    return Ok(out);
-                }
+        for (day, path) in self.raw_days()? {
+            // A day's file holds the records of that UTC day (and a few late ones after it).
+            let day_start = day * DAY_MS;
+            if day_start >= to_ms || day_start + 2 * DAY_MS <= from_ms {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).map_err(io)?;
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let r: UsageRecord = decode("usage", "<raw usage>", line.as_bytes())?;
                 let wanted = r.ts_ms >= from_ms && r.ts_ms < to_ms;
                 if wanted && tenant.is_none_or(|t| *t == r.tenant) {
                     out.push(r);
@@ -283,7 +298,43 @@ impl Store {
             }
         }
         out.sort_by_key(|r| r.ts_ms);
+        out.truncate(limit);
         Ok(out)
+    }
+
+    /// Appends `records` to their days' files and syncs them, on the blocking pool.
+    async fn append_raw(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        let lines = raw_lines(records)?;
+        let dir = self.usage_dir.clone();
+        match tokio::task::spawn_blocking(move || write_raw(&dir, lines)).await {
+            Ok(written) => written,
+            Err(e) => Err(StoreError::Task(e.to_string())),
+        }
+    }
+
+    /// The days that have a raw usage file, oldest first (day number since the epoch, path).
+    fn raw_days(&self) -> Result<Vec<(i64, std::path::PathBuf)>, StoreError> {
+        let entries = match std::fs::read_dir(&self.usage_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut days = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(io)?.path();
+            let day = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+                .and_then(|d| d.and_hms_opt(0, 0, 0))
+                .map(|t| t.and_utc().timestamp_millis().div_euclid(DAY_MS));
+            if let Some(day) = day {
+                days.push((day, path));
+            }
+        }
+        days.sort();
+        Ok(days)
     }
 
     /// Feeds every roll-up of a minute in `[from_ms, to_ms)` (a minute counts when it starts
@@ -325,32 +376,20 @@ impl Store {
         Ok(())
     }
 
-    /// Removes the raw usage records older than `before_ms` (whole chunks, filed by their
-    /// newest record); answers how many chunks went.
+    /// Removes the raw usage records of the days that ended before `before_ms`; answers how
+    /// many days' files went.
     ///
     /// # Errors
-    /// Storage failures.
+    /// Files that cannot be removed.
     pub fn expire_usage(&self, before_ms: i64) -> Result<usize, StoreError> {
-        let end = time_bytes(before_ms);
         let mut removed = 0;
-        loop {
-            let mut batch = sled::Batch::default();
-            let mut n = 0;
-            for k in self
-                .usage_log
-                .range(..end.to_vec())
-                .keys()
-                .take(EXPIRE_BATCH)
-            {
-                batch.remove(k?);
-                n += 1;
+        for (day, path) in self.raw_days()? {
+            if (day + 1) * DAY_MS <= before_ms {
+                std::fs::remove_file(path).map_err(io)?;
+                removed += 1;
             }
-            if n == 0 {
-                return Ok(removed);
-            }
-            self.usage_log.apply_batch(batch)?;
-            removed += n;
         }
+        Ok(removed)
     }
 
     /// Moves the records of the tenant-first `usage` tree of older versions into the log and
@@ -366,12 +405,14 @@ impl Store {
             let r: UsageRecord = decode("usage", "<usage>", &v)?;
             records.push((k, r));
             if records.len() == 1024 {
-                self.migrate_batch(old, &mut records)?;
+                let raw = self.migrate_batch(old, &mut records)?;
+                write_raw(&self.usage_dir, raw_lines(&raw)?)?;
                 moved += 1024;
             }
         }
         moved += records.len();
-        self.migrate_batch(old, &mut records)?;
+        let raw = self.migrate_batch(old, &mut records)?;
+        write_raw(&self.usage_dir, raw_lines(&raw)?)?;
         tracing::info!(
             records = moved,
             "usage records moved to the usage log and roll-ups"
@@ -383,7 +424,7 @@ impl Store {
         &self,
         old: &sled::Tree,
         records: &mut Vec<(sled::IVec, UsageRecord)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<UsageRecord>, StoreError> {
         let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
         let mut gone = sled::Batch::default();
         let mut moved = Vec::with_capacity(records.len());
@@ -392,7 +433,6 @@ impl Store {
             gone.remove(k);
             moved.push(r);
         }
-        let log = log_batch(&moved)?;
         let mut batch = sled::Batch::default();
         for (key, add) in rollups {
             let k = key.encode();
@@ -403,10 +443,9 @@ impl Store {
             row.merge(&add);
             batch.insert(k, encode(&row)?);
         }
-        self.usage_log.apply_batch(log)?;
         self.usage_rollups.apply_batch(batch)?;
         old.apply_batch(gone)?;
-        Ok(())
+        Ok(moved)
     }
 }
 

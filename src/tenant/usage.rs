@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::store::{Rollup, RollupKey, Store, UsageRecord};
 
-/// Records written together (one flush), in chunks of [`crate::store::LOG_CHUNK`].
+/// Records written together (one flush).
 pub const BATCH: usize = 4096;
 /// The longest a record waits before its batch is written.
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(100);
