@@ -174,6 +174,10 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     })
     // Streamed deltas are small writes: without NODELAY, Nagle holds each one for the peer's ACK.
     .tcp_nodelay(true)
+    // A WebSocket's request body is never read to its end, so when the socket closes actix
+    // would linger for the peer (up to a second by default) before closing the connection,
+    // and a client waiting for the TCP close would wait that long. Close at once.
+    .client_disconnect_timeout(std::time::Duration::ZERO)
     .listen(listener)?
     .disable_signals()
     .shutdown_timeout(config.server.shutdown_timeout_secs);

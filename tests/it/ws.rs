@@ -992,3 +992,31 @@ async fn a_long_replay_is_paged_whole_and_live_frames_wait_for_it() {
     assert_eq!(live[0]["seq"], total + 1);
     assert_eq!(live.last().unwrap()["seq"], total + 2);
 }
+
+/// A close handshake ends the TCP connection at once: a client that waits for the server's
+/// close (as RFC 6455 has clients do) is not held for a linger timeout.
+#[tokio::test]
+async fn a_closed_socket_ends_its_connection_at_once() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    let server = TestServer::start(config_with(None));
+    for _ in 0..3 {
+        let mut ws = Ws::connect(&server, None).await;
+        ws.create("mock").await;
+        let begun = std::time::Instant::now();
+        ws.stream
+            .close(Some(CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await
+            .unwrap();
+        // The server's close frame, then the end of the stream (its TCP close).
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(TIMEOUT, ws.stream.next()).await {}
+        let took = begun.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(300),
+            "the connection ended {took:?} after the close"
+        );
+    }
+}
