@@ -712,3 +712,70 @@ async fn tool_result_fields_on_a_user_message_are_refused() {
     }
     assert!(messages(&server, None, &conv).await.is_empty());
 }
+
+/// Log volume does not follow abusive traffic: requests refused as the client's fault (4xx)
+/// log nothing above debug, and a failed request logs one ERROR line (besides the router's
+/// warnings about each upstream attempt, which speak of the upstream's health).
+#[tokio::test]
+async fn client_errors_log_nothing_and_a_server_error_logs_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = BinServer::start(MOCK_ONLY, tmp.path(), &[]);
+    let c = http();
+    let noisy = |log: &[String]| {
+        log.iter()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let before = noisy(&bin.log.lock().unwrap()).len();
+    for i in 0..50 {
+        let url = bin.url("/v1/chat/completions");
+        let statuses = [
+            c.post(&url)
+                .header("content-type", "application/json")
+                .body("{not json")
+                .send()
+                .await,
+            c.post(&url)
+                .json(&json!({"model": "nope", "messages": []}))
+                .send()
+                .await,
+            c.post(&url)
+                .json(&json!({"model": "mock", "messages": 3}))
+                .send()
+                .await,
+            c.get(&url).send().await,
+            c.get(bin.url(&format!("/v1/no/such/path/{i}")))
+                .send()
+                .await,
+        ];
+        for s in statuses {
+            assert!(s.unwrap().status().is_client_error());
+        }
+    }
+    // One request the upstream fails: a 5xx, logged once.
+    let r = c
+        .post(bin.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock", "messages": [{"role": "user", "content": "x [[mock:status=500]]"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_server_error(), "{}", r.status());
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let lines = loop {
+        let lines = noisy(&bin.log.lock().unwrap());
+        if lines.iter().any(|l| l.contains(" ERROR ")) || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let new = &lines[before..];
+    let errors: Vec<_> = new.iter().filter(|l| l.contains(" ERROR ")).collect();
+    assert_eq!(errors.len(), 1, "{new:#?}");
+    assert!(errors[0].contains("upstream_error"), "{new:#?}");
+    assert!(
+        new.iter()
+            .all(|l| l.contains(" ERROR ") || l.contains("parley::provider::router")),
+        "{new:#?}"
+    );
+}
