@@ -33,6 +33,9 @@ pub struct Registry {
 struct Inner {
     deps: Arc<Deps>,
     actors: Mutex<HashMap<ConversationId, WeakAddr<ConversationActor>>>,
+    /// Conversations being deleted: no actor is started for them meanwhile (always locked
+    /// after `actors`).
+    deleting: Mutex<std::collections::HashSet<ConversationId>>,
     arbiters: Vec<ArbiterHandle>,
     next: AtomicUsize,
 }
@@ -48,6 +51,26 @@ fn alive(weak: &WeakAddr<ConversationActor>) -> Option<Addr<ConversationActor>> 
 pub struct Live {
     pub addr: Addr<ConversationActor>,
     pub model: String,
+}
+
+impl Live {
+    /// Sends `msg` and waits for its answer. A closed mailbox means the actor stopped for
+    /// good (an actor that means to live is restarted by its supervisor): its conversation
+    /// was deleted meanwhile, or the server is shutting down, so the answer is `not_found`.
+    ///
+    /// # Errors
+    /// The actor's own refusal, or `not_found`.
+    pub async fn ask<M, R>(&self, msg: M) -> Result<R, ApiError>
+    where
+        M: Message<Result = Result<R, ApiError>> + Send + 'static,
+        R: Send + 'static,
+        ConversationActor: Handler<M>,
+    {
+        match self.addr.send(msg).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ApiError::not_found("conversation")),
+        }
+    }
 }
 
 /// What a client gives to create a conversation.
@@ -71,6 +94,7 @@ impl Registry {
             inner: Arc::new(Inner {
                 deps,
                 actors: Mutex::new(HashMap::new()),
+                deleting: Mutex::new(std::collections::HashSet::new()),
                 arbiters,
                 next: AtomicUsize::new(0),
             }),
@@ -152,6 +176,9 @@ impl Registry {
         if let Some(addr) = actors.get(id).and_then(alive) {
             return Ok(Live { addr, model });
         }
+        if self.inner.deleting.lock().contains(id) {
+            return Err(ApiError::not_found("conversation"));
+        }
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
             actors.retain(|_, weak| alive(weak).is_some());
@@ -176,13 +203,19 @@ impl Registry {
     /// `not_found` as for [`Registry::get`]; storage failures.
     pub async fn delete(&self, id: &ConversationId, tenant: &TenantId) -> Result<(), ApiError> {
         self.deps().store.owned_conversation(id, tenant)?;
-        let live = self.inner.actors.lock().remove(id);
+        let live = {
+            // Atomically with `get`: from here on no caller starts a new actor for it.
+            let mut actors = self.inner.actors.lock();
+            self.inner.deleting.lock().insert(id.clone());
+            actors.remove(id)
+        };
         if let Some(addr) = live.as_ref().and_then(alive) {
             // A stopped actor has nothing to wait for.
             let _ = addr.send(Shutdown).await;
         }
-        let cached = self.deps().store.delete_conversation(id).await?;
-        self.deps().cache.forget(cached);
+        let deleted = self.deps().store.delete_conversation(id).await;
+        self.inner.deleting.lock().remove(id);
+        self.deps().cache.forget(deleted?);
         Ok(())
     }
 

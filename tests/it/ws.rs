@@ -883,6 +883,12 @@ async fn deleting_a_conversation_answers_its_queued_turns() {
     let mut refused = Vec::new();
     while refused.len() < 2 {
         let f = ws.recv().await;
+        // Nothing of a queued turn runs once its conversation is being deleted (no new actor
+        // is started for it meanwhile).
+        assert_ne!(
+            f["type"], "ack",
+            "a turn was accepted after the delete: {f}"
+        );
         if f["type"] == "error" && f["code"] == "not_found" {
             refused.push(f["client_id"].as_str().unwrap_or_default().to_owned());
         }

@@ -234,7 +234,7 @@ pub async fn post_message(
         listener: Some(listener),
         principal: p,
     };
-    live.addr.send(post).await??;
+    live.ask(post).await?;
     if body.stream {
         Ok(sse::response(turn_events(rx)))
     } else {

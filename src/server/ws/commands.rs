@@ -223,13 +223,12 @@ async fn subscribe(
     after_seq: Option<u64>,
 ) -> Result<(), ApiError> {
     let live = cx.state.registry.get(id, &cx.principal.tenant)?;
-    live.addr
-        .send(Subscribe {
-            sink_id: cx.sink_id,
-            sink: cx.sink(),
-            after_seq,
-        })
-        .await??;
+    live.ask(Subscribe {
+        sink_id: cx.sink_id,
+        sink: cx.sink(),
+        after_seq,
+    })
+    .await?;
     cx.subscribed.insert(id.clone());
     Ok(())
 }
@@ -246,12 +245,11 @@ async fn update(
         None => None,
     };
     let rec = live
-        .addr
-        .send(Update {
+        .ask(Update {
             tools,
             tool_choice: tool_choice.map(|c| Some(c.0)),
         })
-        .await??;
+        .await?;
     cx.send(&ServerFrame::Updated {
         conversation: rec.id,
         tools: rec.tools.len(),
@@ -271,17 +269,16 @@ async fn post(
         .check_model(options.model.as_deref().unwrap_or(&live.model))?;
     let tokens = tokens::content_tokens(cx.state.router().encoding(&live.model), &message).await;
     let listener = Some((cx.sink_id, cx.sink(), Scope::Conversation));
-    live.addr
-        .send(PostUserMessage {
-            client_id,
-            message,
-            history: Vec::new(),
-            tokens,
-            options,
-            listener,
-            principal: cx.principal.clone(),
-        })
-        .await??;
+    live.ask(PostUserMessage {
+        client_id,
+        message,
+        history: Vec::new(),
+        tokens,
+        options,
+        listener,
+        principal: cx.principal.clone(),
+    })
+    .await?;
     cx.subscribed.insert(id.clone());
     Ok(())
 }

@@ -304,7 +304,7 @@ pub(super) async fn post_all(
     };
     for (i, m) in posts.results.into_iter().enumerate() {
         let msg = post(format!("{}/{i}", rec.id), m, Vec::new(), None).await;
-        live.addr.send(msg).await??;
+        live.ask(msg).await?;
     }
     let mut history = Vec::with_capacity(posts.history.len());
     for m in posts.history {
@@ -318,6 +318,6 @@ pub(super) async fn post_all(
         Scope::Turn(rec.id.clone()),
     );
     let msg = post(rec.id.clone(), posts.last, history, Some(listener)).await;
-    live.addr.send(msg).await??;
+    live.ask(msg).await?;
     Ok(rx)
 }
