@@ -66,23 +66,19 @@ pub struct Fanout {
 
 impl Fanout {
     pub fn add(&self, id: SinkId, sink: Sink, scope: Scope) {
-        let sub = Subscriber {
-            sink,
-            scope,
-            held: None,
-        };
-        self.inner.lock().insert(id, sub);
+        self.insert(id, sink, scope, None);
     }
 
     /// Adds a subscriber whose replay is still to come: its live frames are held back until
     /// [`Fanout::release`].
     pub fn add_held(&self, id: SinkId, sink: Sink) {
-        let sub = Subscriber {
-            sink,
-            scope: Scope::Conversation,
-            held: Some(Vec::new()),
-        };
-        self.inner.lock().insert(id, sub);
+        self.insert(id, sink, Scope::Conversation, Some(Vec::new()));
+    }
+
+    fn insert(&self, id: SinkId, sink: Sink, scope: Scope, held: Option<Vec<Outbound>>) {
+        self.inner
+            .lock()
+            .insert(id, Subscriber { sink, scope, held });
     }
 
     /// The replay of `id` has been delivered: the frames held back follow, then live ones.

@@ -225,17 +225,6 @@ impl Sink {
         }
     }
 
-    /// Delivers a replay frame: a socket takes it past its mailbox capacity, since the replay is
-    /// bounded by what is stored and must not be cut short.
-    pub fn deliver_replay(&self, out: &Outbound) {
-        match self {
-            Self::Socket(r) => r.do_send(out.clone()),
-            Self::Channel(tx) => {
-                let _ = tx.try_send(out.clone());
-            }
-        }
-    }
-
     /// Delivers a replay frame once the listener has room for it (a long replay keeps pace
     /// with the socket instead of piling up in its mailbox); `false` when the listener is gone.
     pub async fn deliver_paced(&self, out: &Outbound) -> bool {

@@ -182,15 +182,18 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    fn add(&mut self, r: &UsageRecord) {
-        self.requests += 1;
-        self.cached_requests += u64::from(r.cached);
-        self.prompt_tokens += u64::from(r.prompt_tokens);
-        self.completion_tokens += u64::from(r.completion_tokens);
-        self.cost += r.cost;
-        self.trimmed_tokens += u64::from(r.trimmed_tokens);
-        self.saved_tokens += u64::from(r.saved_tokens);
-        self.saved_cost += r.saved_cost;
+    /// The roll-up of one record.
+    fn of(r: &UsageRecord) -> Self {
+        Self {
+            requests: 1,
+            cached_requests: u64::from(r.cached),
+            prompt_tokens: u64::from(r.prompt_tokens),
+            completion_tokens: u64::from(r.completion_tokens),
+            cost: r.cost,
+            trimmed_tokens: u64::from(r.trimmed_tokens),
+            saved_tokens: u64::from(r.saved_tokens),
+            saved_cost: r.saved_cost,
+        }
     }
 
     fn merge(&mut self, o: &Rollup) {
@@ -219,10 +222,9 @@ impl Store {
         if keep_raw {
             self.append_raw(records).await?;
         }
-        let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
+        self.add_to_rollups(records)?;
         let mut totals: HashMap<Vec<u8>, PeriodTotal> = HashMap::new();
         for r in records {
-            rollups.entry(RollupKey::of(r)).or_default().add(r);
             let Some(key_id) = &r.key_id else { continue };
             let (day, month) = periods(r.ts_ms);
             for period in [day, month] {
@@ -231,17 +233,6 @@ impl Store {
                 t.spend += r.cost;
             }
         }
-        let mut batch = sled::Batch::default();
-        for (key, add) in rollups {
-            let k = key.encode();
-            let mut row: Rollup = match self.usage_rollups.get(&k)? {
-                Some(v) => decode("usage_rollups", "<rollup>", &v)?,
-                None => Rollup::default(),
-            };
-            row.merge(&add);
-            batch.insert(k, encode(&row)?);
-        }
-        self.usage_rollups.apply_batch(batch)?;
         let mut batch = sled::Batch::default();
         for (k, add) in totals {
             let mut total = self.period_total_raw(&k)?;
@@ -268,8 +259,8 @@ impl Store {
         self.period_total_raw(&total_key(key_id, period))
     }
 
-    /// Raw usage records with `from_ms <= ts < to_ms`, of one tenant or of all, at most
-    /// `limit`, oldest first. Only records within the retention are still there. Reads files:
+    /// Raw usage records with `from_ms <= ts < to_ms`, of one tenant or of all: the first
+    /// `limit` in the files' (batch) order, returned oldest first. Only records within the retention are still there. Reads files:
     /// call it off the async threads.
     ///
     /// # Errors
@@ -288,17 +279,27 @@ impl Store {
             if day_start >= to_ms || day_start + 2 * DAY_MS <= from_ms {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).map_err(io)?;
-            for line in text.lines().filter(|l| !l.is_empty()) {
+            // Line by line: a day's file can be far larger than memory.
+            let file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
+            for line in std::io::BufRead::lines(file) {
+                let line = line.map_err(io)?;
+                if line.is_empty() {
+                    continue;
+                }
                 let r: UsageRecord = decode("usage", "<raw usage>", line.as_bytes())?;
                 let wanted = r.ts_ms >= from_ms && r.ts_ms < to_ms;
                 if wanted && tenant.is_none_or(|t| *t == r.tenant) {
                     out.push(r);
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
+            }
+            if out.len() >= limit {
+                break;
             }
         }
         out.sort_by_key(|r| r.ts_ms);
-        out.truncate(limit);
         Ok(out)
     }
 
@@ -425,13 +426,25 @@ impl Store {
         old: &sled::Tree,
         records: &mut Vec<(sled::IVec, UsageRecord)>,
     ) -> Result<Vec<UsageRecord>, StoreError> {
-        let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
         let mut gone = sled::Batch::default();
         let mut moved = Vec::with_capacity(records.len());
         for (k, r) in records.drain(..) {
-            rollups.entry(RollupKey::of(&r)).or_default().add(&r);
             gone.remove(k);
             moved.push(r);
+        }
+        self.add_to_rollups(&moved)?;
+        old.apply_batch(gone)?;
+        Ok(moved)
+    }
+
+    /// Adds `records` to their minutes' roll-ups: one read-modify-write per row they touch.
+    fn add_to_rollups(&self, records: &[UsageRecord]) -> Result<(), StoreError> {
+        let mut rollups: HashMap<RollupKey, Rollup> = HashMap::new();
+        for r in records {
+            rollups
+                .entry(RollupKey::of(r))
+                .or_default()
+                .merge(&Rollup::of(r));
         }
         let mut batch = sled::Batch::default();
         for (key, add) in rollups {
@@ -444,8 +457,7 @@ impl Store {
             batch.insert(k, encode(&row)?);
         }
         self.usage_rollups.apply_batch(batch)?;
-        old.apply_batch(gone)?;
-        Ok(moved)
+        Ok(())
     }
 }
 

@@ -168,6 +168,21 @@ pub struct UsageRow {
     pub saved_cost: f64,
 }
 
+impl UsageRow {
+    /// Adds `o`'s figures to this row's (its group stays).
+    pub fn add(&mut self, o: &UsageRow) {
+        self.requests += o.requests;
+        self.cached_requests += o.cached_requests;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.total_tokens += o.total_tokens;
+        self.cost += o.cost;
+        self.trimmed_tokens += o.trimmed_tokens;
+        self.saved_tokens += o.saved_tokens;
+        self.saved_cost += o.saved_cost;
+    }
+}
+
 /// The report rows of one tenant (or all) over `[from_ms, to_ms)`, read from the per-minute
 /// roll-ups (a minute counts when it starts in the range). Scans storage: call it off the
 /// async threads.
@@ -223,15 +238,18 @@ impl Aggregator {
             group,
             ..UsageRow::default()
         });
-        row.requests += r.requests;
-        row.cached_requests += r.cached_requests;
-        row.prompt_tokens += r.prompt_tokens;
-        row.completion_tokens += r.completion_tokens;
-        row.total_tokens += r.prompt_tokens + r.completion_tokens;
-        row.cost += r.cost;
-        row.trimmed_tokens += r.trimmed_tokens;
-        row.saved_tokens += r.saved_tokens;
-        row.saved_cost += r.saved_cost;
+        row.add(&UsageRow {
+            group: String::new(),
+            requests: r.requests,
+            cached_requests: r.cached_requests,
+            prompt_tokens: r.prompt_tokens,
+            completion_tokens: r.completion_tokens,
+            total_tokens: r.prompt_tokens + r.completion_tokens,
+            cost: r.cost,
+            trimmed_tokens: r.trimmed_tokens,
+            saved_tokens: r.saved_tokens,
+            saved_cost: r.saved_cost,
+        });
     }
 }
 

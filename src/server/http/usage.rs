@@ -92,17 +92,7 @@ fn total(rows: &[UsageRow]) -> UsageRow {
         group: "total".into(),
         ..UsageRow::default()
     };
-    for r in rows {
-        t.requests += r.requests;
-        t.cached_requests += r.cached_requests;
-        t.prompt_tokens += r.prompt_tokens;
-        t.completion_tokens += r.completion_tokens;
-        t.total_tokens += r.total_tokens;
-        t.cost += r.cost;
-        t.trimmed_tokens += r.trimmed_tokens;
-        t.saved_tokens += r.saved_tokens;
-        t.saved_cost += r.saved_cost;
-    }
+    rows.iter().for_each(|r| t.add(r));
     t
 }
 
