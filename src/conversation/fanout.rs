@@ -49,10 +49,7 @@ impl Subscriber {
                 true
             }
             Some(_) => {
-                self.sink.deliver(&Outbound::Close {
-                    code: super::frames::CLOSE_LAGGING,
-                    reason: "subscriber fell behind",
-                });
+                self.sink.close_lagging();
                 false
             }
         }

@@ -212,16 +212,27 @@ impl Sink {
             Self::Socket(r) => match r.try_send(out.clone()) {
                 Ok(()) => true,
                 Err(SendError::Full(_)) => {
-                    // Beyond capacity on purpose: a close notice must reach a lagging socket.
-                    r.do_send(Outbound::Close {
-                        code: CLOSE_LAGGING,
-                        reason: "subscriber fell behind",
-                    });
+                    self.close_lagging();
                     false
                 }
                 Err(SendError::Closed(_)) => false,
             },
             Self::Channel(tx) => tx.try_send(out.clone()).is_ok(),
+        }
+    }
+
+    /// Tells the listener it fell behind and is dropped (a socket closes with 1013). Beyond
+    /// the mailbox's capacity on purpose: the notice must reach a lagging socket.
+    pub fn close_lagging(&self) {
+        let close = Outbound::Close {
+            code: CLOSE_LAGGING,
+            reason: "subscriber fell behind",
+        };
+        match self {
+            Self::Socket(r) => r.do_send(close),
+            Self::Channel(tx) => {
+                let _ = tx.try_send(close);
+            }
         }
     }
 
