@@ -14,10 +14,12 @@
 //! - `usage_rollups`, `usage_totals`: per-minute usage and per-key period totals; raw usage
 //!   records go to daily files beside the trees (see `usage.rs`)
 //!
-//! Appends are one sled transaction (message, index, header) followed by `flush_async`, so a
-//! message the caller acknowledges has reached the disk.
+//! Appends are one sled transaction (message, index, header) followed by a flush, so a
+//! message the caller acknowledges has reached the disk; callers flushing at the same time
+//! share one fsync (`commit.rs`).
 
 mod cache;
+mod commit;
 mod prompts;
 mod records;
 mod responses;
@@ -112,6 +114,7 @@ pub struct Store {
     responses_by_conversation: sled::Tree,
     /// Tenant → how many conversations it keeps (u64 big-endian).
     tenant_conversations: sled::Tree,
+    commit: std::sync::Arc<commit::GroupCommit>,
 }
 
 impl Store {
@@ -152,6 +155,7 @@ impl Store {
             responses: db.open_tree("responses")?,
             responses_by_conversation: db.open_tree("responses_by_conversation")?,
             tenant_conversations: db.open_tree("tenant_conversations")?,
+            commit: commit::GroupCommit::new(),
             db,
         };
         // Stores of earlier versions kept raw usage records tenant first, with no roll-ups.
@@ -168,16 +172,8 @@ impl Store {
     /// # Errors
     /// When the disk write fails.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // sled's `flush_async` can stall when many callers wait on it at once; a blocking
-        // flush on the blocking pool is dependable, and concurrent callers share the fsync.
-        let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(flushed) => {
-                flushed?;
-                Ok(())
-            }
-            Err(e) => Err(StoreError::Task(e.to_string())),
-        }
+        // Callers waiting at the same time share one flush (group commit).
+        self.commit.flush(&self.db).await
     }
 
     /// Flushes from synchronous code (shutdown).
