@@ -235,6 +235,7 @@ impl AppHandle {
         let _ =
             tokio::task::spawn_blocking(move || arbiters.into_iter().for_each(|a| drop(a.join())))
                 .await;
+        self.state.store().idle().await;
         flushed?;
         tracing::info!("storage flushed; bye");
         Ok(())

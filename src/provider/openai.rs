@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::sse::{self, Decoded, Decoder};
 use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
 use crate::domain::{ToolCallDelta, UpstreamFinish, Usage};
-use crate::wire::openai::{finish_of, ChatCompletionChunk, ChatCompletionRequest};
+use crate::wire::openai::{finish_of, ChatCompletionRequest, Text, UpstreamChunk};
 
 /// A client of one OpenAI-compatible provider.
 pub struct OpenAiClient {
@@ -375,15 +375,17 @@ impl Decoder for OpenAiDecoder {
         if data.is_empty() {
             return Ok(Decoded::More);
         }
-        let chunk: ChatCompletionChunk =
+        let chunk: UpstreamChunk<'_> =
             serde_json::from_str(data).map_err(|e| format!("chunk is not a chunk: {e}"))?;
         if let Some(err) = chunk.error {
             return Ok(Decoded::Error(
                 err.message.unwrap_or_else(|| "upstream error".into()),
             ));
         }
-        if !chunk.model.is_empty() && self.model.is_none() {
-            self.model = Some(chunk.model);
+        if let Some(Text(model)) = chunk.model {
+            if !model.is_empty() && self.model.is_none() {
+                self.model = Some(model.into_owned());
+            }
         }
         if let Some(u) = chunk.usage {
             self.usage = Some(Usage::new(u.prompt_tokens, u.completion_tokens));
@@ -392,7 +394,7 @@ impl Decoder for OpenAiDecoder {
         let Some(choice) = chunk.choices.into_iter().find(|c| c.index == 0) else {
             return Ok(Decoded::More);
         };
-        if let Some(reason) = &choice.finish_reason {
+        if let Some(Text(reason)) = &choice.finish_reason {
             self.finish = Some(finish_of(reason));
         }
         if let Some(items) = choice

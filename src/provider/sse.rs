@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use eventsource_stream::Eventsource;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 
 use super::{ProviderError, UpstreamEvent};
@@ -60,54 +60,68 @@ pub async fn pump<S, E, D>(
             () = tx.closed() => return,
             next = tokio::time::timeout(idle, events.next()) => next,
         };
-        let event = match next {
+        let mut next = match next {
             Err(_) => break interrupted_or(provider, sent_text, "no data before the idle timeout"),
-            Ok(None) => match decoder.outcome() {
-                (Some(_), ..) => break None,
-                _ => break interrupted_or(provider, sent_text, "stream ended before completion"),
-            },
-            Ok(Some(Err(e))) => break interrupted_or(provider, sent_text, &e.to_string()),
-            Ok(Some(Ok(event))) => event,
+            Ok(next) => next,
         };
-        let name = if event.event.is_empty() {
-            "message"
-        } else {
-            event.event.as_str()
-        };
-        let decoded = decoder.decode(name, &event.data, &mut out);
-        for e in out.drain(..) {
-            match &e {
-                UpstreamEvent::Delta(t) if t.is_empty() => continue,
-                UpstreamEvent::Delta(_) | UpstreamEvent::ToolCall(_) => sent_text = true,
-                _ => {}
+        // Every event that has already arrived is read before any is passed on, so text that
+        // came in one read leaves as one delta: under load the per-event cost is paid once per
+        // read, and a stream that trickles in is passed on as it comes.
+        let mut ended = None;
+        loop {
+            let event = match next {
+                None => {
+                    ended = Some(match decoder.outcome() {
+                        (Some(_), ..) => None,
+                        _ => {
+                            let replied = sent_text || out.iter().any(carries_reply);
+                            interrupted_or(provider, replied, "stream ended before completion")
+                        }
+                    });
+                    break;
+                }
+                Some(Err(e)) => {
+                    let replied = sent_text || out.iter().any(carries_reply);
+                    ended = Some(interrupted_or(provider, replied, &e.to_string()));
+                    break;
+                }
+                Some(Ok(event)) => event,
+            };
+            let name = if event.event.is_empty() {
+                "message"
+            } else {
+                event.event.as_str()
+            };
+            match decoder.decode(name, &event.data, &mut out) {
+                Ok(Decoded::More) => {}
+                decoded => {
+                    ended = Some(match decoded {
+                        Ok(Decoded::More | Decoded::End) => None,
+                        Ok(Decoded::Error(message)) => {
+                            let replied = sent_text || out.iter().any(carries_reply);
+                            Some(upstream_error(provider, replied, message))
+                        }
+                        Err(message) => Some(ProviderError::Protocol {
+                            provider: provider.into(),
+                            message,
+                        }),
+                    });
+                    break;
+                }
             }
+            match events.next().now_or_never() {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        for e in coalesce(out.drain(..)) {
+            sent_text |= carries_reply(&e);
             if tx.send(e).await.is_err() {
                 return;
             }
         }
-        match decoded {
-            Ok(Decoded::More) => {}
-            Ok(Decoded::End) => break None,
-            Ok(Decoded::Error(message)) if sent_text => {
-                break Some(ProviderError::Interrupted {
-                    provider: provider.into(),
-                    message,
-                })
-            }
-            Ok(Decoded::Error(message)) => {
-                break Some(ProviderError::Status {
-                    provider: provider.into(),
-                    status: 502,
-                    message,
-                    retry_after: None,
-                })
-            }
-            Err(message) => {
-                break Some(ProviderError::Protocol {
-                    provider: provider.into(),
-                    message,
-                })
-            }
+        if let Some(failure) = ended {
+            break failure;
         }
     };
     let last = match failure {
@@ -164,6 +178,46 @@ where
             }
         },
     ))
+}
+
+/// Whether an event is part of the reply itself (after which a failure interrupts a reply).
+fn carries_reply(e: &UpstreamEvent) -> bool {
+    match e {
+        UpstreamEvent::Delta(t) => !t.is_empty(),
+        UpstreamEvent::ToolCall(_) => true,
+        _ => false,
+    }
+}
+
+/// `events` with empty text deltas dropped and adjacent text deltas joined.
+fn coalesce(events: impl Iterator<Item = UpstreamEvent>) -> Vec<UpstreamEvent> {
+    let mut joined: Vec<UpstreamEvent> = Vec::new();
+    for e in events {
+        match (e, joined.last_mut()) {
+            (UpstreamEvent::Delta(t), _) if t.is_empty() => {}
+            (UpstreamEvent::Delta(t), Some(UpstreamEvent::Delta(prev))) => prev.push_str(&t),
+            (e, _) => joined.push(e),
+        }
+    }
+    joined
+}
+
+/// An error the upstream reported inside its stream: after part of the reply it interrupted
+/// the reply; before, it is the upstream's failure.
+fn upstream_error(provider: &str, after_reply: bool, message: String) -> ProviderError {
+    if after_reply {
+        ProviderError::Interrupted {
+            provider: provider.into(),
+            message,
+        }
+    } else {
+        ProviderError::Status {
+            provider: provider.into(),
+            status: 502,
+            message,
+            retry_after: None,
+        }
+    }
 }
 
 fn interrupted_or(provider: &str, sent_text: bool, message: &str) -> Option<ProviderError> {

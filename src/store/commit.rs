@@ -70,6 +70,17 @@ impl GroupCommit {
         }
     }
 
+    /// Waits until no flush is running (one started for callers that have since gone may still
+    /// hold the database; shutdown waits for it before the directory is released).
+    pub(super) async fn idle(&self) {
+        let mut rounds = self.ended.subscribe();
+        while self.state.lock().running {
+            if rounds.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Starts a flush covering every ticket issued so far, unless one is running (its end
     /// starts the next).
     fn start_round(self: &Arc<Self>, db: &sled::Db) {

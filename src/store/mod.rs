@@ -176,6 +176,12 @@ impl Store {
         self.commit.flush(&self.db).await
     }
 
+    /// Waits until no flush started earlier is still running (shutdown: a flush holds the
+    /// database, and with it the directory's lock).
+    pub async fn idle(&self) {
+        self.commit.idle().await;
+    }
+
     /// Flushes from synchronous code (shutdown).
     ///
     /// # Errors

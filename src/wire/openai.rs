@@ -449,6 +449,45 @@ impl AssistantMessage {
     }
 }
 
+/// A `chat.completion.chunk` as an upstream streams it, reduced to what parley reads: the
+/// fields it ignores (`id`, `object`, `created`, …) are skipped without being allocated, and the
+/// model name is borrowed from the event unless it holds escapes.
+#[derive(Debug, Default, Deserialize)]
+pub struct UpstreamChunk<'a> {
+    #[serde(default, borrow)]
+    pub model: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    pub choices: Vec<UpstreamChoice<'a>>,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    #[serde(default)]
+    pub error: Option<WireError>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct UpstreamChoice<'a> {
+    #[serde(default)]
+    pub index: u32,
+    #[serde(default)]
+    pub delta: UpstreamDelta,
+    #[serde(default, borrow)]
+    pub finish_reason: Option<Text<'a>>,
+    #[serde(default)]
+    pub logprobs: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct UpstreamDelta {
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ToolCallChunk>>,
+}
+
+/// A string borrowed from the JSON it was read from when it has no escapes.
+#[derive(Debug, Deserialize)]
+pub struct Text<'a>(#[serde(borrow)] pub std::borrow::Cow<'a, str>);
+
 /// One `chat.completion.chunk` event.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ChatCompletionChunk {

@@ -19,7 +19,8 @@ fn config() -> ProptestConfig {
     }
 }
 
-/// Records every SSE event as a delta `event|data`, so the framing itself is compared.
+/// Records every SSE event as `event|data` (a tool-call delta, which the pump never joins with
+/// its neighbours as it joins text), so the framing itself is compared.
 #[derive(Default)]
 struct Recorder;
 
@@ -30,7 +31,12 @@ impl Decoder for Recorder {
         data: &str,
         out: &mut Vec<UpstreamEvent>,
     ) -> Result<Decoded, String> {
-        out.push(UpstreamEvent::Delta(format!("{event}|{data}")));
+        out.push(UpstreamEvent::ToolCall(crate::domain::ToolCallDelta {
+            index: 0,
+            id: None,
+            name: None,
+            arguments: format!("{event}|{data}"),
+        }));
         Ok(Decoded::More)
     }
 
@@ -39,9 +45,31 @@ impl Decoder for Recorder {
     }
 }
 
-/// Runs `pump` over `body` cut at `cuts` (byte offsets, any order); answers the events, each
-/// as its debug text (`UpstreamEvent` has no `PartialEq`).
-fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<String> {
+/// What came out of the pump: text, a recorded SSE event, or any other event as its debug text
+/// (`UpstreamEvent` has no `PartialEq`).
+#[derive(Debug, PartialEq)]
+enum Pumped {
+    Text(String),
+    Event(String),
+    Other(String),
+}
+
+impl Pumped {
+    fn of(e: UpstreamEvent) -> Self {
+        match e {
+            UpstreamEvent::Delta(t) => Self::Text(t),
+            UpstreamEvent::ToolCall(d) => Self::Event(d.arguments),
+            e => Self::Other(format!("{e:?}")),
+        }
+    }
+
+    fn ends(&self) -> bool {
+        matches!(self, Self::Other(e) if e.starts_with("Finished") || e.starts_with("Failed"))
+    }
+}
+
+/// Runs `pump` over `body` cut at `cuts` (byte offsets, any order); answers the events.
+fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<Pumped> {
     let mut at: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     at.push(0);
     at.push(body.len());
@@ -55,7 +83,7 @@ fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<String
         .enable_time()
         .build()
     else {
-        return vec!["no runtime".into()];
+        return vec![Pumped::Other("no runtime".into())];
     };
     rt.block_on(async {
         let (tx, mut rx) = mpsc::channel(16);
@@ -72,7 +100,7 @@ fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<String
         let collect = async {
             let mut out = Vec::new();
             while let Some(e) = rx.recv().await {
-                out.push(format!("{e:?}"));
+                out.push(Pumped::of(e));
             }
             out
         };
@@ -133,7 +161,7 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..12),
     ) {
         let whole = pump_split(&body, &[], Recorder);
-        prop_assert!(whole.last().is_some_and(|e| e.starts_with("Finished") || e.starts_with("Failed")));
+        prop_assert!(whole.last().is_some_and(Pumped::ends));
         prop_assert_eq!(pump_split(&body, &cuts, Recorder), whole);
     }
 
@@ -144,14 +172,18 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..16),
     ) {
         let body = openai_body(&texts, crlf);
-        let events = pump_split(&body, &cuts, OpenAiDecoder::default());
-        let expected: Vec<String> = texts
-            .iter()
-            .filter(|t| !t.is_empty())
-            .map(|t| format!("{:?}", UpstreamEvent::Delta(t.clone())))
-            .collect();
-        prop_assert_eq!(&events[..events.len().saturating_sub(1)], &expected[..]);
-        prop_assert!(events.last().is_some_and(|e| e.starts_with("Finished")), "{:?}", events.last());
+        let mut events = pump_split(&body, &cuts, OpenAiDecoder::default());
+        let last = events.pop();
+        prop_assert!(matches!(&last, Some(Pumped::Other(e)) if e.starts_with("Finished")), "{:?}", last);
+        // Text that arrived together may leave as one delta: none is empty, none is lost.
+        let mut joined = String::new();
+        for e in &events {
+            match e {
+                Pumped::Text(t) if !t.is_empty() => joined.push_str(t),
+                e => prop_assert!(false, "not a text delta: {:?}", e),
+            }
+        }
+        prop_assert_eq!(joined, texts.concat());
     }
 }
 
@@ -163,9 +195,61 @@ fn a_leading_byte_order_mark_is_stripped() {
     for cuts in [vec![], vec![1], vec![2], vec![3], vec![1, 2, 3]] {
         let events = pump_split(body, &cuts, Recorder);
         assert_eq!(
-            events.first().map(String::as_str),
-            Some("Delta(\"message|hi\")"),
+            events.first(),
+            Some(&Pumped::Event("message|hi".into())),
             "{cuts:?}"
         );
     }
+}
+
+/// Text is passed on as soon as it arrives: what came in separate reads leaves as separate
+/// deltas (only what had already arrived together is joined).
+#[test]
+fn text_that_trickles_in_is_passed_on_as_it_comes() {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        panic!("no runtime");
+    };
+    rt.block_on(async {
+        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+        let (tx, mut rx) = mpsc::channel(16);
+        let pumped = tokio::spawn(async move {
+            let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            }));
+            pump(
+                "p",
+                body,
+                OpenAiDecoder::default(),
+                Duration::from_secs(30),
+                &tx,
+            )
+            .await;
+        });
+        let chunk = |t: &str| {
+            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
+            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
+        };
+        for word in ["one ", "two ", "three"] {
+            body_tx.send(chunk(word)).await.unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(UpstreamEvent::Delta(ref t))) if t == word),
+                "{got:?}"
+            );
+        }
+        // Two events in one read leave as one delta.
+        let mut both = chunk("four ").unwrap().to_vec();
+        both.extend_from_slice(&chunk("five").unwrap());
+        body_tx.send(Ok(both.into())).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
+        assert!(
+            matches!(got, Ok(Some(UpstreamEvent::Delta(ref t))) if t == "four five"),
+            "{got:?}"
+        );
+        drop(body_tx);
+        pumped.await.unwrap();
+    });
 }

@@ -76,6 +76,15 @@ struct Reply {
 }
 
 impl Reply {
+    /// The SSE framing and JSON of a text chunk up to its text: rendered once per answer.
+    fn text_head(&self, model: &str) -> String {
+        let mut head = to_json(&self.chunk(model, ChunkDelta::default(), None));
+        // `…"delta":{},"finish_reason":null}]}` → `…"delta":{"content":`
+        let cut = head.rfind("{},\"finish_reason\"").unwrap_or(head.len());
+        head.truncate(cut);
+        format!("data: {head}{{\"content\":")
+    }
+
     fn chunk(
         &self,
         model: &str,
@@ -143,10 +152,12 @@ async fn stream_reply(
         }
         Piece::Event(_) => String::new(),
     };
+    let text_head = reply.text_head(&model);
     let out = SseReply {
         run,
         reply,
         model,
+        text_head,
         logprobs: Vec::new(),
         include_usage,
         ended: false,
@@ -179,6 +190,8 @@ struct SseReply {
     run: Running,
     reply: Reply,
     model: String,
+    /// The part of a text chunk before its text (see [`Reply::text_head`]).
+    text_head: String,
     /// Log probabilities waiting for the text they belong to.
     logprobs: Vec<Value>,
     include_usage: bool,
@@ -193,6 +206,7 @@ impl SseReply {
 
     fn event_bytes(&mut self, e: Event) -> bytes::Bytes {
         let delta = match e {
+            Event::Text(text) if self.logprobs.is_empty() => return self.text_chunk(&text),
             Event::Text(text) => ChunkDelta {
                 content: Some(text),
                 ..ChunkDelta::default()
@@ -216,6 +230,12 @@ impl SseReply {
         sse::event(None, &to_json(&chunk))
     }
 
+    /// A chunk of text alone, the most frequent event: the text escaped into the chunk's
+    /// rendered head and tail, the same bytes the chunk struct would serialise to.
+    fn text_chunk(&self, text: &str) -> bytes::Bytes {
+        render_text(&self.text_head, text)
+    }
+
     fn end_bytes(&self, mut out: Outcome) -> bytes::Bytes {
         if let Some(err) = failure(&mut out) {
             return sse::event(None, &err.body().to_string());
@@ -236,7 +256,55 @@ impl SseReply {
     }
 }
 
+/// A text chunk from its rendered head: the text escaped, then the chunk's closing bytes.
+fn render_text(head: &str, text: &str) -> bytes::Bytes {
+    const TAIL: &str = "},\"finish_reason\":null}]}\n\n";
+    let mut out = Vec::with_capacity(head.len() + text.len() + TAIL.len() + 8);
+    out.extend_from_slice(head.as_bytes());
+    // Escaping a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, text);
+    out.extend_from_slice(TAIL.as_bytes());
+    bytes::Bytes::from(out)
+}
+
 fn to_json(v: &impl serde::Serialize) -> String {
     // Plain structs of strings and numbers: serialising them cannot fail.
     serde_json::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rendered_text_chunk_is_the_chunk_struct_serialised() {
+        let reply = Reply {
+            id: "chatcmpl-1".into(),
+            created: 1_700_000_000,
+            logprobs: false,
+        };
+        for model in ["gpt-4o-mini", "we\"ird/mödel\\"] {
+            let head = reply.text_head(model);
+            for text in [
+                "hello ",
+                "",
+                "quote \" slash \\ newline \n tab \t",
+                "ünï 😀 \u{1}",
+            ] {
+                let rendered = render_text(&head, text);
+                let via_struct = sse::event(
+                    None,
+                    &to_json(&reply.chunk(
+                        model,
+                        ChunkDelta {
+                            content: Some(text.into()),
+                            ..ChunkDelta::default()
+                        },
+                        None,
+                    )),
+                );
+                assert_eq!(rendered, via_struct, "{model:?} {text:?}");
+            }
+        }
+    }
 }
