@@ -17,7 +17,8 @@ use super::messages::{
     Cancel, KeyRevoked, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
     Update,
 };
-use super::turn::{self, failed_reply, outcome_frame, TurnInput};
+use super::recent::Recent;
+use super::turn::{self, failed_reply, outcome_frame, TurnEnd, TurnInput};
 use super::Deps;
 use crate::domain::{FinishReason, Message, Role};
 use crate::error::{ApiError, ErrorCode};
@@ -28,6 +29,8 @@ use crate::tenant::{Bill, Principal};
 use crate::tokens::{fit_history, Encoding};
 
 const MAILBOX: usize = 256;
+/// How long an actor keeps its conversation's [`Recent`] messages without a turn.
+const RECENT_KEPT: Duration = Duration::from_secs(30);
 
 /// The refusal of a user message while the newest reply's tool calls wait for results.
 fn awaiting(open: &[String]) -> ApiError {
@@ -61,6 +64,8 @@ struct SystemPrompt {
 
 struct Running {
     client_id: String,
+    /// Content tokens of its message (stored as the turn starts, before the actor hears it).
+    tokens: u32,
     /// The key the turn acts for (none in development mode).
     key_id: Option<String>,
     cancel: CancellationToken,
@@ -75,6 +80,8 @@ pub struct ConversationActor {
     fanout: Fanout,
     queue: VecDeque<Queued>,
     running: Option<Running>,
+    /// The newest messages, kept while the conversation is busy; read from the store on demand.
+    recent: Option<Arc<Recent>>,
     last_active: Instant,
     stopping: bool,
     /// The actor's own address while it means to live: the registry holds it only weakly, and
@@ -93,6 +100,7 @@ impl ConversationActor {
             fanout: Fanout::default(),
             queue: VecDeque::new(),
             running: None,
+            recent: None,
             last_active: Instant::now(),
             stopping: false,
             keep_alive: None,
@@ -114,7 +122,7 @@ impl ConversationActor {
         // A user message queued behind a reply that turned out to call tools cannot be sent
         // before the calls have their results.
         if q.message.role == Role::User {
-            match super::tools::open_calls(&self.deps.store, &self.record.id) {
+            match self.open_calls() {
                 Ok(open) if !open.is_empty() => {
                     self.refuse_queued(&q.client_id, &awaiting(&open));
                     return self.start_next(ctx);
@@ -171,6 +179,8 @@ impl ConversationActor {
         let input = TurnInput {
             cache,
             memory: self.record.memory,
+            recent: self.recent(),
+            history_tokens: self.record.history_tokens,
             conversation: self.record.id.clone(),
             route,
             system: system.text,
@@ -210,6 +220,7 @@ impl ConversationActor {
         });
         self.running = Some(Running {
             client_id: q.client_id,
+            tokens: q.tokens,
             key_id: key_id.clone(),
             cancel,
             ended,
@@ -220,15 +231,20 @@ impl ConversationActor {
         );
     }
 
-    fn turn_ended(&mut self, res: Result<u64, tokio::task::JoinError>, ctx: &mut Context<Self>) {
+    fn turn_ended(
+        &mut self,
+        res: Result<TurnEnd, tokio::task::JoinError>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(running) = self.running.take() else {
             return;
         };
         self.last_active = Instant::now();
         match res {
-            Ok(last_seq) => self.record.last_seq = last_seq,
+            Ok(end) => self.follow(end),
             Err(e) => {
                 tracing::error!(conversation = %self.record.id, error = %e, "turn panicked; restarting the conversation");
+                self.recent = None;
                 self.store_failed_reply(&running.client_id);
                 let mut frame = ErrorFrame::new(&ApiError::internal());
                 frame.conversation = Some(self.record.id.clone());
@@ -243,6 +259,54 @@ impl ConversationActor {
         }
         self.fanout.end_turn(&running.client_id);
         self.start_next(ctx);
+    }
+
+    /// Takes in what a turn stored: the header's `last_seq` and `history_tokens` as the store
+    /// now has them, and the newest messages.
+    fn follow(&mut self, end: TurnEnd) {
+        self.record.last_seq = end.last_seq;
+        for m in &end.stored {
+            self.record.history_tokens += m.history_cost();
+        }
+        if end.unsure {
+            // A failed store call may have left things this actor cannot know: read again.
+            self.reload();
+            self.recent = None;
+            return;
+        }
+        if let Some(recent) = self.recent.as_mut() {
+            // The turn has ended and dropped its share: no copy is made.
+            let recent = Arc::make_mut(recent);
+            for m in end.stored {
+                recent.push(m, self.deps.budget);
+            }
+            if recent.last_seq() != self.record.last_seq {
+                self.recent = None;
+            }
+        }
+    }
+
+    /// The conversation's newest messages, read from the store if this actor has not kept them
+    /// (`None` if that read fails: callers then read the store themselves).
+    fn recent(&mut self) -> Option<Arc<Recent>> {
+        if self.recent.is_none() {
+            match Recent::load(&self.deps.store, &self.record.id, self.deps.budget) {
+                Ok(r) => self.recent = Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(conversation = %self.record.id, error = %e, "cannot read recent messages");
+                }
+            }
+        }
+        self.recent.clone()
+    }
+
+    /// The newest reply's tool calls without a stored result (the store decides whenever the
+    /// kept messages say calls may be open).
+    fn open_calls(&mut self) -> Result<Vec<String>, crate::store::StoreError> {
+        if self.recent().is_some_and(|r| !r.calls_may_be_open()) {
+            return Ok(Vec::new());
+        }
+        super::tools::open_calls(&self.deps.store, &self.record.id)
     }
 
     /// After a panicked turn: if its user message was stored without a reply, stores an
@@ -296,6 +360,7 @@ impl ConversationActor {
         match store.append_message_unflushed(conv, &failed_reply(seq, err, finish)) {
             Ok(()) => {
                 self.record.last_seq = self.record.last_seq.max(seq + 1);
+                self.recent = None;
                 let store = store.clone();
                 actix::spawn(async move {
                     if let Err(e) = store.flush().await {
@@ -311,8 +376,8 @@ impl ConversationActor {
 
     /// A tool result must answer an open call of the newest reply (and only once); a user
     /// message may not come while calls wait for their results.
-    fn check_tool_order(&self, message: &Message) -> Result<(), ApiError> {
-        let mut open = super::tools::open_calls(&self.deps.store, &self.record.id)?;
+    fn check_tool_order(&mut self, message: &Message) -> Result<(), ApiError> {
+        let mut open = self.open_calls()?;
         let queued: Vec<&str> = self
             .queue
             .iter()
@@ -372,22 +437,33 @@ impl ConversationActor {
         })
     }
 
-    /// The prompt tokens this turn will likely send: system prompt, new message and the stored
-    /// history that fits the budget.
-    fn estimate_prompt(&self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
-        let history = self
-            .deps
-            .store
-            .messages_newest_first(&self.record.id)
-            .map_while(Result::ok)
-            .filter(|m| m.is_sent())
-            .map(|m| m.tokens);
-        let (_, used) = fit_history(self.deps.budget, system, tokens, history)
-            .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+    /// The prompt tokens this turn will likely send: system prompt, new message and the
+    /// history that fits the budget (the running turn's message included).
+    fn estimate_prompt(&mut self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
+        let running = self.running.as_ref().map(|r| r.tokens);
+        let budget = self.deps.budget;
+        let fit = |history: &mut dyn Iterator<Item = u32>| {
+            fit_history(budget, system, tokens, running.into_iter().chain(history))
+                .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))
+        };
+        let (_, used) = match self.recent() {
+            Some(recent) => fit(&mut recent
+                .newest_first()
+                .filter(|m| m.is_sent())
+                .map(|m| m.tokens))?,
+            None => fit(&mut self
+                .deps
+                .store
+                .messages_newest_first(&self.record.id)
+                .map_while(Result::ok)
+                .filter(|m| m.is_sent())
+                .map(|m| m.tokens))?,
+        };
         Ok(used)
     }
 
     fn reload(&mut self) {
+        self.recent = None;
         match self.deps.store.conversation(&self.record.id) {
             Ok(Some(rec)) => self.record = rec,
             Ok(None) => self.stopping = true,
@@ -435,7 +511,11 @@ impl ConversationActor {
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         self.fanout.prune();
-        let idle = self.running.is_none() && self.queue.is_empty() && self.fanout.is_empty();
+        let quiet = self.running.is_none() && self.queue.is_empty();
+        if quiet && self.last_active.elapsed() >= RECENT_KEPT {
+            self.recent = None;
+        }
+        let idle = quiet && self.fanout.is_empty();
         if idle && self.last_active.elapsed() >= self.deps.idle_timeout {
             tracing::debug!(conversation = %self.record.id, "conversation idle; stopping its actor");
             // Not `stopping`: the conversation lives on. The registry holds the actor weakly,
@@ -607,7 +687,12 @@ impl Handler<PostUserMessage> for ConversationActor {
             self.listen(msg.listener);
             return Ok(Posted::Duplicate);
         }
-        let route = msg.options.model.as_deref().unwrap_or(&self.record.model);
+        let route = msg
+            .options
+            .model
+            .clone()
+            .unwrap_or_else(|| self.record.model.clone());
+        let route = route.as_str();
         if !self.deps.router.has_route(route) {
             return Err(ApiError::new(
                 ErrorCode::ModelNotFound,

@@ -359,10 +359,7 @@ impl Store {
                     ));
                 }
                 header.last_seq = msg.seq;
-                if msg.is_sent() {
-                    let framing = crate::tokens::MESSAGE_FRAMING_TOKENS;
-                    header.history_tokens += u64::from(msg.tokens) + u64::from(framing);
-                }
+                header.history_tokens += msg.history_cost();
                 msgs.insert(message_key(id, msg.seq).as_slice(), value.as_slice())?;
                 if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
                     cids.insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
