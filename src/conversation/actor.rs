@@ -300,10 +300,11 @@ impl ConversationActor {
         self.recent.clone()
     }
 
-    /// The newest reply's tool calls without a stored result (the store decides whenever the
-    /// kept messages say calls may be open).
+    /// The newest reply's tool calls without a stored result. The kept messages answer when
+    /// they say none can be open; the store answers otherwise, and while a turn runs (its reply
+    /// may already be stored, before this actor hears that the turn ended).
     fn open_calls(&mut self) -> Result<Vec<String>, crate::store::StoreError> {
-        if self.recent().is_some_and(|r| !r.calls_may_be_open()) {
+        if self.running.is_none() && self.recent().is_some_and(|r| !r.calls_may_be_open()) {
             return Ok(Vec::new());
         }
         super::tools::open_calls(&self.deps.store, &self.record.id)
@@ -544,6 +545,14 @@ impl Actor for ConversationActor {
             return;
         }
         self.keep_alive = Some(ctx.address());
+        // An append a crash cut short is completed before anything reads the history.
+        match self.deps.store.repair_tail(&self.record.id) {
+            Ok(Some(rec)) => self.record = rec,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(conversation = %self.record.id, error = %e, "cannot check the newest messages")
+            }
+        }
         self.answer_interrupted();
         self.start_next(ctx);
     }

@@ -435,14 +435,9 @@ fn content_tokens(content: &str) -> u32 {
     use std::hash::{BuildHasher, Hasher};
     /// Counts kept per thread before the memory starts over.
     const REMEMBERED: usize = 1 << 16;
-    /// Shorter texts are counted at once: hashing them costs about as much.
-    const WORTH_REMEMBERING: usize = 64;
     thread_local! {
         static SEEN: std::cell::RefCell<(std::collections::hash_map::RandomState, std::collections::HashMap<u64, u32>)> =
             std::cell::RefCell::default();
-    }
-    if content.len() < WORTH_REMEMBERING {
-        return tokens::count(Encoding::Cl100kBase, content);
     }
     SEEN.with(|seen| {
         let mut seen = seen.borrow_mut();
