@@ -64,6 +64,11 @@ struct SystemPrompt {
 
 struct Running {
     client_id: String,
+    /// Whose turn: a user message's reply may call tools; a tool result's turn may complete
+    /// a set of results.
+    role: Role,
+    /// The reply's tool calls once it has them (before it is stored).
+    reply_calls: Arc<std::sync::OnceLock<Vec<String>>>,
     /// Content tokens of its message (stored as the turn starts, before the actor hears it).
     tokens: u32,
     /// The key the turn acts for (none in development mode).
@@ -163,6 +168,8 @@ impl ConversationActor {
             None => self.record.tool_choice.clone(),
         };
         let key_id = q.principal.key_id.clone();
+        let role = q.message.role;
+        let reply_calls = Arc::new(std::sync::OnceLock::new());
         let content = q.message.content.text();
         let cache = q.options.cache != Some(false)
             && tools.is_empty()
@@ -181,6 +188,7 @@ impl ConversationActor {
             memory: self.record.memory,
             recent: self.recent(),
             history_tokens: self.record.history_tokens,
+            reply_calls: Arc::clone(&reply_calls),
             conversation: self.record.id.clone(),
             route,
             system: system.text,
@@ -220,6 +228,8 @@ impl ConversationActor {
         });
         self.running = Some(Running {
             client_id: q.client_id,
+            role,
+            reply_calls,
             tokens: q.tokens,
             key_id: key_id.clone(),
             cancel,
@@ -300,12 +310,21 @@ impl ConversationActor {
         self.recent.clone()
     }
 
-    /// The newest reply's tool calls without a stored result. The kept messages answer when
-    /// they say none can be open; the store answers otherwise, and while a turn runs (its reply
-    /// may already be stored, before this actor hears that the turn ended).
+    /// The newest reply's tool calls without a stored result. While a user message's turn
+    /// runs, they are its reply's calls, which the turn tells before it stores the reply (the
+    /// actor hears that the turn ended only afterwards). Otherwise the kept messages answer
+    /// when they say none can be open, and the store when they may be.
     fn open_calls(&mut self) -> Result<Vec<String>, crate::store::StoreError> {
-        if self.running.is_none() && self.recent().is_some_and(|r| !r.calls_may_be_open()) {
-            return Ok(Vec::new());
+        match &self.running {
+            Some(r) if r.role == Role::User => {
+                return Ok(r.reply_calls.get().cloned().unwrap_or_default());
+            }
+            Some(_) => {}
+            None => {
+                if self.recent().is_some_and(|r| !r.calls_may_be_open()) {
+                    return Ok(Vec::new());
+                }
+            }
         }
         super::tools::open_calls(&self.deps.store, &self.record.id)
     }

@@ -66,6 +66,9 @@ pub struct TurnInput {
     pub recent: Option<Arc<Recent>>,
     /// The conversation's `history_tokens` before this turn stored anything.
     pub history_tokens: u64,
+    /// The ids of the reply's tool calls, told to the actor before the reply is stored (until
+    /// it hears that the turn ended, they are the open calls).
+    pub reply_calls: Arc<std::sync::OnceLock<Vec<String>>>,
 }
 
 /// How a turn ended, for its actor.
@@ -302,6 +305,11 @@ async fn run_steps(
         ..MessageRecord::default()
     };
     let outcome = outcome_frame(&conv, &reply, &cid);
+    if !reply.tool_calls.is_empty() {
+        let _ = input
+            .reply_calls
+            .set(reply.tool_calls.iter().map(|c| c.id.clone()).collect());
+    }
     if let Err(e) = store_message(deps, &conv, reply, end).await {
         fail(e.into(), Some(input.user_seq));
         return input.user_seq;
