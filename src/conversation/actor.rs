@@ -17,7 +17,8 @@ use super::messages::{
     Cancel, KeyRevoked, PostUserMessage, Posted, Shutdown, Subscribe, TurnOptions, Unsubscribe,
     Update,
 };
-use super::turn::{self, failed_reply, outcome_frame, TurnInput};
+use super::recent::Recent;
+use super::turn::{self, failed_reply, outcome_frame, TurnEnd, TurnInput};
 use super::Deps;
 use crate::domain::{FinishReason, Message, Role};
 use crate::error::{ApiError, ErrorCode};
@@ -28,6 +29,8 @@ use crate::tenant::{Bill, Principal};
 use crate::tokens::{fit_history, Encoding};
 
 const MAILBOX: usize = 256;
+/// How long an actor keeps its conversation's [`Recent`] messages without a turn.
+const RECENT_KEPT: Duration = Duration::from_secs(30);
 
 /// The refusal of a user message while the newest reply's tool calls wait for results.
 fn awaiting(open: &[String]) -> ApiError {
@@ -61,6 +64,13 @@ struct SystemPrompt {
 
 struct Running {
     client_id: String,
+    /// Whose turn: a user message's reply may call tools; a tool result's turn may complete
+    /// a set of results.
+    role: Role,
+    /// The reply's tool calls once it has them (before it is stored).
+    reply_calls: Arc<std::sync::OnceLock<Vec<String>>>,
+    /// Content tokens of its message (stored as the turn starts, before the actor hears it).
+    tokens: u32,
     /// The key the turn acts for (none in development mode).
     key_id: Option<String>,
     cancel: CancellationToken,
@@ -75,6 +85,8 @@ pub struct ConversationActor {
     fanout: Fanout,
     queue: VecDeque<Queued>,
     running: Option<Running>,
+    /// The newest messages, kept while the conversation is busy; read from the store on demand.
+    recent: Option<Arc<Recent>>,
     last_active: Instant,
     stopping: bool,
     /// The actor's own address while it means to live: the registry holds it only weakly, and
@@ -93,6 +105,7 @@ impl ConversationActor {
             fanout: Fanout::default(),
             queue: VecDeque::new(),
             running: None,
+            recent: None,
             last_active: Instant::now(),
             stopping: false,
             keep_alive: None,
@@ -114,7 +127,7 @@ impl ConversationActor {
         // A user message queued behind a reply that turned out to call tools cannot be sent
         // before the calls have their results.
         if q.message.role == Role::User {
-            match super::tools::open_calls(&self.deps.store, &self.record.id) {
+            match self.open_calls() {
                 Ok(open) if !open.is_empty() => {
                     self.refuse_queued(&q.client_id, &awaiting(&open));
                     return self.start_next(ctx);
@@ -155,6 +168,8 @@ impl ConversationActor {
             None => self.record.tool_choice.clone(),
         };
         let key_id = q.principal.key_id.clone();
+        let role = q.message.role;
+        let reply_calls = Arc::new(std::sync::OnceLock::new());
         let content = q.message.content.text();
         let cache = q.options.cache != Some(false)
             && tools.is_empty()
@@ -171,6 +186,9 @@ impl ConversationActor {
         let input = TurnInput {
             cache,
             memory: self.record.memory,
+            recent: self.recent(),
+            history_tokens: self.record.history_tokens,
+            reply_calls: Arc::clone(&reply_calls),
             conversation: self.record.id.clone(),
             route,
             system: system.text,
@@ -210,6 +228,9 @@ impl ConversationActor {
         });
         self.running = Some(Running {
             client_id: q.client_id,
+            role,
+            reply_calls,
+            tokens: q.tokens,
             key_id: key_id.clone(),
             cancel,
             ended,
@@ -220,15 +241,20 @@ impl ConversationActor {
         );
     }
 
-    fn turn_ended(&mut self, res: Result<u64, tokio::task::JoinError>, ctx: &mut Context<Self>) {
+    fn turn_ended(
+        &mut self,
+        res: Result<TurnEnd, tokio::task::JoinError>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(running) = self.running.take() else {
             return;
         };
         self.last_active = Instant::now();
         match res {
-            Ok(last_seq) => self.record.last_seq = last_seq,
+            Ok(end) => self.follow(end),
             Err(e) => {
                 tracing::error!(conversation = %self.record.id, error = %e, "turn panicked; restarting the conversation");
+                self.recent = None;
                 self.store_failed_reply(&running.client_id);
                 let mut frame = ErrorFrame::new(&ApiError::internal());
                 frame.conversation = Some(self.record.id.clone());
@@ -243,6 +269,64 @@ impl ConversationActor {
         }
         self.fanout.end_turn(&running.client_id);
         self.start_next(ctx);
+    }
+
+    /// Takes in what a turn stored: the header's `last_seq` and `history_tokens` as the store
+    /// now has them, and the newest messages.
+    fn follow(&mut self, end: TurnEnd) {
+        self.record.last_seq = end.last_seq;
+        for m in &end.stored {
+            self.record.history_tokens += m.history_cost();
+        }
+        if end.unsure {
+            // A failed store call may have left things this actor cannot know: read again.
+            self.reload();
+            self.recent = None;
+            return;
+        }
+        if let Some(recent) = self.recent.as_mut() {
+            // The turn has ended and dropped its share: no copy is made.
+            let recent = Arc::make_mut(recent);
+            for m in end.stored {
+                recent.push(m, self.deps.budget);
+            }
+            if recent.last_seq() != self.record.last_seq {
+                self.recent = None;
+            }
+        }
+    }
+
+    /// The conversation's newest messages, read from the store if this actor has not kept them
+    /// (`None` if that read fails: callers then read the store themselves).
+    fn recent(&mut self) -> Option<Arc<Recent>> {
+        if self.recent.is_none() {
+            match Recent::load(&self.deps.store, &self.record.id, self.deps.budget) {
+                Ok(r) => self.recent = Some(Arc::new(r)),
+                Err(e) => {
+                    tracing::error!(conversation = %self.record.id, error = %e, "cannot read recent messages");
+                }
+            }
+        }
+        self.recent.clone()
+    }
+
+    /// The newest reply's tool calls without a stored result. While a user message's turn
+    /// runs, they are its reply's calls, which the turn tells before it stores the reply (the
+    /// actor hears that the turn ended only afterwards). Otherwise the kept messages answer
+    /// when they say none can be open, and the store when they may be.
+    fn open_calls(&mut self) -> Result<Vec<String>, crate::store::StoreError> {
+        match &self.running {
+            Some(r) if r.role == Role::User => {
+                return Ok(r.reply_calls.get().cloned().unwrap_or_default());
+            }
+            Some(_) => {}
+            None => {
+                if self.recent().is_some_and(|r| !r.calls_may_be_open()) {
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        super::tools::open_calls(&self.deps.store, &self.record.id)
     }
 
     /// After a panicked turn: if its user message was stored without a reply, stores an
@@ -296,6 +380,7 @@ impl ConversationActor {
         match store.append_message_unflushed(conv, &failed_reply(seq, err, finish)) {
             Ok(()) => {
                 self.record.last_seq = self.record.last_seq.max(seq + 1);
+                self.recent = None;
                 let store = store.clone();
                 actix::spawn(async move {
                     if let Err(e) = store.flush().await {
@@ -311,8 +396,8 @@ impl ConversationActor {
 
     /// A tool result must answer an open call of the newest reply (and only once); a user
     /// message may not come while calls wait for their results.
-    fn check_tool_order(&self, message: &Message) -> Result<(), ApiError> {
-        let mut open = super::tools::open_calls(&self.deps.store, &self.record.id)?;
+    fn check_tool_order(&mut self, message: &Message) -> Result<(), ApiError> {
+        let mut open = self.open_calls()?;
         let queued: Vec<&str> = self
             .queue
             .iter()
@@ -372,22 +457,33 @@ impl ConversationActor {
         })
     }
 
-    /// The prompt tokens this turn will likely send: system prompt, new message and the stored
-    /// history that fits the budget.
-    fn estimate_prompt(&self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
-        let history = self
-            .deps
-            .store
-            .messages_newest_first(&self.record.id)
-            .map_while(Result::ok)
-            .filter(|m| m.is_sent())
-            .map(|m| m.tokens);
-        let (_, used) = fit_history(self.deps.budget, system, tokens, history)
-            .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
+    /// The prompt tokens this turn will likely send: system prompt, new message and the
+    /// history that fits the budget (the running turn's message included).
+    fn estimate_prompt(&mut self, system: Option<u32>, tokens: u32) -> Result<u32, ApiError> {
+        let running = self.running.as_ref().map(|r| r.tokens);
+        let budget = self.deps.budget;
+        let fit = |history: &mut dyn Iterator<Item = u32>| {
+            fit_history(budget, system, tokens, running.into_iter().chain(history))
+                .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))
+        };
+        let (_, used) = match self.recent() {
+            Some(recent) => fit(&mut recent
+                .newest_first()
+                .filter(|m| m.is_sent())
+                .map(|m| m.tokens))?,
+            None => fit(&mut self
+                .deps
+                .store
+                .messages_newest_first(&self.record.id)
+                .map_while(Result::ok)
+                .filter(|m| m.is_sent())
+                .map(|m| m.tokens))?,
+        };
         Ok(used)
     }
 
     fn reload(&mut self) {
+        self.recent = None;
         match self.deps.store.conversation(&self.record.id) {
             Ok(Some(rec)) => self.record = rec,
             Ok(None) => self.stopping = true,
@@ -435,7 +531,11 @@ impl ConversationActor {
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
         self.fanout.prune();
-        let idle = self.running.is_none() && self.queue.is_empty() && self.fanout.is_empty();
+        let quiet = self.running.is_none() && self.queue.is_empty();
+        if quiet && self.last_active.elapsed() >= RECENT_KEPT {
+            self.recent = None;
+        }
+        let idle = quiet && self.fanout.is_empty();
         if idle && self.last_active.elapsed() >= self.deps.idle_timeout {
             tracing::debug!(conversation = %self.record.id, "conversation idle; stopping its actor");
             // Not `stopping`: the conversation lives on. The registry holds the actor weakly,
@@ -464,6 +564,14 @@ impl Actor for ConversationActor {
             return;
         }
         self.keep_alive = Some(ctx.address());
+        // An append a crash cut short is completed before anything reads the history.
+        match self.deps.store.repair_tail(&self.record.id) {
+            Ok(Some(rec)) => self.record = rec,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(conversation = %self.record.id, error = %e, "cannot check the newest messages")
+            }
+        }
         self.answer_interrupted();
         self.start_next(ctx);
     }
@@ -607,7 +715,12 @@ impl Handler<PostUserMessage> for ConversationActor {
             self.listen(msg.listener);
             return Ok(Posted::Duplicate);
         }
-        let route = msg.options.model.as_deref().unwrap_or(&self.record.model);
+        let route = msg
+            .options
+            .model
+            .clone()
+            .unwrap_or_else(|| self.record.model.clone());
+        let route = route.as_str();
         if !self.deps.router.has_route(route) {
             return Err(ApiError::new(
                 ErrorCode::ModelNotFound,

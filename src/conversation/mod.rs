@@ -8,6 +8,7 @@ mod fanout;
 pub mod frames;
 pub mod messages;
 pub mod prompts;
+mod recent;
 mod registry;
 mod tools;
 mod turn;

@@ -32,7 +32,7 @@ pub struct Registry {
 
 struct Inner {
     deps: Arc<Deps>,
-    actors: Mutex<HashMap<ConversationId, WeakAddr<ConversationActor>>>,
+    actors: Mutex<HashMap<ConversationId, Entry>>,
     /// Conversations being deleted: no actor is started for them meanwhile (always locked
     /// after `actors`).
     deleting: Mutex<std::collections::HashSet<ConversationId>>,
@@ -43,8 +43,17 @@ struct Inner {
 /// Actors started between two sweeps of the entries of actors that ended.
 const SWEEP_EVERY: usize = 1024;
 
-fn alive(weak: &WeakAddr<ConversationActor>) -> Option<Addr<ConversationActor>> {
-    weak.upgrade().filter(Addr::connected)
+/// A started actor, and what every frame for its conversation checks: its owner and route.
+/// Both are fixed when the conversation is created, so a frame for a live conversation needs
+/// no read of the store.
+struct Entry {
+    actor: WeakAddr<ConversationActor>,
+    tenant: TenantId,
+    model: String,
+}
+
+fn alive(entry: &Entry) -> Option<Addr<ConversationActor>> {
+    entry.actor.upgrade().filter(Addr::connected)
 }
 
 /// A live conversation actor and the conversation's route.
@@ -170,6 +179,18 @@ impl Registry {
     /// # Errors
     /// `not_found` when the conversation does not exist or belongs to another tenant.
     pub fn get(&self, id: &ConversationId, tenant: &TenantId) -> Result<Live, ApiError> {
+        {
+            let actors = self.inner.actors.lock();
+            if let Some((entry, addr)) = actors.get(id).and_then(|e| Some((e, alive(e)?))) {
+                // Another tenant's conversation is "not found", as from the store.
+                if &entry.tenant != tenant {
+                    return Err(ApiError::not_found("conversation"));
+                }
+                let model = entry.model.clone();
+                return Ok(Live { addr, model });
+            }
+        }
+        // Not live: read outside the lock, then start one unless someone did meanwhile.
         let record = self.deps().store.owned_conversation(id, tenant)?;
         let model = record.model.clone();
         let mut actors = self.inner.actors.lock();
@@ -181,7 +202,7 @@ impl Registry {
         }
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
-            actors.retain(|_, weak| alive(weak).is_some());
+            actors.retain(|_, entry| alive(entry).is_some());
         }
         let i = n % self.inner.arbiters.len().max(1);
         let arbiter = self
@@ -191,9 +212,15 @@ impl Registry {
             .cloned()
             .unwrap_or_else(Arbiter::current);
         let deps = Arc::clone(&self.inner.deps);
+        let owner = record.tenant.clone();
         let addr =
             Supervisor::start_in_arbiter(&arbiter, move |_| ConversationActor::new(record, deps));
-        actors.insert(id.clone(), addr.downgrade());
+        let entry = Entry {
+            actor: addr.downgrade(),
+            tenant: owner,
+            model: model.clone(),
+        };
+        actors.insert(id.clone(), entry);
         Ok(Live { addr, model })
     }
 

@@ -14,6 +14,7 @@ use tracing::Instrument;
 use super::fanout::Fanout;
 use super::frames::{Done, ErrorFrame, ServerFrame};
 use super::messages::TurnOptions;
+use super::recent::Recent;
 use super::Deps;
 use crate::cache::ScopeParts;
 use crate::domain::MemoryMode;
@@ -61,15 +62,32 @@ pub struct TurnInput {
     pub cache: bool,
     /// How the context is chosen once history outgrows the budget.
     pub memory: MemoryMode,
+    /// The conversation's newest messages as its actor keeps them; `None`: read the store.
+    pub recent: Option<Arc<Recent>>,
+    /// The conversation's `history_tokens` before this turn stored anything.
+    pub history_tokens: u64,
+    /// The ids of the reply's tool calls, told to the actor before the reply is stored (until
+    /// it hears that the turn ended, they are the open calls).
+    pub reply_calls: Arc<std::sync::OnceLock<Vec<String>>>,
 }
 
-/// Runs one turn; answers the conversation's `last_seq` afterwards.
+/// How a turn ended, for its actor.
+pub struct TurnEnd {
+    /// The conversation's `last_seq` as the turn left it.
+    pub last_seq: u64,
+    /// What the turn stored, in order.
+    pub stored: Vec<MessageRecord>,
+    /// A store call failed: what is stored may differ from `stored`.
+    pub unsure: bool,
+}
+
+/// Runs one turn; answers what it stored.
 pub async fn run(
     deps: Arc<Deps>,
     fanout: Fanout,
     input: TurnInput,
     cancel: CancellationToken,
-) -> u64 {
+) -> TurnEnd {
     let span = tracing::info_span!(
         "turn",
         conversation = %input.conversation,
@@ -124,6 +142,41 @@ async fn run_inner(
     fanout: &Fanout,
     mut input: TurnInput,
     cancel: &CancellationToken,
+) -> TurnEnd {
+    let mut end = TurnEnd {
+        last_seq: input.user_seq - input.history.len() as u64 - 1,
+        stored: Vec::with_capacity(input.history.len() + 2),
+        unsure: false,
+    };
+    end.last_seq = run_steps(deps, fanout, &mut input, cancel, &mut end).await;
+    end
+}
+
+/// Appends `rec` durably, noting it in `end` (or that the store may now differ from it).
+async fn store_message(
+    deps: &Deps,
+    conv: &ConversationId,
+    rec: MessageRecord,
+    end: &mut TurnEnd,
+) -> Result<(), crate::store::StoreError> {
+    match deps.store.append_message(conv, &rec).await {
+        Ok(()) => {
+            end.stored.push(rec);
+            Ok(())
+        }
+        Err(e) => {
+            end.unsure = true;
+            Err(e)
+        }
+    }
+}
+
+async fn run_steps(
+    deps: &Deps,
+    fanout: &Fanout,
+    input: &mut TurnInput,
+    cancel: &CancellationToken,
+    end: &mut TurnEnd,
 ) -> u64 {
     let conv = input.conversation.clone();
     let cid = input.client_id.clone();
@@ -144,7 +197,8 @@ async fn run_inner(
             tokens,
             ..record_of(m)
         };
-        if let Err(e) = deps.store.append_message(&conv, &rec).await {
+        input.history_tokens += rec.history_cost();
+        if let Err(e) = store_message(deps, &conv, rec, end).await {
             fail(e.into(), None);
             return seq - 1;
         }
@@ -157,7 +211,8 @@ async fn run_inner(
         tokens: input.tokens,
         ..record_of(input.message.clone())
     };
-    if let Err(e) = deps.store.append_message(&conv, &user).await {
+    input.history_tokens += user.history_cost();
+    if let Err(e) = store_message(deps, &conv, user, end).await {
         fail(e.into(), None);
         return input.user_seq - 1;
     }
@@ -186,7 +241,7 @@ async fn run_inner(
     }
 
     let begun = Instant::now();
-    let built = match build_request(deps, &input).await {
+    let built = match build_request(deps, input).await {
         Ok(r) => r,
         Err(e) => {
             fail(e, Some(input.user_seq));
@@ -249,14 +304,20 @@ async fn run_inner(
         }),
         ..MessageRecord::default()
     };
-    if let Err(e) = deps.store.append_message(&conv, &reply).await {
+    let outcome = outcome_frame(&conv, &reply, &cid);
+    if !reply.tool_calls.is_empty() {
+        let _ = input
+            .reply_calls
+            .set(reply.tool_calls.iter().map(|c| c.id.clone()).collect());
+    }
+    if let Err(e) = store_message(deps, &conv, reply, end).await {
         fail(e.into(), Some(input.user_seq));
         return input.user_seq;
     }
     match out.error {
         Some(err) => fail(err, Some(input.user_seq)),
         None => {
-            if let Some(done) = outcome_frame(&conv, &reply, &cid) {
+            if let Some(done) = outcome {
                 fanout.broadcast(&done, Some(&cid));
             }
         }
@@ -280,7 +341,7 @@ struct Built {
 
 /// The earlier messages to send (oldest first), the prompt tokens, and the new message's
 /// embedding when choosing them needed it.
-type Context = (Vec<MessageRecord>, u32, Option<Vec<f32>>);
+type Context = (Vec<Arc<MessageRecord>>, u32, Option<Vec<f32>>);
 
 /// Older messages recall memory looks at, at most (the newest ones before the window).
 const RECALL_SCAN: usize = 1000;
@@ -301,11 +362,7 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         .sum::<u64>()
         + u64::from(input.tokens)
         + framing;
-    let stored = deps
-        .store
-        .conversation(&input.conversation)?
-        .map_or(0, |c| c.history_tokens);
-    let trimmed = u32::try_from(stored.saturating_sub(sent)).unwrap_or(u32::MAX);
+    let trimmed = u32::try_from(input.history_tokens.saturating_sub(sent)).unwrap_or(u32::MAX);
     let plain = taken
         .iter()
         .all(|m| m.parts.is_none() && m.tool_calls.is_empty() && m.role != Role::Tool);
@@ -324,17 +381,23 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
         })
     });
     let mut messages = Vec::with_capacity(taken.len() + 2);
+    // The seq of each message that is stored history.
+    let mut seqs = Vec::with_capacity(taken.len() + 2);
     if let Some(system) = &input.system {
         messages.push(Message::text(Role::System, system.clone()));
+        seqs.push(None);
     }
-    messages.extend(taken.iter().map(MessageRecord::to_message));
+    messages.extend(taken.iter().map(|m| m.to_message()));
+    seqs.extend(taken.iter().map(|m| Some(m.seq)));
     messages.push(input.message.clone());
+    seqs.push(None);
     let vault = match input.pii {
         // A versioned prompt is the operator's; a conversation's own system text is the client's.
         PiiMode::Redact => Some(redact(
             deps,
-            &input.conversation,
+            input,
             &mut messages,
+            &seqs,
             input.prompt_version.is_none(),
         )?),
         PiiMode::Off | PiiMode::Block => None,
@@ -364,17 +427,27 @@ async fn build_request(deps: &Deps, input: &TurnInput) -> Result<Built, ApiError
     })
 }
 
-/// Earlier messages of the conversation, newest first, that are sent as context (non-empty),
-/// read lazily.
+/// Earlier messages of the conversation, newest first, that are sent as context (non-empty):
+/// from the actor's [`Recent`] when `recent` allows and it has them (enough for the window,
+/// not for recall's look further back), else read lazily from the store.
 fn earlier<'a>(
     deps: &'a Deps,
     input: &'a TurnInput,
+    recent: bool,
     read_error: &'a mut Option<crate::store::StoreError>,
-) -> impl Iterator<Item = MessageRecord> + 'a {
+) -> impl Iterator<Item = Arc<MessageRecord>> + 'a {
     let user_seq = input.user_seq;
-    deps.store
-        .messages_newest_first(&input.conversation)
-        .filter_map(move |m| m.map_err(|e| *read_error = Some(e)).ok())
+    let kept = input.recent.as_ref().filter(|_| recent);
+    let stored = kept.is_none().then(|| {
+        deps.store
+            .messages_newest_first(&input.conversation)
+            .filter_map(move |m| m.map_err(|e| *read_error = Some(e)).ok())
+            .map(Arc::new)
+    });
+    let kept = kept.map(|r| r.newest_first().cloned());
+    kept.into_iter()
+        .flatten()
+        .chain(stored.into_iter().flatten())
         .filter(move |m| m.seq < user_seq && m.is_sent())
 }
 
@@ -398,18 +471,14 @@ fn record_of(m: Message) -> MessageRecord {
     }
 }
 
-/// How a stored message groups for trimming.
-fn kind(m: &MessageRecord) -> Kind {
-    match m.role {
-        Role::Tool => Kind::Result,
-        Role::Assistant if !m.tool_calls.is_empty() => Kind::Calls,
-        _ => Kind::Plain,
-    }
+/// How a message groups for trimming.
+fn kind(m: &Arc<MessageRecord>) -> Kind {
+    super::recent::kind(m)
 }
 
 /// What the new message costs with the messages that must go with it (for a tool result, the
 /// call and the other results: a group is sent whole).
-fn new_cost(input: &TurnInput, forced: &[MessageRecord]) -> u32 {
+fn new_cost(input: &TurnInput, forced: &[Arc<MessageRecord>]) -> u32 {
     forced.iter().fold(input.tokens, |n, m| {
         n.saturating_add(m.tokens)
             .saturating_add(tokens::MESSAGE_FRAMING_TOKENS)
@@ -420,8 +489,8 @@ fn new_cost(input: &TurnInput, forced: &[MessageRecord]) -> u32 {
 /// the calls and the results stored before this one, newest first.
 fn forced_group(
     input: &TurnInput,
-    groups: &mut impl Iterator<Item = Vec<MessageRecord>>,
-) -> Vec<MessageRecord> {
+    groups: &mut impl Iterator<Item = Vec<Arc<MessageRecord>>>,
+) -> Vec<Arc<MessageRecord>> {
     if input.message.role == Role::Tool {
         groups.next().unwrap_or_default()
     } else {
@@ -432,9 +501,9 @@ fn forced_group(
 /// The newest earlier messages that fit, whole groups only, oldest first, and the prompt
 /// tokens.
 fn window(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
-    let mut taken: Vec<Vec<MessageRecord>> = Vec::new();
+    let mut taken: Vec<Vec<Arc<MessageRecord>>> = Vec::new();
     let mut read_error = None;
-    let mut all = tokens::groups(earlier(deps, input, &mut read_error), kind);
+    let mut all = tokens::groups(earlier(deps, input, true, &mut read_error), kind);
     let forced = forced_group(input, &mut all);
     let history = all.map(|g| {
         let cost = tokens::group_cost(g.iter().map(|m| m.tokens));
@@ -452,7 +521,7 @@ fn window(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     }
     let (n, prompt_tokens) = fitted.map_err(too_large)?;
     taken.truncate(n);
-    let mut run: Vec<MessageRecord> = forced
+    let mut run: Vec<Arc<MessageRecord>> = forced
         .into_iter()
         .chain(taken.into_iter().flatten())
         .collect();
@@ -465,7 +534,7 @@ fn window(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
 async fn recall_vectors(
     deps: &Deps,
     input: &TurnInput,
-    older: &[MessageRecord],
+    older: &[Arc<MessageRecord>],
 ) -> Option<Vec<Vec<f32>>> {
     let seqs: Vec<u64> = older.iter().map(|m| m.seq).collect();
     let mut stored = deps
@@ -518,11 +587,11 @@ async fn recall_vectors(
 async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     let mut read_error = None;
     let mut groups = tokens::groups(
-        earlier(deps, input, &mut read_error).take(RECALL_SCAN),
+        earlier(deps, input, false, &mut read_error).take(RECALL_SCAN),
         kind,
     );
     let forced = forced_group(input, &mut groups);
-    let all: Vec<Vec<MessageRecord>> = groups.collect();
+    let all: Vec<Vec<Arc<MessageRecord>>> = groups.collect();
     if let Some(e) = read_error {
         return Err(e.into());
     }
@@ -535,7 +604,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
         fit_history(deps.budget, input.system_tokens, new_tokens, costs()).map_err(too_large)?;
     // The newest `n` groups and the new message's own group, oldest first.
     let run_of = |n: usize| {
-        let mut run: Vec<MessageRecord> = forced
+        let mut run: Vec<Arc<MessageRecord>> = forced
             .iter()
             .chain(all[..n].iter().flatten())
             .cloned()
@@ -562,7 +631,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
     }
     // Recall picks single messages: tool calls and results, which only travel as a group, stay
     // with the window.
-    let older: Vec<MessageRecord> = all[n_run..]
+    let older: Vec<Arc<MessageRecord>> = all[n_run..]
         .iter()
         .flatten()
         .filter(|m| kind(m) == Kind::Plain)
@@ -619,7 +688,7 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
         "recall memory"
     );
     // Everything chosen, oldest first: recalled turns, then the newest run.
-    let mut out: Vec<MessageRecord> = taken.iter().rev().map(|&p| older[p].clone()).collect();
+    let mut out: Vec<Arc<MessageRecord>> = taken.iter().rev().map(|&p| older[p].clone()).collect();
     out.extend(run_of(n_run));
     let used = deps.budget.limit.saturating_sub(spare);
     // The new message's vector serves the cache lookup too.
@@ -629,22 +698,44 @@ async fn recall(deps: &Deps, input: &TurnInput) -> Result<Context, ApiError> {
 
 /// Replaces PII in every message (the system prompt too, unless it is the operator's versioned
 /// prompt) with the conversation's placeholders; the vault is kept so the next turns use the
-/// same ones.
+/// same ones. A stored message (`seqs`) the actor keeps is replaced as an earlier turn did when
+/// the vault has not grown since.
 fn redact(
     deps: &Deps,
-    conv: &ConversationId,
+    input: &TurnInput,
     messages: &mut [Message],
+    seqs: &[Option<u64>],
     system_too: bool,
 ) -> Result<Vault, ApiError> {
+    let conv = &input.conversation;
+    let kept = input.recent.as_deref();
     let mut vault: Vault = deps.store.pii_vault(conv)?.unwrap_or_default();
-    let before = vault.clone();
-    for m in messages
+    // A vault only gains values, so its size tells whether it changed.
+    let before = vault.len();
+    for (m, seq) in messages
         .iter_mut()
-        .filter(|m| system_too || m.role != Role::System)
+        .zip(seqs)
+        .filter(|(m, _)| system_too || m.role != Role::System)
     {
-        m.content.map_text(|t| vault.redact(t).0);
+        let kept = seq.zip(kept);
+        match kept.and_then(|(seq, k)| k.redacted(seq, vault.len())) {
+            Some(Some(content)) => m.content = content,
+            Some(None) => {}
+            None => {
+                let size = vault.len();
+                let mut changed = false;
+                m.content.map_text(|t| {
+                    let out = vault.redact(t).0;
+                    changed |= out != t;
+                    out
+                });
+                if let Some((seq, k)) = kept {
+                    k.keep_redacted(seq, size, changed.then(|| m.content.clone()));
+                }
+            }
+        }
     }
-    if vault != before {
+    if vault.len() != before {
         deps.store.put_pii_vault(conv, &vault)?;
     }
     Ok(vault)

@@ -63,7 +63,7 @@ pub(super) async fn run(
     let regions = req.principal.regions();
     let start = deps
         .router
-        .start(&req.route, req.chat.clone(), req.prompt_tokens, regions)
+        .start(&req.route, &req.chat, req.prompt_tokens, regions)
         .instrument(tracing::Span::current());
     let started = tokio::select! {
         () = cancel.cancelled() => None,

@@ -156,6 +156,11 @@ impl Vault {
     pub fn is_empty(&self) -> bool {
         self.by_value.is_empty()
     }
+
+    /// How many values it replaces; it only ever grows.
+    pub fn len(&self) -> usize {
+        self.by_value.len()
+    }
 }
 
 /// The kinds of PII in `text` (for `block` mode).

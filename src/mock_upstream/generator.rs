@@ -182,7 +182,7 @@ pub fn plan_request(seed: u64, req: &MockRequest) -> Plan {
     };
     let prompt_tokens = messages
         .iter()
-        .map(|m| tokens::count(Encoding::Cl100kBase, &m.content) + tokens::MESSAGE_FRAMING_TOKENS)
+        .map(|m| content_tokens(&m.content) + tokens::MESSAGE_FRAMING_TOKENS)
         .sum::<u32>()
         + req.image_tokens;
     let mut plan = Plan {
@@ -428,6 +428,35 @@ fn hash_messages(seed: u64, messages: &[MockMessage]) -> Fnv {
 }
 
 /// The seed and everything of the request that shapes tool calls: what call ids derive from.
+/// The cl100k tokens of a message's content, remembered per thread: a conversation sends its
+/// whole history with every turn, and counting it afresh each time made the in-process mock
+/// (which shares the server's CPU) cost more than the turn it answers.
+fn content_tokens(content: &str) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    /// Counts kept per thread before the memory starts over.
+    const REMEMBERED: usize = 1 << 16;
+    thread_local! {
+        static SEEN: std::cell::RefCell<(std::collections::hash_map::RandomState, std::collections::HashMap<u64, u32>)> =
+            std::cell::RefCell::default();
+    }
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        let (state, counts) = &mut *seen;
+        let mut h = state.build_hasher();
+        h.write(content.as_bytes());
+        let key = h.finish();
+        if let Some(&n) = counts.get(&key) {
+            return n;
+        }
+        if counts.len() >= REMEMBERED {
+            counts.clear();
+        }
+        let n = tokens::count(Encoding::Cl100kBase, content);
+        counts.insert(key, n);
+        n
+    })
+}
+
 fn request_hash(seed: u64, req: &MockRequest) -> u64 {
     let mut h = hash_messages(seed, &req.messages);
     for t in &req.tools {

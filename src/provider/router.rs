@@ -344,7 +344,7 @@ impl Router {
     pub async fn start(
         &self,
         route: &str,
-        req: ChatRequest,
+        req: &ChatRequest,
         tokens: u32,
         regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
@@ -368,14 +368,14 @@ impl Router {
         regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
         let (exclude, partial) = (Some(failed_provider), Some(partial));
-        self.start_excluding(route, req.clone(), tokens, exclude, partial, regions)
+        self.start_excluding(route, req, tokens, exclude, partial, regions)
             .await
     }
 
     async fn start_excluding(
         &self,
         route_name: &str,
-        mut req: ChatRequest,
+        req: &ChatRequest,
         tokens: u32,
         exclude: Option<&str>,
         partial: Option<&str>,
@@ -386,7 +386,7 @@ impl Router {
             .get(route_name)
             .ok_or_else(|| RouterError::UnknownRoute(route_name.to_owned()))?;
         // A first-token limit needs a stream to watch.
-        req.whole &= route.ttft_timeout.is_none();
+        let whole = req.whole && route.ttft_timeout.is_none();
         let begun = Instant::now();
         let deadline = begun + self.retry.budget();
         let backoff = self.retry.backoff();
@@ -398,7 +398,9 @@ impl Router {
                 .into_iter()
                 .filter(|t| Some(t.provider.name.as_str()) != exclude && route.allows(t, regions));
             for target in allowed {
-                let req = target.request(&req, partial);
+                // Each attempt gets its own copy (the only one made of the request).
+                let mut req = target.request(req, partial);
+                req.whole = whole;
                 match self
                     .try_target(target, req, tokens, pass > 0, route.ttft_timeout, begun)
                     .await

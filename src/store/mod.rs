@@ -14,9 +14,10 @@
 //! - `usage_rollups`, `usage_totals`: per-minute usage and per-key period totals; raw usage
 //!   records go to daily files beside the trees (see `usage.rs`)
 //!
-//! Appends are one sled transaction (message, index, header) followed by a flush, so a
-//! message the caller acknowledges has reached the disk; callers flushing at the same time
-//! share one fsync (`commit.rs`).
+//! An append writes the message, its client-id entry and the header, in that order (a sled
+//! transaction would cost two extra log writes; see [`Store::append_message_unflushed`]),
+//! then flushes, so a message the caller acknowledges has reached the disk; callers flushing
+//! at the same time share one flush (`commit.rs`).
 
 mod cache;
 mod commit;
@@ -338,6 +339,13 @@ impl Store {
     /// [`Store::append_message`] without waiting for the disk: for synchronous callers that
     /// flush afterwards.
     ///
+    /// Three single-key writes, not one sled transaction: sled seals and writes its IO buffer
+    /// twice for every transaction or batch (`pin_log`), which cost more than the rest of a
+    /// turn. They go in an order a crash can only cut into a prefix of — the message, its
+    /// client-id entry, then the header — and [`Store::repair_tail`] rolls such a prefix
+    /// forward. Only the conversation's actor appends to it, so appends never interleave; the
+    /// header is swapped only if unchanged, so an update or a delete running meanwhile is seen.
+    ///
     /// # Errors
     /// As [`Store::append_message`].
     pub fn append_message_unflushed(
@@ -346,39 +354,106 @@ impl Store {
         msg: &MessageRecord,
     ) -> Result<(), StoreError> {
         let value = encode(msg)?;
-        let result = (&self.conversations, &self.messages, &self.client_ids).transaction(
-            |(convs, msgs, cids)| {
-                let raw = convs
-                    .get(id.as_bytes())?
-                    .ok_or(ConflictableTransactionError::Abort(
-                        StoreError::NoConversation(id.clone()),
-                    ))?;
-                let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)
-                    .map_err(ConflictableTransactionError::Abort)?;
-                if msg.seq != header.last_seq + 1 {
-                    return Err(ConflictableTransactionError::Abort(
-                        StoreError::SeqConflict {
-                            conversation: id.clone(),
-                            expected: header.last_seq + 1,
-                            got: msg.seq,
-                        },
-                    ));
-                }
-                header.last_seq = msg.seq;
-                if msg.is_sent() {
-                    let framing = crate::tokens::MESSAGE_FRAMING_TOKENS;
-                    header.history_tokens += u64::from(msg.tokens) + u64::from(framing);
-                }
-                msgs.insert(message_key(id, msg.seq).as_slice(), value.as_slice())?;
-                if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
-                    cids.insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
-                }
-                let header = encode(&header).map_err(ConflictableTransactionError::Abort)?;
-                convs.insert(id.as_bytes(), header)?;
-                Ok(())
-            },
-        );
-        result.map_err(tx_error)
+        let mut raw = self.header_for(id, msg.seq)?;
+        let key = message_key(id, msg.seq);
+        self.messages.insert(key.as_slice(), value)?;
+        if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
+            self.client_ids
+                .insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
+        }
+        loop {
+            let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
+            header.last_seq = msg.seq;
+            header.history_tokens += msg.history_cost();
+            let new = encode(&header)?;
+            match self
+                .conversations
+                .compare_and_swap(id.as_bytes(), Some(&raw), Some(new))?
+            {
+                Ok(()) => return Ok(()),
+                // Changed meanwhile (its tools updated, or it was deleted): read it again.
+                Err(_) => match self.header_for(id, msg.seq) {
+                    Ok(now) => raw = now,
+                    Err(e) => {
+                        self.messages.remove(key.as_slice())?;
+                        if let Some(cid) = &msg.client_id {
+                            self.client_ids.remove(client_key(id, cid))?;
+                        }
+                        return Err(e);
+                    }
+                },
+            }
+        }
+    }
+
+    /// The stored header of a conversation whose next message is `seq`.
+    fn header_for(&self, id: &ConversationId, seq: u64) -> Result<sled::IVec, StoreError> {
+        let raw = self
+            .conversations
+            .get(id.as_bytes())?
+            .ok_or_else(|| StoreError::NoConversation(id.clone()))?;
+        let header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
+        if seq != header.last_seq + 1 {
+            return Err(StoreError::SeqConflict {
+                conversation: id.clone(),
+                expected: header.last_seq + 1,
+                got: seq,
+            });
+        }
+        Ok(raw)
+    }
+
+    /// Completes an append a crash cut short — its message stored, its client-id entry or
+    /// header not — so that the header's `last_seq` is again the newest message's, and answers
+    /// the header (`None` for a conversation that does not exist). Nothing such was acked: an
+    /// append is acknowledged only after the flush that follows all three writes.
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn repair_tail(
+        &self,
+        id: &ConversationId,
+    ) -> Result<Option<ConversationRecord>, StoreError> {
+        let Some(raw) = self.conversations.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
+        let newest = match self.messages.scan_prefix(id.as_bytes()).next_back() {
+            Some(kv) => decode::<MessageRecord>("messages", id.as_str(), &kv?.1)?.seq,
+            None => 0,
+        };
+        if newest == header.last_seq {
+            return Ok(Some(header));
+        }
+        tracing::warn!(conversation = %id, header = header.last_seq, newest, "an append was cut short; completing it");
+        let tail = self.messages_after(id, header.last_seq, usize::MAX)?;
+        for m in &tail {
+            if let (Role::User | Role::Tool, Some(cid)) = (m.role, &m.client_id) {
+                self.client_ids
+                    .insert(client_key(id, cid), &m.seq.to_be_bytes())?;
+            }
+            header.last_seq = m.seq;
+            header.history_tokens += m.history_cost();
+        }
+        if header.last_seq != newest {
+            // A header ahead of its messages (never left by an append, whose header goes
+            // last): count again from what is stored.
+            header.last_seq = newest;
+            header.history_tokens = self
+                .messages_after(id, 0, usize::MAX)?
+                .iter()
+                .map(MessageRecord::history_cost)
+                .sum();
+        }
+        let new = encode(&header)?;
+        match self
+            .conversations
+            .compare_and_swap(id.as_bytes(), Some(raw), Some(new))?
+        {
+            Ok(()) => Ok(Some(header)),
+            // Someone else changed it meanwhile: theirs is as current.
+            Err(_) => self.conversation(id),
+        }
     }
 
     /// One stored message.

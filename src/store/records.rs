@@ -106,6 +106,16 @@ impl MessageRecord {
             || self.role == Role::Tool
     }
 
+    /// What the message adds to its conversation's `history_tokens`: its content tokens and
+    /// framing when it is sent, nothing otherwise.
+    pub fn history_cost(&self) -> u64 {
+        if self.is_sent() {
+            u64::from(self.tokens) + u64::from(crate::tokens::MESSAGE_FRAMING_TOKENS)
+        } else {
+            0
+        }
+    }
+
     /// The content as it was sent: the parts, or the text.
     pub fn content(&self) -> Content {
         match &self.parts {

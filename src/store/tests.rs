@@ -149,3 +149,56 @@ async fn keys_round_trip_and_revoke() {
     assert!(!store.delete_key("key_1").await.unwrap()); // ok: test code
     assert!(store.key_by_hash("h1").unwrap().is_none()); // ok: test code
 }
+
+#[tokio::test]
+async fn an_append_cut_short_is_completed() {
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let store = Store::open(dir.path()).unwrap(); // ok: test code
+    let c = conv("t");
+    store.create_conversation(&c).await.unwrap(); // ok: test code
+    store
+        .append_message(&c.id, &msg(1, Role::User, Some("a")))
+        .await
+        .unwrap(); // ok: test code
+                   // A crash after the message of seq 2 was written, before its index entry and header.
+    let cut = msg(2, Role::User, Some("b"));
+    store
+        .messages
+        .insert(message_key(&c.id, 2).as_slice(), encode(&cut).unwrap()) // ok: test code
+        .unwrap(); // ok: test code
+    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 1); // ok: test code
+    let rec = store.repair_tail(&c.id).unwrap().unwrap(); // ok: test code
+    assert_eq!(rec.last_seq, 2);
+    assert_eq!(rec.history_tokens, 2 * (3 + 4));
+    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
+    assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), Some(2)); // ok: test code
+                                                                       // Whole again: the next append follows it, and a second repair changes nothing.
+    store
+        .append_message(&c.id, &msg(3, Role::Assistant, None))
+        .await
+        .unwrap(); // ok: test code
+    assert_eq!(store.repair_tail(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
+}
+
+#[tokio::test]
+async fn an_append_sees_a_header_changed_meanwhile() {
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let store = Store::open(dir.path()).unwrap(); // ok: test code
+    let c = conv("t");
+    store.create_conversation(&c).await.unwrap(); // ok: test code
+    store
+        .update_conversation(&c.id, |r| r.tool_choice = None)
+        .await
+        .unwrap(); // ok: test code
+    store
+        .append_message(&c.id, &msg(1, Role::User, Some("a")))
+        .await
+        .unwrap(); // ok: test code
+    store.delete_conversation(&c.id).await.unwrap(); // ok: test code
+    let err = store
+        .append_message(&c.id, &msg(2, Role::Assistant, None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoConversation(_)));
+    assert!(store.messages_after(&c.id, 0, 10).unwrap().is_empty()); // ok: test code
+}
