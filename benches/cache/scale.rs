@@ -10,7 +10,8 @@
 //!    guards, record read), with the rate at which an exact question is served its own entry.
 //!
 //! Knobs: `CACHE_BENCH_ENTRIES` (entries), `CACHE_BENCH_LOOKUPS`, `CACHE_BENCH_INSERTS`,
-//! `CACHE_BENCH_STORE=0` to skip the store part.
+//! `CACHE_BENCH_STORE=0` to skip the store part, `CACHE_BENCH_EF=128,256` to measure lookups
+//! again at those search breadths.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,6 +145,18 @@ pub fn index_figures(n: usize, inserts: usize, count: usize) {
         built.as_secs_f64(),
         lookup.show(),
     );
+
+    let breadths = std::env::var("CACHE_BENCH_EF").unwrap_or_default();
+    for ef in breadths.split(',').filter_map(|e| e.trim().parse().ok()) {
+        index.set_ef_search(ef);
+        let (mut lookup, recall) = lookups(&index, n, count, |_| true);
+        println!(
+            "cache index, {n} entries, search breadth {ef}: lookup {}; exact-question recall@1 \
+             {recall:.3}",
+            lookup.show()
+        );
+    }
+    index.set_ef_search(0);
 
     let dir = tempfile::tempdir().unwrap();
     let begun = Instant::now();

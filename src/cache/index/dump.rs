@@ -172,6 +172,11 @@ impl Index {
                 by_scope.entry(meta.scope).or_default().push((id, meta));
             }
         }
+        if by_scope.is_empty() {
+            // Nothing stored: whatever was dumped is stale (and the index has no dimension
+            // yet to check it against); the next dump replaces it.
+            return report;
+        }
         let graphs = match read_manifest(dir, tag, self.dim) {
             Ok(graphs) => graphs,
             Err(problem) => {

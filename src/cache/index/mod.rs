@@ -79,6 +79,8 @@ enum Partition {
 pub struct Index {
     dim: usize,
     graph_at: usize,
+    /// Search breadth in graphs (recall against time).
+    ef_search: usize,
     entries: HashMap<EntryId, EntryMeta>,
     scopes: HashMap<ScopeKey, Partition>,
 }
@@ -95,6 +97,7 @@ impl Index {
         Self {
             dim,
             graph_at: graph_at.max(1),
+            ef_search: EF_SEARCH,
             entries: HashMap::new(),
             scopes: HashMap::new(),
         }
@@ -102,6 +105,12 @@ impl Index {
 
     pub fn graph_at(&self) -> usize {
         self.graph_at
+    }
+
+    /// Sets how many candidates a graph search keeps (at least the default): more finds
+    /// more of a dense cluster's members, in more time (the benches measure both).
+    pub fn set_ef_search(&mut self, ef: usize) {
+        self.ef_search = ef.max(EF_SEARCH);
     }
 
     pub fn dim(&self) -> usize {
@@ -289,7 +298,7 @@ impl Index {
                 // tombstones (compaction keeps them fewer than the living) and filter here.
                 let room = k + (g.points - g.live).min(4 * k + 16);
                 g.hnsw
-                    .search(&query, room, EF_SEARCH.max(room))
+                    .search(&query, room, self.ef_search.max(room))
                     .into_iter()
                     .map(|n| (n.d_id as u64, 1.0 - n.distance))
                     .filter(|(id, _)| self.entries.get(id).is_some_and(|m| m.scope == *scope))
