@@ -1,14 +1,20 @@
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 //! The semantic cache's figures:
 //! 1. builtin embedding throughput (criterion);
-//! 2. index insert and lookup latency at 10k and 100k entries in one scope (the HNSW path),
-//!    p50/p99 over individually timed operations, with recall of exact questions;
+//! 2. the cache at scale, every entry in one scope (the HNSW path; `cache/scale.rs`): memory
+//!    per entry, build, dump and restore (a start), insert and lookup latency p50/p99 over
+//!    individually timed operations, recall of exact questions; in the index alone, then
+//!    through the cache's worker on a sled store;
 //! 3. end-to-end cached-reply latency through the WebSocket: the real server and mock upstream
 //!    on loopback, one entry primed, then reworded questions in fresh conversations, timed
 //!    from sending `user_message` to the first `delta` and to `done`.
 //!
 //! `cargo bench --bench cache`; `cargo test --benches` runs a small quick version.
+//! `CACHE_BENCH_ENTRIES=1000000 cargo bench --bench cache -- --scale-only` runs part 2 alone,
+//! at that size (other knobs in `cache/scale.rs`).
 
+#[path = "cache/scale.rs"]
+mod scale;
 #[path = "support/mod.rs"]
 mod support;
 use support::{frame, percentile, Server, Socket};
@@ -17,8 +23,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, Criterion, Throughput};
 use futures_util::SinkExt;
-use parley::cache::embed::{Builtin, DIM};
-use parley::cache::index::{EntryMeta, Index};
+use parley::cache::embed::Builtin;
 use parley::mock_upstream::{Behaviour, MockUpstream};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -78,62 +83,6 @@ fn ms(d: Duration) -> f64 {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn meta(q: String) -> EntryMeta {
-    EntryMeta {
-        scope: [1; 16],
-        question: q,
-        expires_ms: i64::MAX,
-        last_used_ms: 0,
-    }
-}
-
-fn index_figures(n: usize, inserts: usize, lookups: usize) {
-    let vectors: Vec<(u64, EntryMeta, Vec<f32>)> = (0..n)
-        .map(|i| {
-            let q = question(i);
-            let v = Builtin::vector(&q);
-            (i as u64, meta(q), v)
-        })
-        .collect();
-    let mut index = Index::new(DIM);
-    let begun = Instant::now();
-    index.bulk_load(vectors);
-    let built = begun.elapsed();
-
-    let mut insert_times = Vec::with_capacity(inserts);
-    for i in n..n + inserts {
-        let q = question(i);
-        let v = Builtin::vector(&q);
-        let t = Instant::now();
-        index.insert(i as u64, meta(q), v).unwrap();
-        insert_times.push(t.elapsed());
-    }
-    let mut lookup_times = Vec::with_capacity(lookups);
-    let mut found = 0;
-    let step = (n / lookups).max(1);
-    for k in 0..lookups {
-        let i = (k * step) % n;
-        let v = Builtin::vector(&question(i));
-        let t = Instant::now();
-        let top = black_box(index.search(&[1; 16], &v, 4));
-        lookup_times.push(t.elapsed());
-        if top.first().map(|x| x.0) == Some(i as u64) {
-            found += 1;
-        }
-    }
-    insert_times.sort();
-    lookup_times.sort();
-    println!(
-        "cache index {n} entries: bulk build {:.1} s; insert p50 {:.0} µs p99 {:.0} µs; lookup p50 {:.0} µs p99 {:.0} µs; exact-question recall@1 {:.3}",
-        built.as_secs_f64(),
-        us(percentile(&insert_times, 0.5)),
-        us(percentile(&insert_times, 0.99)),
-        us(percentile(&lookup_times, 0.5)),
-        us(percentile(&lookup_times, 0.99)),
-        f64::from(found) / lookups as f64,
-    );
 }
 
 /// One turn in a fresh conversation: (time to first delta, time to done, cached).
@@ -262,8 +211,28 @@ fn local_embedding(c: &mut Criterion, batch: &[String]) {
 #[cfg(not(feature = "local-embed"))]
 fn local_embedding(_: &mut Criterion, _: &[String]) {}
 
+/// Part 2 at `CACHE_BENCH_ENTRIES` entries (or the default sizes).
+fn scale_figures(sizes: &[usize], lookups: usize) {
+    let sizes = match scale::env("CACHE_BENCH_ENTRIES", 0) {
+        0 => sizes.to_vec(),
+        n => vec![n],
+    };
+    let lookups = scale::env("CACHE_BENCH_LOOKUPS", lookups);
+    let inserts = scale::env("CACHE_BENCH_INSERTS", 1_000);
+    for n in sizes {
+        scale::index_figures(n, inserts.min(n), lookups);
+        if scale::env("CACHE_BENCH_STORE", 1) != 0 {
+            scale::store_figures(n, lookups);
+        }
+    }
+}
+
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
+    if std::env::args().any(|a| a == "--scale-only") {
+        scale_figures(&[100_000], 2_000);
+        return;
+    }
     let mut c = Criterion::default()
         .configure_from_args()
         .sample_size(if quick { 10 } else { 50 })
@@ -288,11 +257,11 @@ fn main() {
     local_embedding(&mut c, &batch);
 
     if quick {
-        index_figures(2_000, 100, 200);
+        scale::index_figures(2_000, 100, 200);
+        scale::store_figures(2_000, 200);
         end_to_end(20);
     } else {
-        index_figures(10_000, 1_000, 2_000);
-        index_figures(100_000, 1_000, 2_000);
+        scale_figures(&[10_000, 100_000], 2_000);
         end_to_end(500);
     }
     c.final_summary();

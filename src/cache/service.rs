@@ -9,7 +9,12 @@
 //!
 //! Entries are written to sled before the worker indexes them; a candidate the worker finds is
 //! read back from sled before it is served, so an entry whose conversation was deleted (its
-//! records gone) can never be served, whatever the index still holds.
+//! records gone) can never be served, whatever the index still holds. The index holds
+//! quantised vectors and no text: a candidate near the threshold is scored again with its
+//! exact stored vector, and the guards compare the stored question.
+//!
+//! The worker dumps the index's graphs at shutdown (and every [`DUMP_EVERY`] when they
+//! changed), and a start restores them (see `index/dump.rs`).
 
 use std::collections::HashSet;
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -26,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::store::{CacheRecord, Store, StoreError};
 
 /// Questions longer than this are neither looked up nor cached (a long document is rarely
-/// asked twice, and entries keep their question in memory).
+/// asked twice).
 pub const MAX_QUESTION_BYTES: usize = 4096;
 /// Commands waiting for the worker, at most.
 const QUEUE: usize = 4096;
@@ -34,6 +39,12 @@ const QUEUE: usize = 4096;
 const CANDIDATES: usize = 4;
 /// How often the worker expires, evicts and compacts.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(30);
+/// How often, at most, the worker dumps graphs that changed (besides at shutdown), so a
+/// crash costs a start at most this much of inserts to redo.
+const DUMP_EVERY: Duration = Duration::from_secs(15 * 60);
+/// How far below `min_similarity` an index similarity (of quantised vectors, within 0.01 of
+/// the exact one) may be and the entry still be read back and scored exactly.
+const RESCORE_MARGIN: f32 = 0.02;
 
 /// The cache's settings, from `[cache]`.
 #[derive(Debug, Clone)]
@@ -195,6 +206,8 @@ impl Cache {
             min_similarity: settings.min_similarity,
             max_entries: settings.max_entries.max(1),
             index: Index::new(0),
+            tag: embedder_id.clone(),
+            last_dump: Instant::now(),
         };
         let thread = std::thread::Builder::new()
             .name("parley-cache".into())
@@ -376,7 +389,6 @@ impl Cache {
         }
         let meta = EntryMeta {
             scope: key,
-            question: record.question,
             expires_ms: record.expires_ms,
             last_used_ms: now,
         };
@@ -410,6 +422,9 @@ struct Worker {
     min_similarity: f32,
     max_entries: usize,
     index: Index,
+    /// The embedder's id: graphs dumped for another embedder are not reloaded.
+    tag: String,
+    last_dump: Instant,
 }
 
 impl Worker {
@@ -418,10 +433,12 @@ impl Worker {
         let mut last = Instant::now();
         loop {
             let cmd = match rx.recv_timeout(MAINTENANCE_EVERY) {
-                Ok(Command::Stop) => return,
+                Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => {
+                    self.dump();
+                    return;
+                }
                 Ok(cmd) => Some(cmd),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
             };
             // hnsw_rs asserts its invariants: a panic must not end the worker (every lookup
             // would then be skipped). The index may be half-updated: rebuild it from storage.
@@ -446,48 +463,89 @@ impl Worker {
         self.metrics.cache_entries.set(n as i64);
     }
 
-    /// Rebuilds the index from storage, timed in the log.
+    /// Builds the index from storage and the graphs dumped at the last stop, timed in the
+    /// log.
     fn load(&mut self) {
         let begun = Instant::now();
-        let entries = match self.store.cache_entries_all() {
-            Ok(e) => e,
+        let heads = match self.store.cache_entry_heads() {
+            Ok(h) => h,
             Err(e) => {
                 tracing::error!(error = %e, "cache entries unreadable; starting with an empty cache");
                 Vec::new()
             }
         };
         let now = now_ms();
-        let (live, expired): (Vec<_>, Vec<_>) =
-            entries.into_iter().partition(|e| e.record.expires_ms > now);
-        let expired: Vec<u64> = expired.iter().map(|e| e.id).collect();
+        let (live, expired): (Vec<_>, Vec<_>) = heads.into_iter().partition(|h| h.expires_ms > now);
+        let expired: Vec<u64> = expired.iter().map(|h| h.id).collect();
         if let Err(e) = self.store.remove_cache_entries(&expired) {
             tracing::warn!(error = %e, "expired cache entries not removed");
         }
-        let dim = live.first().map_or(0, |e| e.vector.len());
-        let mut index = Index::new(dim);
-        let items = live
+        let store = self.store.clone();
+        let mut vector_of = |id| match store.cache_vector(id) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "cache vector unreadable; entry not indexed");
+                None
+            }
+        };
+        let dim = live
+            .iter()
+            .find_map(|h| vector_of(h.id))
+            .map_or(0, |v| v.len());
+        let entries = live
             .into_iter()
-            .filter_map(|e| {
-                let scope = scope_from_hex(&e.record.scope)?;
+            .filter_map(|h| {
                 let meta = EntryMeta {
-                    scope,
-                    question: e.record.question,
-                    expires_ms: e.record.expires_ms,
-                    last_used_ms: e.record.created_ms,
+                    scope: scope_from_hex(&h.scope)?,
+                    expires_ms: h.expires_ms,
+                    last_used_ms: h.created_ms,
                 };
-                Some((e.id, meta, e.vector))
+                Some((h.id, meta))
             })
             .collect();
-        let loaded = index.bulk_load(items);
-        self.metrics.cache_entries.set(loaded as i64);
+        let mut index = Index::new(dim);
+        let r = index.restore(
+            self.store.cache_index_dir(),
+            &self.tag,
+            entries,
+            &mut vector_of,
+        );
+        for problem in &r.problems {
+            tracing::warn!(%problem, "cache index dump not used; rebuilt from storage");
+        }
+        self.metrics.cache_entries.set(r.entries as i64);
         tracing::info!(
-            entries = loaded,
+            entries = r.entries,
             expired = expired.len(),
+            graphs_reloaded = r.reloaded,
+            inserted_since_dump = r.inserted,
+            tombstones = r.tombstones,
+            rebuilt = r.rebuilt,
+            skipped = r.skipped,
             elapsed_ms = begun.elapsed().as_millis() as u64,
-            "cache index rebuilt from storage"
+            "cache index restored from storage"
         );
         self.index = index;
         self.evict();
+    }
+
+    /// Dumps the graphs that changed since their last dump (logged; a failed dump only means
+    /// a slower next start).
+    fn dump(&mut self) {
+        let begun = Instant::now();
+        self.last_dump = begun;
+        let dir = self.store.cache_index_dir().to_owned();
+        match self.index.dump(&dir, &self.tag) {
+            Ok(d) if d.written > 0 || d.failed > 0 => tracing::info!(
+                graphs = d.graphs,
+                written = d.written,
+                failed = d.failed,
+                elapsed_ms = begun.elapsed().as_millis() as u64,
+                "cache index dumped"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cache index not dumped"),
+        }
     }
 
     fn handle(&mut self, cmd: Command) {
@@ -515,7 +573,7 @@ impl Worker {
                 if index.is_empty() && index.tombstones() == 0 {
                     *index = Index::new(vector.len());
                 }
-                if let Err(e) = self.index.insert(id, meta, vector) {
+                if let Err(e) = self.index.insert(id, meta, &vector) {
                     tracing::warn!(error = %e, "cache entry not indexed");
                     let _ = self.store.remove_cache_entries(&[id]);
                 }
@@ -537,47 +595,76 @@ impl Worker {
     }
 
     fn lookup(&mut self, q: &Query<'_>, vector: &[f32]) -> Outcome {
-        let (key, tenant, question) = (&q.key, q.tenant, q.question);
+        let (tenant, question) = (q.tenant, q.question);
         let now = now_ms();
-        let index = &mut self.index;
-        let candidates = index.search(key, vector, CANDIDATES);
         let mut rejected_by = Vec::new();
-        let scope = hex::encode(key);
-        for (id, similarity) in candidates {
+        let scope = hex::encode(q.key);
+        for (id, similarity) in self.rescored(&q.key, vector) {
             // A NaN similarity is no hit either.
             if similarity.is_nan() || similarity < self.min_similarity {
                 break;
             }
-            let Some(meta) = self.index.meta(id) else {
-                continue;
-            };
-            if meta.expires_ms <= now {
+            if self.index.meta(id).is_none_or(|m| m.expires_ms <= now) {
                 continue;
             }
-            if let Err(g) = guards::check(question, &meta.question) {
+            let record = match self.store.cache_entry(id) {
+                Ok(Some(record)) => record,
+                Ok(None) => {
+                    // Deleted with its conversation (or evicted): never served again.
+                    self.index.remove(id);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cache entry unreadable");
+                    continue;
+                }
+            };
+            if let Err(g) = guards::check(question, &record.question) {
                 rejected_by.push(g);
                 continue;
             }
-            match self.store.cache_entry(id) {
-                Ok(Some(record))
-                    if q.max_tokens
-                        .is_some_and(|m| record.usage.completion_tokens > m) => {}
-                Ok(Some(record)) if record.tenant == tenant && record.scope == scope => {
-                    self.index.touch(id, now);
-                    return Outcome::Hit(Hit {
-                        id,
-                        similarity,
-                        record,
-                    });
-                }
-                Ok(_) => {
-                    // Deleted with its conversation (or evicted): never served again.
-                    self.index.remove(id);
-                }
-                Err(e) => tracing::warn!(error = %e, "cache entry unreadable"),
+            if q.max_tokens
+                .is_some_and(|m| record.usage.completion_tokens > m)
+            {
+                continue;
             }
+            if record.tenant != tenant || record.scope != scope {
+                // Not this scope's entry: never served from it.
+                self.index.remove(id);
+                continue;
+            }
+            self.index.touch(id, now);
+            return Outcome::Hit(Hit {
+                id,
+                similarity,
+                record,
+            });
         }
         Outcome::Miss { rejected_by }
+    }
+
+    /// The index's candidates near enough to `min_similarity`, scored again with their
+    /// exact stored vectors, most similar first: a hit is decided on the same similarity as
+    /// without quantisation.
+    fn rescored(&mut self, key: &ScopeKey, vector: &[f32]) -> Vec<(EntryId, f32)> {
+        let floor = self.min_similarity - RESCORE_MARGIN;
+        let candidates = self.index.search(key, vector, CANDIDATES);
+        let mut scored = Vec::with_capacity(candidates.len());
+        for (id, approximate) in candidates {
+            // NaN included: no hit.
+            if approximate.is_nan() || approximate < floor {
+                break;
+            }
+            match self.store.cache_vector(id) {
+                Ok(Some(exact)) => scored.push((id, super::embed::cosine(vector, &exact))),
+                Ok(None) => {
+                    self.index.remove(id);
+                }
+                Err(e) => tracing::warn!(error = %e, "cache vector unreadable"),
+            }
+        }
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1));
+        scored
     }
 
     /// Over the size cap: removes the least recently used twentieth of the cap.
@@ -617,6 +704,9 @@ impl Worker {
             );
         }
         self.publish_len();
+        if self.last_dump.elapsed() >= DUMP_EVERY {
+            self.dump();
+        }
     }
 }
 

@@ -7,7 +7,9 @@
 //! - `recall_vectors`: conversation id ‖ seq → a stored message's embedding, so recall memory
 //!   embeds each message once, not at every turn
 //!
-//! The in-memory HNSW index is rebuilt from these trees at start.
+//! The in-memory HNSW index is restored from these trees at start, with the graphs it dumped
+//! in [`Store::cache_index_dir`] (files the cache module writes with hnsw_rs, which lives
+//! there only; a dump is a copy of what these trees hold, never the truth).
 
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -38,6 +40,16 @@ pub struct StoredEntry {
     pub id: u64,
     pub record: CacheRecord,
     pub vector: Vec<f32>,
+}
+
+/// What the index needs of an entry at start: neither its texts nor its vector.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct CacheHead {
+    #[serde(skip)]
+    pub id: u64,
+    pub scope: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
 }
 
 fn conv_key(conv: &ConversationId, id: u64) -> Vec<u8> {
@@ -193,6 +205,43 @@ impl Store {
         Ok(out)
     }
 
+    /// The head of every stored entry that has a vector: a start reads a million of them, so
+    /// the texts are skipped while parsing, never copied.
+    ///
+    /// # Errors
+    /// Storage failures; corrupt records are skipped with a log line.
+    pub fn cache_entry_heads(&self) -> Result<Vec<CacheHead>, StoreError> {
+        let mut out = Vec::new();
+        for kv in &self.cache_entries {
+            let (k, v) = kv?;
+            let Some(id) = id_from(&k) else { continue };
+            match decode::<CacheHead>("cache_entries", &id.to_string(), &v) {
+                Ok(head) if self.cache_vectors.contains_key(&k)? => {
+                    out.push(CacheHead { id, ..head });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "skipping a corrupt cache entry"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored vector of entry `id`, if it still exists.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn cache_vector(&self, id: u64) -> Result<Option<Vec<f32>>, StoreError> {
+        Ok(self
+            .cache_vectors
+            .get(id.to_be_bytes())?
+            .map(|raw| vector_from(&raw)))
+    }
+
+    /// The directory the cache's index dumps its graphs in.
+    pub fn cache_index_dir(&self) -> &std::path::Path {
+        &self.cache_index_dir
+    }
+
     /// Number of stored entries.
     pub fn cache_len(&self) -> usize {
         self.cache_entries.len()
@@ -311,8 +360,14 @@ mod tests {
         let all = store.cache_entries_all().expect("all"); // ok: test
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].vector, vec![0.5, -0.25]);
+        let heads = store.cache_entry_heads().expect("heads"); // ok: test
+        let ids: Vec<u64> = heads.iter().map(|h| h.id).collect();
+        assert_eq!(ids, vec![a, b]);
+        assert_eq!((heads[0].scope.as_str(), heads[0].expires_ms), ("00", 2));
+        assert_eq!(store.cache_vector(a).expect("get"), Some(vec![0.5, -0.25])); // ok: test
         assert_eq!(store.remove_conversation_cache(&conv).expect("rm"), vec![a]); // ok: test
         assert!(store.cache_entry(a).expect("get").is_none()); // ok: test
+        assert!(store.cache_vector(a).expect("get").is_none()); // ok: test
         assert!(store.cache_entry(b).expect("get").is_some()); // ok: test
         store.remove_cache_entries(&[b]).expect("rm"); // ok: test
         assert_eq!(store.cache_len(), 0);

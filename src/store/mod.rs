@@ -8,7 +8,8 @@
 //! - `client_ids`: conversation id ‖ client id → seq of the user message (idempotency)
 //! - `keys`: SHA-256 of a key's secret → [`KeyRecord`]; `key_ids`: key id → that hash
 //! - `cache_entries`, `cache_vectors`, `cache_by_conversation`, `cache_meta`: the semantic
-//!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`)
+//!   cache; `recall_vectors`: message embeddings kept for recall memory (see `cache.rs`); the
+//!   cache's index dumps its graphs beside the trees, in `cache-index`
 //! - `responses`, `responses_by_conversation`: Responses API records (see `responses.rs`)
 //! - `tenant_conversations`: tenant → how many conversations it keeps
 //! - `usage_rollups`, `usage_totals`: per-minute usage and per-key period totals; raw usage
@@ -32,7 +33,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-pub use cache::{CacheRecord, StoredEntry};
+pub use cache::{CacheHead, CacheRecord, StoredEntry};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
@@ -102,6 +103,8 @@ pub struct Store {
     key_ids: sled::Tree,
     /// Raw usage records, one file per UTC day (`<data_dir>/usage`).
     usage_dir: std::path::PathBuf,
+    /// Where the cache's index dumps its graphs (`<data_dir>/cache-index`, see `cache.rs`).
+    cache_index_dir: std::path::PathBuf,
     usage_rollups: sled::Tree,
     usage_totals: sled::Tree,
     prompts: sled::Tree,
@@ -144,6 +147,7 @@ impl Store {
             keys: db.open_tree("keys")?,
             key_ids: db.open_tree("key_ids")?,
             usage_dir: dir.join("usage"),
+            cache_index_dir: dir.join("cache-index"),
             usage_rollups: db.open_tree("usage_rollups")?,
             usage_totals: db.open_tree("usage_totals")?,
             prompts: db.open_tree("prompts")?,

@@ -665,3 +665,119 @@ async fn a_cached_reply_longer_than_max_tokens_is_not_served() {
     assert_eq!(up.requests(), before + 1);
     assert!(hits(&mut ws, &up, "up", q).await, "the entry still serves");
 }
+
+/// The cache on `store`, once its worker has loaded the index.
+async fn started_cache(store: &parley::store::Store) -> parley::cache::Cache {
+    let settings = parley::cache::CacheSettings {
+        enabled: true,
+        min_similarity: 0.92,
+        ttl: std::time::Duration::from_secs(3600),
+        max_entries: 10_000,
+        lookup_timeout: std::time::Duration::from_secs(5),
+        disabled_tenants: Default::default(),
+    };
+    let cache = parley::cache::Cache::start(
+        settings,
+        std::sync::Arc::new(parley::cache::embed::Builtin),
+        store.clone(),
+        parley::metrics::Metrics::new().unwrap(),
+    )
+    .unwrap();
+    cache.len().await.unwrap();
+    cache
+}
+
+/// The entry a question is served from, if any.
+async fn served(cache: &parley::cache::Cache, scope: [u8; 16], q: &str) -> Option<(String, f32)> {
+    let query = parley::cache::Query {
+        key: scope,
+        tenant: "t",
+        question: q,
+        max_tokens: None,
+    };
+    match cache.lookup(query, None).await.outcome {
+        parley::cache::Outcome::Hit(hit) => Some((hit.record.question, hit.similarity)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_large_scopes_graph_is_dumped_at_stop_and_restored_at_start() {
+    use parley::cache::embed::{cosine, Builtin};
+    let tmp = tempfile::tempdir().unwrap();
+    let store = parley::store::Store::open(tmp.path()).unwrap();
+    let scope = [7u8; 16];
+    let question = |i: usize| format!("What is the population of town number {i} in the north?");
+    let original = question(6);
+    let reworded = "Tell me the population of town number 6 in the north, please.";
+    assert!(parley::cache::is_hit(&original, reworded, 0.92));
+    let record = |q: String| parley::store::CacheRecord {
+        tenant: "t".into(),
+        scope: String::new(),
+        question: q,
+        reply: "an answer".into(),
+        usage: parley::store::Usage::new(3, 4),
+        provider: "mock".into(),
+        model: "mock-1".into(),
+        conversation: None,
+        created_ms: 0,
+        expires_ms: 0,
+    };
+    // More entries than a scope scans exactly: the scope is a graph.
+    let cache = started_cache(&store).await;
+    for q in (0..400).map(question) {
+        cache.insert(scope, Builtin::vector(&q), record(q));
+    }
+    assert_eq!(cache.len().await, Some((400, 0)));
+    cache.stop().await;
+    let dir = store.cache_index_dir().to_owned();
+    assert!(dir.join("manifest.json").exists());
+
+    // While it was stopped, an entry left storage: after the start it is a tombstone.
+    let gone = store
+        .cache_entry_heads()
+        .unwrap()
+        .into_iter()
+        .find(|h| store.cache_entry(h.id).unwrap().unwrap().question == question(5))
+        .unwrap();
+    store.remove_cache_entries(&[gone.id]).unwrap();
+    let cache = started_cache(&store).await;
+    assert_eq!(cache.len().await, Some((399, 1)));
+    assert_eq!(served(&cache, scope, &question(5)).await, None);
+    assert_eq!(
+        served(&cache, scope, &question(7)).await.map(|s| s.0),
+        Some(question(7))
+    );
+    // A rewording hits with the exact similarity of the two questions: quantised vectors in
+    // the index move no threshold.
+    let (q, similarity) = served(&cache, scope, reworded).await.unwrap();
+    assert_eq!(q, original);
+    assert_eq!(
+        similarity,
+        cosine(&Builtin::vector(reworded), &Builtin::vector(&original))
+    );
+    cache.stop().await;
+
+    // A damaged dump: the start rebuilds the graph from storage, and serves as before.
+    let graph = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".hnsw.graph"))
+        .unwrap();
+    let mut raw = std::fs::read(&graph).unwrap();
+    let middle = raw.len() / 2;
+    raw[middle] ^= 0x5a;
+    std::fs::write(&graph, raw).unwrap();
+    let cache = started_cache(&store).await;
+    assert_eq!(cache.len().await, Some((399, 0)));
+    assert_eq!(
+        served(&cache, scope, &question(7)).await.map(|s| s.0),
+        Some(question(7))
+    );
+    assert_eq!(
+        served(&cache, scope, reworded).await.map(|s| s.0),
+        Some(original.clone())
+    );
+    cache.stop().await;
+}
