@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Storage: durable append of one message (transaction + flush) and replay of a conversation.
+//! Storage: durable append of one message (three writes + flush) and replay of a conversation.
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use parley::ids::{ConversationId, TenantId};
