@@ -108,6 +108,49 @@ pub struct Auth {
     store: Store,
     admin_hash: Option<[u8; 32]>,
     dev_mode: bool,
+    known: Arc<KnownKeys>,
+}
+
+/// Keys already resolved, by the SHA-256 of their secret: a request with a known key needs no
+/// storage read or decode. Keys never change once created; a revocation empties the map before
+/// it returns, and a lookup that read storage before a revocation does not add its answer after
+/// it (the generation tells).
+#[derive(Default)]
+struct KnownKeys {
+    map: parking_lot::RwLock<std::collections::HashMap<[u8; 32], Arc<KeyRecord>>>,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl KnownKeys {
+    /// Keys remembered at most; past it the map starts again.
+    const MAX: usize = 65_536;
+
+    fn get(&self, digest: &[u8; 32]) -> Option<Arc<KeyRecord>> {
+        self.map.read().get(digest).cloned()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Remembers `rec` unless a revocation happened since `generation` was read.
+    fn add(&self, generation: u64, digest: [u8; 32], rec: Arc<KeyRecord>) {
+        let mut map = self.map.write();
+        if self.generation() != generation {
+            return;
+        }
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(digest, rec);
+    }
+
+    fn forget_all(&self) {
+        let mut map = self.map.write();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        map.clear();
+    }
 }
 
 impl Auth {
@@ -119,6 +162,7 @@ impl Auth {
             store,
             admin_hash,
             dev_mode,
+            known: Arc::default(),
         }
     }
 
@@ -145,19 +189,28 @@ impl Auth {
                 "the admin key is for /admin only",
             ));
         }
-        let Some(rec) = self.store.key_by_hash(&hex::encode(digest))? else {
-            // Development mode serves keyless clients; SDKs insist on sending some key.
-            return if self.dev_mode {
-                Ok(Principal::local())
-            } else {
-                Err(ApiError::unauthorized())
-            };
+        let rec = match self.known.get(&digest) {
+            Some(rec) => rec,
+            None => {
+                let generation = self.known.generation();
+                let Some(rec) = self.store.key_by_hash(&hex::encode(digest))? else {
+                    // Development mode serves keyless clients; SDKs insist on sending some key.
+                    return if self.dev_mode {
+                        Ok(Principal::local())
+                    } else {
+                        Err(ApiError::unauthorized())
+                    };
+                };
+                let rec = Arc::new(rec);
+                self.known.add(generation, digest, Arc::clone(&rec));
+                rec
+            }
         };
         Ok(Principal {
             tenant: rec.tenant.clone(),
             key_id: Some(rec.id.clone()),
             models: rec.models.clone(),
-            limits: Some(Arc::new(rec)),
+            limits: Some(rec),
         })
     }
 
@@ -221,7 +274,10 @@ impl Auth {
     /// # Errors
     /// Storage failures.
     pub async fn revoke(&self, id: &str) -> Result<bool, ApiError> {
-        Ok(self.store.delete_key(id).await?)
+        let deleted = self.store.delete_key(id).await;
+        // Forgotten whatever the store answered: a failed delete may still have removed it.
+        self.known.forget_all();
+        Ok(deleted?)
     }
 }
 
