@@ -188,7 +188,7 @@ mod tests {
         }
         assert!(r.cost > 100, "more than the budget is kept: {}", r.cost);
         assert!(r.cost <= 200 + 14);
-        let oldest = r.messages.front().map(|m| m.seq).unwrap();
+        let oldest = r.messages.front().map(|m| m.seq).unwrap(); // ok: test code
         assert!(oldest > 1, "the oldest were forgotten");
         assert_eq!(r.last_seq(), 36);
         // A message seen before is not added twice.

@@ -121,20 +121,20 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_share_rounds_and_all_return() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
         let commit = GroupCommit::new();
-        let tree = db.open_tree("t").unwrap();
+        let tree = db.open_tree("t").unwrap(); // ok: test code
         let mut tasks = Vec::new();
         for i in 0u32..200 {
             let (commit, db, tree) = (Arc::clone(&commit), db.clone(), tree.clone());
             tasks.push(tokio::spawn(async move {
-                tree.insert(i.to_be_bytes(), &b"x"[..]).unwrap();
+                tree.insert(i.to_be_bytes(), &b"x"[..]).unwrap(); // ok: test code
                 commit.flush(&db).await
             }));
         }
         for t in tasks {
-            t.await.unwrap().unwrap();
+            t.await.unwrap().unwrap(); // ok: test code
         }
         let rounds = commit.ended.borrow().covered;
         assert_eq!(
@@ -147,8 +147,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_waiter_does_not_stall_the_next_round() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let dir = tempfile::tempdir().unwrap(); // ok: test code
+        let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
         let commit = GroupCommit::new();
         // Start a flush and abandon it at once.
         let first = commit.flush(&db);
@@ -158,7 +158,7 @@ mod tests {
         let _ = abandoned.await;
         tokio::time::timeout(std::time::Duration::from_secs(10), commit.flush(&db))
             .await
-            .expect("a later flush completes")
-            .unwrap();
+            .expect("a later flush completes") // ok: test code
+            .unwrap(); // ok: test code
     }
 }

@@ -589,8 +589,8 @@ mod tests {
         let files = std::fs::read_dir(dir.path()).expect("dir").count(); // ok: test
         assert_eq!(files, 3, "a manifest and one graph's two files");
         // The first index's graph is gone from disk; it could still dump itself.
-        assert_eq!(before.dump(dir.path(), "builtin").expect("dump").written, 1);
-        // ok: test
+        let dumped = before.dump(dir.path(), "builtin").expect("dump"); // ok: test
+        assert_eq!(dumped.written, 1);
     }
 
     /// Restores from `dir` after `spoil` changed it: everything is built from storage.
@@ -639,15 +639,15 @@ mod tests {
         assert_eq!(report.problems.len(), 1, "{report:?}");
         // A corrupt manifest, and one of another embedder.
         let report = restored_after(|dir| {
-            std::fs::write(dir.join(MANIFEST_NAME), b"{\"format\":1,").expect("write");
-            // ok: test
+            let manifest = dir.join(MANIFEST_NAME);
+            std::fs::write(manifest, b"{\"format\":1,").expect("write"); // ok: test
         });
         assert!(report.problems[0].contains("corrupt"), "{report:?}");
         let report = restored_after(|dir| {
             let path = dir.join(MANIFEST_NAME);
             let raw = std::fs::read_to_string(&path).expect("read"); // ok: test
-            std::fs::write(&path, raw.replace("builtin", "other")).expect("write");
-            // ok: test
+            let other = raw.replace("builtin", "other");
+            std::fs::write(&path, other).expect("write"); // ok: test
         });
         assert!(report.problems[0].contains("not builtin"), "{report:?}");
         // A truncated graph file whose manifest was made to match: hnsw_rs itself fails

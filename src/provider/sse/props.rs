@@ -233,7 +233,7 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
             Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
         };
         for word in ["one ", "two ", "three"] {
-            body_tx.send(chunk(word)).await.unwrap();
+            body_tx.send(chunk(word)).await.unwrap(); // ok: test code
             let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
             assert!(
                 matches!(got, Ok(Some(UpstreamEvent::Delta(ref t))) if t == word),
@@ -241,15 +241,15 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
             );
         }
         // Two events in one read leave as one delta.
-        let mut both = chunk("four ").unwrap().to_vec();
-        both.extend_from_slice(&chunk("five").unwrap());
-        body_tx.send(Ok(both.into())).await.unwrap();
+        let mut both = chunk("four ").unwrap().to_vec(); // ok: test code
+        both.extend_from_slice(&chunk("five").unwrap()); // ok: test code
+        body_tx.send(Ok(both.into())).await.unwrap(); // ok: test code
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert!(
             matches!(got, Ok(Some(UpstreamEvent::Delta(ref t))) if t == "four five"),
             "{got:?}"
         );
         drop(body_tx);
-        pumped.await.unwrap();
+        pumped.await.unwrap(); // ok: test code
     });
 }
