@@ -150,50 +150,47 @@ async fn keys_round_trip_and_revoke() {
     assert!(store.key_by_hash("h1").unwrap().is_none()); // ok: test code
 }
 
-#[tokio::test]
-async fn an_append_cut_short_is_completed() {
+/// A store in a fresh directory holding one conversation.
+async fn with_conversation() -> (tempfile::TempDir, Store, ConversationRecord) {
     let dir = tempfile::tempdir().unwrap(); // ok: test code
     let store = Store::open(dir.path()).unwrap(); // ok: test code
     let c = conv("t");
     store.create_conversation(&c).await.unwrap(); // ok: test code
-    store
-        .append_message(&c.id, &msg(1, Role::User, Some("a")))
-        .await
-        .unwrap(); // ok: test code
-                   // A crash after the message of seq 2 was written, before its index entry and header.
-    let cut = msg(2, Role::User, Some("b"));
-    store
-        .messages
-        .insert(message_key(&c.id, 2).as_slice(), encode(&cut).unwrap()) // ok: test code
-        .unwrap(); // ok: test code
+    (dir, store, c)
+}
+
+async fn append(store: &Store, c: &ConversationRecord, m: &MessageRecord) {
+    store.append_message(&c.id, m).await.unwrap(); // ok: test code
+}
+
+#[tokio::test]
+async fn an_append_cut_short_is_completed() {
+    let (_dir, store, c) = with_conversation().await;
+    append(&store, &c, &msg(1, Role::User, Some("a"))).await;
+    // A crash after the message of seq 2 was written, before its index entry and header.
+    let cut = encode(&msg(2, Role::User, Some("b"))).unwrap(); // ok: test code
+    let key = message_key(&c.id, 2);
+    store.messages.insert(key.as_slice(), cut).unwrap(); // ok: test code
     assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 1); // ok: test code
     let rec = store.repair_tail(&c.id).unwrap().unwrap(); // ok: test code
     assert_eq!(rec.last_seq, 2);
     assert_eq!(rec.history_tokens, 2 * (3 + 4));
     assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
     assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), Some(2)); // ok: test code
-                                                                       // Whole again: the next append follows it, and a second repair changes nothing.
-    store
-        .append_message(&c.id, &msg(3, Role::Assistant, None))
-        .await
-        .unwrap(); // ok: test code
+
+    // Whole again: the next append follows it, and a second repair changes nothing.
+    append(&store, &c, &msg(3, Role::Assistant, None)).await;
     assert_eq!(store.repair_tail(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
 }
 
 #[tokio::test]
 async fn an_append_sees_a_header_changed_meanwhile() {
-    let dir = tempfile::tempdir().unwrap(); // ok: test code
-    let store = Store::open(dir.path()).unwrap(); // ok: test code
-    let c = conv("t");
-    store.create_conversation(&c).await.unwrap(); // ok: test code
+    let (_dir, store, c) = with_conversation().await;
     store
         .update_conversation(&c.id, |r| r.tool_choice = None)
         .await
         .unwrap(); // ok: test code
-    store
-        .append_message(&c.id, &msg(1, Role::User, Some("a")))
-        .await
-        .unwrap(); // ok: test code
+    append(&store, &c, &msg(1, Role::User, Some("a"))).await;
     store.delete_conversation(&c.id).await.unwrap(); // ok: test code
     let err = store
         .append_message(&c.id, &msg(2, Role::Assistant, None))
