@@ -397,11 +397,10 @@ impl Decoder for OpenAiDecoder {
         if let Some(Text(reason)) = &choice.finish_reason {
             self.finish = Some(finish_of(reason));
         }
-        if let Some(items) = choice
-            .logprobs
-            .and_then(|l| l.get("content").and_then(|c| c.as_array()).cloned())
-        {
-            out.push(UpstreamEvent::Logprobs(items));
+        if let Some(serde_json::Value::Object(mut l)) = choice.logprobs {
+            if let Some(serde_json::Value::Array(items)) = l.remove("content") {
+                out.push(UpstreamEvent::Logprobs(items));
+            }
         }
         if let Some(text) = choice.delta.content {
             out.push(UpstreamEvent::Delta(text));

@@ -55,6 +55,7 @@ pub async fn pump<S, E, D>(
     let mut events = without_bom(body).eventsource();
     let mut sent_text = false;
     let mut out = Vec::new();
+    let mut joined = Vec::new();
     let failure = loop {
         let next = tokio::select! {
             () = tx.closed() => return,
@@ -114,7 +115,8 @@ pub async fn pump<S, E, D>(
                 None => break,
             }
         }
-        for e in coalesce(out.drain(..)) {
+        coalesce(&mut out, &mut joined);
+        for e in joined.drain(..) {
             sent_text |= carries_reply(&e);
             if tx.send(e).await.is_err() {
                 return;
@@ -189,17 +191,16 @@ fn carries_reply(e: &UpstreamEvent) -> bool {
     }
 }
 
-/// `events` with empty text deltas dropped and adjacent text deltas joined.
-fn coalesce(events: impl Iterator<Item = UpstreamEvent>) -> Vec<UpstreamEvent> {
-    let mut joined: Vec<UpstreamEvent> = Vec::new();
-    for e in events {
+/// Moves `events` into `joined`, empty text deltas dropped and adjacent text deltas joined
+/// (both buffers are kept by the caller and reused from read to read).
+fn coalesce(events: &mut Vec<UpstreamEvent>, joined: &mut Vec<UpstreamEvent>) {
+    for e in events.drain(..) {
         match (e, joined.last_mut()) {
             (UpstreamEvent::Delta(t), _) if t.is_empty() => {}
             (UpstreamEvent::Delta(t), Some(UpstreamEvent::Delta(prev))) => prev.push_str(&t),
             (e, _) => joined.push(e),
         }
     }
-    joined
 }
 
 /// An error the upstream reported inside its stream: after part of the reply it interrupted
