@@ -23,6 +23,7 @@
 pub mod app;
 pub mod cache;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod conversation;
 pub mod domain;

@@ -79,7 +79,13 @@ impl Store {
     /// # Errors
     /// Storage failures.
     pub fn cache_next_id(&self) -> Result<u64, StoreError> {
-        Ok(self.db.generate_id()?)
+        match &self.db {
+            super::Backend::Sled(db) => Ok(db.generate_id()?),
+            super::Backend::Redis(r) => {
+                let key = r.key("cache:next_id");
+                r.run(|c| redis::cmd("INCR").arg(&key).query(c))
+            }
+        }
     }
 
     /// Stores an entry with its vector and its conversation index, atomically.
@@ -96,14 +102,29 @@ impl Store {
         let value = encode(rec)?;
         let vec = vector_bytes(vector);
         let conv = rec.conversation.as_ref().map(|c| conv_key(c, id));
-        let trees = (
+        use super::kv::Tree;
+        let (
+            Tree::Sled(entries),
+            Tree::Sled(vectors),
+            Tree::Sled(by_conv),
+            Tree::Sled(conversations),
+        ) = (
             &self.cache_entries,
             &self.cache_vectors,
             &self.cache_by_conversation,
             &self.conversations,
-        );
+        )
+        else {
+            return self.put_cache_entry_redis(
+                &key,
+                &value,
+                &vec,
+                rec.conversation.as_ref(),
+                conv.as_deref(),
+            );
+        };
         let conv_id = rec.conversation.clone();
-        trees
+        (entries, vectors, by_conv, conversations)
             .transaction(|(entries, vectors, by_conv, conversations)| {
                 // A conversation deleted meanwhile takes no new entry (its deletion scan may
                 // have run already).
@@ -125,6 +146,44 @@ impl Store {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => e.into(),
             })
+    }
+
+    fn put_cache_entry_redis(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        vector: &[u8],
+        conversation: Option<&ConversationId>,
+        conv_key: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        use super::kv::{Expect, Tree, Txn};
+        let (
+            Tree::Redis(entries),
+            Tree::Redis(vectors),
+            Tree::Redis(by_conv),
+            Tree::Redis(conversations),
+        ) = (
+            &self.cache_entries,
+            &self.cache_vectors,
+            &self.cache_by_conversation,
+            &self.conversations,
+        )
+        else {
+            return Err(StoreError::Task("cache trees on mixed backends".into()));
+        };
+        let mut txn = Txn::default();
+        if let Some(c) = conversation {
+            // A conversation deleted meanwhile takes no new entry.
+            txn = txn.require(conversations, c.as_bytes(), Expect::Exists);
+        }
+        txn = txn.insert(entries, key, value).insert(vectors, key, vector);
+        if let Some(k) = conv_key {
+            txn = txn.insert(by_conv, k, &[]);
+        }
+        match (txn.commit()?, conversation) {
+            (false, Some(c)) => Err(StoreError::NoConversation(c.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// The entry `id`, if it still exists.
@@ -183,7 +242,7 @@ impl Store {
     /// Storage failures; corrupt records are skipped with a log line.
     pub fn cache_entries_all(&self) -> Result<Vec<StoredEntry>, StoreError> {
         let mut out = Vec::new();
-        for kv in &self.cache_entries {
+        for kv in self.cache_entries.iter() {
             let (k, v) = kv?;
             let Some(id) = id_from(&k) else { continue };
             let record = match decode::<CacheRecord>("cache_entries", &id.to_string(), &v) {
@@ -212,7 +271,7 @@ impl Store {
     /// Storage failures; corrupt records are skipped with a log line.
     pub fn cache_entry_heads(&self) -> Result<Vec<CacheHead>, StoreError> {
         let mut out = Vec::new();
-        for kv in &self.cache_entries {
+        for kv in self.cache_entries.iter() {
             let (k, v) = kv?;
             let Some(id) = id_from(&k) else { continue };
             match decode::<CacheHead>("cache_entries", &id.to_string(), &v) {
@@ -243,7 +302,10 @@ impl Store {
     }
 
     /// Number of stored entries.
-    pub fn cache_len(&self) -> usize {
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn cache_len(&self) -> Result<usize, StoreError> {
         self.cache_entries.len()
     }
 
@@ -257,7 +319,7 @@ impl Store {
         if current.as_deref() == Some(id.as_bytes()) {
             return Ok(0);
         }
-        let dropped = self.cache_entries.len();
+        let dropped = self.cache_entries.len()?;
         self.cache_entries.clear()?;
         self.cache_vectors.clear()?;
         self.cache_by_conversation.clear()?;
@@ -296,11 +358,11 @@ impl Store {
         conv: &ConversationId,
         vectors: &[(u64, &[f32])],
     ) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
+        let mut batch = super::kv::Batch::default();
         for (seq, v) in vectors {
             batch.insert(conv_key(conv, *seq), vector_bytes(v));
         }
-        Ok(self.recall_vectors.apply_batch(batch)?)
+        self.recall_vectors.apply_batch(batch)
     }
 }
 
@@ -370,11 +432,11 @@ mod tests {
         assert!(store.cache_vector(a).expect("get").is_none()); // ok: test
         assert!(store.cache_entry(b).expect("get").is_some()); // ok: test
         store.remove_cache_entries(&[b]).expect("rm"); // ok: test
-        assert_eq!(store.cache_len(), 0);
+        assert_eq!(store.cache_len().unwrap(), 0); // ok: test
         store
             .put_cache_entry(b, &record(None), &[1.0])
             .expect("put"); // ok: test
         assert_eq!(store.cache_use_embedder("e2").expect("meta"), 1); // ok: test
-        assert_eq!(store.cache_len(), 0);
+        assert_eq!(store.cache_len().unwrap(), 0); // ok: test
     }
 }

@@ -22,6 +22,7 @@
 
 mod cache;
 mod commit;
+pub mod kv;
 mod prompts;
 mod records;
 mod responses;
@@ -33,6 +34,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
+use kv::{Batch, Tree};
+
 pub use cache::{CacheHead, CacheRecord, StoredEntry};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
@@ -41,6 +44,7 @@ pub use records::{
 pub use responses::ResponseRecord;
 pub use usage::{periods, Rollup, RollupKey};
 
+use crate::cluster::redis::Redis;
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::{ConversationId, TenantId};
 
@@ -48,6 +52,9 @@ use crate::ids::{ConversationId, TenantId};
 pub enum StoreError {
     #[error("storage failed: {0}")]
     Sled(#[from] sled::Error),
+    /// Redis (cluster mode) cannot be reached or failed the call.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     #[error("stored record {tree}/{key} is corrupt: {message}")]
     Corrupt {
         tree: &'static str,
@@ -70,6 +77,7 @@ impl StoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::NoConversation(_) => ErrorCode::NotFound,
+            Self::Unavailable(_) => ErrorCode::UpstreamUnavailable,
             Self::Sled(_) | Self::Corrupt { .. } | Self::SeqConflict { .. } | Self::Task(_) => {
                 ErrorCode::Internal
             }
@@ -81,6 +89,13 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err.code() {
             ErrorCode::NotFound => ApiError::not_found("conversation"),
+            ErrorCode::UpstreamUnavailable => {
+                tracing::warn!(error = %err, "storage unavailable");
+                ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "storage is unavailable (Redis cannot be reached); try again shortly",
+                )
+            }
             _ => {
                 tracing::error!(error = %err, "store failed");
                 ApiError::internal()
@@ -92,32 +107,39 @@ impl From<StoreError> for ApiError {
 /// The page cache of a store opened without a setting (`[storage] cache_mb` has the same).
 pub const DEFAULT_CACHE_BYTES: u64 = 16 << 20;
 
+/// Where the trees live.
+#[derive(Clone)]
+enum Backend {
+    Sled(sled::Db),
+    Redis(Redis),
+}
+
 /// The handle to parley's storage; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: sled::Db,
-    conversations: sled::Tree,
-    messages: sled::Tree,
-    client_ids: sled::Tree,
-    keys: sled::Tree,
-    key_ids: sled::Tree,
+    db: Backend,
+    conversations: Tree,
+    messages: Tree,
+    client_ids: Tree,
+    keys: Tree,
+    key_ids: Tree,
     /// Raw usage records, one file per UTC day (`<data_dir>/usage`).
     usage_dir: std::path::PathBuf,
     /// Where the cache's index dumps its graphs (`<data_dir>/cache-index`, see `cache.rs`).
     cache_index_dir: std::path::PathBuf,
-    usage_rollups: sled::Tree,
-    usage_totals: sled::Tree,
-    prompts: sled::Tree,
-    pii_vaults: sled::Tree,
-    cache_entries: sled::Tree,
-    cache_vectors: sled::Tree,
-    cache_by_conversation: sled::Tree,
-    cache_meta: sled::Tree,
-    recall_vectors: sled::Tree,
-    responses: sled::Tree,
-    responses_by_conversation: sled::Tree,
+    usage_rollups: Tree,
+    usage_totals: Tree,
+    prompts: Tree,
+    pii_vaults: Tree,
+    cache_entries: Tree,
+    cache_vectors: Tree,
+    cache_by_conversation: Tree,
+    cache_meta: Tree,
+    recall_vectors: Tree,
+    responses: Tree,
+    responses_by_conversation: Tree,
     /// Tenant → how many conversations it keeps (u64 big-endian).
-    tenant_conversations: sled::Tree,
+    tenant_conversations: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
 }
 
@@ -140,36 +162,66 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(cache_bytes)
             .open()?;
-        let store = Self {
-            conversations: db.open_tree("conversations")?,
-            messages: db.open_tree("messages")?,
-            client_ids: db.open_tree("client_ids")?,
-            keys: db.open_tree("keys")?,
-            key_ids: db.open_tree("key_ids")?,
-            usage_dir: dir.join("usage"),
-            cache_index_dir: dir.join("cache-index"),
-            usage_rollups: db.open_tree("usage_rollups")?,
-            usage_totals: db.open_tree("usage_totals")?,
-            prompts: db.open_tree("prompts")?,
-            pii_vaults: db.open_tree("pii_vaults")?,
-            cache_entries: db.open_tree("cache_entries")?,
-            cache_vectors: db.open_tree("cache_vectors")?,
-            cache_by_conversation: db.open_tree("cache_by_conversation")?,
-            cache_meta: db.open_tree("cache_meta")?,
-            recall_vectors: db.open_tree("recall_vectors")?,
-            responses: db.open_tree("responses")?,
-            responses_by_conversation: db.open_tree("responses_by_conversation")?,
-            tenant_conversations: db.open_tree("tenant_conversations")?,
-            commit: commit::GroupCommit::new(),
-            db,
-        };
+        let store = Self::with_trees(Backend::Sled(db.clone()), dir, |name| {
+            Ok(Tree::Sled(db.open_tree(name)?))
+        })?;
         // Stores of earlier versions kept raw usage records tenant first, with no roll-ups.
-        if store.db.tree_names().iter().any(|n| n.as_ref() == b"usage") {
-            let old = store.db.open_tree("usage")?;
+        if db.tree_names().iter().any(|n| n.as_ref() == b"usage") {
+            let old = db.open_tree("usage")?;
             store.migrate_usage(&old)?;
-            store.db.drop_tree("usage")?;
+            db.drop_tree("usage")?;
         }
         Ok(store)
+    }
+
+    /// A store whose trees live in Redis (cluster mode): every node reads and writes the same
+    /// records. `dir` keeps only what is the node's own: its raw usage log and the cache
+    /// index's dumps.
+    ///
+    /// # Errors
+    /// None today (Redis is reached on first use); kept fallible like [`Store::open`].
+    pub fn open_redis(redis: &Redis, dir: &Path) -> Result<Self, StoreError> {
+        Self::with_trees(Backend::Redis(redis.clone()), dir, |name| {
+            Ok(Tree::Redis(kv::RedisTree::new(redis, name)))
+        })
+    }
+
+    fn with_trees(
+        db: Backend,
+        dir: &Path,
+        open: impl Fn(&str) -> Result<Tree, StoreError>,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            conversations: open("conversations")?,
+            messages: open("messages")?,
+            client_ids: open("client_ids")?,
+            keys: open("keys")?,
+            key_ids: open("key_ids")?,
+            usage_dir: dir.join("usage"),
+            cache_index_dir: dir.join("cache-index"),
+            usage_rollups: open("usage_rollups")?,
+            usage_totals: open("usage_totals")?,
+            prompts: open("prompts")?,
+            pii_vaults: open("pii_vaults")?,
+            cache_entries: open("cache_entries")?,
+            cache_vectors: open("cache_vectors")?,
+            cache_by_conversation: open("cache_by_conversation")?,
+            cache_meta: open("cache_meta")?,
+            recall_vectors: open("recall_vectors")?,
+            responses: open("responses")?,
+            responses_by_conversation: open("responses_by_conversation")?,
+            tenant_conversations: open("tenant_conversations")?,
+            commit: commit::GroupCommit::new(),
+            db,
+        })
+    }
+
+    /// The Redis this store lives in, in cluster mode.
+    pub fn redis(&self) -> Option<&Redis> {
+        match &self.db {
+            Backend::Redis(r) => Some(r),
+            Backend::Sled(_) => None,
+        }
     }
 
     /// Waits until everything written so far is on disk.
@@ -177,8 +229,12 @@ impl Store {
     /// # Errors
     /// When the disk write fails.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        // Callers waiting at the same time share one flush (group commit).
-        self.commit.flush(&self.db).await
+        match &self.db {
+            // Callers waiting at the same time share one flush (group commit).
+            Backend::Sled(db) => self.commit.flush(db).await,
+            // With `appendfsync always` Redis answered each write once it was on disk.
+            Backend::Redis(_) => Ok(()),
+        }
     }
 
     /// Waits until no flush started earlier is still running (shutdown: a flush holds the
@@ -192,7 +248,9 @@ impl Store {
     /// # Errors
     /// When the disk write fails.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        if let Backend::Sled(db) = &self.db {
+            db.flush()?;
+        }
         Ok(())
     }
 
@@ -303,18 +361,18 @@ impl Store {
             self.count_conversation(&rec.tenant, -1)?;
         }
         self.pii_vaults.remove(id.as_bytes())?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for kv in self.messages.scan_prefix(id.as_bytes()) {
             batch.remove(kv?.0);
         }
         self.messages.apply_batch(batch)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for kv in self.client_ids.scan_prefix(id.as_bytes()) {
             batch.remove(kv?.0);
         }
         self.client_ids.apply_batch(batch)?;
         let cached = self.remove_conversation_cache(id)?;
-        let mut batch = sled::Batch::default();
+        let mut batch = Batch::default();
         for kv in self.recall_vectors.scan_prefix(id.as_bytes()) {
             batch.remove(kv?.0);
         }
@@ -363,7 +421,7 @@ impl Store {
         self.messages.insert(key.as_slice(), value)?;
         if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
             self.client_ids
-                .insert(client_key(id, cid), &msg.seq.to_be_bytes())?;
+                .insert(client_key(id, cid), msg.seq.to_be_bytes())?;
         }
         loop {
             let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
@@ -434,7 +492,7 @@ impl Store {
         for m in &tail {
             if let (Role::User | Role::Tool, Some(cid)) = (m.role, &m.client_id) {
                 self.client_ids
-                    .insert(client_key(id, cid), &m.seq.to_be_bytes())?;
+                    .insert(client_key(id, cid), m.seq.to_be_bytes())?;
             }
             header.last_seq = m.seq;
             header.history_tokens += m.history_cost();
@@ -562,7 +620,16 @@ impl Store {
     /// # Errors
     /// On a storage failure.
     pub async fn put_key(&self, hash: &str, rec: &KeyRecord) -> Result<(), StoreError> {
-        (&self.keys, &self.key_ids)
+        let (Tree::Sled(keys), Tree::Sled(key_ids)) = (&self.keys, &self.key_ids) else {
+            if let (Tree::Redis(keys), Tree::Redis(ids)) = (&self.keys, &self.key_ids) {
+                kv::Txn::default()
+                    .insert(keys, hash.as_bytes(), &encode(rec)?)
+                    .insert(ids, rec.id.as_bytes(), hash.as_bytes())
+                    .commit()?;
+            }
+            return Ok(());
+        };
+        (keys, key_ids)
             .transaction(|(keys, ids)| {
                 keys.insert(
                     hash.as_bytes(),

@@ -65,7 +65,7 @@ impl Store {
     pub async fn put_response(&self, rec: &ResponseRecord) -> Result<(), StoreError> {
         self.responses.insert(rec.id.as_bytes(), encode(rec)?)?;
         self.responses_by_conversation
-            .insert(index_key(&rec.conversation, &rec.id), &[])?;
+            .insert(index_key(&rec.conversation, &rec.id), [])?;
         self.flush().await
     }
 
@@ -101,8 +101,8 @@ impl Store {
         &self,
         conv: &ConversationId,
     ) -> Result<(), StoreError> {
-        let mut index = sled::Batch::default();
-        let mut records = sled::Batch::default();
+        let mut index = super::kv::Batch::default();
+        let mut records = super::kv::Batch::default();
         for kv in self.responses_by_conversation.scan_prefix(conv.as_bytes()) {
             let (k, _) = kv?;
             records.remove(&k[ConversationId::LEN..]);

@@ -1,4 +1,23 @@
 use super::*;
+use crate::cluster::redis::{Redis, Timeouts};
+use crate::cluster::testing::TestRedis;
+
+/// What keeps a test's store alive: its directory, and its Redis if it has one.
+struct Held(
+    #[allow(dead_code)] tempfile::TempDir,
+    #[allow(dead_code)] Option<TestRedis>,
+);
+
+/// The same empty store on each backend: sled in a directory, and Redis.
+fn backends() -> Vec<(Held, Store)> {
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let sled = Store::open(dir.path()).unwrap(); // ok: test code
+    let redis = TestRedis::start().unwrap(); // ok: test code
+    let rdir = tempfile::tempdir().unwrap(); // ok: test code
+    let conn = Redis::connect(&redis.url(), "parley:", Timeouts::default()).unwrap(); // ok: test code
+    let on_redis = Store::open_redis(&conn, rdir.path()).unwrap(); // ok: test code
+    vec![(Held(dir, None), sled), (Held(rdir, Some(redis)), on_redis)]
+}
 
 fn conv(store_tenant: &str) -> ConversationRecord {
     ConversationRecord {
@@ -35,72 +54,72 @@ fn msg(seq: u64, role: Role, client_id: Option<&str>) -> MessageRecord {
 
 #[tokio::test]
 async fn appends_in_seq_order_and_indexes_client_ids() {
-    let dir = tempfile::tempdir().unwrap(); // ok: test code
-    let store = Store::open(dir.path()).unwrap(); // ok: test code
-    let c = conv("t");
-    store.create_conversation(&c).await.unwrap(); // ok: test code
-    store
-        .append_message(&c.id, &msg(1, Role::User, Some("a")))
-        .await
-        .unwrap(); // ok: test code
-    store
-        .append_message(&c.id, &msg(2, Role::Assistant, None))
-        .await
-        .unwrap(); // ok: test code
-    let err = store
-        .append_message(&c.id, &msg(2, Role::User, Some("b")))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::SeqConflict {
-                expected: 3,
-                got: 2,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    for (_held, store) in backends() {
+        let c = conv("t");
+        store.create_conversation(&c).await.unwrap(); // ok: test code
+        store
+            .append_message(&c.id, &msg(1, Role::User, Some("a")))
+            .await
+            .unwrap(); // ok: test code
+        store
+            .append_message(&c.id, &msg(2, Role::Assistant, None))
+            .await
+            .unwrap(); // ok: test code
+        let err = store
+            .append_message(&c.id, &msg(2, Role::User, Some("b")))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::SeqConflict {
+                    expected: 3,
+                    got: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
 
-    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
-    assert_eq!(store.seq_for_client_id(&c.id, "a").unwrap(), Some(1)); // ok: test code
-    assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), None); // ok: test code
-    let after: Vec<u64> = store
-        .messages_after(&c.id, 0, 10)
-        .unwrap() // ok: test code
-        .iter()
-        .map(|m| m.seq)
-        .collect();
-    assert_eq!(after, [1, 2]);
-    let newest: Vec<u64> = store
-        .messages_newest_first(&c.id)
-        .map(|m| m.unwrap().seq) // ok: test code
-        .collect();
-    assert_eq!(newest, [2, 1]);
+        assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
+        assert_eq!(store.seq_for_client_id(&c.id, "a").unwrap(), Some(1)); // ok: test code
+        assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), None); // ok: test code
+        let after: Vec<u64> = store
+            .messages_after(&c.id, 0, 10)
+            .unwrap() // ok: test code
+            .iter()
+            .map(|m| m.seq)
+            .collect();
+        assert_eq!(after, [1, 2]);
+        let newest: Vec<u64> = store
+            .messages_newest_first(&c.id)
+            .map(|m| m.unwrap().seq) // ok: test code
+            .collect();
+        assert_eq!(newest, [2, 1]);
+    }
 }
 
 #[tokio::test]
 async fn conversations_are_scoped_and_deleted_whole() {
-    let dir = tempfile::tempdir().unwrap(); // ok: test code
-    let store = Store::open(dir.path()).unwrap(); // ok: test code
-    let (a, b) = (conv("t1"), conv("t1"));
-    for c in [&a, &b] {
-        store.create_conversation(c).await.unwrap(); // ok: test code
-        store
-            .append_message(&c.id, &msg(1, Role::User, Some("x")))
-            .await
-            .unwrap(); // ok: test code
+    for (_held, store) in backends() {
+        let (a, b) = (conv("t1"), conv("t1"));
+        for c in [&a, &b] {
+            store.create_conversation(c).await.unwrap(); // ok: test code
+            store
+                .append_message(&c.id, &msg(1, Role::User, Some("x")))
+                .await
+                .unwrap(); // ok: test code
+        }
+        assert!(store
+            .owned_conversation(&a.id, &TenantId("t2".into()))
+            .is_err());
+        store.delete_conversation(&a.id).await.unwrap(); // ok: test code
+        assert!(store.conversation(&a.id).unwrap().is_none()); // ok: test code
+        assert!(store.messages_after(&a.id, 0, 10).unwrap().is_empty()); // ok: test code
+        assert_eq!(store.seq_for_client_id(&a.id, "x").unwrap(), None); // ok: test code
+                                                                        // The neighbour is untouched.
+        assert_eq!(store.messages_after(&b.id, 0, 10).unwrap().len(), 1); // ok: test code
     }
-    assert!(store
-        .owned_conversation(&a.id, &TenantId("t2".into()))
-        .is_err());
-    store.delete_conversation(&a.id).await.unwrap(); // ok: test code
-    assert!(store.conversation(&a.id).unwrap().is_none()); // ok: test code
-    assert!(store.messages_after(&a.id, 0, 10).unwrap().is_empty()); // ok: test code
-    assert_eq!(store.seq_for_client_id(&a.id, "x").unwrap(), None); // ok: test code
-                                                                    // The neighbour is untouched.
-    assert_eq!(store.messages_after(&b.id, 0, 10).unwrap().len(), 1); // ok: test code
 }
 
 #[tokio::test]
@@ -124,39 +143,41 @@ async fn survives_reopen() {
 
 #[tokio::test]
 async fn keys_round_trip_and_revoke() {
-    let dir = tempfile::tempdir().unwrap(); // ok: test code
-    let store = Store::open(dir.path()).unwrap(); // ok: test code
-    let rec = KeyRecord {
-        id: "key_1".into(),
-        tenant: TenantId("acme".into()),
-        rpm: Some(60),
-        tpm: None,
-        daily_tokens: None,
-        models: None,
-        monthly_tokens: None,
-        monthly_spend: None,
-        regions: None,
-        window: None,
-        pii: None,
-        cache: None,
-        prefix: "ab12".into(),
-        created_at: 0,
-    };
-    store.put_key("h1", &rec).await.unwrap(); // ok: test code
-    assert_eq!(store.key_by_hash("h1").unwrap().unwrap().tenant.0, "acme"); // ok: test code
-    assert_eq!(store.list_keys().unwrap().len(), 1); // ok: test code
-    assert!(store.delete_key("key_1").await.unwrap()); // ok: test code
-    assert!(!store.delete_key("key_1").await.unwrap()); // ok: test code
-    assert!(store.key_by_hash("h1").unwrap().is_none()); // ok: test code
+    for (_held, store) in backends() {
+        let rec = KeyRecord {
+            id: "key_1".into(),
+            tenant: TenantId("acme".into()),
+            rpm: Some(60),
+            tpm: None,
+            daily_tokens: None,
+            models: None,
+            monthly_tokens: None,
+            monthly_spend: None,
+            regions: None,
+            window: None,
+            pii: None,
+            cache: None,
+            prefix: "ab12".into(),
+            created_at: 0,
+        };
+        store.put_key("h1", &rec).await.unwrap(); // ok: test code
+        assert_eq!(store.key_by_hash("h1").unwrap().unwrap().tenant.0, "acme"); // ok: test code
+        assert_eq!(store.list_keys().unwrap().len(), 1); // ok: test code
+        assert!(store.delete_key("key_1").await.unwrap()); // ok: test code
+        assert!(!store.delete_key("key_1").await.unwrap()); // ok: test code
+        assert!(store.key_by_hash("h1").unwrap().is_none()); // ok: test code
+    }
 }
 
-/// A store in a fresh directory holding one conversation.
-async fn with_conversation() -> (tempfile::TempDir, Store, ConversationRecord) {
-    let dir = tempfile::tempdir().unwrap(); // ok: test code
-    let store = Store::open(dir.path()).unwrap(); // ok: test code
-    let c = conv("t");
-    store.create_conversation(&c).await.unwrap(); // ok: test code
-    (dir, store, c)
+/// A store on each backend holding one conversation.
+async fn with_conversation() -> Vec<(Held, Store, ConversationRecord)> {
+    let mut out = Vec::new();
+    for (held, store) in backends() {
+        let c = conv("t");
+        store.create_conversation(&c).await.unwrap(); // ok: test code
+        out.push((held, store, c));
+    }
+    out
 }
 
 async fn append(store: &Store, c: &ConversationRecord, m: &MessageRecord) {
@@ -165,37 +186,164 @@ async fn append(store: &Store, c: &ConversationRecord, m: &MessageRecord) {
 
 #[tokio::test]
 async fn an_append_cut_short_is_completed() {
-    let (_dir, store, c) = with_conversation().await;
-    append(&store, &c, &msg(1, Role::User, Some("a"))).await;
-    // A crash after the message of seq 2 was written, before its index entry and header.
-    let cut = encode(&msg(2, Role::User, Some("b"))).unwrap(); // ok: test code
-    let key = message_key(&c.id, 2);
-    store.messages.insert(key.as_slice(), cut).unwrap(); // ok: test code
-    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 1); // ok: test code
-    let rec = store.repair_tail(&c.id).unwrap().unwrap(); // ok: test code
-    assert_eq!(rec.last_seq, 2);
-    assert_eq!(rec.history_tokens, 2 * (3 + 4));
-    assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
-    assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), Some(2)); // ok: test code
+    for (_held, store, c) in with_conversation().await {
+        append(&store, &c, &msg(1, Role::User, Some("a"))).await;
+        // A crash after the message of seq 2 was written, before its index entry and header.
+        let cut = encode(&msg(2, Role::User, Some("b"))).unwrap(); // ok: test code
+        let key = message_key(&c.id, 2);
+        store.messages.insert(key.as_slice(), cut).unwrap(); // ok: test code
+        assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 1); // ok: test code
+        let rec = store.repair_tail(&c.id).unwrap().unwrap(); // ok: test code
+        assert_eq!(rec.last_seq, 2);
+        assert_eq!(rec.history_tokens, 2 * (3 + 4));
+        assert_eq!(store.conversation(&c.id).unwrap().unwrap().last_seq, 2); // ok: test code
+        assert_eq!(store.seq_for_client_id(&c.id, "b").unwrap(), Some(2)); // ok: test code
 
-    // Whole again: the next append follows it, and a second repair changes nothing.
-    append(&store, &c, &msg(3, Role::Assistant, None)).await;
-    assert_eq!(store.repair_tail(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
+        // Whole again: the next append follows it, and a second repair changes nothing.
+        append(&store, &c, &msg(3, Role::Assistant, None)).await;
+        assert_eq!(store.repair_tail(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
+    }
 }
 
 #[tokio::test]
 async fn an_append_sees_a_header_changed_meanwhile() {
-    let (_dir, store, c) = with_conversation().await;
-    store
-        .update_conversation(&c.id, |r| r.tool_choice = None)
-        .await
-        .unwrap(); // ok: test code
+    for (_held, store, c) in with_conversation().await {
+        store
+            .update_conversation(&c.id, |r| r.tool_choice = None)
+            .await
+            .unwrap(); // ok: test code
+        append(&store, &c, &msg(1, Role::User, Some("a"))).await;
+        store.delete_conversation(&c.id).await.unwrap(); // ok: test code
+        let err = store
+            .append_message(&c.id, &msg(2, Role::Assistant, None))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NoConversation(_)));
+        assert!(store.messages_after(&c.id, 0, 10).unwrap().is_empty()); // ok: test code
+    }
+}
+
+#[tokio::test]
+async fn redis_keeps_what_it_acknowledged_across_a_restart() {
+    let mut redis = TestRedis::start().unwrap(); // ok: test code
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let conn = Redis::connect(&redis.url(), "parley:", Timeouts::default()).unwrap(); // ok: test code
+    let store = Store::open_redis(&conn, dir.path()).unwrap(); // ok: test code
+    let c = conv("t");
+    store.create_conversation(&c).await.unwrap(); // ok: test code
     append(&store, &c, &msg(1, Role::User, Some("a"))).await;
-    store.delete_conversation(&c.id).await.unwrap(); // ok: test code
-    let err = store
-        .append_message(&c.id, &msg(2, Role::Assistant, None))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::NoConversation(_)));
-    assert!(store.messages_after(&c.id, 0, 10).unwrap().is_empty()); // ok: test code
+    // Killed, not shut down: what it answered is in its append-only file.
+    redis.restart().unwrap(); // ok: test code
+    let mut read = store.messages_after(&c.id, 0, 10);
+    for _ in 0..50 {
+        // The first call after the restart may find a pooled connection closed.
+        if read.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        read = store.messages_after(&c.id, 0, 10);
+    }
+    let read = read.unwrap(); // ok: test code
+    assert_eq!(read.len(), 1);
+    assert_eq!(store.seq_for_client_id(&c.id, "a").unwrap(), Some(1)); // ok: test code
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_at_once_and_heals() {
+    let mut redis = TestRedis::start().unwrap(); // ok: test code
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let conn = Redis::connect(&redis.url(), "parley:", Timeouts::default()).unwrap(); // ok: test code
+    let store = Store::open_redis(&conn, dir.path()).unwrap(); // ok: test code
+    let c = conv("t");
+    store.create_conversation(&c).await.unwrap(); // ok: test code
+    redis.stop();
+    let err = store.conversation(&c.id).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert_eq!(err.code(), ErrorCode::UpstreamUnavailable);
+    // While it is down, calls fail without waiting for a timeout.
+    let t = std::time::Instant::now();
+    assert!(store.conversation(&c.id).is_err());
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(100),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!conn.is_up());
+    redis.restart().unwrap(); // ok: test code
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.conversation(&c.id).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis back, store still failing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(conn.is_up());
+}
+
+#[test]
+fn redis_scans_run_both_ways_across_pages() {
+    let redis = TestRedis::start().unwrap(); // ok: test code
+    let conn = Redis::connect(&redis.url(), "parley:", Timeouts::default()).unwrap(); // ok: test code
+    let tree = kv::Tree::Redis(kv::RedisTree::new(&conn, "scan"));
+    let keys: Vec<[u8; 3]> = (0u16..700)
+        .map(|i| [b'a', (i >> 8) as u8, i as u8])
+        .collect();
+    let mut batch = Batch::default();
+    for k in &keys {
+        batch.insert(k, k);
+    }
+    batch.insert(b"b", b"other prefix");
+    tree.apply_batch(batch).unwrap(); // ok: test code
+    let fwd: Vec<Vec<u8>> = tree
+        .scan_prefix(b"a")
+        .keys()
+        .map(|k| k.unwrap().to_vec())
+        .collect(); // ok: test code
+    assert_eq!(fwd, keys.iter().map(|k| k.to_vec()).collect::<Vec<_>>());
+    let back: Vec<Vec<u8>> = tree
+        .scan_prefix(b"a")
+        .keys()
+        .rev()
+        .map(|k| k.unwrap().to_vec())
+        .collect(); // ok: test code
+    assert_eq!(back.len(), 700);
+    assert_eq!(back.first().map(Vec::as_slice), Some(keys[699].as_slice()));
+    // Both ends at once meet in the middle, each entry once.
+    let mut it = tree.scan_prefix(b"a");
+    let mut seen = Vec::new();
+    loop {
+        let (f, b) = (it.next(), it.next_back());
+        if f.is_none() && b.is_none() {
+            break;
+        }
+        seen.extend(f.into_iter().chain(b).map(|kv| kv.unwrap().0.to_vec())); // ok: test code
+    }
+    seen.sort();
+    assert_eq!(seen.len(), 700);
+    seen.dedup();
+    assert_eq!(seen.len(), 700);
+    let mid: Vec<Vec<u8>> = tree
+        .range(keys[10].to_vec()..=keys[20].to_vec())
+        .keys()
+        .map(|k| k.unwrap().to_vec()) // ok: test code
+        .collect();
+    assert_eq!(mid.len(), 11);
+    assert_eq!(tree.len().unwrap(), 701); // ok: test code
+    assert_eq!(
+        tree.compare_and_swap(b"b", Some(b"x"), Some(b"y")).unwrap(),
+        Err(kv::Conflict)
+    ); // ok: test code
+    assert_eq!(
+        tree.compare_and_swap(b"b", Some(b"other prefix"), None::<&[u8]>)
+            .unwrap(),
+        Ok(())
+    ); // ok: test code
+    assert_eq!(tree.get(b"b").unwrap(), None); // ok: test code
+    assert_eq!(
+        tree.compare_and_swap(b"b", None::<&[u8]>, Some(b"new"))
+            .unwrap(),
+        Ok(())
+    ); // ok: test code
+    assert_eq!(tree.remove(b"b").unwrap().as_deref(), Some(&b"new"[..])); // ok: test code
 }

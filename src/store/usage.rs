@@ -10,8 +10,10 @@
 //!   in one minute. At a steady 1 000 requests/s of one key and model that is one row a minute.
 //! - `usage_totals`: key id ‖ 0 ‖ period (`d2026-11-27`, `m2026-11`) → [`PeriodTotal`].
 //!
-//! One writer (the usage recorder) appends in batches; roll-ups and totals are
-//! read-modify-written by it alone, so no transaction is needed.
+//! One writer per node (the usage recorder) appends in batches; a roll-up or total row is
+//! updated by compare-and-swap, so the writers of several nodes sharing Redis add up.
+//! In cluster mode the raw records stay in each node's own daily files (reports read the
+//! roll-ups, which are shared).
 
 use std::collections::HashMap;
 
@@ -233,14 +235,17 @@ impl Store {
                 t.spend += r.cost;
             }
         }
-        let mut batch = sled::Batch::default();
+        // One atomic read-modify-write per row: in a cluster every node adds to the same rows.
         for (k, add) in totals {
-            let mut total = self.period_total_raw(&k)?;
-            total.tokens += add.tokens;
-            total.spend += add.spend;
-            batch.insert(k, encode(&total)?);
+            self.usage_totals.update_and_fetch(&k, |old| {
+                let mut total: PeriodTotal = old
+                    .and_then(|v| decode("usage_totals", "<total>", v).ok())
+                    .unwrap_or_default();
+                total.tokens += add.tokens;
+                total.spend += add.spend;
+                encode(&total).ok()
+            })?;
         }
-        self.usage_totals.apply_batch(batch)?;
         self.flush().await
     }
 
@@ -351,13 +356,12 @@ impl Store {
         mut f: impl FnMut(&RollupKey, &Rollup),
     ) -> Result<(), StoreError> {
         let from_minute = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
-        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match tenant {
-            Some(t) if from_minute < to_ms => Box::new(
-                self.usage_rollups
-                    .range(RollupKey::prefix(t, from_minute)..RollupKey::prefix(t, to_ms)),
-            ),
+        let iter = match tenant {
+            Some(t) if from_minute < to_ms => self
+                .usage_rollups
+                .range(RollupKey::prefix(t, from_minute)..RollupKey::prefix(t, to_ms)),
             Some(_) => return Ok(()),
-            None => Box::new(self.usage_rollups.iter()),
+            None => self.usage_rollups.iter(),
         };
         for kv in iter {
             let (k, v) = kv?;
@@ -446,17 +450,16 @@ impl Store {
                 .or_default()
                 .merge(&Rollup::of(r));
         }
-        let mut batch = sled::Batch::default();
+        // One atomic read-modify-write per row: in a cluster every node adds to the same rows.
         for (key, add) in rollups {
-            let k = key.encode();
-            let mut row: Rollup = match self.usage_rollups.get(&k)? {
-                Some(v) => decode("usage_rollups", "<rollup>", &v)?,
-                None => Rollup::default(),
-            };
-            row.merge(&add);
-            batch.insert(k, encode(&row)?);
+            self.usage_rollups.update_and_fetch(key.encode(), |old| {
+                let mut row: Rollup = old
+                    .and_then(|v| decode("usage_rollups", "<rollup>", v).ok())
+                    .unwrap_or_default();
+                row.merge(&add);
+                encode(&row).ok()
+            })?;
         }
-        self.usage_rollups.apply_batch(batch)?;
         Ok(())
     }
 }
