@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{Cache, CacheSettings};
+use crate::cluster::events::Event;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::conversation::{Deps, MemorySettings, Registry};
 use crate::metrics::Metrics;
@@ -53,6 +55,118 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback()
 }
 
+/// Opens the store the config asks for: sled in `data_dir`, or Redis in cluster mode.
+///
+/// # Errors
+/// When sled cannot open the directory, or the Redis URL is malformed (an unreachable Redis
+/// is not an error: the node starts not-ready and serves once Redis answers).
+pub fn open_store(config: &Config) -> Result<Store, AppError> {
+    match &config.cluster {
+        None => Ok(Store::open_with(
+            &config.data_dir,
+            config.storage.cache_mb << 20,
+        )?),
+        Some(c) => {
+            let url = c
+                .url()
+                .ok_or_else(|| AppError::Refused("cluster.redis_url: not set".into()))?;
+            let redis = crate::cluster::redis::Redis::connect(
+                &url,
+                "parley:",
+                crate::cluster::redis::Timeouts::default(),
+            )?;
+            std::fs::create_dir_all(&config.data_dir)?;
+            Ok(Store::open_redis(&redis, &config.data_dir)?)
+        }
+    }
+}
+
+/// This node's part in the cluster, when the config has a `[cluster]` section.
+fn cluster_of(
+    config: &Config,
+    addr: SocketAddr,
+    store: &Store,
+) -> Result<Option<Cluster>, AppError> {
+    let Some(c) = &config.cluster else {
+        return Ok(None);
+    };
+    let redis = store.redis().ok_or_else(|| {
+        AppError::Refused("cluster mode needs the store on Redis (app::open_store)".into())
+    })?;
+    let advertise = match &c.advertise {
+        Some(a) => a.clone(),
+        None if addr.ip().is_unspecified() => {
+            return Err(AppError::Refused(format!(
+                "cluster.advertise: required when listening on {addr} (the address other nodes reach this one at)"
+            )))
+        }
+        None => addr.to_string(),
+    };
+    let node = c.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "parley".into());
+        format!("{host}:{}", addr.port())
+    });
+    Ok(Some(Cluster::new(
+        redis.clone(),
+        node,
+        advertise,
+        std::time::Duration::from_millis(c.lease_ms),
+    )))
+}
+
+/// Renews this node's leases every third of the lease time, and stops the actors of
+/// conversations whose lease another node holds now.
+fn keep_leases(cluster: Cluster, registry: Registry, stop: CancellationToken) {
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval(cluster.lease() / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match cluster.renew(&registry.live_ids()) {
+                Ok(lost) => lost.iter().for_each(|id| registry.lost(id)),
+                Err(e) => tracing::warn!(error = %e, "leases not renewed"),
+            }
+        }
+    });
+}
+
+/// Acts on what other nodes announce (a key revoked), until `stop`.
+fn hear_events(
+    state: web::Data<AppState>,
+    redis: crate::cluster::redis::Redis,
+    stop: CancellationToken,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    crate::cluster::events::listen(redis, tx);
+    actix::spawn(async move {
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return,
+                e = rx.recv() => match e {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            match event {
+                Event::KeyRevoked { key_id } => {
+                    state.auth.forget_known();
+                    state.sockets.revoke(&key_id);
+                    state.registry.key_revoked(&key_id);
+                }
+                // Events may have been missed: keys are looked up again.
+                Event::Resync => state.auth.forget_known(),
+            }
+        }
+    });
+}
+
 /// Starts parley on `listener` with an open `store`; must run inside an actix system.
 ///
 /// # Errors
@@ -71,6 +185,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
             config.auth.admin_key_env
         )));
     }
+    let cluster = cluster_of(&config, addr, &store)?;
     let metrics = Metrics::new()?;
     // No token counter is warmed here: each is built on its first count, in under 10 ms and
     // about 4 MB, so a server that only ever sees one encoding never holds the other.
@@ -149,6 +264,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         tasks: TaskTracker::new(),
         governor: Arc::clone(&governor),
         usage,
+        cluster: cluster.clone(),
     });
     let registry = Registry::new(deps, arbiters.iter().map(Arbiter::handle).collect());
     let state = web::Data::new(AppState {
@@ -161,11 +277,26 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         retries: Default::default(),
     });
 
+    if let Some(cluster) = &cluster {
+        let stop = state.registry.deps().shutdown.clone();
+        keep_leases(cluster.clone(), state.registry.clone(), stop.clone());
+        hear_events(state.clone(), cluster.redis().clone(), stop);
+        // Announce this node before it serves, so relays find it.
+        if let Err(e) = cluster.renew(&[]) {
+            tracing::warn!(error = %e, "Redis cannot be reached yet; serving once it can");
+        }
+        tracing::info!(
+            node = cluster.node(),
+            advertise = cluster.advertise(),
+            "cluster mode"
+        );
+    }
     let max_body = config.server.max_frame_bytes;
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(app_state.clone())
+            .wrap(from_fn(crate::server::relay::relay))
             .wrap(from_fn(CatchPanic::handle))
             .wrap(tracing_actix_web::TracingLogger::<
                 crate::server::span::SafeRootSpan,
@@ -217,6 +348,9 @@ impl AppHandle {
     /// When the final flush fails.
     pub async fn shutdown(self) -> Result<(), StoreError> {
         tracing::info!("shutting down");
+        if let Some(cluster) = &self.state.registry.deps().cluster {
+            cluster.leave();
+        }
         self.server.pause().await;
         self.state.registry.shutdown(self.shutdown_timeout).await;
         self.state.sockets.close_all();

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use parley::cli::{Cli, Command, MockArgs, ServeArgs};
 use parley::config::Config;
-use parley::store::Store;
 use parley::{app, mock_upstream, telemetry};
 
 fn main() -> ExitCode {
@@ -51,7 +50,7 @@ fn serve(args: &ServeArgs) -> ExitCode {
     raise_fd_limit();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
-        let store = Store::open_with(&config.data_dir, config.storage.cache_mb << 20)
+        let store = app::open_store(&config)
             .map_err(|e| anyhow::anyhow!("cannot open storage in {}: {e}", config.data_dir.display()))?;
         let listener =
             TcpListener::bind(&config.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

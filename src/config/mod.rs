@@ -42,6 +42,7 @@ struct FileConfig {
     cache: Option<CacheConfig>,
     server: Option<ServerConfig>,
     storage: Option<StorageConfig>,
+    cluster: Option<ClusterConfig>,
     retry: Option<RetryConfig>,
     prices: Option<std::collections::HashMap<String, crate::domain::Price>>,
     providers: Option<Vec<ProviderConfig>>,
@@ -64,6 +65,7 @@ impl FileConfig {
             cache: self.cache.unwrap_or(defaults.cache),
             server: self.server.unwrap_or(defaults.server),
             storage: self.storage.unwrap_or(defaults.storage),
+            cluster: self.cluster.or(defaults.cluster),
             retry: self.retry.unwrap_or(defaults.retry),
             prices: self.prices.unwrap_or(defaults.prices),
             providers,
@@ -81,6 +83,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    /// `[cluster]`: several nodes sharing one Redis (PROTOCOL §9); absent on a single node.
+    pub cluster: Option<ClusterConfig>,
     pub retry: RetryConfig,
     /// Prices per upstream model, per million tokens (`[prices."gpt-4o-mini"]`).
     pub prices: std::collections::HashMap<String, crate::domain::Price>,
@@ -199,6 +203,41 @@ pub struct StorageConfig {
     pub usage_retention_days: u32,
 }
 
+/// `[cluster]`: where the shared Redis is, and who this node is.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// `redis://host:port/db`; or name a variable that holds it with `redis_url_env` (a URL
+    /// with a password is a secret).
+    pub redis_url: Option<String>,
+    pub redis_url_env: Option<String>,
+    /// Unique per node; default: the host name and the listening port.
+    pub node_id: Option<String>,
+    /// How long a conversation stays owned by a node that stopped renewing it (a dead node's
+    /// conversations are taken over within this).
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// The `host:port` other nodes reach this one at (they relay a conversation's traffic to
+    /// the node that runs it); default: the listening address.
+    pub advertise: Option<String>,
+}
+
+fn default_lease_ms() -> u64 {
+    5_000
+}
+
+impl ClusterConfig {
+    /// The Redis URL, from the file or its variable.
+    pub fn url(&self) -> Option<String> {
+        self.redis_url.clone().or_else(|| {
+            self.redis_url_env
+                .as_deref()
+                .and_then(|v| std::env::var(v).ok())
+                .filter(|v| !v.is_empty())
+        })
+    }
+}
+
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
@@ -298,6 +337,7 @@ impl Config {
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
+            cluster: None,
             retry: RetryConfig::default(),
             prices: std::collections::HashMap::new(),
             providers,
@@ -384,6 +424,32 @@ impl Config {
         }
         if !(0.0..=1.0).contains(&ctx.recall_min_similarity) {
             problems.push("context.recall_min_similarity: must be between 0 and 1".into());
+        }
+        if let Some(c) = &self.cluster {
+            match (&c.redis_url, &c.redis_url_env) {
+                (Some(_), Some(_)) => {
+                    problems.push(
+                        "cluster.redis_url: give redis_url or redis_url_env, not both".into(),
+                    );
+                }
+                (None, None) => problems.push("cluster.redis_url: required".into()),
+                (None, Some(var)) if !has_env(var) => problems.push(format!(
+                    "cluster.redis_url_env: environment variable {var} is not set"
+                )),
+                (Some(url), None) if !url.starts_with("redis://") => {
+                    problems.push("cluster.redis_url: must start with redis://".into());
+                }
+                _ => {}
+            }
+            if c.lease_ms < 500 {
+                problems.push("cluster.lease_ms: must be at least 500".into());
+            }
+            if c.node_id
+                .as_deref()
+                .is_some_and(|n| n.is_empty() || n.len() > 64)
+            {
+                problems.push("cluster.node_id: 1 to 64 characters".into());
+            }
         }
         if self.cache.max_entries == 0 {
             problems.push("cache.max_entries: must be greater than 0".into());

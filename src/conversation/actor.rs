@@ -339,7 +339,12 @@ impl ConversationActor {
         else {
             return;
         };
-        self.store_missing_reply(user_seq, &ApiError::internal(), FinishReason::Error);
+        self.store_missing_reply(
+            user_seq,
+            &ApiError::internal(),
+            FinishReason::Error,
+            String::new(),
+        );
     }
 
     /// When the actor starts: a message acked before the process died mid-turn has no reply and
@@ -364,20 +369,36 @@ impl ConversationActor {
                 ErrorCode::UpstreamInterrupted,
                 "the server stopped before the reply was finished",
             );
-            self.store_missing_reply(last.seq, &err, FinishReason::Interrupted);
+            // In cluster mode the node that ran the turn checkpointed what it had streamed.
+            let partial = match store.partial(&self.record.id) {
+                Ok(Some((reply_to, text))) if reply_to == last.seq => text,
+                _ => String::new(),
+            };
+            self.store_missing_reply(last.seq, &err, FinishReason::Interrupted, partial);
         }
     }
 
     /// Stores the reply of message `seq` that has none (its turn died with its task or its
     /// process), so that history keeps alternating; flushed in the background, as the next
     /// turn flushes anyway.
-    fn store_missing_reply(&mut self, seq: u64, err: &ApiError, finish: FinishReason) {
+    fn store_missing_reply(
+        &mut self,
+        seq: u64,
+        err: &ApiError,
+        finish: FinishReason,
+        text: String,
+    ) {
         let store = &self.deps.store;
         let conv = &self.record.id;
         if matches!(store.message(conv, seq + 1), Ok(Some(_))) {
             return;
         }
-        match store.append_message_unflushed(conv, &failed_reply(seq, err, finish)) {
+        let mut reply = failed_reply(seq, err, finish);
+        if !text.is_empty() {
+            reply.tokens = crate::tokens::count(self.encoding, &text);
+            reply.content = text;
+        }
+        match store.append_message_unflushed(conv, &reply) {
             Ok(()) => {
                 self.record.last_seq = self.record.last_seq.max(seq + 1);
                 self.recent = None;
@@ -575,6 +596,13 @@ impl Actor for ConversationActor {
         self.answer_interrupted();
         self.start_next(ctx);
     }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Cluster mode: another node may run it from now on.
+        if let Some(cluster) = &self.deps.cluster {
+            cluster.release(&self.record.id);
+        }
+    }
 }
 
 impl Supervised for ConversationActor {
@@ -583,6 +611,13 @@ impl Supervised for ConversationActor {
     /// shut down) stays stopped and answers `not_found`.
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.running = None;
+        if let Some(cluster) = &self.deps.cluster {
+            // Given back as it stopped; taken again unless another node took it meanwhile (the
+            // next renewal then finds it lost and stops this actor).
+            if let Err(e) = cluster.acquire(&self.record.id) {
+                tracing::warn!(conversation = %self.record.id, error = %e, "lease not taken again");
+            }
+        }
         self.reload();
     }
 }

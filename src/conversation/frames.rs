@@ -196,6 +196,8 @@ pub enum Outbound {
     },
     /// The subscriber fell behind or lost its right to listen; the socket closes with `code`.
     Close { code: u16, reason: &'static str },
+    /// A frame the node running the conversation sent (cluster relay), passed on as it came.
+    Relayed(Arc<str>),
 }
 
 /// Where frames of a conversation are delivered.

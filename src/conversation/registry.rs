@@ -193,6 +193,17 @@ impl Registry {
         // Not live: read outside the lock, then start one unless someone did meanwhile.
         let record = self.deps().store.owned_conversation(id, tenant)?;
         let model = record.model.clone();
+        if let Some(cluster) = &self.deps().cluster {
+            // One live actor per conversation in the whole cluster: the lease holder's.
+            // Callers relay to the owner first; this is a node that lost that race.
+            if cluster.acquire(id)? != crate::cluster::Owner::Here {
+                return Err(ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "the conversation is running on another node; try again",
+                )
+                .with_retry_after(Duration::from_millis(200)));
+            }
+        }
         let mut actors = self.inner.actors.lock();
         if let Some(addr) = actors.get(id).and_then(alive) {
             return Ok(Live { addr, model });
@@ -265,6 +276,27 @@ impl Registry {
     /// The live actor of a conversation, without starting one.
     pub fn peek(&self, id: &ConversationId) -> Option<Addr<ConversationActor>> {
         self.inner.actors.lock().get(id).and_then(alive)
+    }
+
+    /// The conversations with a live actor here (cluster mode renews their leases).
+    pub fn live_ids(&self) -> Vec<ConversationId> {
+        self.inner
+            .actors
+            .lock()
+            .iter()
+            .filter(|(_, e)| alive(e).is_some())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Stops the actor of a conversation this node no longer holds the lease of (cluster
+    /// mode): its turn is cancelled, and the node that holds it now serves it.
+    pub fn lost(&self, id: &ConversationId) {
+        let live = self.inner.actors.lock().remove(id);
+        if let Some(addr) = live.as_ref().and_then(alive) {
+            tracing::warn!(conversation = %id, "lease lost to another node; stopping here");
+            addr.do_send(Shutdown);
+        }
     }
 
     /// Number of live conversation actors.

@@ -107,10 +107,38 @@ struct FanoutSink<'a> {
     conversation: &'a ConversationId,
     client_id: &'a str,
     reply_to: u64,
+    checkpoint: Option<Checkpoint<'a>>,
+}
+
+/// How often a streaming reply's text is checkpointed in cluster mode.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Cluster mode: the reply's text so far, written to the store now and then, so that a node
+/// taking over this conversation after this one died stores what its watchers saw (most of).
+struct Checkpoint<'a> {
+    store: &'a crate::store::Store,
+    text: String,
+    written: Option<std::time::Instant>,
+}
+
+impl Checkpoint<'_> {
+    fn push(&mut self, conv: &ConversationId, reply_to: u64, delta: &str) {
+        self.text.push_str(delta);
+        if self.written.is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY) {
+            return;
+        }
+        self.written = Some(std::time::Instant::now());
+        if let Err(e) = self.store.put_partial(conv, reply_to, &self.text) {
+            tracing::debug!(error = %e, "reply checkpoint not written");
+        }
+    }
 }
 
 impl Sink for FanoutSink<'_> {
     async fn emit(&mut self, event: Event) {
+        if let (Event::Text(text), Some(c)) = (&event, self.checkpoint.as_mut()) {
+            c.push(self.conversation, self.reply_to, text);
+        }
         let frame = match event {
             Event::Text(text) => ServerFrame::Delta {
                 conversation: self.conversation.clone(),
@@ -271,8 +299,14 @@ async fn run_steps(
         conversation: &conv,
         client_id: &cid,
         reply_to: input.user_seq,
+        checkpoint: deps.store.redis().map(|_| Checkpoint {
+            store: &deps.store,
+            text: String::new(),
+            written: None,
+        }),
     };
     let out = generation::run(deps, request, &mut sink, cancel).await;
+    let checkpointed = sink.checkpoint.is_some_and(|c| c.written.is_some());
     let reply_seq = input.user_seq + 1;
     let reply = MessageRecord {
         flags: out.flags.clone(),
@@ -313,6 +347,12 @@ async fn run_steps(
     if let Err(e) = store_message(deps, &conv, reply, end).await {
         fail(e.into(), Some(input.user_seq));
         return input.user_seq;
+    }
+    if checkpointed {
+        // The reply is stored: its checkpoint would only be read for a reply still missing.
+        if let Err(e) = deps.store.remove_partial(&conv) {
+            tracing::debug!(error = %e, "reply checkpoint not removed");
+        }
     }
     match out.error {
         Some(err) => fail(err, Some(input.user_seq)),

@@ -51,6 +51,8 @@ pub struct Deps {
     pub cache: crate::cache::Cache,
     /// Recall memory settings.
     pub memory: MemorySettings,
+    /// Cluster mode: this node's leases on conversations (none on a single node).
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// `[context]` settings of recall memory.

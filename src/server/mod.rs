@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod http;
 mod panic;
+pub mod relay;
 pub mod routes;
 pub mod span;
 pub mod sse;
@@ -40,5 +41,10 @@ impl AppState {
 
     pub fn router(&self) -> &Router {
         &self.registry.deps().router
+    }
+
+    /// This node's part in the cluster (cluster mode only).
+    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        self.registry.deps().cluster.as_ref()
     }
 }

@@ -140,6 +140,9 @@ pub struct Store {
     responses_by_conversation: Tree,
     /// Tenant → how many conversations it keeps (u64 big-endian).
     tenant_conversations: Tree,
+    /// Conversation id → the reply streaming now, as far as it was checkpointed (cluster
+    /// mode: what a node that takes over a dead node's conversation stores as interrupted).
+    partials: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
 }
 
@@ -211,6 +214,7 @@ impl Store {
             responses: open("responses")?,
             responses_by_conversation: open("responses_by_conversation")?,
             tenant_conversations: open("tenant_conversations")?,
+            partials: open("partials")?,
             commit: commit::GroupCommit::new(),
             db,
         })
@@ -361,6 +365,7 @@ impl Store {
             self.count_conversation(&rec.tenant, -1)?;
         }
         self.pii_vaults.remove(id.as_bytes())?;
+        self.partials.remove(id.as_bytes())?;
         let mut batch = Batch::default();
         for kv in self.messages.scan_prefix(id.as_bytes()) {
             batch.remove(kv?.0);
@@ -610,6 +615,47 @@ impl Store {
         vault: &T,
     ) -> Result<(), StoreError> {
         self.pii_vaults.insert(id.as_bytes(), encode(vault)?)?;
+        Ok(())
+    }
+
+    // ---- checkpoints of streaming replies ----
+
+    /// Checkpoints the reply to message `reply_to` as streamed so far.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn put_partial(
+        &self,
+        id: &ConversationId,
+        reply_to: u64,
+        text: &str,
+    ) -> Result<(), StoreError> {
+        let mut value = Vec::with_capacity(8 + text.len());
+        value.extend_from_slice(&reply_to.to_be_bytes());
+        value.extend_from_slice(text.as_bytes());
+        self.partials.insert(id.as_bytes(), value)?;
+        Ok(())
+    }
+
+    /// The checkpointed reply of a conversation, if there is one: the message it answers and
+    /// its text.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn partial(&self, id: &ConversationId) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self.partials.get(id.as_bytes())?.and_then(|raw| {
+            let seq = u64::from_be_bytes(raw.get(..8)?.try_into().ok()?);
+            let text = String::from_utf8_lossy(raw.get(8..)?).into_owned();
+            Some((seq, text))
+        }))
+    }
+
+    /// Drops a conversation's checkpoint (its reply was stored).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn remove_partial(&self, id: &ConversationId) -> Result<(), StoreError> {
+        self.partials.remove(id.as_bytes())?;
         Ok(())
     }
 

@@ -269,6 +269,11 @@ impl Auth {
         Ok(self.store.list_keys()?)
     }
 
+    /// Forgets every key resolved so far (cluster mode: another node revoked one).
+    pub fn forget_known(&self) {
+        self.known.forget_all();
+    }
+
     /// Revokes a key at once; answers whether it existed.
     ///
     /// # Errors

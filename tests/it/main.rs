@@ -5,6 +5,7 @@
 
 mod auth;
 mod cache;
+mod cluster;
 mod common;
 mod context;
 mod conversation_tools;

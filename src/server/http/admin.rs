@@ -37,6 +37,13 @@ pub async fn revoke_key(
     }
     state.sockets.revoke(&id);
     state.registry.key_revoked(&id);
+    if let Some(cluster) = state.cluster() {
+        // Every other node forgets the key, closes its sockets and stops its turns.
+        let event = crate::cluster::events::Event::KeyRevoked {
+            key_id: id.to_string(),
+        };
+        crate::cluster::events::publish(cluster.redis(), &event)?;
+    }
     tracing::info!(key_id = %id, "key revoked");
     Ok(HttpResponse::NoContent().finish())
 }

@@ -255,7 +255,7 @@ fn turn_events(
                 let last = matches!(*frame, ServerFrame::Done(_) | ServerFrame::Error(_));
                 Some((Ok(sse::event(Some(frame.kind()), &json)), (rx, last)))
             }
-            Outbound::Close { .. } => None,
+            Outbound::Close { .. } | Outbound::Relayed(_) => None,
         }
     })
 }

@@ -2,13 +2,17 @@
 //! order the client sent them), talks to the registry and conversation actors, and answers
 //! through the socket's recipient. When the socket goes, its subscriptions go with it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use actix::Recipient;
 use actix_web::web;
+use secrecy::SecretString;
 use tokio::sync::mpsc;
 
 use super::frames::ClientFrame;
+use crate::cluster::relay::{self, Link, Lost, ToOwner};
+use crate::cluster::Owner;
 use crate::conversation::frames::ErrorFrame;
 use crate::conversation::messages::{
     Cancel, PostUserMessage, Subscribe, TurnOptions, Unsubscribe, Update,
@@ -22,12 +26,22 @@ use crate::tenant::Principal;
 use crate::tokens;
 use crate::wire::openai::{decode_tools, FunctionTool, WireToolChoice};
 
+/// A decoded client frame, and (cluster mode) its text as sent, for relaying.
+pub struct Incoming {
+    pub frame: ClientFrame,
+    pub raw: Option<Box<str>>,
+}
+
 pub struct CommandCtx {
     state: web::Data<AppState>,
     principal: Principal,
     sink_id: SinkId,
     socket: Recipient<Outbound>,
     subscribed: HashSet<ConversationId>,
+    /// Cluster mode: the client's key, and this socket's relays to other nodes, by node id.
+    token: Option<Arc<SecretString>>,
+    links: HashMap<String, Link>,
+    lost: Option<mpsc::UnboundedSender<Lost>>,
 }
 
 impl CommandCtx {
@@ -36,6 +50,7 @@ impl CommandCtx {
         principal: Principal,
         sink_id: SinkId,
         socket: Recipient<Outbound>,
+        token: Option<Arc<SecretString>>,
     ) -> Self {
         Self {
             state,
@@ -43,6 +58,9 @@ impl CommandCtx {
             sink_id,
             socket,
             subscribed: HashSet::new(),
+            token,
+            links: HashMap::new(),
+            lost: None,
         }
     }
 
@@ -69,12 +87,30 @@ impl CommandCtx {
 }
 
 /// Runs until the socket closes (its sender is dropped).
-pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<Box<ClientFrame>>) {
-    while let Some(frame) = inbox.recv().await {
-        // Boxed so that this task, alive as long as its socket, is small while idle: the
-        // handler's state exists only while a frame is handled.
-        Box::pin(handle(&mut cx, *frame)).await;
+pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<Box<Incoming>>) {
+    let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
+    if cx.state.cluster().is_some() {
+        cx.lost = Some(lost_tx);
     }
+    loop {
+        tokio::select! {
+            incoming = inbox.recv() => {
+                let Some(incoming) = incoming else { break };
+                let Incoming { frame, raw } = *incoming;
+                // Boxed so that this task, alive as long as its socket, is small while idle:
+                // the handler's state exists only while a frame is handled.
+                if let Some(raw) = raw {
+                    if Box::pin(relayed(&mut cx, &frame, raw)).await {
+                        continue;
+                    }
+                }
+                Box::pin(handle(&mut cx, frame)).await;
+            }
+            Some(lost) = lost_rx.recv() => Box::pin(rewatch(&mut cx, lost)).await,
+        }
+    }
+    // Dropping the links closes the relay sockets (the owners unsubscribe them).
+    cx.links.clear();
     for id in &cx.subscribed {
         if let Some(addr) = cx.state.registry.peek(id) {
             addr.do_send(Unsubscribe {
@@ -281,4 +317,117 @@ async fn post(
     .await?;
     cx.subscribed.insert(id.clone());
     Ok(())
+}
+
+/// The conversation a frame is about, and whether sending it subscribes the socket.
+fn target(frame: &ClientFrame) -> Option<(&str, bool)> {
+    match frame {
+        ClientFrame::Create { .. } => None,
+        ClientFrame::Subscribe { conversation, .. }
+        | ClientFrame::UserMessage { conversation, .. }
+        | ClientFrame::ToolResult { conversation, .. } => Some((conversation, true)),
+        ClientFrame::Update { conversation, .. } | ClientFrame::Cancel { conversation } => {
+            Some((conversation, false))
+        }
+    }
+}
+
+/// Cluster mode: relays a frame about a conversation another node runs; answers whether it
+/// did (false: it is handled here).
+async fn relayed(cx: &mut CommandCtx, frame: &ClientFrame, raw: Box<str>) -> bool {
+    let Some((conv, subscribes)) = target(frame) else {
+        return false;
+    };
+    let Some(id) = ConversationId::parse(conv) else {
+        return false;
+    };
+    let Some(cluster) = cx.state.cluster().cloned() else {
+        return false;
+    };
+    if cx.state.registry.peek(&id).is_some() {
+        return false;
+    }
+    let (node, addr) = match relay::settled_owner(&cluster, &id).await {
+        Ok(Some(Owner::There { node, addr })) => (node, addr),
+        Ok(_) => return false,
+        Err(e) => {
+            cx.fail(&e, Some(id), None);
+            return true;
+        }
+    };
+    let out = ToOwner {
+        text: raw.into(),
+        subscribes: subscribes.then_some(id),
+        seen: 0,
+    };
+    send_to(cx, &cluster, node, &addr, out);
+    true
+}
+
+fn send_to(
+    cx: &mut CommandCtx,
+    cluster: &crate::cluster::Cluster,
+    node: String,
+    addr: &str,
+    out: ToOwner,
+) {
+    let Some(lost) = cx.lost.clone() else { return };
+    let link = cx.links.entry(node.clone()).or_insert_with(|| {
+        Link::open(
+            cluster,
+            node,
+            addr,
+            cx.token.clone(),
+            cx.socket.clone(),
+            lost,
+        )
+    });
+    // A link that died has told `lost` already, with what it watched; this frame is the
+    // client's to resend (it was never acked).
+    link.send(out);
+}
+
+/// A relay broke (its node died or left): the conversations watched through it are watched
+/// again where they run now, from the last `seq` this socket saw, so nothing is missed.
+async fn rewatch(cx: &mut CommandCtx, lost: Lost) {
+    cx.links.remove(&lost.node);
+    let Some(cluster) = cx.state.cluster().cloned() else {
+        return;
+    };
+    for (id, last_seq) in lost.watched {
+        match relay::settled_owner(&cluster, &id).await {
+            Ok(Some(Owner::There { node, addr })) => {
+                if node == lost.node {
+                    // Still announced: it may have died a moment ago (its announcement lapses
+                    // with its leases), or only the link broke. Try it again, not at once.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                let text = serde_json::json!({
+                    "type": "subscribe", "conversation": id, "after_seq": last_seq,
+                })
+                .to_string();
+                let out = ToOwner {
+                    text,
+                    subscribes: Some(id),
+                    seen: last_seq,
+                };
+                send_to(cx, &cluster, node, &addr, out);
+            }
+            Ok(_) => {
+                if let Err(e) = subscribe(cx, &id, Some(last_seq)).await {
+                    cx.fail(&e, Some(id), None);
+                }
+            }
+            Err(e) => cx.fail(&e, Some(id), None),
+        }
+    }
+    for text in lost.unsent {
+        // Frames this task decoded once already.
+        let Ok(frame) = super::frames::decode(&text) else {
+            continue;
+        };
+        if !Box::pin(relayed(cx, &frame, text.into())).await {
+            Box::pin(handle(cx, frame)).await;
+        }
+    }
 }

@@ -25,7 +25,12 @@ pub async fn connect(
     let token = bearer(&req).map(str::to_owned).or(query_token);
     let principal = state.auth.client(token.as_deref())?;
     let max_frame = state.config.server.max_frame_bytes;
-    let session = WsSession::new(state.clone(), principal, max_frame);
+    // Cluster mode relays the socket's frames for conversations other nodes run, as this client.
+    let token = state
+        .cluster()
+        .and(token)
+        .map(|t| std::sync::Arc::new(secrecy::SecretString::from(t)));
+    let session = WsSession::new(state.clone(), principal, token, max_frame);
     ws::WsResponseBuilder::new(session, &req, payload)
         .frame_size(max_frame)
         .start()

@@ -11,8 +11,12 @@ use actix_web::web;
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
 use tokio::sync::mpsc;
 
-use super::commands::{self, CommandCtx};
-use super::frames::{decode, ClientFrame};
+use std::sync::Arc;
+
+use secrecy::SecretString;
+
+use super::commands::{self, CommandCtx, Incoming};
+use super::frames::decode;
 use crate::conversation::frames::ErrorFrame;
 use crate::conversation::{next_sink_id, Outbound, ServerFrame, SinkId};
 use crate::error::{ApiError, ErrorCode};
@@ -34,16 +38,24 @@ pub struct WsSession {
     max_frame: usize,
     /// Boxed: the channel allocates its slots up front in blocks of 32, and a `ClientFrame`
     /// is a few hundred bytes, which every idle socket would pay for.
-    inbox: Option<mpsc::Sender<Box<ClientFrame>>>,
+    inbox: Option<mpsc::Sender<Box<Incoming>>>,
+    /// The client's key, kept only in cluster mode (relays present it to the owning node).
+    token: Option<Arc<SecretString>>,
     /// A fragmented text message being reassembled.
     partial: Option<Vec<u8>>,
 }
 
 impl WsSession {
-    pub fn new(state: web::Data<AppState>, principal: Principal, max_frame: usize) -> Self {
+    pub fn new(
+        state: web::Data<AppState>,
+        principal: Principal,
+        token: Option<Arc<SecretString>>,
+        max_frame: usize,
+    ) -> Self {
         Self {
             state,
             principal,
+            token,
             sink_id: next_sink_id(),
             heartbeat: Instant::now(),
             max_frame,
@@ -71,7 +83,9 @@ impl WsSession {
             }
         };
         let Some(inbox) = &self.inbox else { return };
-        if inbox.try_send(Box::new(frame)).is_err() {
+        // Cluster mode keeps the frame as sent, for relaying.
+        let raw = self.state.cluster().map(|_| Box::<str>::from(text));
+        if inbox.try_send(Box::new(Incoming { frame, raw })).is_err() {
             let err = ApiError::new(
                 ErrorCode::RateLimited,
                 "too many frames in flight on this socket",
@@ -127,7 +141,13 @@ impl Actor for WsSession {
             .register(self.sink_id, self.principal.key_id.clone(), me.clone());
         let (tx, rx) = mpsc::channel(INBOX);
         self.inbox = Some(tx);
-        let cmd = CommandCtx::new(self.state.clone(), self.principal.clone(), self.sink_id, me);
+        let cmd = CommandCtx::new(
+            self.state.clone(),
+            self.principal.clone(),
+            self.sink_id,
+            me,
+            self.token.take(),
+        );
         actix::spawn(commands::run(cmd, rx));
         self.state.metrics.ws_connections.inc();
     }
@@ -143,7 +163,7 @@ impl Handler<Outbound> for WsSession {
 
     fn handle(&mut self, msg: Outbound, ctx: &mut Self::Context) {
         match msg {
-            Outbound::Frame { json, .. } => ctx.text(&*json),
+            Outbound::Frame { json, .. } | Outbound::Relayed(json) => ctx.text(&*json),
             Outbound::Close { code, reason } => Self::close(ctx, CloseCode::from(code), reason),
         }
     }

@@ -17,7 +17,7 @@ impl Turn {
     pub(super) async fn next(&mut self) -> Option<std::sync::Arc<ServerFrame>> {
         match self.rx.recv().await? {
             Outbound::Frame { frame, .. } => Some(frame),
-            Outbound::Close { .. } => None,
+            Outbound::Close { .. } | Outbound::Relayed(_) => None,
         }
     }
 
