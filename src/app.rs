@@ -242,6 +242,9 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         embedder,
         store.clone(),
         metrics.clone(),
+        cluster
+            .as_ref()
+            .map(|c| crate::cache::sync::Sync::new(c.redis().clone(), c.node().to_owned())),
     )?;
     let deps = Arc::new(Deps {
         cache,

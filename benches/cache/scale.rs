@@ -247,6 +247,7 @@ async fn start(store: &Store) -> (Cache, Duration) {
         Arc::new(Builtin),
         store.clone(),
         Metrics::new().unwrap(),
+        None,
     )
     .unwrap();
     while cache.len().await.is_none() {

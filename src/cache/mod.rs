@@ -14,6 +14,7 @@ pub mod normalise;
 pub mod provider_embed;
 pub mod recall;
 pub mod service;
+pub mod sync;
 
 pub use service::{Cache, CacheSettings, Hit, Looked, Outcome, Query, ScopeParts};
 

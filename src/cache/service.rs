@@ -137,7 +137,7 @@ pub struct Looked {
     pub key: ScopeKey,
 }
 
-enum Command {
+pub(crate) enum Command {
     Lookup {
         key: ScopeKey,
         tenant: String,
@@ -164,6 +164,8 @@ struct Inner {
     store: Store,
     metrics: Metrics,
     tx: SyncSender<Command>,
+    /// Cluster mode: the stream this node announces its changes on and tails others' from.
+    sync: Option<super::sync::Sync>,
     /// The worker thread, joined at shutdown so it lets go of the store before the last flush.
     worker: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -189,8 +191,12 @@ impl Cache {
         embedder: Arc<dyn Embedder>,
         store: Store,
         metrics: Metrics,
+        sync: Option<super::sync::Sync>,
     ) -> Result<Self, StoreError> {
         let embedder_id = embedder.id();
+        // Read before the worker loads the stored entries: what others add from here on is
+        // tailed, so nothing falls between the two.
+        let position = sync.as_ref().map(super::sync::Sync::position);
         let dropped = store.cache_use_embedder(&embedder_id)?;
         if dropped > 0 {
             tracing::info!(
@@ -208,11 +214,15 @@ impl Cache {
             index: Index::new(0),
             tag: embedder_id.clone(),
             last_dump: Instant::now(),
+            sync: sync.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("parley-cache".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| StoreError::Task(e.to_string()))?;
+        if let (Some(sync), Some(from)) = (&sync, position) {
+            sync.tail(from, store.clone(), tx.clone());
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 settings,
@@ -221,6 +231,7 @@ impl Cache {
                 store,
                 metrics,
                 tx,
+                sync,
                 worker: parking_lot::Mutex::new(Some(thread)),
             }),
         })
@@ -228,6 +239,9 @@ impl Cache {
 
     /// Stops the worker after what it was already sent, and waits for its thread to end.
     pub async fn stop(&self) {
+        if let Some(sync) = &self.inner.sync {
+            sync.stop();
+        }
         let Some(thread) = self.inner.worker.lock().take() else {
             return;
         };
@@ -392,16 +406,24 @@ impl Cache {
             expires_ms: record.expires_ms,
             last_used_ms: now,
         };
+        let announced = self.inner.sync.as_ref().map(|s| (s, meta.clone()));
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.inner.tx.try_send(Command::Insert { id, meta, vector })
         {
             tracing::warn!("cache worker busy; entry dropped");
             let _ = store.remove_cache_entries(&[id]);
+            return;
+        }
+        if let Some((sync, meta)) = announced {
+            sync.inserted(id, &meta);
         }
     }
 
     /// Drops entries from the index (their records are already gone from storage).
     pub fn forget(&self, ids: Vec<EntryId>) {
+        if let (Some(sync), false) = (&self.inner.sync, ids.is_empty()) {
+            sync.removed(&ids);
+        }
         if !ids.is_empty() && self.inner.tx.try_send(Command::Forget(ids)).is_err() {
             // The index keeps them until the next compaction; lookups check storage anyway.
             tracing::debug!("cache worker busy; forgotten entries stay as tombstones");
@@ -425,6 +447,7 @@ struct Worker {
     /// The embedder's id: graphs dumped for another embedder are not reloaded.
     tag: String,
     last_dump: Instant,
+    sync: Option<super::sync::Sync>,
 }
 
 impl Worker {
@@ -681,6 +704,9 @@ impl Worker {
         }
         if let Err(e) = self.store.remove_cache_entries(&victims) {
             tracing::warn!(error = %e, "evicted cache entries not removed from storage");
+        }
+        if let Some(sync) = &self.sync {
+            sync.removed(&victims);
         }
         tracing::debug!(evicted = victims.len(), "cache over its size cap");
     }

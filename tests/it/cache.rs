@@ -681,6 +681,7 @@ async fn started_cache(store: &parley::store::Store) -> parley::cache::Cache {
         std::sync::Arc::new(parley::cache::embed::Builtin),
         store.clone(),
         parley::metrics::Metrics::new().unwrap(),
+        None,
     )
     .unwrap();
     cache.len().await.unwrap();
