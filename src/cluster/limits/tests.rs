@@ -5,8 +5,8 @@ use crate::cluster::redis::Timeouts;
 use crate::cluster::testing::TestRedis;
 
 fn shared(redis: &TestRedis) -> SharedLimits {
-    SharedLimits::new(Redis::connect(&redis.url(), "t:", Timeouts::default()).unwrap())
-    // ok: test code
+    let redis = Redis::connect(&redis.url(), "t:", Timeouts::default()).unwrap(); // ok: test code
+    SharedLimits::new(redis)
 }
 
 #[test]

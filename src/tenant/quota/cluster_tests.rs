@@ -144,7 +144,7 @@ fn rpm_sliding_window_admits_exactly_the_limit_across_nodes() {
     );
     // Requests that reach no model count too.
     assert_eq!(
-        nodes[1].governor.take_request(&p).unwrap_err().code,
+        nodes[1].governor.take_request(&p).unwrap_err().code, // ok: test code
         ErrorCode::RateLimited
     );
 }
@@ -171,16 +171,10 @@ fn tpm_adds_up_and_settle_gives_back() {
         tpm: Some(600),
         ..key("tb")
     });
-    let first = nodes[0]
-        .governor
-        .admit(&p, "x", 100, Some(200))
-        .unwrap()
-        .unwrap(); // ok: test code
+    let g = |i: usize| &nodes[i].governor;
+    let first = g(0).admit(&p, "x", 100, Some(200)).unwrap().unwrap(); // ok: test code
     nodes[1].governor.admit(&p, "x", 100, Some(200)).unwrap(); // ok: test code
-    let err = nodes[0]
-        .governor
-        .admit(&p, "x", 100, Some(200))
-        .unwrap_err();
+    let err = g(0).admit(&p, "x", 100, Some(200)).unwrap_err(); // ok: test code
     assert_eq!(err.code, ErrorCode::RateLimited);
     nodes[0].governor.settle(first, 0, 0.0);
     nodes[1].governor.admit(&p, "x", 100, Some(200)).unwrap(); // ok: test code
@@ -231,7 +225,7 @@ fn monthly_spend_is_never_overrun_by_two_nodes() {
     // One really cost 1.0: 7.0 held, so one more fits (10.0), and then none.
     nodes[1].governor.settle(granted.pop().unwrap(), 2, 1.0); // ok: test code
     nodes[0].governor.admit(&p, "m", 1, Some(1)).unwrap(); // ok: test code
-    let err = nodes[1].governor.admit(&p, "m", 1, Some(1)).unwrap_err();
+    let err = nodes[1].governor.admit(&p, "m", 1, Some(1)).unwrap_err(); // ok: test code
     assert_eq!(err.code, ErrorCode::QuotaExceeded);
 }
 
@@ -247,7 +241,7 @@ fn redis_down_answers_unavailable_at_once_and_recovers() {
     redis.stop();
     for n in &nodes {
         let begun = Instant::now();
-        let err = n.governor.admit(&p, "x", 10, None).unwrap_err();
+        let err = n.governor.admit(&p, "x", 10, None).unwrap_err(); // ok: test code
         assert_eq!(err.code, ErrorCode::UpstreamUnavailable);
         assert!(
             begun.elapsed() < Duration::from_secs(3),
@@ -256,7 +250,7 @@ fn redis_down_answers_unavailable_at_once_and_recovers() {
         );
         // Now failing fast.
         let begun = Instant::now();
-        let err = n.governor.take_request(&p).unwrap_err();
+        let err = n.governor.take_request(&p).unwrap_err(); // ok: test code
         assert_eq!(err.code, ErrorCode::UpstreamUnavailable);
         assert!(begun.elapsed() < Duration::from_millis(100));
     }
