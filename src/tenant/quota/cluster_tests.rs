@@ -9,6 +9,7 @@ use super::*;
 use crate::cluster::redis::Timeouts;
 use crate::cluster::testing::TestRedis;
 use crate::ids::TenantId;
+use crate::store::UsageRecord;
 
 struct Node {
     _dir: tempfile::TempDir,
@@ -265,4 +266,44 @@ fn redis_down_answers_unavailable_at_once_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn a_period_counter_starts_from_the_stored_totals_once() {
+    let (_redis, nodes) = two_nodes();
+    // Node 0's store has 9000 tokens of today recorded for the key; node 1's has none. The
+    // first request seeds the shared counter; the second node must not seed it again.
+    let used = UsageRecord {
+        ts_ms: chrono::Utc::now().timestamp_millis(),
+        tenant: TenantId("t".into()),
+        key_id: Some("seeded".into()),
+        conversation: None,
+        route: "x".into(),
+        provider: "p".into(),
+        model: "x".into(),
+        prompt_tokens: 4000,
+        completion_tokens: 5000,
+        cached: false,
+        latency_ms: 1,
+        ttft_ms: None,
+        cost: 0.0,
+        trimmed_tokens: 0,
+        finish_reason: "stop".into(),
+        max_tokens_clamped: None,
+        saved_tokens: 0,
+        saved_cost: 0.0,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap(); // ok: test code
+    let records = [used];
+    let append = nodes[0].governor.store.append_usage(&records, false);
+    runtime.block_on(append).unwrap(); // ok: test code
+    let p = principal(KeyRecord {
+        daily_tokens: Some(10_000),
+        ..key("seeded")
+    });
+    nodes[0].governor.admit(&p, "x", 10, Some(90)).unwrap(); // ok: test code
+    let (granted, _, _) = hammer(&nodes, &p, "x", 10, 90, 10);
+    assert_eq!(granted.len(), 9);
 }
