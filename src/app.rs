@@ -196,7 +196,9 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         .providers
         .iter()
         .map(|p| {
-            let actor = ProviderActor::new(p, http.clone(), |name| std::env::var(name).ok());
+            let shared = cluster.as_ref().map(|c| c.redis().clone());
+            let actor =
+                ProviderActor::build(p, http.clone(), |name| std::env::var(name).ok(), shared);
             let (stats, limits, prefill) =
                 (actor.stats(), actor.limits(), actor.supports_prefill());
             let addr = ProviderActor::start_in_arbiter(&provider_arbiter.handle(), |_| actor);
@@ -218,11 +220,16 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         n => n,
     };
     let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
-    let governor = Arc::new(Governor::new(
+    let governor = Governor::new(
         store.clone(),
         Prices(config.prices.clone()),
         config.context.reserve_output_tokens,
-    ));
+    );
+    // Cluster mode: limits and budgets are counted in Redis, so they add up across nodes.
+    let governor = Arc::new(match store.redis().filter(|_| cluster.is_some()) {
+        Some(r) => governor.with_redis(r.clone()),
+        None => governor,
+    });
     let retention = match config.storage.usage_retention_days {
         0 => None,
         days => Some(std::time::Duration::from_secs(u64::from(days) * 86_400)),

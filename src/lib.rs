@@ -14,6 +14,8 @@
 //! - [`guard`]: PII redaction and restoration, prompt-injection screening, system-prompt leaks.
 //! - [`tenant`]: API keys (hashed) and the tenant a request acts for.
 //! - [`store`]: the only module that touches sled.
+//! - [`cluster`]: cluster mode: the shared Redis connection, and the per-minute limits and
+//!   budgets every node counts there (atomic Lua scripts on Redis's clock).
 //! - [`mock_upstream`]: the fake provider used by the CLI, the tests and the benches.
 //! - [`domain`]: plain types every layer shares (messages, parts, tools, usage, finish reasons).
 //! - [`wire`]: the OpenAI and Anthropic wire formats as typed serde structs, and their mapping.

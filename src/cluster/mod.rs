@@ -12,8 +12,12 @@
 //!   whole (`relay::http`), WebSocket frames through a relay socket per client socket and node
 //!   (`relay::ws`), so the owner sees an ordinary client and every rule of §3–§8 holds there.
 //! - Events: what every node must hear at once (a key revoked) goes over Redis pub/sub.
+//! - Limits: per-key rpm/tpm, token and spend budgets with their reservations, and each
+//!   provider deployment's buckets are counted in Redis by atomic scripts (`limits`), so they
+//!   add up across nodes; breakers and concurrency caps stay per node.
 
 pub mod events;
+pub mod limits;
 pub mod redis;
 pub mod relay;
 pub mod testing;

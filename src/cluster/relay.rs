@@ -55,6 +55,30 @@ pub async fn settled_owner(
     }
 }
 
+/// Where traffic for `id` goes: `None` to this node (it holds the lease now, or took it as
+/// nobody did), or the node to relay to. Taking a free lease here, atomically, is what keeps
+/// two nodes from both deciding to serve it.
+///
+/// # Errors
+/// As [`settled_owner`].
+pub async fn route(
+    cluster: &Cluster,
+    id: &ConversationId,
+) -> Result<Option<(String, String)>, ApiError> {
+    loop {
+        let owner = match settled_owner(cluster, id).await? {
+            Some(owner) => owner,
+            None => cluster.acquire(id).map_err(ApiError::from)?,
+        };
+        match owner {
+            Owner::Here => return Ok(None),
+            Owner::There { node, addr } => return Ok(Some((node, addr))),
+            // Taken by a node that died at once: wait for that lapse too.
+            Owner::Lapsing => tokio::time::sleep(LAPSE_POLL).await,
+        }
+    }
+}
+
 /// What a relay link tells its socket's command task.
 #[derive(Debug)]
 pub struct Lost {

@@ -24,8 +24,13 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::Backend;
 use super::deployment::{Deployment, DeploymentInfo, Outcome, Refusal};
 use super::{ChatRequest, ProviderError, RateHeaders, UpstreamEvent, STREAM_BUFFER};
+use crate::cluster::redis::Redis;
 use crate::config::ProviderConfig;
 use crate::limits::Transition;
+
+mod shared;
+
+use shared::SharedBuckets;
 
 /// Mailbox capacity: requests beyond this wait in the sender's `send()`.
 const MAILBOX: usize = 1024;
@@ -55,11 +60,17 @@ pub struct Limits {
     /// so that nobody overtakes a waiting request.
     queued: AtomicUsize,
     stats: Arc<ProviderStats>,
+    /// Cluster mode: the deployments' requests and tokens per minute are counted in Redis for
+    /// every node (the deployments' own buckets are then unlimited); breakers stay per node.
+    shared: Option<SharedBuckets>,
 }
 
 impl Limits {
     /// Takes a slot on the least busy deployment that can take `tokens` now.
     fn pick(&self, tokens: u32) -> Result<(usize, Arc<Backend>), Refusal> {
+        if let Some(shared) = &self.shared {
+            return self.pick_shared(shared, tokens);
+        }
         let now = Instant::now();
         let mut deployments = self.deployments.lock();
         let mut refusal: Option<Refusal> = None;
@@ -105,6 +116,9 @@ impl Limits {
                 .store((ttft * 1000.0) as u64, Ordering::Relaxed);
         }
         drop(deployments);
+        if let Some(shared) = &self.shared {
+            shared.finish(key_index, tokens, outcome, headers);
+        }
         if let Some(t) = transition {
             self.trace(key_index, t);
         }
@@ -181,6 +195,7 @@ impl Limits {
                 retry,
             ))),
             Err(Refusal::Open(wait)) => Err(self.unavailable(wait)),
+            Err(Refusal::Unreachable) => Err(self.unreachable()),
             Err(Refusal::Full(_)) => Ok(Err(req)),
         }
     }
@@ -212,6 +227,17 @@ impl ProviderActor {
         http: reqwest::Client,
         env: impl Fn(&str) -> Option<String>,
     ) -> Self {
+        Self::build(cfg, http, env, None)
+    }
+
+    /// [`ProviderActor::new`], with the deployments' requests and tokens per minute counted
+    /// in `redis` for every node of the cluster when it is given (PROTOCOL §9).
+    pub fn build(
+        cfg: &ProviderConfig,
+        http: reqwest::Client,
+        env: impl Fn(&str) -> Option<String>,
+        redis: Option<Redis>,
+    ) -> Self {
         let now = Instant::now();
         let mut keys: Vec<Option<SecretString>> = cfg
             .key_envs()
@@ -224,8 +250,12 @@ impl ProviderActor {
         }
         let deployments: Vec<Deployment> = keys
             .into_iter()
-            .map(|key| Deployment::new(cfg, Backend::new(cfg, key, http.clone()), now))
+            .map(|key| {
+                let backend = Backend::new(cfg, key, http.clone());
+                Deployment::new(cfg, backend, now, redis.is_none())
+            })
             .collect();
+        let shared = redis.map(|r| SharedBuckets::new(r, cfg, deployments.len()));
         let prefill = deployments
             .first()
             .is_some_and(|d| d.backend.supports_prefill());
@@ -235,6 +265,7 @@ impl ProviderActor {
                 deployments: Mutex::new(deployments),
                 queued: AtomicUsize::new(0),
                 stats: Arc::new(ProviderStats::default()),
+                shared,
             }),
             queue: VecDeque::new(),
             max_queue: cfg.max_queue,
@@ -309,6 +340,9 @@ impl ProviderActor {
                 Err((_, Refusal::Open(wait))) => {
                     let _ = w.reply.send(Err(self.limits.unavailable(wait)));
                 }
+                Err((_, Refusal::Unreachable)) => {
+                    let _ = w.reply.send(Err(self.limits.unreachable()));
+                }
                 Err((req, Refusal::Full(wait))) if now < w.deadline => {
                     next_wait = Some(wait.min(w.deadline - now));
                     self.queue.push_front(Waiting { req, ..w });
@@ -368,8 +402,8 @@ fn merge(a: Option<Refusal>, b: Refusal) -> Refusal {
         (None, r) => r,
         (Some(Refusal::Full(x)), Refusal::Full(y)) => Refusal::Full(x.min(y)),
         (Some(Refusal::Open(x)), Refusal::Open(y)) => Refusal::Open(x.min(y)),
-        (Some(full @ Refusal::Full(_)), Refusal::Open(_))
-        | (Some(Refusal::Open(_)), full @ Refusal::Full(_)) => full,
+        (Some(full @ Refusal::Full(_)), _) | (Some(_), full @ Refusal::Full(_)) => full,
+        (Some(Refusal::Unreachable), _) | (Some(_), Refusal::Unreachable) => Refusal::Unreachable,
     }
 }
 
@@ -472,6 +506,10 @@ impl Handler<Dispatch> for ProviderActor {
                     let _ = reply.send(Err(self.limits.unavailable(wait)));
                     return;
                 }
+                Err((_, Refusal::Unreachable)) => {
+                    let _ = reply.send(Err(self.limits.unreachable()));
+                    return;
+                }
                 Err((req, Refusal::Full(_))) => req,
             }
         } else {
@@ -551,6 +589,10 @@ impl Handler<Embed> for ProviderActor {
                 let _ = reply.send(Err(self.limits.unavailable(wait)));
                 return;
             }
+            Err(Refusal::Unreachable) => {
+                let _ = reply.send(Err(self.limits.unreachable()));
+                return;
+            }
             Err(Refusal::Full(wait)) => {
                 let _ = reply.send(Err(self.limits.limited(wait)));
                 return;
@@ -601,7 +643,7 @@ impl Handler<Describe> for ProviderActor {
 
     fn handle(&mut self, _: Describe, _ctx: &mut Self::Context) -> Self::Result {
         let now = Instant::now();
-        let deployments = self
+        let mut deployments: Vec<DeploymentInfo> = self
             .limits
             .deployments
             .lock()
@@ -609,6 +651,9 @@ impl Handler<Describe> for ProviderActor {
             .enumerate()
             .map(|(i, d)| d.info(i, now))
             .collect();
+        if let Some(shared) = &self.limits.shared {
+            shared.describe(&mut deployments);
+        }
         MessageResult(ProviderInfo {
             name: self.limits.name.clone(),
             queued: self.queue.len(),

@@ -20,6 +20,8 @@ pub enum Refusal {
     Open(Duration),
     /// Its buckets or concurrency cap are full; a slot may free up in this long.
     Full(Duration),
+    /// Its buckets are shared through Redis (cluster mode), which cannot be reached.
+    Unreachable,
 }
 
 /// How a generation ended, as the provider actor accounts for it.
@@ -66,11 +68,14 @@ pub struct DeploymentInfo {
 }
 
 impl Deployment {
-    pub fn new(cfg: &ProviderConfig, backend: Backend, now: Instant) -> Self {
+    /// `local_buckets`: whether this process counts the deployment's requests and tokens per
+    /// minute (`false` in cluster mode, where Redis counts them for every node).
+    pub fn new(cfg: &ProviderConfig, backend: Backend, now: Instant, local_buckets: bool) -> Self {
+        let per_minute = |n: u32| TokenBucket::per_minute(if local_buckets { n } else { 0 }, now);
         Self {
             backend: Arc::new(backend),
-            rpm: TokenBucket::per_minute(cfg.rpm, now),
-            tpm: TokenBucket::per_minute(cfg.tpm, now),
+            rpm: per_minute(cfg.rpm),
+            tpm: per_minute(cfg.tpm),
             max_concurrency: cfg.max_concurrency,
             in_flight: 0,
             breaker: CircuitBreaker::new(cfg.breaker.clone()),

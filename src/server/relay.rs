@@ -8,7 +8,6 @@ use actix_web::web;
 
 use super::AppState;
 use crate::cluster::relay::{self, RELAYED};
-use crate::cluster::Owner;
 use crate::ids::ConversationId;
 
 /// The conversation a path is about, if it is one of `/v1/conversations/{id}[/…]`.
@@ -34,9 +33,9 @@ pub async fn relay(
                 // Live here: served here.
                 (Some(cluster), None) => {
                     let cluster = cluster.clone();
-                    match relay::settled_owner(&cluster, &id).await {
-                        Ok(Some(Owner::There { addr, .. })) => Some((cluster, addr)),
-                        Ok(_) => None,
+                    match relay::route(&cluster, &id).await {
+                        Ok(Some((_, addr))) => Some((cluster, addr)),
+                        Ok(None) => None,
                         Err(e) => return Ok(req.error_response(e)),
                     }
                 }

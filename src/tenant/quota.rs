@@ -4,16 +4,26 @@
 //! reply reserve); the reservation is reconciled with the real usage when the turn ends, so
 //! concurrent streams cannot overrun a budget. Day and month totals survive restarts: they are
 //! read back from the usage totals the usage writer keeps.
+//!
+//! In cluster mode ([`Governor::with_redis`]) all of this lives in Redis instead, shared by
+//! every node (see [`shared`]); without Redis nothing here touches the network.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use self::shared::{settle_shared, take_request_shared};
 use super::Principal;
+use crate::cluster::limits::SharedLimits;
+use crate::cluster::redis::Redis;
 use crate::error::{ApiError, ErrorCode};
 use crate::limits::{SlidingWindow, TokenBucket};
 use crate::store::{periods, KeyRecord, LimitWindow, Store};
+
+#[cfg(test)]
+mod cluster_tests;
+mod shared;
 
 pub use crate::domain::Price;
 
@@ -43,6 +53,8 @@ pub struct Reservation {
     spend: f64,
     /// The reply's token limit when the key's budget leaves less than it asked for.
     max_tokens: Option<u32>,
+    /// What the reservation holds in Redis (cluster mode).
+    shared: Option<shared::Held>,
 }
 
 impl Reservation {
@@ -147,6 +159,8 @@ pub struct Governor {
     prices: Prices,
     reply_reserve: u32,
     keys: Mutex<HashMap<String, KeyState>>,
+    /// Cluster mode: every limit and budget is counted in Redis, none in `keys`.
+    shared: Option<SharedLimits>,
 }
 
 impl Governor {
@@ -157,7 +171,16 @@ impl Governor {
             prices,
             reply_reserve,
             keys: Mutex::new(HashMap::new()),
+            shared: None,
         }
+    }
+
+    /// Counts every key's limits and budgets in Redis, shared with the other nodes of the
+    /// cluster (PROTOCOL §9), instead of in this process.
+    #[must_use]
+    pub fn with_redis(mut self, redis: Redis) -> Self {
+        self.shared = Some(SharedLimits::new(redis));
+        self
     }
 
     pub fn prices(&self) -> &Prices {
@@ -168,7 +191,8 @@ impl Governor {
     /// with `rate_limited` / `quota_exceeded` and a retry hint. Development mode has no limits.
     ///
     /// # Errors
-    /// `rate_limited` past rpm/tpm, `quota_exceeded` past a daily, monthly or spend budget.
+    /// `rate_limited` past rpm/tpm, `quota_exceeded` past a daily, monthly or spend budget;
+    /// in cluster mode `upstream_unavailable` when Redis cannot be reached.
     pub fn admit(
         &self,
         principal: &Principal,
@@ -179,6 +203,11 @@ impl Governor {
         let Some(rec) = principal.limits.as_deref() else {
             return Ok(None);
         };
+        if let Some(shared) = &self.shared {
+            return self
+                .admit_shared(shared, rec, model, prompt_tokens, max_tokens)
+                .map(Some);
+        }
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
         let mut keys = self.keys.lock();
@@ -240,6 +269,7 @@ impl Governor {
             periods,
             spend,
             max_tokens: clamped,
+            shared: None,
         }))
     }
 
@@ -247,11 +277,15 @@ impl Governor {
     /// requests per minute: work a key asks for is metered even when it costs no tokens.
     ///
     /// # Errors
-    /// `rate_limited` past the key's rpm.
+    /// `rate_limited` past the key's rpm; in cluster mode `upstream_unavailable` when Redis
+    /// cannot be reached.
     pub fn take_request(&self, principal: &Principal) -> Result<(), ApiError> {
         let Some(rec) = principal.limits.as_deref() else {
             return Ok(());
         };
+        if let Some(shared) = &self.shared {
+            return take_request_shared(shared, rec);
+        }
         let now = Instant::now();
         let wall_ms = chrono::Utc::now().timestamp_millis();
         let mut keys = self.keys.lock();
@@ -263,7 +297,11 @@ impl Governor {
     }
 
     /// Replaces a reservation by what the request really used.
-    pub fn settle(&self, reservation: Reservation, used_tokens: u64, cost: f64) {
+    pub fn settle(&self, mut reservation: Reservation, used_tokens: u64, cost: f64) {
+        if let (Some(shared), Some(held)) = (&self.shared, reservation.shared.take()) {
+            settle_shared(shared, &reservation, &held, used_tokens, cost);
+            return;
+        }
         let now = Instant::now();
         let mut keys = self.keys.lock();
         let Some(state) = keys.get_mut(&reservation.key_id) else {

@@ -411,3 +411,156 @@ async fn a_key_revoked_on_one_node_is_refused_on_all() {
         .unwrap();
     assert_eq!(models.status(), 401);
 }
+
+/// `parley_cache_entries` of a node.
+async fn cache_entries(node: &BinServer) -> i64 {
+    let text = http()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("parley_cache_entries "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn ask(node: &BinServer, conv: &str, content: &str) -> Value {
+    let resp = http()
+        .post(node.url(&format!("/v1/conversations/{conv}/messages")))
+        .json(&json!({"content": content, "client_id": "q"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_cache_entry_made_on_one_node_hits_on_another() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let c = Cluster::start(3, &up, &[]);
+    let first = create(&c.nodes[0]).await;
+    let v = ask(&c.nodes[0], &first, "Who wrote Hamlet?").await;
+    assert_eq!(v["cached"], false);
+    let stored = Instant::now();
+    let learned = async {
+        while cache_entries(&c.nodes[2]).await < 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), learned)
+        .await
+        .expect("node 3's index never learned of node 1's entry");
+    let took = stored.elapsed();
+    eprintln!("node 3 indexed node 1's cache entry {took:?} after it was stored");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    let second = create(&c.nodes[2]).await;
+    let v = ask(&c.nodes[2], &second, "Who wrote Hamlet?").await;
+    assert_eq!(v["cached"], true, "{v}");
+    assert_eq!(up.requests(), 1);
+
+    // Its conversation deleted (through node 2): no node serves the entry any more.
+    let resp = http()
+        .delete(c.nodes[1].url(&format!("/v1/conversations/{first}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let third = create(&c.nodes[2]).await;
+    let v = ask(&c.nodes[2], &third, "Who wrote Hamlet?").await;
+    assert_eq!(v["cached"], false, "{v}");
+    assert_eq!(up.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_key_rate_limit_adds_up_across_three_nodes() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let c = Cluster::start(3, &up, &[("PARLEY_ADMIN_KEY", "adm-cluster-secret")]);
+    let resp = http()
+        .post(c.nodes[0].url("/admin/keys"))
+        .bearer_auth("adm-cluster-secret")
+        .json(&json!({"tenant": "acme", "rpm": 60, "window": "sliding", "daily_tokens": 1_000_000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
+    let v: Value = resp.json().await.unwrap();
+    let key = v["key"].as_str().unwrap().to_owned();
+    // 120 requests, forty through each node, at once.
+    let mut tasks = Vec::new();
+    for i in 0..120 {
+        let url = c.nodes[i % 3].url("/v1/chat/completions");
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            http()
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": "up", "messages": [{"role": "user", "content": format!("count {i}")}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    // A sliding window admits exactly its limit in any minute, whichever node counts.
+    assert_eq!(admitted, 60, "{statuses:?}");
+    assert_eq!(limited, 60, "{statuses:?}");
+}
+
+#[tokio::test]
+async fn a_daily_budget_spent_across_nodes_is_never_overrun() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let c = Cluster::start(3, &up, &[("PARLEY_ADMIN_KEY", "adm-cluster-secret")]);
+    let budget = 2_000u64;
+    let resp = http()
+        .post(c.nodes[0].url("/admin/keys"))
+        .bearer_auth("adm-cluster-secret")
+        .json(&json!({"tenant": "acme", "daily_tokens": budget}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let v: Value = resp.json().await.unwrap();
+    let key = v["key"].as_str().unwrap().to_owned();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let url = c.nodes[i % 3].url("/v1/chat/completions");
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let resp = http()
+                .post(url)
+                .bearer_auth(key)
+                .json(&json!({"model": "up", "max_tokens": 50, "messages": [{"role": "user", "content": format!("spend some tokens {i}")}]}))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let v: Value = resp.json().await.unwrap_or(Value::Null);
+            (status, v["usage"]["total_tokens"].as_u64().unwrap_or(0))
+        }));
+    }
+    let mut spent = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let (status, tokens) = t.await.unwrap();
+        match status {
+            200 => spent += tokens,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(refused > 0, "the budget was never reached ({spent} tokens)");
+    assert!(spent <= budget, "spent {spent} of a {budget} budget");
+}

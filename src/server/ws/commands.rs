@@ -12,7 +12,6 @@ use tokio::sync::mpsc;
 
 use super::frames::ClientFrame;
 use crate::cluster::relay::{self, Link, Lost, ToOwner};
-use crate::cluster::Owner;
 use crate::conversation::frames::ErrorFrame;
 use crate::conversation::messages::{
     Cancel, PostUserMessage, Subscribe, TurnOptions, Unsubscribe, Update,
@@ -347,9 +346,9 @@ async fn relayed(cx: &mut CommandCtx, frame: &ClientFrame, raw: Box<str>) -> boo
     if cx.state.registry.peek(&id).is_some() {
         return false;
     }
-    let (node, addr) = match relay::settled_owner(&cluster, &id).await {
-        Ok(Some(Owner::There { node, addr })) => (node, addr),
-        Ok(_) => return false,
+    let (node, addr) = match relay::route(&cluster, &id).await {
+        Ok(Some(there)) => there,
+        Ok(None) => return false,
         Err(e) => {
             cx.fail(&e, Some(id), None);
             return true;
@@ -395,8 +394,8 @@ async fn rewatch(cx: &mut CommandCtx, lost: Lost) {
         return;
     };
     for (id, last_seq) in lost.watched {
-        match relay::settled_owner(&cluster, &id).await {
-            Ok(Some(Owner::There { node, addr })) => {
+        match relay::route(&cluster, &id).await {
+            Ok(Some((node, addr))) => {
                 if node == lost.node {
                     // Still announced: it may have died a moment ago (its announcement lapses
                     // with its leases), or only the link broke. Try it again, not at once.
