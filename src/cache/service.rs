@@ -406,7 +406,7 @@ impl Cache {
             expires_ms: record.expires_ms,
             last_used_ms: now,
         };
-        let announced = self.inner.sync.as_ref().map(|s| (s, meta.clone()));
+        let announced = self.inner.sync.as_ref().map(|s| (s, meta));
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.inner.tx.try_send(Command::Insert { id, meta, vector })
         {
