@@ -120,7 +120,9 @@ impl Sync {
     }
 
     fn run(&self, mut from: String, store: &Store, worker: &SyncSender<Command>) {
-        let opts = StreamReadOptions::default().block(1_000).count(512);
+        // Blocks for less than a pooled connection's read timeout (1 s): a read that timed out
+        // would mark Redis down for every caller.
+        let opts = StreamReadOptions::default().block(400).count(512);
         while !self.stop.load(Ordering::Relaxed) {
             let read = self.redis.run(|c| {
                 redis::Commands::xread_options::<_, _, StreamReadReply>(

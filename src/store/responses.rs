@@ -85,6 +85,19 @@ impl Store {
         Ok((&rec.tenant == tenant).then_some(rec))
     }
 
+    /// The conversation response `id` belongs to, whoever's it is (cluster mode routes a
+    /// request to the node running it; that node checks the tenant).
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn response_conversation(&self, id: &str) -> Result<Option<ConversationId>, StoreError> {
+        let Some(raw) = self.responses.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let rec: ResponseRecord = decode("responses", id, &raw)?;
+        Ok(Some(rec.conversation))
+    }
+
     /// Deletes a response record (its conversation's messages stay), durably.
     ///
     /// # Errors

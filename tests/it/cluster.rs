@@ -564,3 +564,40 @@ async fn a_daily_budget_spent_across_nodes_is_never_overrun() {
     assert!(refused > 0, "the budget was never reached ({spent} tokens)");
     assert!(spent <= budget, "spent {spent} of a {budget} budget");
 }
+
+#[tokio::test]
+async fn a_response_continued_on_another_node_runs_where_its_conversation_does() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let c = Cluster::start(2, &up, &[]);
+    let post = |node: usize, body: Value| {
+        let url = c.nodes[node].url("/v1/responses");
+        async move {
+            let resp = http().post(url).json(&body).send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, first) = post(0, json!({"model": "up", "input": "My name is Ada."})).await;
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = post(
+        1,
+        json!({"model": "up", "input": "What is my name?", "previous_response_id": first["id"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["status"], "completed", "{second}");
+    // One conversation, both turns in it.
+    let (status, third) = post(
+        1,
+        json!({"model": "up", "input": "And again?", "previous_response_id": second["id"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{third}");
+    let conv = first["conversation"]["id"]
+        .as_str()
+        .or(first["conversation"].as_str())
+        .map(str::to_owned);
+    if let Some(conv) = conv {
+        assert_eq!(c.nodes[1].messages(&conv).await.len(), 6);
+    }
+}

@@ -464,7 +464,10 @@ impl BinServer {
             .json()
             .await
             .unwrap();
-        v["data"].as_array().unwrap().clone()
+        v["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no messages: {v}"))
+            .clone()
     }
 
     pub fn kill9(&mut self) {
