@@ -19,6 +19,11 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts `bin serve` and waits (at most 30 s) until it accepts connections.
     pub fn start(bin: &Path, upstream_ttft_ms: u64) -> anyhow::Result<Self> {
+        Self::start_with(bin, upstream_ttft_ms, "")
+    }
+
+    /// As [`ServerProc::start`], with `extra` appended to the config (a `[cluster]` section).
+    pub fn start_with(bin: &Path, upstream_ttft_ms: u64, extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -40,6 +45,7 @@ ttft_ms = {upstream_ttft_ms}
 [[routes]]
 model = "mock"
 targets = [{{ provider = "mock", model = "mock-1" }}]
+{extra}
 "#,
             data = dir.path().join("data").display(),
         );

@@ -131,12 +131,26 @@ fn on_frame(
 }
 
 pub async fn run(cfg: &Turns, server: SocketAddr) -> Vec<Row> {
+    run_on(cfg, &[server], false).await
+}
+
+/// Conversation `i` is created on node `i mod n`, which runs it; with `relay`, its turns are
+/// sent (and its frames watched) from a socket on the next node, so every frame crosses a
+/// relay (the worst case of a cluster behind a load balancer).
+pub async fn run_on(cfg: &Turns, servers: &[SocketAddr], relay: bool) -> Vec<Row> {
     let mut tasks = JoinSet::new();
     let mut senders = Vec::new();
+    let wait = Duration::from_secs(30);
     for i in 0..cfg.conversations {
-        match client::open_conversation(client::source(i, 20_000), server, Duration::from_secs(30))
-            .await
-        {
+        let owner = servers[i % servers.len()];
+        let opened = match client::open_conversation(client::source(i, 20_000), owner, wait).await {
+            Ok((ws, id)) if relay && servers.len() > 1 => {
+                let other = servers[(i + 1) % servers.len()];
+                watch_elsewhere(ws, id, client::source(i, 20_000), other, wait).await
+            }
+            other => other,
+        };
+        match opened {
             Ok((ws, id)) => {
                 let (tx, rx) = mpsc::channel(64);
                 senders.push(tx);
@@ -168,6 +182,28 @@ pub async fn run(cfg: &Turns, server: SocketAddr) -> Vec<Row> {
         all.errors += t.errors;
     }
     report(cfg, &mut all, elapsed, skipped)
+}
+
+/// Subscribes from a socket on node `other` to a conversation that `owner_ws`'s node runs (the
+/// subscribe starts its actor there), then lets the owner's socket go.
+async fn watch_elsewhere(
+    mut owner_ws: Ws,
+    id: String,
+    src: std::net::IpAddr,
+    other: SocketAddr,
+    wait: Duration,
+) -> anyhow::Result<(Ws, String)> {
+    client::send(
+        &mut owner_ws,
+        &json!({"type": "subscribe", "conversation": id}),
+    )
+    .await?;
+    client::expect(&mut owner_ws, "subscribed", wait).await?;
+    let mut ws = client::connect(src, other).await?;
+    client::send(&mut ws, &json!({"type": "subscribe", "conversation": id})).await?;
+    client::expect(&mut ws, "subscribed", wait).await?;
+    client::close(owner_ws, Duration::from_secs(5)).await;
+    Ok((ws, id))
 }
 
 fn report(cfg: &Turns, all: &mut Tally, elapsed: Duration, skipped: usize) -> Vec<Row> {
