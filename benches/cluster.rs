@@ -12,9 +12,8 @@
 //! - three nodes on one Redis, each conversation run by one node and driven from a socket on
 //!   another, so every turn crosses a relay.
 //!
-//! For the Redis set-ups it also counts the commands Redis processed per turn (its
-//! `total_commands_processed`, each a client round trip; the background ones of leases and the
-//! cache stream included). Knobs: CLUSTER_SETUPS (`sled1,redis1,redis3`), and the `turns`
+//! For the Redis set-ups it also counts the nodes' round trips to Redis per turn (their
+//! `parley_redis_calls_total`; the background ones of leases and the cache stream included). Knobs: CLUSTER_SETUPS (`sled1,redis1,redis3`), and the `turns`
 //! knobs of `benches/ws.rs` (WS_TURNS_RATE, WS_TURNS_SECONDS, WS_TURNS_CONVERSATIONS, …).
 //! Needs `redis-server` on the PATH. Bounded in time and count; all traffic on 127.0.0.x.
 
@@ -36,14 +35,20 @@ use parley::cluster::testing::TestRedis;
 pub use report::{env_or, ms, percentile, Row};
 use server::ServerProc;
 
-fn redis_commands(redis: &TestRedis) -> u64 {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
-    let info: String = redis::cmd("INFO").arg("stats").query(&mut conn).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_commands_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+/// Round trips to Redis the nodes made so far (their `parley_redis_calls_total`).
+fn redis_calls(servers: &[ServerProc]) -> u64 {
+    servers
+        .iter()
+        .map(|s| {
+            let text = reqwest::blocking::get(format!("http://{}/metrics", s.addr))
+                .and_then(reqwest::blocking::Response::text)
+                .unwrap_or_default();
+            text.lines()
+                .find_map(|l| l.strip_prefix("parley_redis_calls_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,10 +86,10 @@ fn main() -> anyhow::Result<()> {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
-            let before = redis_commands(&redis);
+            let before = redis_calls(&servers);
             let rows = rt.block_on(turns::run_on(&cfg, &addrs, nodes > 1));
-            let commands = redis_commands(&redis) - before;
-            (rows, Some(commands))
+            let calls = redis_calls(&servers) - before;
+            (rows, Some(calls))
         };
         for r in rows {
             if r.what == "sent / answered (first delta) / done / errors" {
@@ -98,7 +103,7 @@ fn main() -> anyhow::Result<()> {
                     // Setup (create, subscribe) counted in: a small share of a run's turns.
                     table.push(Row::new(
                         "turns",
-                        "Redis commands per turn (set-up included)",
+                        "Redis round trips per turn (set-up and background included)",
                         format!("{:.1}", commands as f64 / sent.max(1.0)),
                     ));
                 }

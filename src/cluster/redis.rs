@@ -82,6 +82,8 @@ struct Inner {
     epoch: Instant,
     /// Prefixed to every key parley writes.
     prefix: String,
+    /// Calls made (each one round trip), for `/metrics`.
+    calls: AtomicU64,
 }
 
 /// A handle on Redis; cheap to clone.
@@ -129,6 +131,7 @@ impl Redis {
                 last_try_ms: AtomicU64::new(0),
                 epoch: Instant::now(),
                 prefix: prefix.to_owned(),
+                calls: AtomicU64::new(0),
             }),
         })
     }
@@ -159,6 +162,11 @@ impl Redis {
         Ok(conn)
     }
 
+    /// Calls made so far (each one round trip to Redis, a script included).
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::Relaxed)
+    }
+
     /// Whether the last call reached Redis.
     pub fn is_up(&self) -> bool {
         !self.inner.down.load(Ordering::Relaxed)
@@ -174,6 +182,7 @@ impl Redis {
         f: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
         let inner = &self.inner;
+        inner.calls.fetch_add(1, Ordering::Relaxed);
         if inner.down.load(Ordering::Relaxed) {
             let now = inner.epoch.elapsed().as_millis() as u64;
             let last = inner.last_try_ms.load(Ordering::Relaxed);

@@ -118,16 +118,19 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 struct Checkpoint<'a> {
     store: &'a crate::store::Store,
     text: String,
-    written: Option<std::time::Instant>,
+    /// When the last checkpoint was written (or the reply began).
+    since: std::time::Instant,
+    written: bool,
 }
 
 impl Checkpoint<'_> {
     fn push(&mut self, conv: &ConversationId, reply_to: u64, delta: &str) {
         self.text.push_str(delta);
-        if self.written.is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY) {
+        if self.since.elapsed() < CHECKPOINT_EVERY {
             return;
         }
-        self.written = Some(std::time::Instant::now());
+        self.since = std::time::Instant::now();
+        self.written = true;
         if let Err(e) = self.store.put_partial(conv, reply_to, &self.text) {
             tracing::debug!(error = %e, "reply checkpoint not written");
         }
@@ -299,14 +302,16 @@ async fn run_steps(
         conversation: &conv,
         client_id: &cid,
         reply_to: input.user_seq,
+        // The first checkpoint after CHECKPOINT_EVERY: a short reply never writes one.
         checkpoint: deps.store.redis().map(|_| Checkpoint {
             store: &deps.store,
             text: String::new(),
-            written: None,
+            since: std::time::Instant::now(),
+            written: false,
         }),
     };
     let out = generation::run(deps, request, &mut sink, cancel).await;
-    let checkpointed = sink.checkpoint.is_some_and(|c| c.written.is_some());
+    let checkpointed = sink.checkpoint.is_some_and(|c| c.written);
     let reply_seq = input.user_seq + 1;
     let reply = MessageRecord {
         flags: out.flags.clone(),

@@ -165,6 +165,8 @@ impl Batch {
 pub enum Expect {
     Exists,
     Absent,
+    /// The value is exactly this.
+    Equals(Vec<u8>),
 }
 
 /// An all-or-nothing set of writes over Redis trees, guarded by checks (Redis only: sled has
@@ -217,11 +219,12 @@ impl<'a> Txn<'a> {
         }
         inv.arg(self.checks.len());
         for (t, expect, key) in &self.checks {
-            let kind = match expect {
-                Expect::Exists => "e",
-                Expect::Absent => "a",
+            let (kind, value) = match expect {
+                Expect::Exists => ("e", &[][..]),
+                Expect::Absent => ("a", &[][..]),
+                Expect::Equals(v) => ("=", v.as_slice()),
             };
-            inv.arg(t).arg(kind).arg(key.as_slice()).arg("");
+            inv.arg(t).arg(kind).arg(key.as_slice()).arg(value);
         }
         for (t, key, value) in &self.writes {
             match value {

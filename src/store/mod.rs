@@ -423,6 +423,35 @@ impl Store {
         let value = encode(msg)?;
         let mut raw = self.header_for(id, msg.seq)?;
         let key = message_key(id, msg.seq);
+        if let (Tree::Redis(conversations), Tree::Redis(messages), Tree::Redis(client_ids)) =
+            (&self.conversations, &self.messages, &self.client_ids)
+        {
+            // One script: the three writes happen together, and only if the header is still
+            // the one read (two round trips an append, not four; no prefix to repair).
+            loop {
+                let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
+                header.last_seq = msg.seq;
+                header.history_tokens += msg.history_cost();
+                let mut txn = kv::Txn::default()
+                    .require(
+                        conversations,
+                        id.as_bytes(),
+                        kv::Expect::Equals(raw.to_vec()),
+                    )
+                    .insert(messages, &key, &value);
+                if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
+                    txn = txn.insert(client_ids, &client_key(id, cid), &msg.seq.to_be_bytes());
+                }
+                if txn
+                    .insert(conversations, id.as_bytes(), &encode(&header)?)
+                    .commit()?
+                {
+                    return Ok(());
+                }
+                // Changed meanwhile (its tools updated, or it was deleted): read it again.
+                raw = self.header_for(id, msg.seq)?;
+            }
+        }
         self.messages.insert(key.as_slice(), value)?;
         if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
             self.client_ids

@@ -36,7 +36,19 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .metrics
         .live_conversations
         .set(i64::try_from(state.registry.live()).unwrap_or(i64::MAX));
+    let mut text = state.metrics.render();
+    if let Some(cluster) = state.cluster() {
+        let redis = cluster.redis();
+        text.push_str(&format!(
+            "# HELP parley_redis_calls_total Calls to Redis (each one round trip; a script is one).\n\
+             # TYPE parley_redis_calls_total counter\nparley_redis_calls_total {}\n\
+             # HELP parley_redis_up Whether the last call to Redis succeeded.\n\
+             # TYPE parley_redis_up gauge\nparley_redis_up {}\n",
+            redis.calls(),
+            u8::from(redis.is_up())
+        ));
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render())
+        .body(text)
 }
