@@ -93,23 +93,26 @@ fn cluster_of(
     let redis = store.redis().ok_or_else(|| {
         AppError::Refused("cluster mode needs the store on Redis (app::open_store)".into())
     })?;
-    let advertise = match &c.advertise {
-        Some(a) => a.clone(),
-        None if addr.ip().is_unspecified() => {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty());
+    let advertise = match (&c.advertise, &host) {
+        (Some(a), _) => a.clone(),
+        // On a wildcard address the host name is what the other nodes can reach (a container's
+        // name in a compose network, a pod's in Kubernetes).
+        (None, Some(host)) if addr.ip().is_unspecified() => format!("{host}:{}", addr.port()),
+        (None, None) if addr.ip().is_unspecified() => {
             return Err(AppError::Refused(format!(
                 "cluster.advertise: required when listening on {addr} (the address other nodes reach this one at)"
             )))
         }
-        None => addr.to_string(),
+        (None, _) => addr.to_string(),
     };
-    let node = c.node_id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "parley".into());
-        format!("{host}:{}", addr.port())
-    });
+    let node = c
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("{}:{}", host.as_deref().unwrap_or("parley"), addr.port()));
     Ok(Some(Cluster::new(
         redis.clone(),
         node,

@@ -218,7 +218,8 @@ pub struct ClusterConfig {
     #[serde(default = "default_lease_ms")]
     pub lease_ms: u64,
     /// The `host:port` other nodes reach this one at (they relay a conversation's traffic to
-    /// the node that runs it); default: the listening address.
+    /// the node that runs it); default: the listening address, or on a wildcard address
+    /// (`0.0.0.0`) the host name and the port.
     pub advertise: Option<String>,
 }
 

@@ -238,6 +238,9 @@ impl ProviderActor {
         env: impl Fn(&str) -> Option<String>,
         redis: Option<Redis>,
     ) -> Self {
+        // A provider with no rpm or tpm has nothing to count across nodes: no round trip to
+        // Redis per request (its 429 holds stay per node).
+        let redis = redis.filter(|_| cfg.rpm > 0 || cfg.tpm > 0);
         let now = Instant::now();
         let mut keys: Vec<Option<SecretString>> = cfg
             .key_envs()
