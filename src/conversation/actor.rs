@@ -89,6 +89,8 @@ pub struct ConversationActor {
     recent: Option<Arc<Recent>>,
     last_active: Instant,
     stopping: bool,
+    /// A turn's store call failed: before the next turn, its message must have a reply.
+    repair: bool,
     /// The actor's own address while it means to live: the registry holds it only weakly, and
     /// the supervisor restarts a stopped actor (after a panic) only while an address is held.
     /// Dropped when it stops on purpose (idle, deleted, shut down).
@@ -108,6 +110,7 @@ impl ConversationActor {
             recent: None,
             last_active: Instant::now(),
             stopping: false,
+            repair: false,
             keep_alive: None,
         }
     }
@@ -124,6 +127,22 @@ impl ConversationActor {
         let Some(q) = self.queue.pop_front() else {
             return;
         };
+        // The last turn could not store its reply (storage unavailable: Redis away): the next
+        // message is stored only once that reply is, so history keeps alternating.
+        if self.repair {
+            self.reload();
+            if self.answered() {
+                self.repair = false;
+                self.reload();
+            } else {
+                let err = ApiError::new(
+                    ErrorCode::UpstreamUnavailable,
+                    "storage is unavailable; try again shortly",
+                );
+                self.refuse_queued(&q.client_id, &err);
+                return self.start_next(ctx);
+            }
+        }
         // A user message queued behind a reply that turned out to call tools cannot be sent
         // before the calls have their results.
         if q.message.role == Role::User {
@@ -279,9 +298,11 @@ impl ConversationActor {
             self.record.history_tokens += m.history_cost();
         }
         if end.unsure {
-            // A failed store call may have left things this actor cannot know: read again.
+            // A failed store call may have left things this actor cannot know: read again,
+            // and before the next turn make sure its message got a reply.
             self.reload();
             self.recent = None;
+            self.repair = true;
             return;
         }
         if let Some(recent) = self.recent.as_mut() {
@@ -351,9 +372,17 @@ impl ConversationActor {
     /// nothing will run it again; it gets an `interrupted` one now, so every acked message is
     /// answered exactly once (and a resent client id hears how it ended).
     fn answer_interrupted(&mut self) {
+        self.answered();
+    }
+
+    /// [`ConversationActor::answer_interrupted`], answering whether the history now ends
+    /// answered (false: the store could not be read or written).
+    fn answered(&mut self) -> bool {
         let store = &self.deps.store;
-        let Some(Ok(last)) = store.messages_newest_first(&self.record.id).next() else {
-            return;
+        let last = match store.messages_newest_first(&self.record.id).next() {
+            None => return true,
+            Some(Ok(last)) => last,
+            Some(Err(_)) => return false,
         };
         let unanswered = match last.role {
             Role::User => true,
@@ -375,7 +404,10 @@ impl ConversationActor {
                 _ => String::new(),
             };
             self.store_missing_reply(last.seq, &err, FinishReason::Interrupted, partial);
+            let store = &self.deps.store;
+            return matches!(store.message(&self.record.id, last.seq + 1), Ok(Some(_)));
         }
+        true
     }
 
     /// Stores the reply of message `seq` that has none (its turn died with its task or its

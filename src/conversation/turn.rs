@@ -202,6 +202,24 @@ async fn store_message(
     }
 }
 
+/// A turn that failed after its message was acked, before it had a reply: stores the error
+/// as the reply (history keeps alternating, and a resent client id hears how it ended).
+/// Answers the conversation's `last_seq`; if even that store fails, `end` says so and the
+/// actor repairs it before the next turn.
+async fn answer_failed(
+    deps: &Deps,
+    conv: &ConversationId,
+    user_seq: u64,
+    err: &ApiError,
+    end: &mut TurnEnd,
+) -> u64 {
+    let reply = failed_reply(user_seq, err, FinishReason::Error);
+    match store_message(deps, conv, reply, end).await {
+        Ok(()) => user_seq + 1,
+        Err(_) => user_seq,
+    }
+}
+
 async fn run_steps(
     deps: &Deps,
     fanout: &Fanout,
@@ -265,8 +283,9 @@ async fn run_steps(
             Ok(open) if !open.is_empty() => return input.user_seq,
             Ok(_) => {}
             Err(e) => {
-                fail(e.into(), Some(input.user_seq));
-                return input.user_seq;
+                let err = ApiError::from(e);
+                fail(err.clone(), Some(input.user_seq));
+                return answer_failed(deps, &conv, input.user_seq, &err, end).await;
             }
         }
     }
@@ -275,8 +294,8 @@ async fn run_steps(
     let built = match build_request(deps, input).await {
         Ok(r) => r,
         Err(e) => {
-            fail(e, Some(input.user_seq));
-            return input.user_seq;
+            fail(e.clone(), Some(input.user_seq));
+            return answer_failed(deps, &conv, input.user_seq, &e, end).await;
         }
     };
     let request = Request {

@@ -290,10 +290,21 @@ async fn a_dead_owner_is_taken_over_and_its_streaming_turn_interrupted() {
     assert_eq!(stored[1]["finish_reason"], "interrupted");
     let partial = stored[1]["content"].as_str().unwrap();
     assert!(!partial.is_empty(), "the checkpointed text was not stored");
+    // The mock's reply is known: the stored part is its beginning, and the watchers (who
+    // joined mid-reply) saw a stretch of it.
+    let full = crate::common::mock_reply(0, &[("user", "tell me a long story please")]);
+    assert!(
+        full.starts_with(partial),
+        "stored {partial:?} does not begin {full:?}"
+    );
+    assert!(
+        partial.len() < full.len(),
+        "the whole reply was stored as interrupted"
+    );
     for s in &seen {
         assert!(
-            s.starts_with(partial),
-            "stored {partial:?} is not a prefix of {s:?}"
+            full.contains(s.as_str()),
+            "watched {s:?} is not part of {full:?}"
         );
     }
     assert_eq!(stored[2]["client_id"], "next");
@@ -599,5 +610,151 @@ async fn a_response_continued_on_another_node_runs_where_its_conversation_does()
         .map(str::to_owned);
     if let Some(conv) = conv {
         assert_eq!(c.nodes[1].messages(&conv).await.len(), 6);
+    }
+}
+
+/// What one driver of `redis_stopped_and_restarted_under_traffic` saw.
+#[derive(Default)]
+struct Seen {
+    /// client id → acked seq.
+    acked: Vec<(String, u64)>,
+    /// reply seq → its deltas.
+    replies: Vec<(u64, String)>,
+    codes: Vec<String>,
+    done_after_restart: usize,
+}
+
+/// Sends turn after turn until `stop`; a message refused before its ack is sent again (same
+/// client id), as the protocol asks of a client.
+async fn drive(
+    url: String,
+    conv: String,
+    seen: std::sync::Arc<parking_lot::Mutex<Seen>>,
+    restarted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut ws = Ws::try_connect_url(&url).await.unwrap();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let cid = format!("t{n}");
+        ws.send(json!({"type": "user_message", "conversation": conv, "client_id": cid, "content": format!("turn {n}")}))
+            .await;
+        let mut acked = None;
+        let mut text = String::new();
+        loop {
+            let f = ws.recv().await;
+            match f["type"].as_str() {
+                Some("ack") if f["client_id"] == cid.as_str() => {
+                    let seq = f["seq"].as_u64().unwrap();
+                    acked = Some(seq);
+                    seen.lock().acked.push((cid.clone(), seq));
+                }
+                Some("delta") => text.push_str(f["text"].as_str().unwrap_or("")),
+                Some("done") => {
+                    let mut s = seen.lock();
+                    s.replies.push((f["seq"].as_u64().unwrap(), text.clone()));
+                    if restarted.load(Ordering::Relaxed) {
+                        s.done_after_restart += 1;
+                    }
+                    n += 1;
+                    break;
+                }
+                Some("error") => {
+                    seen.lock()
+                        .codes
+                        .push(f["code"].as_str().unwrap_or("").to_owned());
+                    if acked.is_some() {
+                        // The reply could not be stored: the turn ended; go on.
+                        n += 1;
+                    } else {
+                        // Not stored: sent again shortly, same client id.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_stopped_and_restarted_under_traffic_loses_nothing_acked() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut c = Cluster::start(1, &up, &[]);
+    let restarted = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut drivers = Vec::new();
+    let mut seen = Vec::new();
+    let mut convs = Vec::new();
+    for _ in 0..3 {
+        let conv = create(&c.nodes[0]).await;
+        let s = Arc::new(parking_lot::Mutex::new(Seen::default()));
+        drivers.push(tokio::spawn(drive(
+            c.ws_url(0),
+            conv.clone(),
+            s.clone(),
+            restarted.clone(),
+            stop.clone(),
+        )));
+        seen.push(s);
+        convs.push(conv);
+    }
+    let all = |f: &dyn Fn(&Seen) -> bool| seen.iter().all(|s| f(&s.lock()));
+    assert!(
+        crate::common::wait_until(Duration::from_secs(10), || all(&|s| s.replies.len() >= 3)).await
+    );
+    c.redis.stop();
+    // Every driver hears that storage is away.
+    assert!(
+        crate::common::wait_until(Duration::from_secs(10), || all(&|s| s
+            .codes
+            .iter()
+            .any(|c| c == "upstream_unavailable")))
+        .await,
+        "no upstream_unavailable while Redis was down"
+    );
+    c.redis.restart().unwrap();
+    restarted.store(true, Ordering::Relaxed);
+    assert!(
+        crate::common::wait_until(Duration::from_secs(15), || all(
+            &|s| s.done_after_restart >= 3
+        ))
+        .await,
+        "service did not resume after Redis came back"
+    );
+    stop.store(true, Ordering::Relaxed);
+    for d in drivers {
+        d.await.unwrap();
+    }
+    for (conv, s) in convs.iter().zip(&seen) {
+        let s = s.lock();
+        for code in &s.codes {
+            assert!(
+                code == "upstream_unavailable" || code == "upstream_interrupted",
+                "unexpected error {code}"
+            );
+        }
+        let stored = c.nodes[0].messages(conv).await;
+        // Every acked message is there under its seq and client id, and history alternates.
+        for (cid, seq) in &s.acked {
+            let m = stored
+                .iter()
+                .find(|m| m["seq"] == *seq)
+                .unwrap_or_else(|| panic!("acked {cid} lost"));
+            assert_eq!(m["client_id"], cid.as_str());
+        }
+        for (i, m) in stored.iter().enumerate() {
+            let want = if i % 2 == 0 { "user" } else { "assistant" };
+            assert_eq!(m["role"], want, "{conv}: {stored:?}");
+        }
+        // Every reply announced done is stored as its deltas spelled it.
+        for (seq, text) in &s.replies {
+            let m = stored.iter().find(|m| m["seq"] == *seq).unwrap();
+            assert_eq!(m["content"], text.as_str());
+        }
     }
 }
