@@ -731,6 +731,7 @@ async fn redis_stopped_and_restarted_under_traffic_loses_nothing_acked() {
         d.await.unwrap();
     }
     for (conv, s) in convs.iter().zip(&seen) {
+        let stored = c.nodes[0].messages(conv).await;
         let s = s.lock();
         for code in &s.codes {
             assert!(
@@ -738,7 +739,6 @@ async fn redis_stopped_and_restarted_under_traffic_loses_nothing_acked() {
                 "unexpected error {code}"
             );
         }
-        let stored = c.nodes[0].messages(conv).await;
         // Every acked message is there under its seq and client id, and history alternates.
         for (cid, seq) in &s.acked {
             let m = stored
