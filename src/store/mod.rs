@@ -144,7 +144,15 @@ pub struct Store {
     /// mode: what a node that takes over a dead node's conversation stores as interrupted).
     partials: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
+    /// Redis only: the header this node last wrote per conversation. Only a conversation's
+    /// owner appends to it, so the next append can skip reading the header back; the append
+    /// script checks it is still the stored one, so a stale entry costs a retry, never a
+    /// wrong write.
+    headers: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<ConversationId, Vec<u8>>>>,
 }
+
+/// Headers remembered at most (then forgotten all at once).
+const HEADERS_KEPT: usize = 16_384;
 
 impl Store {
     /// Opens (or creates) the store in `dir`.
@@ -216,6 +224,7 @@ impl Store {
             tenant_conversations: open("tenant_conversations")?,
             partials: open("partials")?,
             commit: commit::GroupCommit::new(),
+            headers: Default::default(),
             db,
         })
     }
@@ -309,6 +318,7 @@ impl Store {
                 .get(id.as_bytes())?
                 .ok_or_else(|| StoreError::NoConversation(id.clone()))?;
             let mut rec: ConversationRecord = decode("conversations", id.as_str(), &old)?;
+            self.headers.lock().remove(id);
             change(&mut rec);
             let new = encode(&rec)?;
             // A concurrent append changed the header: read it again and re-apply.
@@ -358,6 +368,7 @@ impl Store {
     /// On a storage failure.
     /// Answers the ids of the cache entries made from it (removed with it).
     pub async fn delete_conversation(&self, id: &ConversationId) -> Result<Vec<u64>, StoreError> {
+        self.headers.lock().remove(id);
         // The header goes first, so a turn still finishing cannot append to a half-deleted
         // conversation (its transaction finds no header).
         if let Some(old) = self.conversations.remove(id.as_bytes())? {
@@ -421,13 +432,21 @@ impl Store {
         msg: &MessageRecord,
     ) -> Result<(), StoreError> {
         let value = encode(msg)?;
-        let mut raw = self.header_for(id, msg.seq)?;
         let key = message_key(id, msg.seq);
         if let (Tree::Redis(conversations), Tree::Redis(messages), Tree::Redis(client_ids)) =
             (&self.conversations, &self.messages, &self.client_ids)
         {
             // One script: the three writes happen together, and only if the header is still
-            // the one read (two round trips an append, not four; no prefix to repair).
+            // the one read, or the one this node wrote last (one round trip an append when this
+            // node appended before; no prefix to repair).
+            let kept = self.headers.lock().remove(id).filter(|kept| {
+                decode::<ConversationRecord>("conversations", id.as_str(), kept)
+                    .is_ok_and(|h| h.last_seq + 1 == msg.seq)
+            });
+            let mut raw = match kept {
+                Some(kept) => sled::IVec::from(kept),
+                None => self.header_for(id, msg.seq)?,
+            };
             loop {
                 let mut header: ConversationRecord = decode("conversations", id.as_str(), &raw)?;
                 header.last_seq = msg.seq;
@@ -442,16 +461,21 @@ impl Store {
                 if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
                     txn = txn.insert(client_ids, &client_key(id, cid), &msg.seq.to_be_bytes());
                 }
-                if txn
-                    .insert(conversations, id.as_bytes(), &encode(&header)?)
-                    .commit()?
-                {
+                let new = encode(&header)?;
+                if txn.insert(conversations, id.as_bytes(), &new).commit()? {
+                    let mut headers = self.headers.lock();
+                    if headers.len() >= HEADERS_KEPT {
+                        headers.clear();
+                    }
+                    headers.insert(id.clone(), new);
                     return Ok(());
                 }
-                // Changed meanwhile (its tools updated, or it was deleted): read it again.
+                // Changed meanwhile (its tools updated, it was deleted, another node appended):
+                // read it again.
                 raw = self.header_for(id, msg.seq)?;
             }
         }
+        let mut raw = self.header_for(id, msg.seq)?;
         self.messages.insert(key.as_slice(), value)?;
         if let (Role::User | Role::Tool, Some(cid)) = (msg.role, &msg.client_id) {
             self.client_ids

@@ -347,3 +347,34 @@ fn redis_scans_run_both_ways_across_pages() {
     ); // ok: test code
     assert_eq!(tree.remove(b"b").unwrap().as_deref(), Some(&b"new"[..])); // ok: test code
 }
+
+#[tokio::test]
+async fn redis_appends_from_two_nodes_never_overwrite_each_other() {
+    let redis = TestRedis::start().unwrap(); // ok: test code
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()); // ok: test code
+    let conn = Redis::connect(&redis.url(), "parley:", Timeouts::default()).unwrap(); // ok: test code
+    let a = Store::open_redis(&conn, da.path()).unwrap(); // ok: test code
+    let b = Store::open_redis(&conn, db.path()).unwrap(); // ok: test code
+    let c = conv("t");
+    a.create_conversation(&c).await.unwrap(); // ok: test code
+    append(&a, &c, &msg(1, Role::User, Some("a1"))).await;
+    // Node b appends 2 (a lease moved); node a, remembering the header it wrote, is refused.
+    let mut m2 = msg(2, Role::Assistant, None);
+    m2.content = "from b".into();
+    append(&b, &c, &m2).await;
+    let err = a
+        .append_message(&c.id, &msg(2, Role::Assistant, None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::SeqConflict { expected: 3, .. }),
+        "{err}"
+    );
+    // And goes on from what is stored.
+    append(&a, &c, &msg(3, Role::User, Some("a3"))).await;
+    let stored = a.messages_after(&c.id, 0, 10).unwrap(); // ok: test code
+    let seqs: Vec<u64> = stored.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    assert_eq!(stored[1].content, "from b");
+    assert_eq!(b.conversation(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
+}
