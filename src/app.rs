@@ -288,7 +288,19 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         sockets: SocketHub::default(),
         governor,
         retries: Default::default(),
+        jobs: crate::jobs::Jobs::default(),
     });
+    // Jobs a node was running when it stopped are queued again by that node: in cluster mode
+    // its id, on one node always the same.
+    let job_node = cluster
+        .as_ref()
+        .map_or_else(|| "local".to_owned(), |c| c.node().to_owned());
+    state.jobs.start(
+        state.clone(),
+        job_node,
+        config.jobs.workers,
+        state.registry.deps().shutdown.clone(),
+    );
 
     if let Some(cluster) = &cluster {
         let stop = state.registry.deps().shutdown.clone();

@@ -33,6 +33,7 @@ pub mod error;
 pub mod generation;
 pub mod guard;
 pub mod ids;
+pub mod jobs;
 pub mod limits;
 pub mod metrics;
 pub mod mock_upstream;

@@ -43,6 +43,7 @@ struct FileConfig {
     server: Option<ServerConfig>,
     storage: Option<StorageConfig>,
     cluster: Option<ClusterConfig>,
+    jobs: Option<JobsConfig>,
     retry: Option<RetryConfig>,
     prices: Option<std::collections::HashMap<String, crate::domain::Price>>,
     providers: Option<Vec<ProviderConfig>>,
@@ -66,6 +67,7 @@ impl FileConfig {
             server: self.server.unwrap_or(defaults.server),
             storage: self.storage.unwrap_or(defaults.storage),
             cluster: self.cluster.or(defaults.cluster),
+            jobs: self.jobs.unwrap_or(defaults.jobs),
             retry: self.retry.unwrap_or(defaults.retry),
             prices: self.prices.unwrap_or(defaults.prices),
             providers,
@@ -85,6 +87,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[cluster]`: several nodes sharing one Redis (PROTOCOL §9); absent on a single node.
     pub cluster: Option<ClusterConfig>,
+    /// `[jobs]`: async jobs (PROTOCOL §10).
+    pub jobs: JobsConfig,
     pub retry: RetryConfig,
     /// Prices per upstream model, per million tokens (`[prices."gpt-4o-mini"]`).
     pub prices: std::collections::HashMap<String, crate::domain::Price>,
@@ -201,6 +205,20 @@ pub struct StorageConfig {
     /// Days a raw usage record is kept (in daily files, removed whole); reports read
     /// per-minute roll-ups, which stay. 0 keeps no raw records at all.
     pub usage_retention_days: u32,
+}
+
+/// `[jobs]`: the workers that run async jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs run at once by this node (a backlog never takes more from interactive traffic).
+    pub workers: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self { workers: 2 }
+    }
 }
 
 /// `[cluster]`: where the shared Redis is, and who this node is.
@@ -339,6 +357,7 @@ impl Config {
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
             cluster: None,
+            jobs: JobsConfig::default(),
             retry: RetryConfig::default(),
             prices: std::collections::HashMap::new(),
             providers,

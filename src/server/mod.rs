@@ -32,6 +32,8 @@ pub struct AppState {
     pub governor: Arc<crate::tenant::Governor>,
     /// Recent Responses API requests, for the SDKs' retries.
     pub retries: http::responses::Retries,
+    /// Async jobs: wakes the workers, cancels running jobs.
+    pub jobs: crate::jobs::Jobs,
 }
 
 impl AppState {

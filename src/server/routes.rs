@@ -4,7 +4,7 @@
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use super::http::{admin, conversations, health, openai, responses, usage};
+use super::http::{admin, conversations, health, jobs, openai, responses, usage};
 use super::ws;
 use crate::error::{ApiError, ErrorCode};
 
@@ -30,6 +30,16 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
             .route(web::delete().to(responses::delete)),
     )
     .service(at("/v1/responses/{id}/input_items").route(web::get().to(responses::input_items)))
+    .service(
+        at("/v1/jobs")
+            .route(web::post().to(jobs::create))
+            .route(web::get().to(jobs::list)),
+    )
+    .service(
+        at("/v1/jobs/{id}")
+            .route(web::get().to(jobs::get))
+            .route(web::delete().to(jobs::cancel)),
+    )
     .service(at("/v1/conversations").route(web::post().to(conversations::create)))
     .service(
         at("/v1/conversations/{id}")

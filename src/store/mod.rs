@@ -22,6 +22,7 @@
 
 mod cache;
 mod commit;
+mod jobs;
 pub mod kv;
 mod prompts;
 mod records;
@@ -37,6 +38,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use kv::{Batch, Tree};
 
 pub use cache::{CacheHead, CacheRecord, StoredEntry};
+pub use jobs::{JobError, JobRecord, JobRequest, JobStatus};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
@@ -143,6 +145,9 @@ pub struct Store {
     /// Conversation id → the reply streaming now, as far as it was checkpointed (cluster
     /// mode: what a node that takes over a dead node's conversation stores as interrupted).
     partials: Tree,
+    jobs: Tree,
+    jobs_queue: Tree,
+    jobs_by_tenant: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
     /// Redis only: the header this node last wrote per conversation. Only a conversation's
     /// owner appends to it, so the next append can skip reading the header back; the append
@@ -223,6 +228,9 @@ impl Store {
             responses_by_conversation: open("responses_by_conversation")?,
             tenant_conversations: open("tenant_conversations")?,
             partials: open("partials")?,
+            jobs: open("jobs")?,
+            jobs_queue: open("jobs_queue")?,
+            jobs_by_tenant: open("jobs_by_tenant")?,
             commit: commit::GroupCommit::new(),
             headers: Default::default(),
             db,
@@ -750,6 +758,17 @@ impl Store {
             .get(hash.as_bytes())?
             .map(|v| decode("keys", "<hash>", &v))
             .transpose()
+    }
+
+    /// The key with id `id`, if it exists (not revoked).
+    ///
+    /// # Errors
+    /// On a storage failure or a corrupt record.
+    pub fn key_by_id(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let Some(hash) = self.key_ids.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        self.key_by_hash(&String::from_utf8_lossy(&hash))
     }
 
     /// Every key, without secrets (none are stored).

@@ -14,6 +14,7 @@ mod fuzz;
 mod governance;
 mod guards;
 mod http;
+mod jobs;
 mod lifecycle;
 mod openai;
 mod providers;

@@ -2,6 +2,7 @@
 //! SSE), cancel, delete. A posted turn goes through the same actor as WebSocket turns, so every
 //! subscribed socket sees it too.
 
+use crate::tenant::Principal;
 use actix_web::{web, HttpResponse};
 use futures_util::stream;
 use serde::Deserialize;
@@ -186,8 +187,38 @@ pub async fn post_message(
     id: web::Path<String>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = parse_id(&id)?;
-    let body: PostBody = object(body.into_inner())?;
+    post(&state, p, &id, body.into_inner()).await
+}
+
+/// A conversation turn answered whole (`stream` is ignored), as an async job runs it: the
+/// REST answer's JSON.
+///
+/// # Errors
+/// As `POST /v1/conversations/{id}/messages`.
+pub async fn turn(
+    state: &AppState,
+    p: Principal,
+    id: &str,
+    mut body: serde_json::Value,
+) -> Result<serde_json::Value, ApiError> {
+    if let Some(obj) = body.as_object_mut() {
+        obj.remove("stream");
+    }
+    let res = post(state, p, id, body).await?;
+    let bytes = actix_web::body::to_bytes(res.into_body())
+        .await
+        .map_err(|_| ApiError::internal())?;
+    serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())
+}
+
+async fn post(
+    state: &AppState,
+    p: Principal,
+    id: &str,
+    body: serde_json::Value,
+) -> Result<HttpResponse, ApiError> {
+    let id = parse_id(id)?;
+    let body: PostBody = object(body)?;
     let live = state.registry.get(&id, &p.tenant)?;
     p.check_model(body.options.model.as_deref().unwrap_or(&live.model))?;
     let message = match body.role.as_deref() {
@@ -238,7 +269,7 @@ pub async fn post_message(
     if body.stream {
         Ok(sse::response(turn_events(rx)))
     } else {
-        wait_reply(&state, &id, rx).await
+        wait_reply(state, &id, rx).await
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod conversations;
 pub mod health;
+pub mod jobs;
 pub mod openai;
 pub mod responses;
 pub mod stateless;

@@ -4,6 +4,7 @@
 //! terms, prepared (guard, redact, count, admit, cache scope) and handed to the generation core;
 //! this file only translates its events and outcome back into the wire format.
 
+use crate::tenant::Principal;
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
@@ -39,7 +40,31 @@ pub async fn chat_completions(
     state: web::Data<AppState>,
     body: web::Json<ChatCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut body = body.into_inner();
+    answer(&state, p, body.into_inner()).await
+}
+
+/// A chat completion answered whole (`stream` is ignored), as an async job runs it.
+///
+/// # Errors
+/// As `POST /v1/chat/completions`.
+pub async fn completion(
+    state: &AppState,
+    p: Principal,
+    mut body: ChatCompletionRequest,
+) -> Result<serde_json::Value, ApiError> {
+    body.stream = false;
+    let res = answer(state, p, body).await?;
+    let bytes = actix_web::body::to_bytes(res.into_body())
+        .await
+        .map_err(|_| ApiError::internal())?;
+    serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())
+}
+
+async fn answer(
+    state: &AppState,
+    p: Principal,
+    mut body: ChatCompletionRequest,
+) -> Result<HttpResponse, ApiError> {
     let decoded = body.decode().map_err(ApiError::bad_request)?;
     let chat = ChatRequest {
         model: String::new(),

@@ -1,0 +1,218 @@
+//! `POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs?status=`, `DELETE /v1/jobs/{id}`
+//! (PROTOCOL §10): see `crate::jobs`.
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+
+use crate::error::ApiError;
+use crate::ids::unix_now;
+use crate::server::auth::Client;
+use crate::server::AppState;
+use crate::store::{JobRecord, JobRequest, JobStatus};
+use crate::wire::openai::ChatCompletionRequest;
+
+/// Jobs listed at most.
+const LIST_LIMIT: usize = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    request: Option<serde_json::Value>,
+    conversation: Option<String>,
+    content: Option<serde_json::Value>,
+    client_id: Option<String>,
+    webhook: Option<serde_json::Value>,
+    metadata: Option<serde_json::Value>,
+}
+
+/// The job as clients see it.
+pub fn job_json(rec: &JobRecord) -> serde_json::Value {
+    let (kind, request) = match &rec.request {
+        JobRequest::Chat { body } => ("chat.completion", serde_json::json!({"request": body})),
+        JobRequest::Turn {
+            conversation,
+            content,
+            client_id,
+        } => (
+            "conversation.turn",
+            serde_json::json!({"conversation": conversation, "content": content, "client_id": client_id}),
+        ),
+    };
+    let mut v = serde_json::json!({
+        "id": rec.id,
+        "object": "job",
+        "kind": kind,
+        "status": rec.status,
+        "created_at": rec.created_at,
+        "started_at": rec.started_at,
+        "finished_at": rec.finished_at,
+        "metadata": rec.metadata,
+        "result": rec.result,
+        "error": rec.error,
+        "attempts": rec.attempts,
+        "deliveries": [],
+    });
+    if let (Some(obj), Some(req)) = (v.as_object_mut(), request.as_object()) {
+        obj.extend(req.clone());
+    }
+    v
+}
+
+pub async fn create(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    body: web::Json<NewJob>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    if body.webhook.is_some() {
+        // Accepted and never delivered would be a promise dropped: refused until deliveries
+        // are built.
+        return Err(ApiError::bad_request(
+            "webhook: deliveries are not available yet; poll GET /v1/jobs/{id}",
+        ));
+    }
+    if body.metadata.as_ref().is_some_and(|m| !m.is_object()) {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    let request = match (body.request, body.conversation) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give request (a chat completion) or conversation (a turn), not both",
+            ))
+        }
+        (Some(req), None) => {
+            // Checked now, so a malformed body is refused here, not failed later.
+            let parsed: ChatCompletionRequest = serde_json::from_value(req.clone())
+                .map_err(|e| ApiError::bad_request(format!("request: {e}")))?;
+            p.check_model(&parsed.model)?;
+            if parsed.stream {
+                return Err(ApiError::bad_request(
+                    "request.stream: a job's answer is stored whole; leave stream unset",
+                ));
+            }
+            JobRequest::Chat { body: req }
+        }
+        (None, Some(conversation)) => {
+            let id = crate::ids::ConversationId::parse(&conversation)
+                .ok_or_else(|| ApiError::not_found("conversation"))?;
+            state.store().owned_conversation(&id, &p.tenant)?;
+            let content = body
+                .content
+                .ok_or_else(|| ApiError::bad_request("content: required with conversation"))?;
+            let client_id = body
+                .client_id
+                .ok_or_else(|| ApiError::bad_request("client_id: required with conversation"))?;
+            crate::ids::check_client_id(&client_id).map_err(ApiError::bad_request)?;
+            JobRequest::Turn {
+                conversation,
+                content,
+                client_id,
+            }
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "request (a chat completion) or conversation (a turn) is required",
+            ))
+        }
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let rec = JobRecord {
+        id: format!("job_{}", uuid::Uuid::new_v4().simple()),
+        tenant: p.tenant.clone(),
+        key_id: p.key_id.clone(),
+        status: JobStatus::Queued,
+        created_at: unix_now(),
+        created_ms: now_ms,
+        started_at: None,
+        finished_at: None,
+        request,
+        metadata: body.metadata.unwrap_or_else(|| serde_json::json!({})),
+        result: None,
+        error: None,
+        attempts: 0,
+        claimed_by: None,
+        cancel_requested: false,
+    };
+    // Durable before the 202.
+    state.store().put_job(&rec).await?;
+    state.jobs.wake();
+    Ok(HttpResponse::Accepted().json(job_json(&rec)))
+}
+
+fn owned(
+    state: &AppState,
+    p: &crate::tenant::Principal,
+    id: &str,
+) -> Result<(JobRecord, Vec<u8>), ApiError> {
+    match state.store().job_raw(id)? {
+        Some((rec, raw)) if rec.tenant == p.tenant => Ok((rec, raw)),
+        _ => Err(ApiError::not_found("job")),
+    }
+}
+
+pub async fn get(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let (rec, _) = owned(&state, &p, &id)?;
+    Ok(HttpResponse::Ok().json(job_json(&rec)))
+}
+
+#[derive(Deserialize)]
+pub struct ListQuery {
+    status: Option<String>,
+}
+
+pub async fn list(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let wanted = match q.status.as_deref() {
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status: {s:?} is not queued, running, succeeded, failed or cancelled"
+            ))
+        })?),
+        None => None,
+    };
+    let data: Vec<_> = state
+        .store()
+        .tenant_jobs(&p.tenant, LIST_LIMIT)?
+        .iter()
+        .filter(|j| wanted.is_none_or(|w| j.status == w))
+        .map(job_json)
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({"object": "list", "data": data})))
+}
+
+pub async fn cancel(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    loop {
+        let (rec, raw) = owned(&state, &p, &id)?;
+        if rec.status.finished() {
+            return Err(ApiError::bad_request(format!(
+                "the job has already ended ({})",
+                serde_json::to_value(rec.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        let mut next = rec.clone();
+        next.cancel_requested = true;
+        if next.status == JobStatus::Queued {
+            next.status = JobStatus::Cancelled;
+            next.finished_at = Some(unix_now());
+        }
+        if state.store().swap_job(&raw, &next).await? {
+            // Running here: stopped now; running on another node: ends cancelled there.
+            state.jobs.cancel(&next.id);
+            return Ok(HttpResponse::Ok().json(job_json(&next)));
+        }
+    }
+}

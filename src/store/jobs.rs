@@ -1,0 +1,205 @@
+//! Async jobs (PROTOCOL §10): `jobs` (job id → [`JobRecord`]), `jobs_queue` (created ms BE ‖ job
+//! id → nothing: the queued jobs, oldest first) and `jobs_by_tenant` (tenant ‖ 0 ‖ created ms BE
+//! ‖ job id → nothing, for listing). A job changes state by compare-and-swap of its record, so
+//! one worker claims it (on any node sharing the store) and its end is written once.
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, Store, StoreError};
+use crate::error::ErrorCode;
+use crate::ids::TenantId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+    }
+}
+
+/// What a job runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobRequest {
+    /// A chat-completions body, answered whole.
+    Chat { body: serde_json::Value },
+    /// A conversation turn.
+    Turn {
+        conversation: String,
+        content: serde_json::Value,
+        client_id: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub tenant: TenantId,
+    /// The key that submitted it (none in development mode): the job acts for it.
+    pub key_id: Option<String>,
+    pub status: JobStatus,
+    pub created_at: i64,
+    /// Milliseconds since the epoch (the queue's order).
+    pub created_ms: i64,
+    #[serde(default)]
+    pub started_at: Option<i64>,
+    #[serde(default)]
+    pub finished_at: Option<i64>,
+    pub request: JobRequest,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    #[serde(default)]
+    pub result: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<JobError>,
+    /// Times a worker started it (more than one only after a crash mid-run).
+    #[serde(default)]
+    pub attempts: u32,
+    /// The node whose worker runs it.
+    #[serde(default)]
+    pub claimed_by: Option<String>,
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+fn queue_key(rec: &JobRecord) -> Vec<u8> {
+    let mut k = rec.created_ms.to_be_bytes().to_vec();
+    k.extend_from_slice(rec.id.as_bytes());
+    k
+}
+
+fn tenant_key(rec: &JobRecord) -> Vec<u8> {
+    let mut k = rec.tenant.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&rec.created_ms.to_be_bytes());
+    k.extend_from_slice(rec.id.as_bytes());
+    k
+}
+
+impl Store {
+    /// Stores a new queued job and waits until it is durable.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.jobs.insert(rec.id.as_bytes(), encode(rec)?)?;
+        self.jobs_by_tenant.insert(tenant_key(rec), [])?;
+        self.jobs_queue.insert(queue_key(rec), [])?;
+        self.flush().await
+    }
+
+    /// A job and its stored bytes (for [`Store::swap_job`]).
+    ///
+    /// # Errors
+    /// Storage failures or a corrupt record.
+    pub fn job_raw(&self, id: &str) -> Result<Option<(JobRecord, Vec<u8>)>, StoreError> {
+        let Some(raw) = self.jobs.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok(Some((decode("jobs", id, &raw)?, raw.to_vec())))
+    }
+
+    /// Replaces job `new.id` if it is still `old`; answers whether it was. A job that leaves
+    /// the queue leaves its queue entry.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn swap_job(&self, old: &[u8], new: &JobRecord) -> Result<bool, StoreError> {
+        let swapped = self
+            .jobs
+            .compare_and_swap(new.id.as_bytes(), Some(old), Some(encode(new)?))?
+            .is_ok();
+        if swapped {
+            if new.status == JobStatus::Queued {
+                self.jobs_queue.insert(queue_key(new), [])?;
+            } else {
+                self.jobs_queue.remove(queue_key(new))?;
+            }
+            self.flush().await?;
+        }
+        Ok(swapped)
+    }
+
+    /// Ids of up to `limit` queued jobs, oldest first.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn queued_jobs(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.jobs_queue
+            .iter()
+            .keys()
+            .take(limit)
+            .map(|k| Ok(String::from_utf8_lossy(k?.get(8..).unwrap_or_default()).into_owned()))
+            .collect()
+    }
+
+    /// Drops a queue entry whose job is no longer queued.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn unqueue_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
+        self.jobs_queue.remove(queue_key(rec))?;
+        Ok(())
+    }
+
+    /// A tenant's jobs, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Storage failures or corrupt records.
+    pub fn tenant_jobs(
+        &self,
+        tenant: &TenantId,
+        limit: usize,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for k in self.jobs_by_tenant.scan_prefix(&prefix).keys().rev() {
+            let k = k?;
+            let id =
+                String::from_utf8_lossy(k.get(prefix.len() + 8..).unwrap_or_default()).into_owned();
+            if let Some((rec, _)) = self.job_raw(&id)? {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every job running on `node` (after a crash: none of them is really running).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn running_jobs(&self, node: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for v in self.jobs.iter().values() {
+            let Ok(rec) = decode::<JobRecord>("jobs", "", &v?) else {
+                continue;
+            };
+            if rec.status == JobStatus::Running && rec.claimed_by.as_deref() == Some(node) {
+                out.push(rec.id);
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,230 @@
+//! Async jobs (PROTOCOL §10) against the real server and mock upstream.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::{
+    config_with, create_conversation, http, mock_reply, wait_until, Behaviour, BinServer,
+    MockUpstream, TestServer,
+};
+
+async fn submit(url: String, body: Value) -> (u16, Value) {
+    let resp = http().post(url).json(&body).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap())
+}
+
+async fn job(url: String) -> Value {
+    http().get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Polls a job until it has ended; answers it.
+async fn ended(base: &str, id: &str) -> Value {
+    let url = format!("{base}/v1/jobs/{id}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let j = job(url.clone()).await;
+        if matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            return j;
+        }
+        assert!(std::time::Instant::now() < deadline, "job never ended: {j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_chat_job_and_a_turn_job_run_and_are_listed() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let base = format!("http://{}", server.addr);
+    let (status, accepted) = submit(
+        server.url("/v1/jobs"),
+        json!({"request": {"model": "up", "messages": [{"role": "user", "content": "summarise later"}]}, "metadata": {"batch": "a"}}),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["status"], "queued");
+    let id = accepted["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("job_"));
+    let done = ended(&base, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["result"]["choices"][0]["message"]["content"],
+        mock_reply(0, &[("user", "summarise later")]).as_str()
+    );
+    assert_eq!(done["metadata"]["batch"], "a");
+    assert_eq!(done["attempts"], 1);
+
+    let conv = create_conversation(&server, None, json!({"model": "up"})).await;
+    let (status, accepted) = submit(
+        server.url("/v1/jobs"),
+        json!({"conversation": conv, "content": "answer by job", "client_id": "j1"}),
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let turn = ended(&base, accepted["id"].as_str().unwrap()).await;
+    assert_eq!(turn["status"], "succeeded", "{turn}");
+    assert_eq!(turn["result"]["message"]["seq"], 2);
+    let stored = crate::common::messages(&server, None, &conv).await;
+    assert_eq!(stored.len(), 2);
+    assert_eq!(stored[0]["client_id"], "j1");
+
+    let list = job(server.url("/v1/jobs?status=succeeded")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 2, "{list}");
+    let none = job(server.url("/v1/jobs?status=queued")).await;
+    assert_eq!(none["data"].as_array().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn bad_jobs_are_refused_before_they_are_stored() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    for (body, needle) in [
+        (json!({}), "required"),
+        (
+            json!({"request": {"model": "up", "messages": []}, "conversation": "x"}),
+            "not both",
+        ),
+        (
+            json!({"request": {"model": "up", "messages": [], "stream": true}}),
+            "stream",
+        ),
+        (json!({"request": {"model": "up"}}), "request"),
+        (
+            json!({"conversation": "conv_0123456789abcdef0123456789abcdef", "content": "x", "client_id": "c"}),
+            "conversation",
+        ),
+        (
+            json!({"request": {"model": "up", "messages": []}, "webhook": {"url": "https://example.com/hook"}}),
+            "webhook",
+        ),
+    ] {
+        let (status, v) = submit(server.url("/v1/jobs"), body.clone()).await;
+        assert!(status == 400 || status == 404, "{body}: {status} {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(needle),
+            "{body}: {v}"
+        );
+    }
+    let resp = http()
+        .get(server.url("/v1/jobs?status=nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = http()
+        .get(server.url("/v1/jobs/job_nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let list = job(server.url("/v1/jobs")).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
+}
+
+#[tokio::test]
+async fn queued_and_running_jobs_can_be_cancelled() {
+    let up = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(1_500),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.jobs.workers = 1;
+    let server = TestServer::start(cfg);
+    let base = format!("http://{}", server.addr);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (status, v) = submit(
+            server.url("/v1/jobs"),
+            json!({"request": {"model": "up", "messages": [{"role": "user", "content": format!("slow {i}")}]}}),
+        )
+        .await;
+        assert_eq!(status, 202);
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    // One worker: the first runs, the others wait.
+    let first_url = format!("{base}/v1/jobs/{}", ids[0]);
+    assert!(wait_until(Duration::from_secs(5), || up.requests() >= 1).await);
+    assert_eq!(job(first_url.clone()).await["status"], "running");
+    let resp = http()
+        .delete(format!("{base}/v1/jobs/{}", ids[2]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["status"], "cancelled");
+    let resp = http().delete(first_url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(ended(&base, &ids[0]).await["status"], "cancelled");
+    assert_eq!(ended(&base, &ids[1]).await["status"], "succeeded");
+    assert_eq!(ended(&base, &ids[2]).await["status"], "cancelled");
+    // The cancelled queued job never reached the upstream.
+    assert_eq!(up.requests(), 2);
+    let resp = http()
+        .delete(format!("{base}/v1/jobs/{}", ids[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "an ended job cannot be cancelled");
+}
+
+#[tokio::test]
+async fn jobs_survive_kill_9_and_run_once_to_completion() {
+    let up = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(30),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[jobs]\nworkers = 2\n\n[[providers]]\nname = \"up\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+         [[routes]]\nmodel = \"up\"\ntargets = [{{ provider = \"up\", model = \"mock-1\" }}]\n",
+        up.base_url()
+    );
+    let mut bin = BinServer::start(&config, tmp.path(), &[]);
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let (status, v) = submit(
+            bin.url("/v1/jobs"),
+            json!({"request": {"model": "up", "messages": [{"role": "user", "content": format!("job {i}")}]}}),
+        )
+        .await;
+        assert_eq!(status, 202, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    assert!(wait_until(Duration::from_secs(20), || up.requests() >= 20).await);
+    bin.kill9();
+    // What had succeeded before the kill.
+    let before = up.requests();
+    let bin = BinServer::start(&config, tmp.path(), &[]);
+    let base = format!("http://{}", bin.addr);
+    let mut succeeded = 0;
+    let mut reruns = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let j = ended(&base, id).await;
+        assert_eq!(j["status"], "succeeded", "{j}");
+        assert_eq!(
+            j["result"]["choices"][0]["message"]["content"],
+            mock_reply(0, &[("user", &format!("job {i}"))]).as_str()
+        );
+        succeeded += 1;
+        if j["attempts"].as_u64().unwrap() > 1 {
+            reruns += 1;
+        }
+    }
+    assert_eq!(succeeded, 200);
+    // Only the jobs running at the kill (at most the two workers') ran again.
+    assert!(reruns <= 2, "{reruns} jobs ran again");
+    assert!(
+        up.requests() <= 200 + 2,
+        "{} upstream calls for 200 jobs",
+        up.requests()
+    );
+    assert!(before >= 20);
+}
