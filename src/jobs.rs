@@ -41,6 +41,7 @@ pub struct Jobs {
 #[derive(Default)]
 struct Inner {
     wake: Notify,
+    deliver: Notify,
     running: Mutex<HashMap<String, CancellationToken>>,
 }
 
@@ -48,6 +49,11 @@ impl Jobs {
     /// A job was queued: a worker looks now.
     pub fn wake(&self) {
         self.inner.wake.notify_one();
+    }
+
+    /// A webhook became due: the deliverer looks now.
+    pub fn wake_deliveries(&self) {
+        self.inner.deliver.notify_one();
     }
 
     /// Cancels job `id` if a worker of this node runs it.
@@ -84,7 +90,39 @@ impl Jobs {
                 actix::spawn(async move { jobs.work(state, node, stop).await });
             }
             jobs.wake();
+            let deliverer = jobs.clone();
+            actix::spawn(async move { deliverer.deliver(state, stop).await });
         });
+    }
+
+    /// Delivers due webhooks until `stop`.
+    async fn deliver(self, state: web::Data<AppState>, stop: CancellationToken) {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap_or_default();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.inner.deliver.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            let lease = now + 60_000;
+            let due = match state.store().take_due_webhooks(now, lease, 16) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhooks due unreadable");
+                    continue;
+                }
+            };
+            for id in due {
+                if let Err(e) = crate::webhooks::attempt(&state, &client, &id, lease).await {
+                    tracing::warn!(job = %id, error = %e, "webhook attempt not recorded");
+                }
+            }
+        }
     }
 
     async fn work(self, state: web::Data<AppState>, node: String, stop: CancellationToken) {
@@ -207,7 +245,15 @@ async fn finish(
                 });
             }
         }
+        let announce = matches!(next.status, JobStatus::Succeeded | JobStatus::Failed);
+        if let (true, Some(w)) = (announce, next.webhook.as_mut()) {
+            w.first_ms = Some(chrono::Utc::now().timestamp_millis());
+        }
         if store.swap_job(&raw, &next).await? {
+            if let (true, Some(w)) = (announce, &next.webhook) {
+                store.webhook_due(&next.id, w.first_ms.unwrap_or_default())?;
+                state.jobs.wake_deliveries();
+            }
             return Ok(());
         }
     }

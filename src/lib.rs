@@ -43,4 +43,5 @@ pub mod store;
 pub mod telemetry;
 pub mod tenant;
 pub mod tokens;
+pub mod webhooks;
 pub mod wire;

@@ -213,11 +213,16 @@ pub struct StorageConfig {
 pub struct JobsConfig {
     /// Jobs run at once by this node (a backlog never takes more from interactive traffic).
     pub workers: usize,
+    /// Webhooks may go to loopback, private and link-local addresses (off: SSRF).
+    pub allow_private_webhooks: bool,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
-        Self { workers: 2 }
+        Self {
+            workers: 2,
+            allow_private_webhooks: false,
+        }
     }
 }
 

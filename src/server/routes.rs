@@ -59,6 +59,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
             .route(web::get().to(admin::list_keys)),
     )
     .service(at("/admin/keys/{id}").route(web::delete().to(admin::revoke_key)))
+    .service(at("/admin/webhook-secrets").route(web::post().to(admin::webhook_secret)))
     .service(at("/admin/providers").route(web::get().to(admin::providers)))
     .service(at("/admin/cache").route(web::get().to(admin::cache)))
     .service(at("/admin/usage").route(web::get().to(usage::admin)))

@@ -78,6 +78,35 @@ pub struct JobRecord {
     pub claimed_by: Option<String>,
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Where its end is announced, and how that went.
+    #[serde(default)]
+    pub webhook: Option<WebhookState>,
+}
+
+/// A job's webhook and its delivery attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhookState {
+    pub url: String,
+    /// The `webhook-id` of every attempt.
+    pub msg_id: String,
+    #[serde(default)]
+    pub deliveries: Vec<Delivery>,
+    /// Delivered (a 2xx), or given up.
+    #[serde(default)]
+    pub done: bool,
+    /// When the first attempt was due (ms), for giving up after a day.
+    #[serde(default)]
+    pub first_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Unix seconds.
+    pub at: i64,
+    /// The receiver's status, if it answered.
+    pub status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 fn queue_key(rec: &JobRecord) -> Vec<u8> {
@@ -184,6 +213,83 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Marks a job's webhook due at `due_ms` (a job id may be due once per key).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn webhook_due(&self, job: &str, due_ms: i64) -> Result<(), StoreError> {
+        let mut k = due_ms.to_be_bytes().to_vec();
+        k.extend_from_slice(job.as_bytes());
+        self.webhooks_due.insert(k, [])?;
+        Ok(())
+    }
+
+    /// Takes up to `limit` webhooks due by `now_ms`: each is claimed by removing its entry (so
+    /// one node delivers it) and left due again at `lease_ms` in case this node dies mid-way.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn take_due_webhooks(
+        &self,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut taken = Vec::new();
+        let keys: Vec<_> = self
+            .webhooks_due
+            .range(..(now_ms + 1).to_be_bytes().to_vec())
+            .keys()
+            .take(limit)
+            .collect::<Result<_, _>>()?;
+        for k in keys {
+            if self.webhooks_due.remove(&k)?.is_none() {
+                // Another node took it.
+                continue;
+            }
+            let job = String::from_utf8_lossy(k.get(8..).unwrap_or_default()).into_owned();
+            self.webhook_due(&job, lease_ms)?;
+            taken.push(job);
+        }
+        Ok(taken)
+    }
+
+    /// Drops a due entry (the lease of a delivery that ended).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn webhook_not_due(&self, job: &str, due_ms: i64) -> Result<(), StoreError> {
+        let mut k = due_ms.to_be_bytes().to_vec();
+        k.extend_from_slice(job.as_bytes());
+        self.webhooks_due.remove(k)?;
+        Ok(())
+    }
+
+    /// A tenant's webhook signing secret.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn webhook_secret(&self, tenant: &TenantId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .webhook_secrets
+            .get(tenant.as_str().as_bytes())?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Sets (or rotates) a tenant's webhook signing secret, durably.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn put_webhook_secret(
+        &self,
+        tenant: &TenantId,
+        secret: &[u8],
+    ) -> Result<(), StoreError> {
+        self.webhook_secrets
+            .insert(tenant.as_str().as_bytes(), secret)?;
+        self.flush().await
     }
 
     /// Every job running on `node` (after a crash: none of them is really running).

@@ -38,7 +38,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use kv::{Batch, Tree};
 
 pub use cache::{CacheHead, CacheRecord, StoredEntry};
-pub use jobs::{JobError, JobRecord, JobRequest, JobStatus};
+pub use jobs::{Delivery, JobError, JobRecord, JobRequest, JobStatus, WebhookState};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
     ReplyMeta, Role, StoredError, Usage, UsageRecord,
@@ -148,6 +148,8 @@ pub struct Store {
     jobs: Tree,
     jobs_queue: Tree,
     jobs_by_tenant: Tree,
+    webhooks_due: Tree,
+    webhook_secrets: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
     /// Redis only: the header this node last wrote per conversation. Only a conversation's
     /// owner appends to it, so the next append can skip reading the header back; the append
@@ -231,6 +233,8 @@ impl Store {
             jobs: open("jobs")?,
             jobs_queue: open("jobs_queue")?,
             jobs_by_tenant: open("jobs_by_tenant")?,
+            webhooks_due: open("webhooks_due")?,
+            webhook_secrets: open("webhook_secrets")?,
             commit: commit::GroupCommit::new(),
             headers: Default::default(),
             db,

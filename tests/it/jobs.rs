@@ -228,3 +228,184 @@ async fn jobs_survive_kill_9_and_run_once_to_completion() {
     );
     assert!(before >= 20);
 }
+
+/// One webhook request as received.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver on loopback answering `statuses` in turn (then 200), recording every
+/// request.
+async fn receiver(
+    statuses: Vec<u16>,
+) -> (String, std::sync::Arc<parking_lot::Mutex<Vec<Received>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut reader = BufReader::new(stream);
+            let mut headers = std::collections::HashMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).await.unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).await.unwrap();
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = l.split_once(':') {
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+                }
+            }
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).await.unwrap();
+            log.lock().push(Received { headers, body });
+            let status = statuses.get(n).copied().unwrap_or(200);
+            n += 1;
+            let reply =
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = reader.into_inner().write_all(reply.as_bytes()).await;
+        }
+    });
+    (url, seen)
+}
+
+/// The Standard Webhooks signature computed by an independent implementation (Python's
+/// standard library), from the secret as shown.
+fn python_signature(secret: &str, id: &str, ts: &str, body: &[u8]) -> String {
+    use std::io::Write;
+    let script = "import base64,hashlib,hmac,sys\n\
+        key = base64.b64decode(sys.argv[1].split('_', 1)[1])\n\
+        msg = ('%s.%s.' % (sys.argv[2], sys.argv[3])).encode() + sys.stdin.buffer.read()\n\
+        print('v1,' + base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode())\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script, secret, id, ts])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_webhook_failing_twice_is_delivered_three_times_with_one_id() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.jobs.allow_private_webhooks = true;
+    let server = TestServer::start(cfg);
+    let base = format!("http://{}", server.addr);
+    let (url, seen) = receiver(vec![500, 503]).await;
+    // No secret yet: refused.
+    let body = json!({"request": {"model": "up", "messages": [{"role": "user", "content": "tell me when"}]}, "webhook": {"url": url}});
+    let (status, v) = submit(server.url("/v1/jobs"), body.clone()).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, secret) = submit(
+        server.url("/admin/webhook-secrets"),
+        json!({"tenant": "local"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{secret}");
+    let secret = secret["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let (status, v) = submit(server.url("/v1/jobs"), body).await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    assert_eq!(ended(&base, &id).await["status"], "succeeded");
+    assert!(
+        wait_until(Duration::from_secs(15), || seen.lock().len() >= 3).await,
+        "three deliveries expected"
+    );
+    let got = seen.lock().clone();
+    let ids: std::collections::HashSet<_> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].clone())
+        .collect();
+    assert_eq!(ids.len(), 1, "one webhook-id on every attempt");
+    for r in &got {
+        let h = &r.headers;
+        assert_eq!(
+            h["webhook-signature"],
+            python_signature(&secret, &h["webhook-id"], &h["webhook-timestamp"], &r.body)
+        );
+        let payload: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(payload["type"], "job.succeeded");
+        assert_eq!(payload["data"]["id"], id.as_str());
+    }
+    // The attempts are on the job: two failures, then the 2xx.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let job = loop {
+        let j = job(format!("{base}/v1/jobs/{id}")).await;
+        if j["deliveries"].as_array().is_some_and(|d| d.len() == 3) {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let codes: Vec<u64> = job["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(codes, [500, 503, 200]);
+    // Rotating the secret changes what later deliveries are signed with.
+    let (_, rotated) = submit(
+        server.url("/admin/webhook-secrets"),
+        json!({"tenant": "local"}),
+    )
+    .await;
+    assert_ne!(rotated["secret"], secret.as_str());
+}
+
+#[tokio::test]
+async fn webhooks_to_local_addresses_are_refused() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let (status, _) = submit(
+        server.url("/admin/webhook-secrets"),
+        json!({"tenant": "local"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://localhost/hook",
+        "http://10.1.2.3/hook",
+        "http://192.168.0.10/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+        "http://[fd00::1]/hook",
+        "ftp://example.com/hook",
+        "not a url",
+    ] {
+        let (status, v) = submit(
+            server.url("/v1/jobs"),
+            json!({"request": {"model": "up", "messages": [{"role": "user", "content": "x"}]}, "webhook": {"url": url}}),
+        )
+        .await;
+        assert_eq!(status, 400, "{url}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("webhook.url"),
+            "{v}"
+        );
+    }
+}

@@ -121,3 +121,28 @@ pub async fn cache(_: Admin, state: web::Data<AppState>) -> HttpResponse {
 fn key_json(rec: &KeyRecord) -> serde_json::Value {
     serde_json::to_value(rec).unwrap_or_default()
 }
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBody {
+    tenant: String,
+}
+
+/// `POST /admin/webhook-secrets`: a new signing secret for a tenant's webhooks, shown once;
+/// asking again rotates it (deliveries from then on are signed with the new one).
+pub async fn webhook_secret(
+    _: Admin,
+    state: web::Data<AppState>,
+    body: web::Json<SecretBody>,
+) -> Result<HttpResponse, ApiError> {
+    let tenant = body.into_inner().tenant;
+    if tenant.trim().is_empty() {
+        return Err(ApiError::bad_request("tenant: must not be empty"));
+    }
+    let tenant = crate::ids::TenantId(tenant);
+    let (bytes, shown) = crate::webhooks::new_secret();
+    state.store().put_webhook_secret(&tenant, &bytes).await?;
+    tracing::info!(tenant = %tenant, "webhook secret set");
+    Ok(HttpResponse::Created()
+        .json(serde_json::json!({"tenant": tenant.as_str(), "secret": shown})))
+}

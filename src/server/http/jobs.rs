@@ -50,7 +50,8 @@ pub fn job_json(rec: &JobRecord) -> serde_json::Value {
         "result": rec.result,
         "error": rec.error,
         "attempts": rec.attempts,
-        "deliveries": [],
+        "webhook": rec.webhook.as_ref().map(|w| serde_json::json!({"url": w.url})),
+        "deliveries": rec.webhook.as_ref().map_or_else(Vec::new, |w| w.deliveries.clone()),
     });
     if let (Some(obj), Some(req)) = (v.as_object_mut(), request.as_object()) {
         obj.extend(req.clone());
@@ -64,13 +65,31 @@ pub async fn create(
     body: web::Json<NewJob>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
-    if body.webhook.is_some() {
-        // Accepted and never delivered would be a promise dropped: refused until deliveries
-        // are built.
-        return Err(ApiError::bad_request(
-            "webhook: deliveries are not available yet; poll GET /v1/jobs/{id}",
-        ));
-    }
+    let webhook = match &body.webhook {
+        None => None,
+        Some(w) => {
+            let url = w
+                .get("url")
+                .and_then(serde_json::Value::as_str)
+                .ok_or_else(|| ApiError::bad_request("webhook.url: required"))?;
+            if w.as_object().is_some_and(|o| o.len() > 1) {
+                return Err(ApiError::bad_request("webhook: only url is known"));
+            }
+            if state.store().webhook_secret(&p.tenant)?.is_none() {
+                return Err(ApiError::bad_request(
+                    "webhook: this tenant has no signing secret yet (POST /admin/webhook-secrets)",
+                ));
+            }
+            crate::webhooks::check_url(url, state.config.jobs.allow_private_webhooks).await?;
+            Some(crate::store::WebhookState {
+                url: url.to_owned(),
+                msg_id: String::new(),
+                deliveries: Vec::new(),
+                done: false,
+                first_ms: None,
+            })
+        }
+    };
     if body.metadata.as_ref().is_some_and(|m| !m.is_object()) {
         return Err(ApiError::bad_request("metadata must be an object"));
     }
@@ -116,8 +135,13 @@ pub async fn create(
         }
     };
     let now_ms = chrono::Utc::now().timestamp_millis();
+    let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+    let webhook = webhook.map(|mut w| {
+        w.msg_id = format!("msg_{}", id.trim_start_matches("job_"));
+        w
+    });
     let rec = JobRecord {
-        id: format!("job_{}", uuid::Uuid::new_v4().simple()),
+        id,
         tenant: p.tenant.clone(),
         key_id: p.key_id.clone(),
         status: JobStatus::Queued,
@@ -132,6 +156,7 @@ pub async fn create(
         attempts: 0,
         claimed_by: None,
         cancel_requested: false,
+        webhook,
     };
     // Durable before the 202.
     state.store().put_job(&rec).await?;
