@@ -101,14 +101,21 @@ impl GroupCommit {
                 Ok(Err(e)) => Some(Arc::from(format!("storage failed: {e}"))),
                 Err(e) => Some(Arc::from(format!("storage task failed: {e}"))),
             };
+            let mut db = Some(db);
             let more = {
                 let mut s = this.state.lock();
                 s.running = false;
+                let more = s.issued > covered;
+                if !more {
+                    // Let go of the database before anyone hears the round ended: a caller
+                    // waiting for `idle` (shutdown, a reopen) then finds it released.
+                    db = None;
+                }
                 // Publish under the lock, so a caller that saw `running` sees this round's end.
                 this.ended.send_replace(Round { covered, error });
-                s.issued > covered
+                more
             };
-            if more {
+            if let Some(db) = db.filter(|_| more) {
                 this.start_round(&db);
             }
         });

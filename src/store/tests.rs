@@ -133,6 +133,9 @@ async fn survives_reopen() {
             .append_message(&c.id, &msg(1, Role::User, Some("a")))
             .await
             .unwrap(); // ok: test code
+                       // A flush round runs as its own task and holds the database (and its directory lock)
+                       // until it ends: wait for it, as shutdown does.
+        store.idle().await;
     }
     let store = Store::open(dir.path()).unwrap(); // ok: test code
     assert_eq!(
