@@ -4,7 +4,7 @@
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use super::http::{admin, conversations, health, jobs, openai, responses, usage};
+use super::http::{admin, batches, conversations, health, jobs, openai, responses, usage};
 use super::ws;
 use crate::error::{ApiError, ErrorCode};
 
@@ -30,6 +30,16 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
             .route(web::delete().to(responses::delete)),
     )
     .service(at("/v1/responses/{id}/input_items").route(web::get().to(responses::input_items)))
+    .service(at("/v1/files").route(web::post().to(batches::upload)))
+    .service(at("/v1/files/{id}").route(web::get().to(batches::get_file)))
+    .service(at("/v1/files/{id}/content").route(web::get().to(batches::file_content)))
+    .service(
+        at("/v1/batches")
+            .route(web::post().to(batches::create))
+            .route(web::get().to(batches::list)),
+    )
+    .service(at("/v1/batches/{id}").route(web::get().to(batches::get)))
+    .service(at("/v1/batches/{id}/cancel").route(web::post().to(batches::cancel)))
     .service(
         at("/v1/jobs")
             .route(web::post().to(jobs::create))

@@ -22,6 +22,7 @@
 
 mod cache;
 mod commit;
+mod files;
 mod jobs;
 pub mod kv;
 mod prompts;
@@ -38,6 +39,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use kv::{Batch, Tree};
 
 pub use cache::{CacheHead, CacheRecord, StoredEntry};
+pub use files::{BadLine, BatchRecord, FileRecord};
 pub use jobs::{Delivery, JobError, JobRecord, JobRequest, JobStatus, WebhookState};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,
@@ -150,6 +152,10 @@ pub struct Store {
     jobs_by_tenant: Tree,
     webhooks_due: Tree,
     webhook_secrets: Tree,
+    files: Tree,
+    file_contents: Tree,
+    batches: Tree,
+    batches_by_tenant: Tree,
     commit: std::sync::Arc<commit::GroupCommit>,
     /// Redis only: the header this node last wrote per conversation. Only a conversation's
     /// owner appends to it, so the next append can skip reading the header back; the append
@@ -235,6 +241,10 @@ impl Store {
             jobs_by_tenant: open("jobs_by_tenant")?,
             webhooks_due: open("webhooks_due")?,
             webhook_secrets: open("webhook_secrets")?,
+            files: open("files")?,
+            file_contents: open("file_contents")?,
+            batches: open("batches")?,
+            batches_by_tenant: open("batches_by_tenant")?,
             commit: commit::GroupCommit::new(),
             headers: Default::default(),
             db,

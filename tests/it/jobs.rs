@@ -409,3 +409,109 @@ async fn webhooks_to_local_addresses_are_refused() {
         );
     }
 }
+
+/// Uploads `content` as a batch input file (multipart written by hand); answers its id.
+async fn upload(base: &str, content: &str) -> String {
+    let boundary = "parleyboundary7MA4YWxkTrZu0gW";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let v: Value = http()
+        .post(format!("{base}/v1/files"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["id"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned()
+}
+
+#[tokio::test]
+async fn a_cancelled_batch_ends_cancelled_with_what_finished() {
+    let up = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(1_000),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.jobs.workers = 1;
+    let server = TestServer::start(cfg);
+    let base = format!("http://{}", server.addr);
+    let lines: Vec<String> = (0..5)
+        .map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": {"model": "up", "messages": [{"role": "user", "content": format!("slow {i}")}]}}).to_string())
+        .collect();
+    let file = upload(&base, &lines.join("\n")).await;
+    let content = http()
+        .get(format!("{base}/v1/files/{file}/content"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(content, lines.join("\n"));
+    let (status, batch) = submit(
+        format!("{base}/v1/batches"),
+        json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{batch}");
+    assert_eq!(batch["status"], "in_progress");
+    let id = batch["id"].as_str().unwrap().to_owned();
+    assert!(wait_until(Duration::from_secs(5), || up.requests() >= 1).await);
+    let (status, cancelling) = submit(format!("{base}/v1/batches/{id}/cancel"), json!({})).await;
+    assert_eq!(status, 200, "{cancelling}");
+    assert!(
+        matches!(
+            cancelling["status"].as_str(),
+            Some("cancelling" | "cancelled")
+        ),
+        "{cancelling}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        let b = job(format!("{base}/v1/batches/{id}")).await;
+        if b["status"] == "cancelled" {
+            break b;
+        }
+        assert!(std::time::Instant::now() < deadline, "{b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Nothing after the one that was running reached the upstream.
+    assert_eq!(up.requests(), 1);
+    assert_eq!(done["request_counts"]["total"], 5);
+    assert_eq!(
+        done["request_counts"]["completed"].as_u64().unwrap()
+            + done["request_counts"]["failed"].as_u64().unwrap(),
+        5
+    );
+    let errors = http()
+        .get(format!(
+            "{base}/v1/files/{}/content",
+            done["error_file_id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(errors.lines().count() >= 4, "{errors}");
+    // Bad requests to the API itself.
+    let (status, _) = submit(
+        format!("{base}/v1/batches"),
+        json!({"input_file_id": file, "endpoint": "/v1/embeddings", "completion_window": "24h"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = submit(format!("{base}/v1/batches"), json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
+    assert_eq!(status, 404);
+}

@@ -384,3 +384,97 @@ async fn official_python_sdk() {
     // could not tell.
     assert_eq!(up.requests(), 1);
 }
+
+const BATCH_SCRIPT: &str = r#"
+import json, os, sys, time
+import openai
+
+client = openai.OpenAI(base_url="http://%s/v1" % sys.argv[1], api_key=os.environ["PARLEY_TEST_KEY"], max_retries=0)
+lines = []
+for i in range(1000):
+    if i % 100 == 7:
+        lines.append("this line is not JSON")
+    elif i % 100 == 13:
+        lines.append(json.dumps({"custom_id": "r%d" % i, "method": "POST", "url": "/v1/embeddings", "body": {}}))
+    else:
+        lines.append(json.dumps({"custom_id": "r%d" % i, "method": "POST", "url": "/v1/chat/completions",
+                                 "body": {"model": "up", "messages": [{"role": "user", "content": "batch line %d" % i}]}}))
+f = client.files.create(file=("requests.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "sdk"})
+deadline = time.time() + 120
+while b.status not in ("completed", "failed", "cancelled", "expired") and time.time() < deadline:
+    time.sleep(0.1)
+    b = client.batches.retrieve(b.id)
+out = client.files.content(b.output_file_id).text if b.output_file_id else ""
+err = client.files.content(b.error_file_id).text if b.error_file_id else ""
+print(json.dumps({
+    "status": b.status,
+    "counts": b.request_counts.model_dump(),
+    "metadata": b.metadata,
+    "input_bytes": client.files.retrieve(f.id).bytes,
+    "output": [json.loads(l) for l in out.splitlines()],
+    "errors": [json.loads(l) for l in err.splitlines()],
+    "listed": [x.id for x in client.batches.list()],
+    "id": b.id,
+}))
+"#;
+
+#[tokio::test]
+async fn official_python_sdk_runs_a_batch_with_bad_lines() {
+    let (ok, _, err) = python(vec!["-c".into(), "import openai".into()], vec![]).await;
+    assert!(ok, "the official OpenAI Python SDK is not importable; run `pip install openai` (CI installs it):\n{err}");
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.cache.enabled = false;
+    let server = TestServer::start_with_admin(cfg);
+    let (_, key) = server.create_key(json!({"tenant": "batcher"})).await;
+    let (ok, stdout, stderr) = python(
+        vec!["-c".into(), BATCH_SCRIPT.into(), server.addr.to_string()],
+        vec![("PARLEY_TEST_KEY".into(), key)],
+    )
+    .await;
+    assert!(ok, "the batch script failed:\n{stderr}\n{stdout}");
+    let out: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {stdout}\n{stderr}"));
+    assert_eq!(out["status"], "completed", "{}", out["counts"]);
+    assert_eq!(
+        out["counts"],
+        json!({"total": 1000, "completed": 980, "failed": 20})
+    );
+    assert_eq!(out["metadata"], json!({"run": "sdk"}));
+    assert_eq!(out["listed"], json!([out["id"].clone()]));
+    let output = out["output"].as_array().unwrap();
+    assert_eq!(output.len(), 980);
+    for line in output {
+        let custom = line["custom_id"].as_str().unwrap();
+        let i: usize = custom[1..].parse().unwrap();
+        assert_eq!(line["response"]["status_code"], 200);
+        assert_eq!(
+            line["response"]["body"]["choices"][0]["message"]["content"],
+            mock_reply(0, &[("user", &format!("batch line {i}"))]).as_str(),
+            "{custom}"
+        );
+    }
+    let errors = out["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 20);
+    let not_json = errors
+        .iter()
+        .filter(|e| {
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not a batch request line")
+        })
+        .count();
+    let wrong_url = errors
+        .iter()
+        .filter(|e| {
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("/v1/embeddings")
+        })
+        .count();
+    assert_eq!((not_json, wrong_url), (10, 10), "{errors:?}");
+    assert_eq!(up.requests(), 980);
+}

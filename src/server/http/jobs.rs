@@ -134,7 +134,28 @@ pub async fn create(
             ))
         }
     };
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let rec = enqueue(
+        &state,
+        &p,
+        request,
+        webhook,
+        body.metadata.unwrap_or_else(|| serde_json::json!({})),
+    )
+    .await?;
+    Ok(HttpResponse::Accepted().json(job_json(&rec)))
+}
+
+/// Stores a new queued job (durably) and wakes the workers.
+///
+/// # Errors
+/// Storage failures.
+pub async fn enqueue(
+    state: &AppState,
+    p: &crate::tenant::Principal,
+    request: JobRequest,
+    webhook: Option<crate::store::WebhookState>,
+    metadata: serde_json::Value,
+) -> Result<JobRecord, ApiError> {
     let id = format!("job_{}", uuid::Uuid::new_v4().simple());
     let webhook = webhook.map(|mut w| {
         w.msg_id = format!("msg_{}", id.trim_start_matches("job_"));
@@ -146,11 +167,11 @@ pub async fn create(
         key_id: p.key_id.clone(),
         status: JobStatus::Queued,
         created_at: unix_now(),
-        created_ms: now_ms,
+        created_ms: chrono::Utc::now().timestamp_millis(),
         started_at: None,
         finished_at: None,
         request,
-        metadata: body.metadata.unwrap_or_else(|| serde_json::json!({})),
+        metadata,
         result: None,
         error: None,
         attempts: 0,
@@ -161,7 +182,7 @@ pub async fn create(
     // Durable before the 202.
     state.store().put_job(&rec).await?;
     state.jobs.wake();
-    Ok(HttpResponse::Accepted().json(job_json(&rec)))
+    Ok(rec)
 }
 
 fn owned(

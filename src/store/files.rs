@@ -1,0 +1,150 @@
+//! The Batch API's files and batches (PROTOCOL §10): `files` (id → [`FileRecord`]),
+//! `file_contents` (id → the bytes), `batches` (id → [`BatchRecord`]) and `batches_by_tenant`
+//! (tenant ‖ 0 ‖ created ms BE ‖ id → nothing).
+
+use serde::{Deserialize, Serialize};
+
+use super::{decode, encode, Store, StoreError};
+use crate::ids::TenantId;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub id: String,
+    pub tenant: TenantId,
+    pub purpose: String,
+    pub filename: String,
+    pub bytes: u64,
+    pub created_at: i64,
+}
+
+/// A line of an input file that became no job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadLine {
+    pub line: usize,
+    pub custom_id: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub id: String,
+    pub tenant: TenantId,
+    pub endpoint: String,
+    pub input_file_id: String,
+    pub completion_window: String,
+    /// `in_progress`, `cancelling`, `completed`, `cancelled`.
+    pub status: String,
+    pub created_at: i64,
+    pub created_ms: i64,
+    pub in_progress_at: Option<i64>,
+    pub finalizing_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub cancelling_at: Option<i64>,
+    pub cancelled_at: Option<i64>,
+    /// custom id → job id, in input order.
+    pub jobs: Vec<(String, String)>,
+    pub bad: Vec<BadLine>,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub completed: usize,
+    pub failed: usize,
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+}
+
+impl Store {
+    /// Stores a file and its bytes, durably.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn put_file(&self, rec: &FileRecord, content: &[u8]) -> Result<(), StoreError> {
+        self.file_contents.insert(rec.id.as_bytes(), content)?;
+        self.files.insert(rec.id.as_bytes(), encode(rec)?)?;
+        self.flush().await
+    }
+
+    /// A file of `tenant`.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn file(&self, id: &str, tenant: &TenantId) -> Result<Option<FileRecord>, StoreError> {
+        let Some(raw) = self.files.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        let rec: FileRecord = decode("files", id, &raw)?;
+        Ok((&rec.tenant == tenant).then_some(rec))
+    }
+
+    /// A file's bytes.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn file_content(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.file_contents.get(id.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    /// Stores a new batch, durably.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn put_batch(&self, rec: &BatchRecord) -> Result<(), StoreError> {
+        self.batches.insert(rec.id.as_bytes(), encode(rec)?)?;
+        let mut k = rec.tenant.as_str().as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&rec.created_ms.to_be_bytes());
+        k.extend_from_slice(rec.id.as_bytes());
+        self.batches_by_tenant.insert(k, [])?;
+        self.flush().await
+    }
+
+    /// A batch and its stored bytes (for [`Store::swap_batch`]).
+    ///
+    /// # Errors
+    /// Storage failures or a corrupt record.
+    pub fn batch_raw(&self, id: &str) -> Result<Option<(BatchRecord, Vec<u8>)>, StoreError> {
+        let Some(raw) = self.batches.get(id.as_bytes())? else {
+            return Ok(None);
+        };
+        Ok(Some((decode("batches", id, &raw)?, raw.to_vec())))
+    }
+
+    /// Replaces a batch if it is still `old`; answers whether it was.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn swap_batch(&self, old: &[u8], new: &BatchRecord) -> Result<bool, StoreError> {
+        let swapped = self
+            .batches
+            .compare_and_swap(new.id.as_bytes(), Some(old), Some(encode(new)?))?
+            .is_ok();
+        if swapped {
+            self.flush().await?;
+        }
+        Ok(swapped)
+    }
+
+    /// A tenant's batch ids, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn tenant_batches(
+        &self,
+        tenant: &TenantId,
+        limit: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        self.batches_by_tenant
+            .scan_prefix(&prefix)
+            .keys()
+            .rev()
+            .take(limit)
+            .map(|k| {
+                Ok(
+                    String::from_utf8_lossy(k?.get(prefix.len() + 8..).unwrap_or_default())
+                        .into_owned(),
+                )
+            })
+            .collect()
+    }
+}
