@@ -74,22 +74,27 @@ impl Jobs {
     ) {
         let jobs = self.clone();
         actix::spawn(async move {
-            match state.store().running_jobs(&node) {
-                Ok(ids) => {
-                    for id in ids {
-                        if let Err(e) = requeue(&state, &id).await {
-                            tracing::error!(job = %id, error = %e, "job not queued again");
-                        }
-                    }
-                }
-                Err(e) => tracing::error!(error = %e, "jobs interrupted by a stop not checked"),
-            }
+            requeue_orphans(&state, |claimed| claimed == node).await;
             for _ in 0..workers.max(1) {
                 let (jobs, state, node, stop) =
                     (jobs.clone(), state.clone(), node.clone(), stop.clone());
                 actix::spawn(async move { jobs.work(state, node, stop).await });
             }
             jobs.wake();
+            if let Some(cluster) = state.cluster().cloned() {
+                // Jobs a dead node was running: its announcement lapses with its leases, and
+                // then any node queues them again.
+                let (state, stop) = (state.clone(), stop.clone());
+                actix::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(cluster.lease()) => {}
+                        }
+                        requeue_orphans(&state, |claimed| !cluster.alive(claimed)).await;
+                    }
+                });
+            }
             let deliverer = jobs.clone();
             actix::spawn(async move { deliverer.deliver(state, stop).await });
         });
@@ -195,6 +200,20 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
         }
     }
     Ok(None)
+}
+
+/// Queues again the running jobs of the nodes `orphaned` names.
+async fn requeue_orphans(state: &AppState, orphaned: impl FnMut(&str) -> bool) {
+    match state.store().running_jobs(orphaned) {
+        Ok(ids) => {
+            for id in ids {
+                if let Err(e) = requeue(state, &id).await {
+                    tracing::error!(job = %id, error = %e, "job not queued again");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "interrupted jobs not checked"),
+    }
 }
 
 async fn requeue(state: &AppState, id: &str) -> Result<(), ApiError> {

@@ -236,6 +236,16 @@ impl Cluster {
         }
     }
 
+    /// Whether `node` still announces itself (a Redis failure counts as alive: nothing is
+    /// taken from a node that may be running).
+    pub fn alive(&self, node: &str) -> bool {
+        let key = self.node_key(node);
+        self.inner
+            .redis
+            .run(|c| ::redis::cmd("EXISTS").arg(&key).query::<bool>(c))
+            .unwrap_or(true)
+    }
+
     /// Stops announcing this node (shutdown): relays to it stop at once.
     pub fn leave(&self) {
         let key = self.node_key(&self.inner.node);

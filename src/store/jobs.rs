@@ -292,17 +292,23 @@ impl Store {
         self.flush().await
     }
 
-    /// Every job running on `node` (after a crash: none of them is really running).
+    /// Every job running on a node `claimed` says so of (after a crash: none of them is
+    /// really running).
     ///
     /// # Errors
     /// Storage failures.
-    pub fn running_jobs(&self, node: &str) -> Result<Vec<String>, StoreError> {
+    pub fn running_jobs(
+        &self,
+        mut claimed: impl FnMut(&str) -> bool,
+    ) -> Result<Vec<String>, StoreError> {
         let mut out = Vec::new();
         for v in self.jobs.iter().values() {
             let Ok(rec) = decode::<JobRecord>("jobs", "", &v?) else {
                 continue;
             };
-            if rec.status == JobStatus::Running && rec.claimed_by.as_deref() == Some(node) {
+            if rec.status == JobStatus::Running
+                && rec.claimed_by.as_deref().is_some_and(&mut claimed)
+            {
                 out.push(rec.id);
             }
         }

@@ -758,3 +758,49 @@ async fn redis_stopped_and_restarted_under_traffic_loses_nothing_acked() {
         }
     }
 }
+
+#[tokio::test]
+async fn jobs_of_a_dead_node_are_run_by_another() {
+    let up = MockUpstream::spawn(Behaviour {
+        ttft: Duration::from_millis(300),
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let mut c = Cluster::start(2, &up, &[]);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let resp = http()
+            .post(c.nodes[0].url("/v1/jobs"))
+            .json(&json!({"request": {"model": "up", "messages": [{"role": "user", "content": format!("clustered job {i}")}]}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let v: Value = resp.json().await.unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    assert!(crate::common::wait_until(Duration::from_secs(5), || up.requests() >= 3).await);
+    c.nodes[0].kill9();
+    let node = &c.nodes[1];
+    for id in &ids {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v: Value = http()
+                .get(node.url(&format!("/v1/jobs/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if v["status"] == "succeeded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job never finished after its node died: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
