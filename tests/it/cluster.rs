@@ -386,15 +386,7 @@ async fn a_key_revoked_on_one_node_is_refused_on_all() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     // Every node reads the admin key from the same variable, in its own environment.
     let c = Cluster::start(2, &up, &[("PARLEY_ADMIN_KEY", "adm-cluster-secret")]);
-    let resp = http()
-        .post(c.nodes[0].url("/admin/keys"))
-        .bearer_auth("adm-cluster-secret")
-        .json(&json!({"tenant": "acme"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let v: Value = resp.json().await.unwrap();
+    let v = admin_key(&c.nodes[0], json!({"tenant": "acme"})).await;
     let (id, key) = (v["id"].as_str().unwrap(), v["key"].as_str().unwrap());
     // Known on node 2 (and remembered there).
     let models = http()
@@ -421,6 +413,20 @@ async fn a_key_revoked_on_one_node_is_refused_on_all() {
         .await
         .unwrap();
     assert_eq!(models.status(), 401);
+}
+
+/// Creates a key through a node's admin API (admin key `adm-cluster-secret`); answers the
+/// created key's JSON (`id`, `key`, …).
+async fn admin_key(node: &BinServer, body: Value) -> Value {
+    let resp = http()
+        .post(node.url("/admin/keys"))
+        .bearer_auth("adm-cluster-secret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json().await.unwrap()
 }
 
 /// `parley_cache_entries` of a node.
@@ -492,15 +498,11 @@ async fn a_cache_entry_made_on_one_node_hits_on_another() {
 async fn a_key_rate_limit_adds_up_across_three_nodes() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let c = Cluster::start(3, &up, &[("PARLEY_ADMIN_KEY", "adm-cluster-secret")]);
-    let resp = http()
-        .post(c.nodes[0].url("/admin/keys"))
-        .bearer_auth("adm-cluster-secret")
-        .json(&json!({"tenant": "acme", "rpm": 60, "window": "sliding", "daily_tokens": 1_000_000}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201, "{:?}", resp.text().await);
-    let v: Value = resp.json().await.unwrap();
+    let v = admin_key(
+        &c.nodes[0],
+        json!({"tenant": "acme", "rpm": 60, "window": "sliding", "daily_tokens": 1_000_000}),
+    )
+    .await;
     let key = v["key"].as_str().unwrap().to_owned();
     // 120 requests, forty through each node, at once.
     let mut tasks = Vec::new();
@@ -535,15 +537,11 @@ async fn a_daily_budget_spent_across_nodes_is_never_overrun() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let c = Cluster::start(3, &up, &[("PARLEY_ADMIN_KEY", "adm-cluster-secret")]);
     let budget = 2_000u64;
-    let resp = http()
-        .post(c.nodes[0].url("/admin/keys"))
-        .bearer_auth("adm-cluster-secret")
-        .json(&json!({"tenant": "acme", "daily_tokens": budget}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let v: Value = resp.json().await.unwrap();
+    let v = admin_key(
+        &c.nodes[0],
+        json!({"tenant": "acme", "daily_tokens": budget}),
+    )
+    .await;
     let key = v["key"].as_str().unwrap().to_owned();
     let mut tasks = Vec::new();
     for i in 0..60 {
@@ -781,26 +779,9 @@ async fn jobs_of_a_dead_node_are_run_by_another() {
     }
     assert!(crate::common::wait_until(Duration::from_secs(5), || up.requests() >= 3).await);
     c.nodes[0].kill9();
-    let node = &c.nodes[1];
+    let base = format!("http://{}", c.nodes[1].addr);
     for id in &ids {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let v: Value = http()
-                .get(node.url(&format!("/v1/jobs/{id}")))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if v["status"] == "succeeded" {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "job never finished after its node died: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let v = crate::jobs::ended(&base, id).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
     }
 }

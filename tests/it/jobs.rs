@@ -20,7 +20,7 @@ async fn job(url: String) -> Value {
 }
 
 /// Polls a job until it has ended; answers it.
-async fn ended(base: &str, id: &str) -> Value {
+pub async fn ended(base: &str, id: &str) -> Value {
     let url = format!("{base}/v1/jobs/{id}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -126,10 +126,10 @@ async fn bad_jobs_are_refused_before_they_are_stored() {
     assert_eq!(list["data"].as_array().unwrap().len(), 0, "{list}");
 }
 
-#[tokio::test]
-async fn queued_and_running_jobs_can_be_cancelled() {
+/// A server with one job worker before an upstream that waits `ttft_ms` before answering.
+fn one_slow_worker(ttft_ms: u64) -> (MockUpstream, TestServer, String) {
     let up = MockUpstream::spawn(Behaviour {
-        ttft: Duration::from_millis(1_500),
+        ttft: Duration::from_millis(ttft_ms),
         ..Behaviour::default()
     })
     .unwrap();
@@ -137,6 +137,12 @@ async fn queued_and_running_jobs_can_be_cancelled() {
     cfg.jobs.workers = 1;
     let server = TestServer::start(cfg);
     let base = format!("http://{}", server.addr);
+    (up, server, base)
+}
+
+#[tokio::test]
+async fn queued_and_running_jobs_can_be_cancelled() {
+    let (up, server, base) = one_slow_worker(1_500);
     let mut ids = Vec::new();
     for i in 0..3 {
         let (status, v) = submit(
@@ -436,15 +442,7 @@ async fn upload(base: &str, content: &str) -> String {
 
 #[tokio::test]
 async fn a_cancelled_batch_ends_cancelled_with_what_finished() {
-    let up = MockUpstream::spawn(Behaviour {
-        ttft: Duration::from_millis(1_000),
-        ..Behaviour::default()
-    })
-    .unwrap();
-    let mut cfg = config_with(Some(&up));
-    cfg.jobs.workers = 1;
-    let server = TestServer::start(cfg);
-    let base = format!("http://{}", server.addr);
+    let (up, _server, base) = one_slow_worker(1_000);
     let lines: Vec<String> = (0..5)
         .map(|i| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": {"model": "up", "messages": [{"role": "user", "content": format!("slow {i}")}]}}).to_string())
         .collect();
