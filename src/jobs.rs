@@ -95,6 +95,11 @@ impl Jobs {
                     }
                 });
             }
+            let retention = state.config.jobs.retention_days;
+            if retention > 0 {
+                let (state, stop) = (state.clone(), stop.clone());
+                actix::spawn(async move { sweep(&state, retention, &stop).await });
+            }
             let deliverer = jobs.clone();
             actix::spawn(async move { deliverer.deliver(state, stop).await });
         });
@@ -200,6 +205,36 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
         }
     }
     Ok(None)
+}
+
+/// Every hour (and at start), removes what ended more than `days` days ago: jobs, batches and
+/// batch files (a batch still running keeps its jobs and files).
+async fn sweep(state: &AppState, days: u32, stop: &CancellationToken) {
+    loop {
+        let before = unix_now() - i64::from(days) * 86_400;
+        let store = state.store();
+        let jobs = store.expire_jobs(before, |job| {
+            job.metadata["batch_id"]
+                .as_str()
+                .is_some_and(|b| store.batch_running(b).unwrap_or(true))
+        });
+        match (jobs, store.expire_batches(before)) {
+            (Ok(j), Ok((b, f))) if j + b + f > 0 => {
+                tracing::info!(
+                    jobs = j,
+                    batches = b,
+                    files = f,
+                    "expired jobs, batches and files removed"
+                );
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::warn!(error = %e, "expired jobs not removed"),
+            _ => {}
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(3_600)) => {}
+        }
+    }
 }
 
 /// Queues again the running jobs of the nodes `orphaned` names.

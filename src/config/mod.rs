@@ -215,6 +215,8 @@ pub struct JobsConfig {
     pub workers: usize,
     /// Webhooks may go to loopback, private and link-local addresses (off: SSRF).
     pub allow_private_webhooks: bool,
+    /// Days ended jobs, batches and batch files are kept (0: for ever).
+    pub retention_days: u32,
 }
 
 impl Default for JobsConfig {
@@ -222,6 +224,7 @@ impl Default for JobsConfig {
         Self {
             workers: 2,
             allow_private_webhooks: false,
+            retention_days: 30,
         }
     }
 }

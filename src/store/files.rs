@@ -123,6 +123,69 @@ impl Store {
         Ok(swapped)
     }
 
+    /// Removes batches that ended before `before` (Unix seconds) with their input, output and
+    /// error files, and files older than that which no batch still uses; answers how many
+    /// batches and files went. A batch not yet finalized keeps everything it names.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn expire_batches(&self, before: i64) -> Result<(usize, usize), StoreError> {
+        let mut used = std::collections::HashSet::new();
+        let mut batches = 0;
+        let all: Vec<BatchRecord> = self
+            .batches
+            .iter()
+            .values()
+            .filter_map(|v| {
+                v.ok()
+                    .and_then(|v| decode::<BatchRecord>("batches", "", &v).ok())
+            })
+            .collect();
+        for b in all {
+            let ended = b.completed_at.or(b.cancelled_at);
+            if ended.is_some_and(|t| t < before) {
+                self.batches.remove(b.id.as_bytes())?;
+                let mut k = b.tenant.as_str().as_bytes().to_vec();
+                k.push(0);
+                k.extend_from_slice(&b.created_ms.to_be_bytes());
+                k.extend_from_slice(b.id.as_bytes());
+                self.batches_by_tenant.remove(k)?;
+                batches += 1;
+            } else {
+                used.insert(b.input_file_id.clone());
+                used.extend(b.output_file_id.clone());
+                used.extend(b.error_file_id.clone());
+            }
+        }
+        let mut files = 0;
+        let old: Vec<FileRecord> = self
+            .files
+            .iter()
+            .values()
+            .filter_map(|v| {
+                v.ok()
+                    .and_then(|v| decode::<FileRecord>("files", "", &v).ok())
+            })
+            .filter(|f| f.created_at < before && !used.contains(&f.id))
+            .collect();
+        for f in old {
+            self.files.remove(f.id.as_bytes())?;
+            self.file_contents.remove(f.id.as_bytes())?;
+            files += 1;
+        }
+        Ok((batches, files))
+    }
+
+    /// Whether batch `id` is still running (its jobs must stay until it is finalized).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn batch_running(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .batch_raw(id)?
+            .is_some_and(|(b, _)| matches!(b.status.as_str(), "in_progress" | "cancelling")))
+    }
+
     /// A tenant's batch ids, newest first, at most `limit`.
     ///
     /// # Errors

@@ -292,6 +292,43 @@ impl Store {
         self.flush().await
     }
 
+    /// Removes ended jobs that finished before `before` (Unix seconds) whose webhook, if any,
+    /// is done, except those of a batch not yet finalized (`keep`); answers how many went.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn expire_jobs(
+        &self,
+        before: i64,
+        mut keep: impl FnMut(&JobRecord) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut gone = 0;
+        let old: Vec<JobRecord> = self
+            .jobs
+            .iter()
+            .values()
+            .filter_map(|v| {
+                v.ok()
+                    .and_then(|v| decode::<JobRecord>("jobs", "", &v).ok())
+            })
+            .filter(|r| {
+                r.status.finished()
+                    && r.finished_at.is_some_and(|t| t < before)
+                    && r.webhook.as_ref().is_none_or(|w| w.done)
+            })
+            .collect();
+        for rec in old {
+            if keep(&rec) {
+                continue;
+            }
+            self.jobs.remove(rec.id.as_bytes())?;
+            self.jobs_by_tenant.remove(tenant_key(&rec))?;
+            self.jobs_queue.remove(queue_key(&rec))?;
+            gone += 1;
+        }
+        Ok(gone)
+    }
+
     /// Every job running on a node `claimed` says so of (after a crash: none of them is
     /// really running).
     ///

@@ -381,3 +381,64 @@ async fn redis_appends_from_two_nodes_never_overwrite_each_other() {
     assert_eq!(stored[1].content, "from b");
     assert_eq!(b.conversation(&c.id).unwrap().unwrap().last_seq, 3); // ok: test code
 }
+
+fn ended_job(id: &str, finished_at: i64, webhook_done: Option<bool>) -> JobRecord {
+    JobRecord {
+        id: id.into(),
+        tenant: TenantId("t".into()),
+        key_id: None,
+        status: JobStatus::Succeeded,
+        created_at: finished_at,
+        created_ms: finished_at * 1000,
+        started_at: Some(finished_at),
+        finished_at: Some(finished_at),
+        request: JobRequest::Chat {
+            body: serde_json::json!({}),
+        },
+        metadata: serde_json::json!({}),
+        result: None,
+        error: None,
+        attempts: 1,
+        claimed_by: None,
+        cancel_requested: false,
+        webhook: webhook_done.map(|done| WebhookState {
+            url: "https://example.com".into(),
+            msg_id: "msg".into(),
+            deliveries: Vec::new(),
+            done,
+            first_ms: None,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn ended_jobs_expire_after_their_retention_unless_still_needed() {
+    for (_held, store) in backends() {
+        for job in [
+            ended_job("job_old", 100, None),
+            ended_job("job_new", 10_000, None),
+            ended_job("job_old_undelivered", 100, Some(false)),
+            ended_job("job_old_delivered", 100, Some(true)),
+            ended_job("job_old_kept", 100, None),
+        ] {
+            store.put_job(&job).await.unwrap(); // ok: test code
+        }
+        let gone = store
+            .expire_jobs(5_000, |j| j.id == "job_old_kept")
+            .unwrap(); // ok: test code
+        assert_eq!(gone, 2);
+        for (id, there) in [
+            ("job_old", false),
+            ("job_new", true),
+            ("job_old_undelivered", true),
+            ("job_old_delivered", false),
+            ("job_old_kept", true),
+        ] {
+            assert_eq!(store.job_raw(id).unwrap().is_some(), there, "{id}"); // ok: test code
+        }
+        assert_eq!(
+            store.tenant_jobs(&TenantId("t".into()), 10).unwrap().len(),
+            3
+        ); // ok: test code
+    }
+}
