@@ -83,6 +83,8 @@ pub async fn route(
 #[derive(Debug)]
 pub struct Lost {
     pub node: String,
+    /// Which link of that node broke (a newer one may have replaced it already).
+    pub link: u64,
     /// Conversations the socket watched through the link, with the last `seq` it saw.
     pub watched: Vec<(ConversationId, u64)>,
     /// Client frames that never reached the node, in order: they go where the conversation
@@ -119,8 +121,14 @@ pub struct ToOwner {
 
 /// One client socket's relay to one node: a WebSocket to it, opened on first use.
 pub struct Link {
-    tx: mpsc::UnboundedSender<ToOwner>,
+    tx: mpsc::Sender<ToOwner>,
+    pub id: u64,
 }
+
+static LINKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Client frames that may wait for a relay socket (as many as for the socket's own handling).
+const LINK_QUEUE: usize = 256;
 
 impl Link {
     /// Opens a link to `addr` for the socket `socket`, authenticated as the socket's client.
@@ -134,26 +142,30 @@ impl Link {
         socket: Recipient<Outbound>,
         lost: mpsc::UnboundedSender<Lost>,
     ) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
         let url = format!("ws://{addr}/v1/ws");
         let me = cluster.node().to_owned();
-        actix::spawn(run_link(url, me, node, token, socket, rx, lost));
-        Self { tx }
+        let id = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        actix::spawn(run_link(url, me, (node, id), token, socket, rx, lost));
+        Self { tx, id }
     }
 
-    /// Sends a frame; false when the link is gone.
-    pub fn send(&self, frame: ToOwner) -> bool {
-        self.tx.send(frame).is_ok()
+    /// Queues a frame for the node; gives it back when the queue is full or the link is gone.
+    ///
+    /// # Errors
+    /// `Full` or `Closed`, with the frame.
+    pub fn send(&self, frame: ToOwner) -> Result<(), mpsc::error::TrySendError<ToOwner>> {
+        self.tx.try_send(frame)
     }
 }
 
 async fn run_link(
     url: String,
     me: String,
-    node: String,
+    (node, link): (String, u64),
     token: Option<Arc<SecretString>>,
     socket: Recipient<Outbound>,
-    mut rx: mpsc::UnboundedReceiver<ToOwner>,
+    mut rx: mpsc::Receiver<ToOwner>,
     lost: mpsc::UnboundedSender<Lost>,
 ) {
     let mut watched: HashMap<ConversationId, Watch> = HashMap::new();
@@ -217,6 +229,7 @@ async fn run_link(
         .collect();
     let _ = lost.send(Lost {
         node,
+        link,
         watched,
         unsent,
     });

@@ -371,25 +371,45 @@ fn send_to(
     out: ToOwner,
 ) {
     let Some(lost) = cx.lost.clone() else { return };
-    let link = cx.links.entry(node.clone()).or_insert_with(|| {
-        Link::open(
-            cluster,
-            node,
-            addr,
-            cx.token.clone(),
-            cx.socket.clone(),
-            lost,
-        )
-    });
-    // A link that died has told `lost` already, with what it watched; this frame is the
-    // client's to resend (it was never acked).
-    link.send(out);
+    let mut out = out;
+    // Twice at most: a link found closed is replaced by a new one (if the node is gone, the
+    // new link fails and re-routes what it was given).
+    for _ in 0..2 {
+        let link = cx.links.entry(node.clone()).or_insert_with(|| {
+            Link::open(
+                cluster,
+                node.clone(),
+                addr,
+                cx.token.clone(),
+                cx.socket.clone(),
+                lost.clone(),
+            )
+        });
+        match link.send(out) {
+            Ok(()) => return,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(back)) => {
+                let err = ApiError::new(
+                    crate::error::ErrorCode::RateLimited,
+                    "too many frames in flight to the node running this conversation",
+                )
+                .with_retry_after(std::time::Duration::from_secs(1));
+                return cx.fail(&err, back.subscribes, None);
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(back)) => {
+                cx.links.remove(&node);
+                out = back;
+            }
+        }
+    }
 }
 
 /// A relay broke (its node died or left): the conversations watched through it are watched
 /// again where they run now, from the last `seq` this socket saw, so nothing is missed.
 async fn rewatch(cx: &mut CommandCtx, lost: Lost) {
-    cx.links.remove(&lost.node);
+    // Unless a newer link to that node has replaced the one that broke.
+    if cx.links.get(&lost.node).is_some_and(|l| l.id == lost.link) {
+        cx.links.remove(&lost.node);
+    }
     let Some(cluster) = cx.state.cluster().cloned() else {
         return;
     };
