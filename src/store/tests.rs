@@ -301,14 +301,14 @@ fn redis_scans_run_both_ways_across_pages() {
     let fwd: Vec<Vec<u8>> = tree
         .scan_prefix(b"a")
         .keys()
-        .map(|k| k.unwrap().to_vec())
+        .map(|k| k.unwrap().to_vec()) // ok: test code
         .collect(); // ok: test code
     assert_eq!(fwd, keys.iter().map(|k| k.to_vec()).collect::<Vec<_>>());
     let back: Vec<Vec<u8>> = tree
         .scan_prefix(b"a")
         .keys()
         .rev()
-        .map(|k| k.unwrap().to_vec())
+        .map(|k| k.unwrap().to_vec()) // ok: test code
         .collect(); // ok: test code
     assert_eq!(back.len(), 700);
     assert_eq!(back.first().map(Vec::as_slice), Some(keys[699].as_slice()));
@@ -334,18 +334,18 @@ fn redis_scans_run_both_ways_across_pages() {
     assert_eq!(mid.len(), 11);
     assert_eq!(tree.len().unwrap(), 701); // ok: test code
     assert_eq!(
-        tree.compare_and_swap(b"b", Some(b"x"), Some(b"y")).unwrap(),
+        tree.compare_and_swap(b"b", Some(b"x"), Some(b"y")).unwrap(), // ok: test code
         Err(kv::Conflict)
     ); // ok: test code
     assert_eq!(
         tree.compare_and_swap(b"b", Some(b"other prefix"), None::<&[u8]>)
-            .unwrap(),
+            .unwrap(), // ok: test code
         Ok(())
     ); // ok: test code
     assert_eq!(tree.get(b"b").unwrap(), None); // ok: test code
     assert_eq!(
         tree.compare_and_swap(b"b", None::<&[u8]>, Some(b"new"))
-            .unwrap(),
+            .unwrap(), // ok: test code
         Ok(())
     ); // ok: test code
     assert_eq!(tree.remove(b"b").unwrap().as_deref(), Some(&b"new"[..])); // ok: test code
@@ -437,7 +437,7 @@ async fn ended_jobs_expire_after_their_retention_unless_still_needed() {
             assert_eq!(store.job_raw(id).unwrap().is_some(), there, "{id}"); // ok: test code
         }
         assert_eq!(
-            store.tenant_jobs(&TenantId("t".into()), 10).unwrap().len(),
+            store.tenant_jobs(&TenantId("t".into()), 10).unwrap().len(), // ok: test code
             3
         ); // ok: test code
     }

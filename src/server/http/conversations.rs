@@ -187,7 +187,10 @@ pub async fn post_message(
     id: web::Path<String>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    post(&state, p, &id, body.into_inner()).await
+    Ok(match post(&state, p, &id, body.into_inner()).await? {
+        Answer::Stream(rx) => sse::response(turn_events(rx)),
+        Answer::Whole(status, v) => HttpResponse::build(status).json(v),
+    })
 }
 
 /// A conversation turn answered whole (`stream` is ignored), as an async job runs it: the
@@ -204,11 +207,16 @@ pub async fn turn(
     if let Some(obj) = body.as_object_mut() {
         obj.remove("stream");
     }
-    let res = post(state, p, id, body).await?;
-    let bytes = actix_web::body::to_bytes(res.into_body())
-        .await
-        .map_err(|_| ApiError::internal())?;
-    serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())
+    match post(state, p, id, body).await? {
+        Answer::Whole(_, v) => Ok(v),
+        Answer::Stream(_) => Err(ApiError::internal()),
+    }
+}
+
+/// A turn's answer: its SSE events, or the whole reply with its status.
+enum Answer {
+    Stream(mpsc::Receiver<Outbound>),
+    Whole(actix_web::http::StatusCode, serde_json::Value),
 }
 
 async fn post(
@@ -216,7 +224,7 @@ async fn post(
     p: Principal,
     id: &str,
     body: serde_json::Value,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<Answer, ApiError> {
     let id = parse_id(id)?;
     let body: PostBody = object(body)?;
     let live = state.registry.get(&id, &p.tenant)?;
@@ -267,9 +275,10 @@ async fn post(
     };
     live.ask(post).await?;
     if body.stream {
-        Ok(sse::response(turn_events(rx)))
+        Ok(Answer::Stream(rx))
     } else {
-        wait_reply(state, &id, rx).await
+        let (status, v) = wait_reply(state, &id, rx).await?;
+        Ok(Answer::Whole(status, v))
     }
 }
 
@@ -296,7 +305,7 @@ async fn wait_reply(
     state: &AppState,
     id: &ConversationId,
     mut rx: mpsc::Receiver<Outbound>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<(actix_web::http::StatusCode, serde_json::Value), ApiError> {
     let mut acked = None;
     while let Some(out) = rx.recv().await {
         let Outbound::Frame { frame, .. } = out else {
@@ -309,13 +318,16 @@ async fn wait_reply(
                     .store()
                     .message(id, done.seq)?
                     .ok_or_else(ApiError::internal)?;
-                return Ok(HttpResponse::Ok().json(serde_json::json!({
-                    "message": WireMessage::from(msg),
-                    "usage": done.usage,
-                    "cached": done.cached,
-                    "provider": done.provider,
-                    "model": done.model,
-                })));
+                return Ok((
+                    actix_web::http::StatusCode::OK,
+                    serde_json::json!({
+                        "message": WireMessage::from(msg),
+                        "usage": done.usage,
+                        "cached": done.cached,
+                        "provider": done.provider,
+                        "model": done.model,
+                    }),
+                ));
             }
             ServerFrame::Error(e) => {
                 let mut err = ApiError::new(e.code, e.message.clone());
@@ -329,8 +341,10 @@ async fn wait_reply(
     if let Some(seq) = acked {
         if let Some(msg) = state.store().message(id, seq)? {
             if msg.role == crate::store::Role::Tool {
-                return Ok(HttpResponse::Accepted()
-                    .json(serde_json::json!({ "message": WireMessage::from(msg) })));
+                return Ok((
+                    actix_web::http::StatusCode::ACCEPTED,
+                    serde_json::json!({ "message": WireMessage::from(msg) }),
+                ));
             }
         }
     }

@@ -53,11 +53,8 @@ pub async fn completion(
     mut body: ChatCompletionRequest,
 ) -> Result<serde_json::Value, ApiError> {
     body.stream = false;
-    let res = answer(state, p, body).await?;
-    let bytes = actix_web::body::to_bytes(res.into_body())
-        .await
-        .map_err(|_| ApiError::internal())?;
-    serde_json::from_slice(&bytes).map_err(|_| ApiError::internal())
+    let (run, reply) = start(state, p, &mut body)?;
+    serde_json::to_value(complete(run, reply).await?).map_err(|_| ApiError::internal())
 }
 
 async fn answer(
@@ -65,6 +62,21 @@ async fn answer(
     p: Principal,
     mut body: ChatCompletionRequest,
 ) -> Result<HttpResponse, ApiError> {
+    let (run, reply) = start(state, p, &mut body)?;
+    if body.stream {
+        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
+        stream_reply(run, reply, include_usage).await
+    } else {
+        Ok(HttpResponse::Ok().json(complete(run, reply).await?))
+    }
+}
+
+/// Checks and admits the request and starts its generation.
+fn start(
+    state: &AppState,
+    p: Principal,
+    body: &mut ChatCompletionRequest,
+) -> Result<(Running, Reply), ApiError> {
     let decoded = body.decode().map_err(ApiError::bad_request)?;
     let chat = ChatRequest {
         model: String::new(),
@@ -85,12 +97,7 @@ async fn answer(
         created: unix_now(),
         logprobs,
     };
-    if body.stream {
-        let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
-        stream_reply(run, reply, include_usage).await
-    } else {
-        complete(run, reply).await
-    }
+    Ok((run, reply))
 }
 
 /// What every answer of one request shares.
@@ -133,7 +140,7 @@ impl Reply {
     }
 }
 
-async fn complete(mut run: Running, reply: Reply) -> Result<HttpResponse, ApiError> {
+async fn complete(mut run: Running, reply: Reply) -> Result<ChatCompletion, ApiError> {
     let mut out = loop {
         if let Piece::Done(out) = run.next().await {
             break *out;
@@ -155,7 +162,7 @@ async fn complete(mut run: Running, reply: Reply) -> Result<HttpResponse, ApiErr
         }],
         usage: out.usage,
     };
-    Ok(HttpResponse::Ok().json(body))
+    Ok(body)
 }
 
 /// The SSE answer: a role chunk, content and tool-call chunks, a finish chunk, the usage chunk
