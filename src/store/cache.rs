@@ -102,87 +102,53 @@ impl Store {
         let value = encode(rec)?;
         let vec = vector_bytes(vector);
         let conv = rec.conversation.as_ref().map(|c| conv_key(c, id));
-        use super::kv::Tree;
-        let (
-            Tree::Sled(entries),
-            Tree::Sled(vectors),
-            Tree::Sled(by_conv),
-            Tree::Sled(conversations),
-        ) = (
-            &self.cache_entries,
-            &self.cache_vectors,
-            &self.cache_by_conversation,
-            &self.conversations,
-        )
-        else {
-            return self.put_cache_entry_redis(
-                &key,
-                &value,
-                &vec,
-                rec.conversation.as_ref(),
-                conv.as_deref(),
-            );
-        };
-        let conv_id = rec.conversation.clone();
-        (entries, vectors, by_conv, conversations)
-            .transaction(|(entries, vectors, by_conv, conversations)| {
-                // A conversation deleted meanwhile takes no new entry (its deletion scan may
-                // have run already).
-                if let Some(c) = &conv_id {
-                    if conversations.get(c.as_bytes())?.is_none() {
-                        return Err(ConflictableTransactionError::Abort(
-                            StoreError::NoConversation(c.clone()),
-                        ));
-                    }
-                }
-                entries.insert(&key, value.as_slice())?;
-                vectors.insert(&key, vec.as_slice())?;
-                if let Some(k) = &conv {
-                    by_conv.insert(k.as_slice(), &[] as &[u8])?;
-                }
-                Ok::<_, ConflictableTransactionError<StoreError>>(())
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => e.into(),
-            })
-    }
-
-    fn put_cache_entry_redis(
-        &self,
-        key: &[u8],
-        value: &[u8],
-        vector: &[u8],
-        conversation: Option<&ConversationId>,
-        conv_key: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
         use super::kv::{Expect, Tree, Txn};
-        let (
-            Tree::Redis(entries),
-            Tree::Redis(vectors),
-            Tree::Redis(by_conv),
-            Tree::Redis(conversations),
-        ) = (
+        let trees = (
             &self.cache_entries,
             &self.cache_vectors,
             &self.cache_by_conversation,
             &self.conversations,
-        )
-        else {
-            return Err(StoreError::Task("cache trees on mixed backends".into()));
-        };
-        let mut txn = Txn::default();
-        if let Some(c) = conversation {
-            // A conversation deleted meanwhile takes no new entry.
-            txn = txn.require(conversations, c.as_bytes(), Expect::Exists);
-        }
-        txn = txn.insert(entries, key, value).insert(vectors, key, vector);
-        if let Some(k) = conv_key {
-            txn = txn.insert(by_conv, k, &[]);
-        }
-        match (txn.commit()?, conversation) {
-            (false, Some(c)) => Err(StoreError::NoConversation(c.clone())),
-            _ => Ok(()),
+        );
+        let conv_id = rec.conversation.clone();
+        match trees {
+            (Tree::Sled(e), Tree::Sled(v), Tree::Sled(b), Tree::Sled(c)) => (e, v, b, c)
+                .transaction(|(entries, vectors, by_conv, conversations)| {
+                    // A conversation deleted meanwhile takes no new entry (its deletion scan
+                    // may have run already).
+                    if let Some(c) = &conv_id {
+                        if conversations.get(c.as_bytes())?.is_none() {
+                            return Err(ConflictableTransactionError::Abort(
+                                StoreError::NoConversation(c.clone()),
+                            ));
+                        }
+                    }
+                    entries.insert(&key, value.as_slice())?;
+                    vectors.insert(&key, vec.as_slice())?;
+                    if let Some(k) = &conv {
+                        by_conv.insert(k.as_slice(), &[] as &[u8])?;
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(|e| match e {
+                    TransactionError::Abort(e) => e,
+                    TransactionError::Storage(e) => e.into(),
+                }),
+            (Tree::Redis(e), Tree::Redis(v), Tree::Redis(b), Tree::Redis(c)) => {
+                let mut txn = Txn::default();
+                if let Some(id) = &conv_id {
+                    // Likewise: one script checks and writes.
+                    txn = txn.require(c, id.as_bytes(), Expect::Exists);
+                }
+                txn = txn.insert(e, &key, &value).insert(v, &key, &vec);
+                if let Some(k) = &conv {
+                    txn = txn.insert(b, k, &[]);
+                }
+                match (txn.commit()?, conv_id) {
+                    (false, Some(id)) => Err(StoreError::NoConversation(id)),
+                    _ => Ok(()),
+                }
+            }
+            _ => Err(StoreError::Task("cache trees on mixed backends".into())),
         }
     }
 
