@@ -119,6 +119,7 @@ fn bench(c: &mut Criterion) {
                 saved_tokens: 0,
                 max_tokens_clamped: None,
                 saved_cost: 0.0,
+                tier: None,
                 finish_reason: "stop".into(),
             };
             black_box((verdict, redacted, out, record))

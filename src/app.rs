@@ -240,6 +240,14 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     let (usage, usage_writer) = UsageRecorder::start(store.clone(), retention);
     let spec = config.cache.embedder_spec().map_err(AppError::Refused)?;
     let embedder = crate::cache::build_embedder(&spec, &router).map_err(AppError::Refused)?;
+    let routing =
+        crate::routing::Routing::build(&config.routes, &embedder).map_err(AppError::Refused)?;
+    {
+        // The examples are embedded off the request path (a local or provider embedder takes
+        // a while); a request before that embeds them itself.
+        let routing = routing.clone();
+        actix::spawn(async move { routing.warm().await });
+    }
     let cache = Cache::start(
         CacheSettings {
             enabled: config.cache.enabled,
@@ -278,6 +286,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         governor: Arc::clone(&governor),
         usage,
         cluster: cluster.clone(),
+        routing,
     });
     let registry = Registry::new(deps, arbiters.iter().map(Arbiter::handle).collect());
     let state = web::Data::new(AppState {

@@ -21,6 +21,31 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a fake LLM provider speaking the OpenAI and Anthropic wire formats.
     MockUpstream(MockArgs),
+    /// Evaluate the semantic router's classifier on a labelled set: confusion matrix, share
+    /// sent to the cheap tier, estimated cost against all-flagship.
+    RouteEval(RouteEvalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RouteEvalArgs {
+    /// Which part of the set to report: `test` (held out, never tuned on), `train` or `all`.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Difficulty score at or above which a prompt goes to the flagship.
+    #[arg(long, default_value_t = crate::routing::DEFAULT_THRESHOLD)]
+    pub threshold: f32,
+    /// The embedder, as `cache.embedder` names it (`builtin`, `local:<dir>`).
+    #[arg(long, default_value = "builtin")]
+    pub embedder: String,
+    /// Score on the cheap signals alone (no example similarity).
+    #[arg(long)]
+    pub signals_only: bool,
+    /// Fit the weights on the training split first, print them, and report with them.
+    #[arg(long)]
+    pub fit: bool,
+    /// A labelled set in the same JSONL format instead of the shipped one.
+    #[arg(long)]
+    pub set: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

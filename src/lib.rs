@@ -8,6 +8,7 @@
 //! - [`generation`]: the one generation path every face drives (guard, cache, route, stream, settle).
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.
+//! - [`routing`]: semantic routing: the difficulty classifier, tiers, the evaluation set.
 //! - [`cache`]: semantic-cache building blocks: embedders and false-hit guards (not wired yet).
 //! - [`tokens`]: token counting (tiktoken encodings, compact counter) and context trimming.
 //! - [`limits`]: token buckets, circuit breaker, backoff: state machines with the clock passed in.
@@ -38,6 +39,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod provider;
+pub mod routing;
 pub mod server;
 pub mod store;
 pub mod telemetry;

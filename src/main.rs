@@ -15,6 +15,26 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::MockUpstream(args) => mock(&args),
+        Command::RouteEval(args) => route_eval(&args),
+    }
+}
+
+fn route_eval(args: &parley::cli::RouteEvalArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&anyhow::anyhow!("cannot start a runtime: {e}")),
+    };
+    match runtime.block_on(parley::routing::eval::command(args)) {
+        Ok(report) => {
+            use std::io::Write as _;
+            // The report is the command's output; a closed pipe is the reader's choice.
+            let _ = std::io::stdout().write_all(report.as_bytes());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&anyhow::anyhow!(e)),
     }
 }
 

@@ -26,6 +26,7 @@ pub struct Metrics {
     cache_near_misses: IntCounterVec,
     cache_lookup_seconds: prometheus::Histogram,
     pub cache_entries: IntGauge,
+    tier_decisions: IntCounterVec,
 }
 
 impl Metrics {
@@ -106,7 +107,16 @@ impl Metrics {
         registry.register(Box::new(cache_near_misses.clone()))?;
         registry.register(Box::new(cache_lookup_seconds.clone()))?;
         registry.register(Box::new(cache_entries.clone()))?;
+        let tier_decisions = IntCounterVec::new(
+            Opts::new(
+                "parley_tier_decisions_total",
+                "Semantic routes' requests by route, tier and reason (classified, sticky, forced)",
+            ),
+            &["route", "tier", "reason"],
+        )?;
+        registry.register(Box::new(tier_decisions.clone()))?;
         Ok(Self {
+            tier_decisions,
             cache_lookups,
             cache_near_misses,
             cache_lookup_seconds,
@@ -141,6 +151,13 @@ impl Metrics {
                 .with_label_values(&[provider, code.as_str()])
                 .inc();
         }
+    }
+
+    /// A semantic route's decision.
+    pub fn count_tier(&self, route: &str, tier: &str, reason: &str) {
+        self.tier_decisions
+            .with_label_values(&[route, tier, reason])
+            .inc();
     }
 
     /// A guardrail finding (`pii`/`prompt_injection`/`system_prompt_leak`; `flag`/`block`/`cut`).

@@ -57,6 +57,18 @@ pub struct CacheSettings {
     pub disabled_tenants: HashSet<String>,
 }
 
+/// The scope of one tier of a semantic route within `key`: each tier's replies are kept apart.
+pub fn tier_scope(key: ScopeKey, tier: &str) -> ScopeKey {
+    let mut h = Sha256::new();
+    h.update(key);
+    h.update(b"tier\0");
+    h.update(tier.as_bytes());
+    let digest = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest[..16]);
+    out
+}
+
 /// The preceding context a reply was given in: everything that, besides the new question,
 /// decides the answer.
 pub struct ScopeParts<'a> {

@@ -15,7 +15,9 @@ use serde::Deserialize;
 mod routing;
 
 use routing::target;
-pub use routing::{ProviderConfig, ProviderKind, RetryConfig, RouteConfig, Strategy, TargetConfig};
+pub use routing::{
+    ProviderConfig, ProviderKind, RetryConfig, RouteConfig, Strategy, TargetConfig, TierConfig,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -534,16 +536,23 @@ impl Config {
             if !models.insert(r.model.as_str()) {
                 problems.push(format!("routes[{i}].model: duplicate route {:?}", r.model));
             }
-            if r.targets.is_empty() {
-                problems.push(format!("routes[{i}].targets: needs at least one target"));
-            }
-            for (j, t) in r.targets.iter().enumerate() {
-                if !names.contains(t.provider.as_str()) {
+            if r.strategy == Strategy::Semantic {
+                validate_tiers(i, r, &names, &mut problems);
+            } else {
+                if r.targets.is_empty() {
+                    problems.push(format!("routes[{i}].targets: needs at least one target"));
+                }
+                if !r.tiers.is_empty() {
                     problems.push(format!(
-                        "routes[{i}].targets[{j}].provider: unknown provider {:?}",
-                        t.provider
+                        "routes[{i}].tiers: only a route with strategy = \"semantic\" has tiers"
                     ));
                 }
+                validate_targets(
+                    &format!("routes[{i}].targets"),
+                    &r.targets,
+                    &names,
+                    &mut problems,
+                );
             }
         }
         if self.routes.is_empty() {
@@ -562,6 +571,116 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.server.shutdown_timeout_secs)
+    }
+}
+
+fn validate_targets(
+    field: &str,
+    targets: &[TargetConfig],
+    providers: &HashSet<&str>,
+    problems: &mut Vec<String>,
+) {
+    for (j, t) in targets.iter().enumerate() {
+        if !providers.contains(t.provider.as_str()) {
+            problems.push(format!(
+                "{field}[{j}].provider: unknown provider {:?}",
+                t.provider
+            ));
+        }
+    }
+}
+
+/// A `semantic` route: two tiers or more, each with targets and a plain strategy, names unique,
+/// thresholds that fit the tiers.
+fn validate_tiers(
+    i: usize,
+    r: &RouteConfig,
+    providers: &HashSet<&str>,
+    problems: &mut Vec<String>,
+) {
+    if !r.targets.is_empty() {
+        problems.push(format!(
+            "routes[{i}].targets: a semantic route lists its targets in its tiers"
+        ));
+    }
+    if r.tiers.len() < 2 {
+        problems.push(format!(
+            "routes[{i}].tiers: a semantic route needs at least two tiers"
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (k, t) in r.tiers.iter().enumerate() {
+        if t.name.is_empty() {
+            problems.push(format!("routes[{i}].tiers[{k}].name: must not be empty"));
+        } else if !seen.insert(t.name.as_str()) {
+            problems.push(format!(
+                "routes[{i}].tiers[{k}].name: duplicate tier {:?}",
+                t.name
+            ));
+        }
+        if t.targets.is_empty() {
+            problems.push(format!(
+                "routes[{i}].tiers[{k}].targets: needs at least one target"
+            ));
+        }
+        if t.strategy == Strategy::Semantic {
+            problems.push(format!(
+                "routes[{i}].tiers[{k}].strategy: a tier orders its targets by fallback, weighted or least_busy"
+            ));
+        }
+        validate_targets(
+            &format!("routes[{i}].tiers[{k}].targets"),
+            &t.targets,
+            providers,
+            problems,
+        );
+    }
+    let in_range = |t: f32| t > 0.0 && t < 1.0;
+    match (&r.threshold, &r.thresholds) {
+        (Some(_), Some(_)) => problems.push(format!(
+            "routes[{i}].thresholds: set threshold (two tiers) or thresholds, not both"
+        )),
+        (Some(t), None) => {
+            if !in_range(*t) {
+                problems.push(format!(
+                    "routes[{i}].threshold: must be between 0 and 1 (exclusive), not {t}"
+                ));
+            }
+            if r.tiers.len() > 2 {
+                problems.push(format!(
+                    "routes[{i}].threshold: a route with {} tiers needs thresholds, one per tier after the first",
+                    r.tiers.len()
+                ));
+            }
+        }
+        (None, Some(ts)) => {
+            if ts.len() + 1 != r.tiers.len() {
+                problems.push(format!(
+                    "routes[{i}].thresholds: {} tiers need {} thresholds, not {}",
+                    r.tiers.len(),
+                    r.tiers.len().saturating_sub(1),
+                    ts.len()
+                ));
+            }
+            if !ts.iter().all(|t| in_range(*t)) || ts.windows(2).any(|w| w[0] >= w[1]) {
+                problems.push(format!(
+                    "routes[{i}].thresholds: must be ascending, each between 0 and 1 (exclusive)"
+                ));
+            }
+        }
+        (None, None) => {
+            if r.tiers.len() > 2 {
+                problems.push(format!(
+                    "routes[{i}].thresholds: a route with {} tiers needs thresholds, one per tier after the first",
+                    r.tiers.len()
+                ));
+            }
+        }
+    }
+    if !r.default_examples && r.examples.is_empty() && r.examples_file.is_none() {
+        problems.push(format!(
+            "routes[{i}].default_examples: without the shipped examples the route needs examples or examples_file"
+        ));
     }
 }
 
@@ -695,6 +814,75 @@ base_url = "http://127.0.0.1:9/v1"
             .collect();
         assert_eq!(t, ["openai", "anthropic"]);
         assert_eq!(cfg.routes[1].targets[1].model, "claude-3-5-haiku-latest");
+    }
+
+    #[test]
+    fn semantic_routes_are_read_and_their_mistakes_named() {
+        let cfg = parse(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "mock"
+            [[routes]]
+            model = "auto"
+            strategy = "semantic"
+            threshold = 0.6
+            sticky_turns = 5
+            examples = [{ text = "prove it", label = "hard" }]
+            tiers = [
+              { name = "fast", targets = [{ provider = "a", model = "small" }] },
+              { name = "strong", targets = [{ provider = "a", model = "big" }, { provider = "a", model = "big-2" }], strategy = "least_busy" },
+            ]
+            "#,
+        )
+        .unwrap(); // ok: test code
+        cfg.validate(|_| true).unwrap(); // ok: test code
+        let tiers = crate::routing::Tiers::of(&cfg.routes[0]).unwrap(); // ok: test code
+        assert_eq!(tiers.names, ["fast", "strong"]);
+        assert_eq!(tiers.thresholds, [0.6]);
+        assert_eq!(tiers.sticky_turns, 5);
+
+        let bad = parse(
+            r#"
+            [[providers]]
+            name = "a"
+            kind = "mock"
+            [[routes]]
+            model = "auto"
+            strategy = "semantic"
+            targets = [{ provider = "a", model = "x" }]
+            thresholds = [0.7, 0.4]
+            tiers = [
+              { name = "fast", targets = [{ provider = "nope", model = "small" }] },
+              { name = "fast", targets = [] },
+              { name = "big", targets = [{ provider = "a", model = "big" }], strategy = "semantic" },
+            ]
+            [[routes]]
+            model = "plain"
+            targets = [{ provider = "a", model = "x" }]
+            tiers = [{ name = "fast", targets = [{ provider = "a", model = "x" }] }]
+            [[routes]]
+            model = "one"
+            strategy = "semantic"
+            threshold = 1.5
+            tiers = [{ name = "only", targets = [{ provider = "a", model = "x" }] }]
+            "#,
+        )
+        .unwrap(); // ok: test code
+        let err = bad.validate(|_| true).unwrap_err().to_string();
+        for named in [
+            "routes[0].targets: a semantic route lists its targets in its tiers",
+            "routes[0].tiers[0].targets[0].provider: unknown provider \"nope\"",
+            "routes[0].tiers[1].name: duplicate tier \"fast\"",
+            "routes[0].tiers[1].targets: needs at least one target",
+            "routes[0].tiers[2].strategy",
+            "routes[0].thresholds: must be ascending",
+            "routes[1].tiers: only a route with strategy = \"semantic\" has tiers",
+            "routes[2].tiers: a semantic route needs at least two tiers",
+            "routes[2].threshold: must be between 0 and 1",
+        ] {
+            assert!(err.contains(named), "{named} missing from {err}");
+        }
     }
 
     #[test]

@@ -59,9 +59,33 @@ pub struct ProviderConfig {
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub model: String,
+    /// The targets (every strategy but `semantic`, whose targets are in its tiers).
+    #[serde(default)]
     pub targets: Vec<TargetConfig>,
     #[serde(default)]
     pub strategy: Strategy,
+    /// `semantic`: the tiers, cheapest first.
+    #[serde(default)]
+    pub tiers: Vec<TierConfig>,
+    /// `semantic` with two tiers: the difficulty score (0–1) at or above which a request goes
+    /// to the second.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+    /// `semantic` with more tiers: one ascending threshold per tier after the first.
+    #[serde(default)]
+    pub thresholds: Option<Vec<f32>>,
+    /// `semantic`: turns a conversation stays at least at a tier the classifier escalated it to.
+    #[serde(default = "default_sticky_turns")]
+    pub sticky_turns: u32,
+    /// `semantic`: labelled example prompts added to the shipped ones.
+    #[serde(default)]
+    pub examples: Vec<crate::routing::Example>,
+    /// `semantic`: a JSONL file of more examples (`{"text": ..., "label": "easy" | "hard"}`).
+    #[serde(default)]
+    pub examples_file: Option<std::path::PathBuf>,
+    /// `semantic`: whether the shipped examples are used (else only the route's own).
+    #[serde(default = "yes")]
+    pub default_examples: bool,
     /// A target silent this long before its first token is abandoned for the next (0 = off).
     #[serde(default)]
     pub ttft_timeout_ms: u64,
@@ -100,6 +124,22 @@ pub enum Strategy {
     Weighted,
     /// Fewest requests in flight first, then best recent latency.
     LeastBusy,
+    /// By the request's difficulty, to one of the route's `tiers` (each with its own strategy).
+    Semantic,
+}
+
+/// One tier of a `semantic` route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    pub name: String,
+    pub targets: Vec<TargetConfig>,
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+fn default_sticky_turns() -> u32 {
+    3
 }
 
 /// Retries of a request whose targets all failed before any text (`[retry]`).
@@ -144,6 +184,13 @@ impl RouteConfig {
             model: model.into(),
             targets,
             strategy: Strategy::default(),
+            tiers: Vec::new(),
+            threshold: None,
+            thresholds: None,
+            sticky_turns: default_sticky_turns(),
+            examples: Vec::new(),
+            examples_file: None,
+            default_examples: true,
             ttft_timeout_ms: 0,
             continue_on_fallback: false,
             regions: None,

@@ -794,6 +794,9 @@ impl Handler<PostUserMessage> for ConversationActor {
                 format!("model {route:?} does not exist"),
             ));
         }
+        if let Some(tier) = &msg.options.tier {
+            self.deps.router.tier_index(route, tier)?;
+        }
         let system = self.system_prompt(route)?.tokens;
         fit_history(self.deps.budget, system, msg.tokens, [])
             .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;

@@ -75,6 +75,9 @@ pub struct Done {
     /// The calls of a reply that ended with `tool_calls`, as OpenAI writes them.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<WireToolCall>,
+    /// A semantic route: the tier that wrote the reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 /// The `error` frame's body.

@@ -21,6 +21,9 @@ pub struct TurnOptions {
     pub temperature: Option<f32>,
     #[serde(default)]
     pub cache: Option<bool>,
+    /// A semantic route's tier for this turn, instead of the one its difficulty calls for.
+    #[serde(default)]
+    pub tier: Option<String>,
     /// What the Responses face sets for one turn; clients of the WebSocket cannot.
     #[serde(skip)]
     pub turn: TurnOverrides,

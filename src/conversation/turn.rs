@@ -18,12 +18,13 @@ use super::recent::Recent;
 use super::Deps;
 use crate::cache::ScopeParts;
 use crate::domain::MemoryMode;
-use crate::domain::{Content, FinishReason, Message, Params, Role, Tool, ToolChoice};
+use crate::domain::{Content, FinishReason, Message, Params, Role, TierReason, Tool, ToolChoice};
 use crate::error::{ApiError, ErrorCode};
 use crate::generation::{self, CacheSlot, Event, Request, Sink};
 use crate::guard::pii::{PiiMode, Vault};
 use crate::ids::{unix_now, ConversationId};
 use crate::provider::ChatRequest;
+use crate::routing::TierAsk;
 use crate::store::{MessageRecord, ReplyMeta, StoredError, Usage};
 use crate::tenant::{Bill, Principal};
 use crate::tokens::{self, fit_history, Encoding, Kind};
@@ -315,6 +316,8 @@ async fn run_steps(
         trimmed_tokens: built.trimmed,
         bill: input.bill.take(),
         begun,
+        tier: tier_ask(deps, input),
+        decided: None,
     };
     let mut sink = FanoutSink {
         fanout,
@@ -359,6 +362,8 @@ async fn run_steps(
                 code: e.code,
                 message: e.message.clone(),
             }),
+            tier: out.tier.as_ref().map(|t| t.name.clone()),
+            tier_reason: out.tier.as_ref().map(|t| t.reason),
         }),
         ..MessageRecord::default()
     };
@@ -387,6 +392,31 @@ async fn run_steps(
         }
     }
     reply_seq
+}
+
+/// On a semantic route: the tier the client forced (`options.tier`, checked when the message
+/// was posted) and the least tier a recent escalation holds the conversation at — the highest
+/// tier the classifier chose among its last `sticky_turns` replies.
+fn tier_ask(deps: &Deps, input: &TurnInput) -> TierAsk {
+    let Some(tiers) = deps.router.tiers(&input.route) else {
+        return TierAsk::default();
+    };
+    let forced = input.options.tier.as_deref().and_then(|t| tiers.index(t));
+    if forced.is_some() || tiers.sticky_turns == 0 {
+        return TierAsk { forced, floor: 0 };
+    }
+    let mut read_error = None;
+    let floor = earlier(deps, input, true, &mut read_error)
+        .filter_map(|m| m.reply.clone())
+        .take(tiers.sticky_turns as usize)
+        .filter(|meta| meta.tier_reason == Some(TierReason::Classified))
+        .filter_map(|meta| tiers.index(meta.tier.as_deref()?))
+        .max()
+        .unwrap_or(0);
+    if let Some(e) = read_error {
+        tracing::warn!(error = %e, "history unreadable; no sticky tier this turn");
+    }
+    TierAsk { forced, floor }
 }
 
 /// A turn's upstream request and what it was built from.
@@ -834,6 +864,7 @@ pub fn outcome_frame(
         model: meta.model.clone(),
         ttft_ms: meta.ttft_ms,
         tool_calls: reply.tool_calls.iter().map(WireToolCall::from).collect(),
+        tier: meta.tier.clone(),
     }))
 }
 
@@ -862,6 +893,8 @@ pub fn failed_reply(user_seq: u64, err: &ApiError, finish: FinishReason) -> Mess
                 code: err.code,
                 message: err.message.clone(),
             }),
+            tier: None,
+            tier_reason: None,
         }),
         ..MessageRecord::default()
     }

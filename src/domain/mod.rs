@@ -54,6 +54,28 @@ impl Usage {
     }
 }
 
+/// Why a semantic route's request went to its tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TierReason {
+    /// The classifier's score chose it.
+    Classified,
+    /// A recent escalation of the conversation holds it at least this high.
+    Sticky,
+    /// The client asked for it (`options.tier`, `x-parley-tier`).
+    Forced,
+}
+
+impl TierReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Classified => "classified",
+            Self::Sticky => "sticky",
+            Self::Forced => "forced",
+        }
+    }
+}
+
 /// How a reply ended, in the words clients know (OpenAI's, plus parley's own three).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -25,6 +25,7 @@ use crate::guard::pii::Vault;
 use crate::ids::ConversationId;
 use crate::metrics::Metrics;
 use crate::provider::{ChatRequest, Router};
+use crate::routing::{Routing, TierAsk, TierDecision};
 use crate::store::Store;
 use crate::tenant::{Bill, Principal};
 use crate::tokens::{ContextBudget, Encoding};
@@ -53,6 +54,8 @@ pub struct Deps {
     pub memory: MemorySettings,
     /// Cluster mode: this node's leases on conversations (none on a single node).
     pub cluster: Option<crate::cluster::Cluster>,
+    /// The classifiers of the semantic routes.
+    pub routing: Routing,
 }
 
 /// `[context]` settings of recall memory.
@@ -97,13 +100,29 @@ pub struct Request {
     /// The key's reservation, settled with what the generation used.
     pub bill: Option<Bill>,
     pub begun: Instant,
+    /// A semantic route: the tier the client forced, the conversation's sticky floor.
+    pub tier: TierAsk,
+    /// A semantic route: the tier chosen ([`run`] decides it first).
+    pub decided: Option<TierDecision>,
+}
+
+impl Request {
+    /// The tier the generation runs on (0 on a plain route).
+    pub fn tier_index(&self) -> usize {
+        self.decided.as_ref().map_or(0, |d| d.index)
+    }
 }
 
 /// What a face hears while the reply streams.
 #[derive(Debug, Clone)]
 pub enum Event {
-    /// A target answered (or the cache did): who writes the reply.
-    Started { provider: String, model: String },
+    /// A target answered (or the cache did): who writes the reply, and on a semantic route
+    /// the tier it was chosen from.
+    Started {
+        provider: String,
+        model: String,
+        tier: Option<String>,
+    },
     /// Reply text, PII restored.
     Text(String),
     /// A fragment of a tool call.
@@ -138,6 +157,8 @@ pub struct Outcome {
     /// Completion tokens of `text` under the request's encoding (counted once, here).
     pub completion_tokens: u32,
     pub logprobs: Vec<serde_json::Value>,
+    /// A semantic route: the tier the request went to, and why.
+    pub tier: Option<TierDecision>,
 }
 
 /// Runs one generation: the cache, then the route with its fallbacks, streaming to `sink`, then
@@ -149,10 +170,27 @@ pub async fn run(
     sink: &mut impl Sink,
     cancel: &CancellationToken,
 ) -> Outcome {
+    if let Some(tiers) = deps.router.tiers(&req.route) {
+        let embed = deps.cache.embedder_allowed(req.principal.regions());
+        let decided = deps
+            .routing
+            .decide(&req.route, tiers, &req.chat, req.tier, embed)
+            .await;
+        deps.metrics
+            .count_tier(&req.route, &decided.name, decided.reason.as_str());
+        tracing::debug!(tier = %decided.name, reason = decided.reason.as_str(), score = ?decided.score, "tier chosen");
+        req.decided = Some(decided);
+    }
     let mut looked = None;
     if let Some(slot) = req.cache.take() {
+        // A semantic route keeps each tier's replies apart: a cheap tier's reply never
+        // answers a request that needs a stronger one.
+        let key = match &req.decided {
+            Some(d) => crate::cache::service::tier_scope(slot.key, &d.name),
+            None => slot.key,
+        };
         let query = Query {
-            key: slot.key,
+            key,
             tenant: req.principal.tenant.as_str(),
             question: &slot.question,
             max_tokens: req.chat.max_tokens,

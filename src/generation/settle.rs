@@ -22,6 +22,7 @@ pub(super) async fn hit(deps: &Deps, req: Request, hit: Hit, sink: &mut impl Sin
     sink.emit(Event::Started {
         provider: rec.provider.clone(),
         model: rec.model.clone(),
+        tier: req.decided.as_ref().map(|d| d.name.clone()),
     })
     .await;
     for piece in chunks(&rec.reply) {
@@ -67,6 +68,7 @@ pub(super) async fn hit(deps: &Deps, req: Request, hit: Hit, sink: &mut impl Sin
         flags: Vec::new(),
         completion_tokens,
         logprobs: Vec::new(),
+        tier: req.decided,
     }
 }
 
@@ -177,6 +179,7 @@ pub(super) async fn finish(
         flags: s.flags,
         completion_tokens,
         logprobs: s.logprobs,
+        tier: req.decided,
     }
 }
 
@@ -207,6 +210,7 @@ fn record(
         saved_tokens: 0,
         saved_cost: 0.0,
         max_tokens_clamped: req.bill.as_ref().and_then(crate::tenant::Bill::clamped),
+        tier: req.decided.as_ref().map(|d| d.name.clone()),
     }
 }
 

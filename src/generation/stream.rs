@@ -63,7 +63,13 @@ pub(super) async fn run(
     let regions = req.principal.regions();
     let start = deps
         .router
-        .start(&req.route, &req.chat, req.prompt_tokens, regions)
+        .start(
+            &req.route,
+            req.tier_index(),
+            &req.chat,
+            req.prompt_tokens,
+            regions,
+        )
         .instrument(tracing::Span::current());
     let started = tokio::select! {
         () = cancel.cancelled() => None,
@@ -90,6 +96,7 @@ pub(super) async fn run(
             sink.emit(Event::Started {
                 provider: out.provider.clone(),
                 model: out.model.clone(),
+                tier: req.decided.as_ref().map(|d| d.name.clone()),
             })
             .await;
             let mut guards = Guards {
@@ -211,7 +218,7 @@ async fn pump(
                     };
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return end(out, FinishReason::Cancelled, None),
-                        r = deps.router.continue_reply(&req.route, &req.chat, req.prompt_tokens, &partial, &out.provider, req.principal.regions()) => r,
+                        r = deps.router.continue_reply(&req.route, req.tier_index(), &req.chat, req.prompt_tokens, &partial, &out.provider, req.principal.regions()) => r,
                     };
                     match resumed {
                         Ok(s) => {

@@ -34,6 +34,9 @@ pub enum RouterError {
     Provider(#[from] ProviderError),
     #[error("provider actor unavailable: {0}")]
     Mailbox(#[from] actix::MailboxError),
+    /// No target of the chosen tier is in a region the request may use.
+    #[error("no target of {0:?} that this request may use (its tier's targets are all outside its regions)")]
+    NoTarget(String),
 }
 
 impl RouterError {
@@ -48,7 +51,7 @@ impl RouterError {
         match self {
             Self::Provider(e) => e.is_retryable(),
             Self::Mailbox(_) => true,
-            Self::UnknownRoute(_) => false,
+            Self::UnknownRoute(_) | Self::NoTarget(_) => false,
         }
     }
 }
@@ -61,6 +64,7 @@ impl From<RouterError> for ApiError {
             }
             RouterError::Provider(e) => e.into(),
             RouterError::Mailbox(e) => e.into(),
+            RouterError::NoTarget(_) => ApiError::new(ErrorCode::Forbidden, err.to_string()),
         }
     }
 }
@@ -87,16 +91,28 @@ struct Target {
     weight: u32,
 }
 
+/// A part of a route's targets with its own order: the whole route, or one tier of a
+/// semantic route.
+#[derive(Clone)]
+struct TierTargets {
+    targets: std::ops::Range<usize>,
+    strategy: Strategy,
+}
+
 #[derive(Clone)]
 struct Route {
+    /// Every target (of every tier).
     targets: Vec<Target>,
+    /// One entry for a plain route; a semantic route's tiers, cheapest first.
+    tiers: Vec<TierTargets>,
+    /// A semantic route's tier names, thresholds and stickiness.
+    tiering: Option<Arc<crate::routing::Tiers>>,
     /// Regions this route's requests may go to (`None`: any).
     regions: Option<Vec<String>>,
     /// The versioned system prompt of conversations on this route that have none of their own.
     prompt: Option<String>,
     pii: crate::guard::pii::PiiMode,
     injection: crate::guard::injection::InjectionMode,
-    strategy: Strategy,
     ttft_timeout: Option<Duration>,
     continue_on_fallback: bool,
     cache: bool,
@@ -129,25 +145,40 @@ impl Router {
         let routes = routes
             .iter()
             .map(|r| {
-                let targets = r
-                    .targets
-                    .iter()
-                    .filter_map(|t| {
-                        let provider = (*by_name.get(t.provider.as_str())?).clone();
-                        Some(Target {
-                            provider,
-                            model: t.model.clone(),
-                            weight: t.weight,
-                        })
+                let target = |t: &crate::config::TargetConfig| {
+                    let provider = (*by_name.get(t.provider.as_str())?).clone();
+                    Some(Target {
+                        provider,
+                        model: t.model.clone(),
+                        weight: t.weight,
                     })
-                    .collect();
+                };
+                let mut targets: Vec<Target> = Vec::new();
+                let mut tiers = Vec::new();
+                if r.strategy == Strategy::Semantic {
+                    for tier in &r.tiers {
+                        let start = targets.len();
+                        targets.extend(tier.targets.iter().filter_map(target));
+                        tiers.push(TierTargets {
+                            targets: start..targets.len(),
+                            strategy: tier.strategy,
+                        });
+                    }
+                } else {
+                    targets.extend(r.targets.iter().filter_map(target));
+                    tiers.push(TierTargets {
+                        targets: 0..targets.len(),
+                        strategy: r.strategy,
+                    });
+                }
                 let route = Route {
                     targets,
+                    tiers,
+                    tiering: crate::routing::Tiers::of(r).map(Arc::new),
                     regions: r.regions.clone(),
                     prompt: r.prompt.clone(),
                     pii: r.pii,
                     injection: r.injection,
-                    strategy: r.strategy,
                     ttft_timeout: (r.ttft_timeout_ms > 0)
                         .then(|| Duration::from_millis(r.ttft_timeout_ms)),
                     continue_on_fallback: r.continue_on_fallback,
@@ -183,6 +214,28 @@ impl Router {
     /// Whether the route's turns use the semantic cache.
     pub fn caches(&self, route: &str) -> bool {
         self.routes.get(route).is_some_and(|r| r.cache)
+    }
+
+    /// A semantic route's tiers (`None` for any other route).
+    pub fn tiers(&self, route: &str) -> Option<&Arc<crate::routing::Tiers>> {
+        self.routes.get(route)?.tiering.as_ref()
+    }
+
+    /// The tier a client asked for by name, by its index on `route`.
+    ///
+    /// # Errors
+    /// `bad_request` when the route has no tier of that name (a plain route has none).
+    pub fn tier_index(&self, route: &str, name: &str) -> Result<usize, ApiError> {
+        let tiers = self.tiers(route);
+        tiers.and_then(|t| t.index(name)).ok_or_else(|| {
+            ApiError::bad_request(match tiers {
+                Some(t) => format!(
+                    "tier: {name:?} is not a tier of model {route:?} (its tiers: {})",
+                    t.names.join(", ")
+                ),
+                None => format!("tier: model {route:?} has no tiers (it is not a semantic route)"),
+            })
+        })
     }
 
     pub fn has_route(&self, route: &str) -> bool {
@@ -344,11 +397,12 @@ impl Router {
     pub async fn start(
         &self,
         route: &str,
+        tier: usize,
         req: &ChatRequest,
         tokens: u32,
         regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
-        self.start_excluding(route, req, tokens, None, None, regions)
+        self.start_excluding(route, tier, req, tokens, None, None, regions)
             .await
     }
 
@@ -358,9 +412,11 @@ impl Router {
     ///
     /// # Errors
     /// As [`Router::start`].
+    #[allow(clippy::too_many_arguments)]
     pub async fn continue_reply(
         &self,
         route: &str,
+        tier: usize,
         req: &ChatRequest,
         tokens: u32,
         partial: &str,
@@ -368,13 +424,15 @@ impl Router {
         regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
         let (exclude, partial) = (Some(failed_provider), Some(partial));
-        self.start_excluding(route, req, tokens, exclude, partial, regions)
+        self.start_excluding(route, tier, req, tokens, exclude, partial, regions)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_excluding(
         &self,
         route_name: &str,
+        tier: usize,
         req: &ChatRequest,
         tokens: u32,
         exclude: Option<&str>,
@@ -394,7 +452,7 @@ impl Router {
         for pass in 0..=self.retry.max_retries {
             let mut hint: Option<Duration> = None;
             let allowed = route
-                .order()
+                .order(tier)
                 .into_iter()
                 .filter(|t| Some(t.provider.name.as_str()) != exclude && route.allows(t, regions));
             for target in allowed {
@@ -434,7 +492,7 @@ impl Router {
             );
             tokio::time::sleep(wait).await;
         }
-        Err(last_err.unwrap_or_else(|| RouterError::UnknownRoute(route_name.to_owned())))
+        Err(last_err.unwrap_or_else(|| RouterError::NoTarget(route_name.to_owned())))
     }
 
     async fn try_target(
@@ -517,11 +575,15 @@ impl Route {
         ok(self.regions.as_deref()) && ok(key_regions)
     }
 
-    /// The targets in the order this request tries them.
-    fn order(&self) -> Vec<&Target> {
-        let mut targets: Vec<&Target> = self.targets.iter().collect();
-        match self.strategy {
-            Strategy::Fallback => {}
+    /// The targets of `tier` (0 for a plain route) in the order this request tries them.
+    fn order(&self, tier: usize) -> Vec<&Target> {
+        let Some(tier) = self.tiers.get(tier) else {
+            return Vec::new();
+        };
+        let mut targets: Vec<&Target> = self.targets[tier.targets.clone()].iter().collect();
+        match tier.strategy {
+            // Tiers order their own targets; a semantic route's tier is chosen before.
+            Strategy::Fallback | Strategy::Semantic => {}
             Strategy::Weighted => {
                 // Weighted sampling without replacement: key = u^(1/w), largest first.
                 let mut rng = rand::thread_rng();

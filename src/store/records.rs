@@ -55,6 +55,12 @@ pub struct ReplyMeta {
     /// How the turn failed, for a reply that ended in an error (replayed to a resent client id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<StoredError>,
+    /// A semantic route: the tier that wrote the reply, and why it was chosen (an escalation
+    /// the classifier made holds the conversation's next turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_reason: Option<crate::domain::TierReason>,
 }
 
 /// The error a turn ended with.
@@ -211,6 +217,9 @@ pub struct UsageRecord {
     pub saved_tokens: u32,
     #[serde(default)]
     pub saved_cost: f64,
+    /// A semantic route: the tier the request went to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 /// Tokens and spend of one key over one period (a UTC day or month).

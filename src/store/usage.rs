@@ -110,6 +110,8 @@ pub struct RollupKey {
     pub key_id: Option<String>,
     pub model: String,
     pub conversation: Option<ConversationId>,
+    /// A semantic route's tier.
+    pub tier: Option<String>,
 }
 
 impl RollupKey {
@@ -121,6 +123,7 @@ impl RollupKey {
             // The parts are separated by NUL bytes: a model name (from the upstream) has none.
             model: r.model.replace('\0', ""),
             conversation: r.conversation.clone(),
+            tier: r.tier.as_ref().map(|t| t.replace('\0', "")),
         }
     }
 
@@ -141,6 +144,11 @@ impl RollupKey {
         if let Some(c) = &self.conversation {
             key.extend_from_slice(c.to_string().as_bytes());
         }
+        // Keys written before tiers existed end after the conversation.
+        if let Some(t) = &self.tier {
+            key.push(0);
+            key.extend_from_slice(t.as_bytes());
+        }
         key
     }
 
@@ -149,14 +157,19 @@ impl RollupKey {
         let tenant = TenantId(std::str::from_utf8(&raw[..zero]).ok()?.to_owned());
         let rest = raw.get(zero + 1..)?;
         let minute_ms = time_from(rest)?;
-        let mut parts = rest.get(8..)?.splitn(3, |b| *b == 0);
+        let mut parts = rest.get(8..)?.splitn(4, |b| *b == 0);
         fn text(p: Option<&[u8]>) -> Option<&str> {
             p.and_then(|p| std::str::from_utf8(p).ok())
         }
         let key_id = text(parts.next())?;
         let model = text(parts.next())?.to_owned();
         let conversation = text(parts.next())?;
+        let tier = match parts.next() {
+            Some(t) => Some(text(Some(t))?.to_owned()),
+            None => None,
+        };
         Some(Self {
+            tier,
             tenant,
             minute_ms,
             key_id: (!key_id.is_empty()).then(|| key_id.to_owned()),
@@ -477,7 +490,24 @@ mod tests {
                 minute_ms: 1_764_000_000_000,
                 key_id: Some("key_1".into()),
                 model: "gpt-4o-mini".into(),
+                conversation: Some(conversation.clone()),
+                tier: None,
+            },
+            RollupKey {
+                tenant: TenantId("acme".into()),
+                minute_ms: 1_764_000_000_000,
+                key_id: Some("key_1".into()),
+                model: "gpt-4o".into(),
                 conversation: Some(conversation),
+                tier: Some("strong".into()),
+            },
+            RollupKey {
+                tenant: TenantId("acme".into()),
+                minute_ms: 0,
+                key_id: None,
+                model: "gpt-4o-mini".into(),
+                conversation: None,
+                tier: Some("fast".into()),
             },
             RollupKey {
                 tenant: TenantId("local".into()),
@@ -485,6 +515,7 @@ mod tests {
                 key_id: None,
                 model: String::new(),
                 conversation: None,
+                tier: None,
             },
         ] {
             assert_eq!(RollupKey::decode(&key.encode()), Some(key));

@@ -150,6 +150,8 @@ pub enum GroupBy {
     Model,
     Key,
     Conversation,
+    /// A semantic route's tier (`-` for requests of other routes).
+    Tier,
 }
 
 /// One row of a usage report.
@@ -233,6 +235,7 @@ impl Aggregator {
                 .conversation
                 .as_ref()
                 .map_or_else(|| "-".into(), ToString::to_string),
+            GroupBy::Tier => key.tier.clone().unwrap_or_else(|| "-".into()),
         };
         let row = rows.entry(group.clone()).or_insert_with(|| UsageRow {
             group,
@@ -302,6 +305,7 @@ mod tests {
             saved_tokens: 0,
             max_tokens_clamped: None,
             saved_cost: 0.0,
+            tier: None,
             finish_reason: "stop".into(),
         }
     }

@@ -19,6 +19,7 @@ mod lifecycle;
 mod openai;
 mod providers;
 mod responses;
+mod routing;
 mod simulation;
 mod tools;
 mod ws;

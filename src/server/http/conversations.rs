@@ -184,10 +184,23 @@ pub async fn cancel(
 pub async fn post_message(
     Client(p): Client,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     id: web::Path<String>,
     body: web::Json<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(match post(&state, p, &id, body.into_inner()).await? {
+    let mut body = body.into_inner();
+    // The header forces the tier unless the body's `options.tier` names one itself.
+    if let Some(tier) = super::stateless::tier_header(&req)? {
+        if let Some(obj) = body.as_object_mut() {
+            let options = obj
+                .entry("options")
+                .or_insert_with(|| serde_json::json!({}));
+            if let Some(o) = options.as_object_mut() {
+                o.entry("tier").or_insert(serde_json::Value::String(tier));
+            }
+        }
+    }
+    Ok(match post(&state, p, &id, body).await? {
         Answer::Stream(rx) => sse::response(turn_events(rx)),
         Answer::Whole(status, v) => HttpResponse::build(status).json(v),
     })
@@ -326,6 +339,7 @@ async fn wait_reply(
                         "cached": done.cached,
                         "provider": done.provider,
                         "model": done.model,
+                        "tier": done.tier,
                     }),
                 ));
             }

@@ -11,7 +11,7 @@ use actix_web::{web, HttpResponse};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 
-use super::stateless::{failure, prepare, Piece, Running};
+use super::stateless::{failure, prepare, tier_header, with_tier, Piece, Running};
 use crate::domain::FinishReason;
 use crate::error::ApiError;
 use crate::generation::{Event, Outcome};
@@ -38,9 +38,11 @@ pub async fn models(Client(p): Client, state: web::Data<AppState>) -> HttpRespon
 pub async fn chat_completions(
     Client(p): Client,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     body: web::Json<ChatCompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    answer(&state, p, body.into_inner()).await
+    let tier = tier_header(&req)?;
+    answer(&state, p, body.into_inner(), tier.as_deref()).await
 }
 
 /// A chat completion answered whole (`stream` is ignored), as an async job runs it.
@@ -53,21 +55,23 @@ pub async fn completion(
     mut body: ChatCompletionRequest,
 ) -> Result<serde_json::Value, ApiError> {
     body.stream = false;
-    let (run, reply) = start(state, p, &mut body)?;
-    serde_json::to_value(complete(run, reply).await?).map_err(|_| ApiError::internal())
+    let (run, reply) = start(state, p, &mut body, None)?;
+    serde_json::to_value(complete(run, reply).await?.0).map_err(|_| ApiError::internal())
 }
 
 async fn answer(
     state: &AppState,
     p: Principal,
     mut body: ChatCompletionRequest,
+    tier: Option<&str>,
 ) -> Result<HttpResponse, ApiError> {
-    let (run, reply) = start(state, p, &mut body)?;
+    let (run, reply) = start(state, p, &mut body, tier)?;
     if body.stream {
         let include_usage = body.stream_options.is_some_and(|o| o.include_usage);
         stream_reply(run, reply, include_usage).await
     } else {
-        Ok(HttpResponse::Ok().json(complete(run, reply).await?))
+        let (body, tier) = complete(run, reply).await?;
+        Ok(with_tier(HttpResponse::Ok().json(body), tier.as_deref()))
     }
 }
 
@@ -76,6 +80,7 @@ fn start(
     state: &AppState,
     p: Principal,
     body: &mut ChatCompletionRequest,
+    tier: Option<&str>,
 ) -> Result<(Running, Reply), ApiError> {
     let decoded = body.decode().map_err(ApiError::bad_request)?;
     let chat = ChatRequest {
@@ -90,7 +95,7 @@ fn start(
     };
     let logprobs = chat.params.logprobs == Some(true);
     let deps = state.registry.deps();
-    let request = prepare(deps, p, &body.model, chat)?;
+    let request = prepare(deps, p, &body.model, chat, tier)?;
     let run = Running::start(Arc::clone(deps), request);
     let reply = Reply {
         id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -140,7 +145,11 @@ impl Reply {
     }
 }
 
-async fn complete(mut run: Running, reply: Reply) -> Result<ChatCompletion, ApiError> {
+/// The whole answer, and the tier that wrote it on a semantic route.
+async fn complete(
+    mut run: Running,
+    reply: Reply,
+) -> Result<(ChatCompletion, Option<String>), ApiError> {
     let mut out = loop {
         if let Piece::Done(out) = run.next().await {
             break *out;
@@ -162,7 +171,7 @@ async fn complete(mut run: Running, reply: Reply) -> Result<ChatCompletion, ApiE
         }],
         usage: out.usage,
     };
-    Ok(body)
+    Ok((body, out.tier.map(|t| t.name)))
 }
 
 /// The SSE answer: a role chunk, content and tool-call chunks, a finish chunk, the usage chunk
@@ -173,16 +182,16 @@ async fn stream_reply(
     reply: Reply,
     include_usage: bool,
 ) -> Result<HttpResponse, ApiError> {
-    let model = match run.next().await {
-        Piece::Event(Event::Started { model, .. }) => model,
+    let (model, tier) = match run.next().await {
+        Piece::Event(Event::Started { model, tier, .. }) => (model, tier),
         Piece::Done(mut out) => {
             // Nothing streamed yet: a failure is answered with its status.
             if let Some(err) = failure(&mut out) {
                 return Err(err);
             }
-            out.model
+            (out.model, out.tier.map(|t| t.name))
         }
-        Piece::Event(_) => String::new(),
+        Piece::Event(_) => (String::new(), None),
     };
     let text_head = reply.text_head(&model);
     let out = SseReply {
@@ -212,8 +221,9 @@ async fn stream_reply(
         };
         Some((Ok::<_, actix_web::Error>(bytes), s))
     });
-    Ok(sse::response(
-        stream::once(async move { Ok(opening) }).chain(body),
+    Ok(with_tier(
+        sse::response(stream::once(async move { Ok(opening) }).chain(body)),
+        tier.as_deref(),
     ))
 }
 

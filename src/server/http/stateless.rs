@@ -26,6 +26,7 @@ pub fn prepare(
     p: Principal,
     route: &str,
     mut chat: ChatRequest,
+    tier: Option<&str>,
 ) -> Result<Request, ApiError> {
     if !deps.router.has_route(route) {
         return Err(ApiError::new(
@@ -34,6 +35,7 @@ pub fn prepare(
         ));
     }
     p.check_model(route)?;
+    let forced = tier.map(|t| deps.router.tier_index(route, t)).transpose()?;
     deps.router.check_request(route, &mut chat)?;
     deps.router.check_regions(route, p.regions())?;
     let texts: Vec<String> = chat.messages.iter().map(|m| m.content.text()).collect();
@@ -95,6 +97,8 @@ pub fn prepare(
         conversation: None,
         trimmed_tokens: 0,
         begun: std::time::Instant::now(),
+        tier: crate::routing::TierAsk { forced, floor: 0 },
+        decided: None,
     })
 }
 
@@ -193,7 +197,37 @@ fn lost() -> Outcome {
         flags: Vec::new(),
         completion_tokens: 0,
         logprobs: Vec::new(),
+        tier: None,
     }
+}
+
+/// The header that forces a semantic route's tier on any HTTP request.
+pub const TIER_HEADER: &str = "x-parley-tier";
+
+/// The tier a request's `x-parley-tier` header forces, if any.
+///
+/// # Errors
+/// `bad_request` for a value that is not text.
+pub fn tier_header(req: &actix_web::HttpRequest) -> Result<Option<String>, ApiError> {
+    req.headers()
+        .get(TIER_HEADER)
+        .map(|v| {
+            v.to_str()
+                .map(|t| t.trim().to_owned())
+                .map_err(|_| ApiError::bad_request("x-parley-tier: not a tier name"))
+        })
+        .transpose()
+}
+
+/// Names the tier that answered in the response's `x-parley-tier` header.
+pub fn with_tier(mut resp: actix_web::HttpResponse, tier: Option<&str>) -> actix_web::HttpResponse {
+    if let Some(v) = tier.and_then(|t| actix_web::http::header::HeaderValue::from_str(t).ok()) {
+        resp.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(TIER_HEADER),
+            v,
+        );
+    }
+    resp
 }
 
 /// The error a failed outcome answers: after part of a reply, `upstream_interrupted`.

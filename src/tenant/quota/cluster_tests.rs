@@ -292,6 +292,7 @@ fn a_period_counter_starts_from_the_stored_totals_once() {
         max_tokens_clamped: None,
         saved_tokens: 0,
         saved_cost: 0.0,
+        tier: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()

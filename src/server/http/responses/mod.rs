@@ -120,6 +120,10 @@ pub async fn create(
     }
     p.check_model(&create.model)?;
     let mut settings = Settings::new(create, decoded);
+    settings.tier = crate::server::http::stateless::tier_header(&req)?;
+    if let Some(tier) = &settings.tier {
+        state.router().tier_index(&settings.route, tier)?;
+    }
     if !settings.store {
         return stateless_response(&state, p, settings).await;
     }

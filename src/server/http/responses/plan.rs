@@ -20,6 +20,8 @@ pub(super) struct Settings {
     pub(super) metadata: serde_json::Map<String, serde_json::Value>,
     pub(super) store: bool,
     pub(super) stream: bool,
+    /// A semantic route's tier forced by the `x-parley-tier` header.
+    pub(super) tier: Option<String>,
 }
 
 impl Settings {
@@ -45,6 +47,7 @@ impl Settings {
             metadata: c.metadata.unwrap_or_default(),
             store: c.store != Some(false),
             stream: c.stream,
+            tier: None,
         }
     }
 
@@ -55,6 +58,7 @@ impl Settings {
             max_tokens: self.max_output_tokens,
             temperature: self.temperature,
             cache: None,
+            tier: self.tier.clone(),
             turn: TurnOverrides {
                 instructions: self.instructions.clone(),
                 tools: Some(self.tools.clone()),

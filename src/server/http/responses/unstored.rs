@@ -46,7 +46,7 @@ pub(super) async fn stateless_response(
         }),
         whole: !s.stream,
     };
-    let request = stateless::prepare(deps, p.clone(), &s.route, chat)?;
+    let request = stateless::prepare(deps, p.clone(), &s.route, chat, s.tier.as_deref())?;
     let mut run = Running::start(Arc::clone(deps), request);
     let rec = s.record(id, &p, ConversationId::generate());
     let first = run.next().await;

@@ -1,0 +1,320 @@
+//! The difficulty classifier: a logistic model over the request's [signals](super::signals) and
+//! its similarity, by the cache's embedder, to labelled example prompts (the nearest examples'
+//! vote, and how much nearer the nearest hard one is than the nearest easy one). The weights
+//! were fitted on the training half of the project's evaluation set (`parley route-eval
+//! --fit`); the score is the probability that the request is hard.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::signals::{log_share, Subject, TextSignals};
+use crate::cache::embed::Embedder;
+
+/// Examples consulted per request.
+const NEIGHBOURS: usize = 7;
+
+/// How long a request waits for its embedding before it is scored on signals alone.
+const EMBED_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Number of features, the bias included.
+pub const FEATURES: usize = 15;
+
+/// Names of the features, in order (for the fitting report).
+pub const FEATURE_NAMES: [&str; FEATURES] = [
+    "bias",
+    "knn_vote",
+    "knn_margin",
+    "length",
+    "code",
+    "math",
+    "steps",
+    "analysis",
+    "simple",
+    "tools",
+    "tool_results",
+    "earlier_turns",
+    "previous_vote",
+    "context_code_math",
+    "previous_signals",
+];
+
+/// The fitted weights (`parley route-eval --fit`, builtin embedder, training split).
+pub const WEIGHTS: [f32; FEATURES] = [
+    -3.196, 3.379, 0.832, 6.609, -0.522, 2.781, 3.048, 4.039, -2.966, 0.250, 0.000, 1.474, 0.835,
+    1.397, 0.513,
+];
+
+/// Easy or hard: what an example prompt is labelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Label {
+    Easy,
+    Hard,
+}
+
+/// One labelled example prompt.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Example {
+    pub text: String,
+    pub label: Label,
+}
+
+/// Examples and, once computed, their embeddings.
+pub struct ExampleSet {
+    examples: Vec<Example>,
+    vectors: tokio::sync::OnceCell<Arc<Vec<Vec<f32>>>>,
+}
+
+impl ExampleSet {
+    pub fn new(examples: Vec<Example>) -> Self {
+        Self {
+            examples,
+            vectors: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.examples.is_empty()
+    }
+
+    /// The examples' embeddings, computed on first use (in chunks, so a provider embedder
+    /// gets requests of a sensible size).
+    async fn vectors(&self, embedder: &dyn Embedder) -> Option<Arc<Vec<Vec<f32>>>> {
+        let made = self
+            .vectors
+            .get_or_try_init(|| async {
+                let mut out = Vec::with_capacity(self.examples.len());
+                for chunk in self.examples.chunks(64) {
+                    let texts: Vec<String> = chunk.iter().map(|e| e.text.clone()).collect();
+                    out.extend(embedder.embed(&texts).await?);
+                }
+                Ok::<_, crate::cache::embed::EmbedError>(Arc::new(out))
+            })
+            .await;
+        match made {
+            Ok(v) => Some(Arc::clone(v)),
+            Err(e) => {
+                tracing::warn!(error = %e, "routing examples could not be embedded; scoring on signals alone");
+                None
+            }
+        }
+    }
+}
+
+/// The labelled vectors one request is compared with.
+pub struct Neighbours<'a> {
+    pub vectors: &'a [Vec<f32>],
+    pub hard: &'a [bool],
+}
+
+/// What the nearest examples say about a vector: their vote for "hard" (`-0.5..0.5`, weighted
+/// by similarity) and how much nearer the nearest hard example is than the nearest easy one.
+/// `skip` leaves one example out (fitting scores each training example without itself).
+pub fn knn(q: &[f32], n: &Neighbours<'_>, skip: Option<usize>) -> (f32, f32) {
+    let mut top: Vec<(f32, bool)> = Vec::with_capacity(NEIGHBOURS + 1);
+    let (mut best_hard, mut best_easy) = (0f32, 0f32);
+    for (i, (v, hard)) in n.vectors.iter().zip(n.hard).enumerate() {
+        if Some(i) == skip || v.len() != q.len() {
+            continue;
+        }
+        let sim: f32 = v.iter().zip(q).map(|(a, b)| a * b).sum();
+        if *hard {
+            best_hard = best_hard.max(sim);
+        } else {
+            best_easy = best_easy.max(sim);
+        }
+        if top.len() < NEIGHBOURS || sim > top[top.len() - 1].0 {
+            let at = top.partition_point(|(s, _)| *s >= sim);
+            top.insert(at, (sim, *hard));
+            top.truncate(NEIGHBOURS);
+        }
+    }
+    let (mut votes, mut weight) = (0f32, 0f32);
+    for (sim, hard) in top {
+        let w = sim.max(0.0).powi(2);
+        weight += w;
+        if hard {
+            votes += w;
+        }
+    }
+    let vote = if weight > 0.0 {
+        votes / weight - 0.5
+    } else {
+        0.0
+    };
+    (vote, best_hard - best_easy)
+}
+
+/// A request's features: what the classifier weighs.
+pub type Features = [f32; FEATURES];
+
+/// The features of `subject`, given what its question's and previous message's nearest
+/// examples say (`None`: no embeddings, the similarity features are neutral).
+pub fn features(
+    subject: &Subject,
+    question: Option<(f32, f32)>,
+    previous: Option<f32>,
+) -> Features {
+    let q = TextSignals::of(&subject.question);
+    let (vote, margin) = question.unwrap_or((0.0, 0.0));
+    let ctx = TextSignals::of(&subject.context);
+    let prev = subject
+        .previous
+        .as_deref()
+        .map(TextSignals::of)
+        .unwrap_or_default();
+    [
+        1.0,
+        vote,
+        margin,
+        q.length,
+        q.code,
+        q.math,
+        q.steps,
+        q.analysis,
+        q.simple,
+        log_share(subject.tools, 8),
+        f32::from(u8::from(subject.tool_results > 0)),
+        log_share(subject.earlier, 12),
+        previous.unwrap_or(0.0),
+        ctx.code.max(ctx.math),
+        (prev.length + prev.steps + prev.analysis) / 3.0,
+    ]
+}
+
+/// The probability, under `weights`, that a request with these features is hard.
+pub fn probability(weights: &Features, f: &Features) -> f32 {
+    let z: f32 = weights.iter().zip(f).map(|(w, x)| w * x).sum();
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// A request's difficulty score and what went into it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    /// The probability that the request is hard.
+    pub score: f32,
+    /// Whether the examples' similarity was part of it (false: signals alone).
+    pub embedded: bool,
+}
+
+/// Scores requests against a route's examples.
+pub struct Classifier {
+    embedder: Arc<dyn Embedder>,
+    sets: Vec<Arc<ExampleSet>>,
+    weights: Features,
+}
+
+impl Classifier {
+    pub fn new(embedder: Arc<dyn Embedder>, sets: Vec<Arc<ExampleSet>>) -> Self {
+        Self {
+            embedder,
+            sets,
+            weights: WEIGHTS,
+        }
+    }
+
+    /// Examples it compares with.
+    pub fn examples(&self) -> usize {
+        self.sets.iter().map(|s| s.len()).sum()
+    }
+
+    /// Embeds the examples now (at start), so the first request does not wait for them.
+    pub async fn warm(&self) {
+        for set in &self.sets {
+            set.vectors(self.embedder.as_ref()).await;
+        }
+    }
+
+    /// Scores `subject`. `embed`: whether its texts may be embedded (the embedder is in the
+    /// request's regions); without embeddings (or when they fail or take too long) the score
+    /// rests on the signals alone.
+    pub async fn score(&self, subject: &Subject, embed: bool) -> Scored {
+        let knn = if embed {
+            tokio::time::timeout(EMBED_TIMEOUT, self.similarity(subject))
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::warn!("routing embedding timed out; scoring on signals alone");
+                    None
+                })
+        } else {
+            None
+        };
+        let embedded = knn.is_some();
+        let (question, previous) = knn.map_or((None, None), |(q, p)| (Some(q), p));
+        Scored {
+            score: probability(&self.weights, &features(subject, question, previous)),
+            embedded,
+        }
+    }
+
+    /// The nearest examples' verdicts on the question and on the previous user message.
+    async fn similarity(&self, subject: &Subject) -> Option<((f32, f32), Option<f32>)> {
+        let mut vectors = Vec::new();
+        let mut hard = Vec::new();
+        for set in &self.sets {
+            let v = set.vectors(self.embedder.as_ref()).await?;
+            vectors.extend(v.iter().cloned());
+            hard.extend(set.examples.iter().map(|e| e.label == Label::Hard));
+        }
+        let mut texts = vec![subject.question.clone()];
+        texts.extend(subject.previous.clone());
+        let embedded = match self.embedder.embed(&texts).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "routing embedding failed; scoring on signals alone");
+                return None;
+            }
+        };
+        let n = Neighbours {
+            vectors: &vectors,
+            hard: &hard,
+        };
+        let question = knn(embedded.first()?, &n, None);
+        let previous = embedded.get(1).map(|v| knn(v, &n, None).0);
+        Some((question, previous))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knn_votes_by_similarity_and_can_leave_one_out() {
+        let vectors = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.8, 0.6]];
+        let hard = vec![true, false, true];
+        let n = Neighbours {
+            vectors: &vectors,
+            hard: &hard,
+        };
+        let (vote, margin) = knn(&[1.0, 0.0], &n, None);
+        assert!(
+            (vote - 0.5).abs() < 1e-6,
+            "only hard examples are similar: {vote}"
+        );
+        assert!((margin - 1.0).abs() < 1e-6);
+        let (vote, margin) = knn(&[0.0, 1.0], &n, Some(1));
+        assert!(
+            vote > 0.0 && margin > 0.0,
+            "without the easy example: {vote} {margin}"
+        );
+        // A vector of another size (another embedder) counts for nothing.
+        assert_eq!(knn(&[1.0, 0.0, 0.0], &n, None), (0.0, 0.0));
+    }
+
+    #[test]
+    fn probability_is_a_logistic_of_the_weighted_features() {
+        let mut w = [0.0; FEATURES];
+        let f = [1.0; FEATURES];
+        assert_eq!(probability(&w, &f), 0.5);
+        w[0] = 10.0;
+        assert!(probability(&w, &f) > 0.99);
+    }
+}
