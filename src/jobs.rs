@@ -195,6 +195,11 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
             store.unqueue_job(&rec)?;
             continue;
         }
+        if runs_elsewhere(state, &rec) {
+            // The node running its conversation takes it (a worker here could only wait for
+            // that node to let the conversation go).
+            continue;
+        }
         let mut next = rec.clone();
         next.status = JobStatus::Running;
         next.started_at = Some(unix_now());
@@ -205,6 +210,21 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
         }
     }
     Ok(None)
+}
+
+/// Cluster mode: whether `job` is a turn of a conversation another live node runs now.
+fn runs_elsewhere(state: &AppState, job: &JobRecord) -> bool {
+    let (Some(cluster), JobRequest::Turn { conversation, .. }) = (state.cluster(), &job.request)
+    else {
+        return false;
+    };
+    let Some(id) = crate::ids::ConversationId::parse(conversation) else {
+        return false;
+    };
+    matches!(
+        cluster.owner(&id),
+        Ok(Some(crate::cluster::Owner::There { .. }))
+    )
 }
 
 /// Every hour (and at start), removes what ended more than `days` days ago: jobs, batches and

@@ -785,3 +785,41 @@ async fn jobs_of_a_dead_node_are_run_by_another() {
         assert_eq!(v["status"], "succeeded", "{v}");
     }
 }
+
+#[tokio::test]
+async fn turn_jobs_run_on_the_node_that_runs_their_conversation() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let c = Cluster::start(3, &up, &[]);
+    let conv = create(&c.nodes[0]).await;
+    // A turn on node 1 makes it the conversation's owner.
+    let resp = http()
+        .post(c.nodes[0].url(&format!("/v1/conversations/{conv}/messages")))
+        .json(&json!({"content": "first"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Turn jobs handed to the other nodes: whichever node's worker sees them, they run on
+    // node 1 and none fails for running elsewhere.
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let node = &c.nodes[1 + i % 2];
+        let resp = http()
+            .post(node.url("/v1/jobs"))
+            .json(&json!({"conversation": conv, "content": format!("job turn {i}"), "client_id": format!("job-{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        let v: Value = resp.json().await.unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    let base = format!("http://{}", c.nodes[2].addr);
+    for id in &ids {
+        let v = crate::jobs::ended(&base, id).await;
+        assert_eq!(v["status"], "succeeded", "{v}");
+        assert_eq!(v["attempts"], 1, "{v}");
+    }
+    let stored = c.nodes[0].messages(&conv).await;
+    assert_eq!(stored.len(), 14, "{stored:?}");
+}
