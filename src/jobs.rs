@@ -184,41 +184,61 @@ impl Jobs {
     }
 }
 
+/// Queued jobs a claim looks at, at most (in pages of 32): past turn jobs that wait for
+/// another node, a worker still finds the ones it may run.
+const CLAIM_SCAN: usize = 256;
+
 /// Takes the oldest queued job for `node`, if there is one.
 async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiError> {
     let store = state.store();
-    for id in store.queued_jobs(32)? {
-        let Some((rec, raw)) = store.job_raw(&id)? else {
-            continue;
+    // Per conversation: whether another node runs it (asked of Redis once per claim).
+    let mut elsewhere: HashMap<String, bool> = HashMap::new();
+    let mut after: Option<Vec<u8>> = None;
+    let mut seen = 0;
+    while seen < CLAIM_SCAN {
+        let page = store.queued_jobs(after.as_deref(), 32)?;
+        let Some((last, _)) = page.last() else {
+            break;
         };
-        if rec.status != JobStatus::Queued {
-            store.unqueue_job(&rec)?;
-            continue;
-        }
-        if runs_elsewhere(state, &rec) {
-            // The node running its conversation takes it (a worker here could only wait for
-            // that node to let the conversation go).
-            continue;
-        }
-        let mut next = rec.clone();
-        next.status = JobStatus::Running;
-        next.started_at = Some(unix_now());
-        next.attempts += 1;
-        next.claimed_by = Some(node.to_owned());
-        if store.swap_job(&raw, &next).await? {
-            return Ok(Some(next));
+        after = Some(last.clone());
+        seen += page.len();
+        for (_, id) in page {
+            let Some((rec, raw)) = store.job_raw(&id)? else {
+                continue;
+            };
+            if rec.status != JobStatus::Queued {
+                store.unqueue_job(&rec)?;
+                continue;
+            }
+            if let JobRequest::Turn { conversation, .. } = &rec.request {
+                let skip = *elsewhere
+                    .entry(conversation.clone())
+                    .or_insert_with(|| runs_elsewhere(state, conversation));
+                if skip {
+                    // The node running its conversation takes it (a worker here could only
+                    // wait for that node to let the conversation go).
+                    continue;
+                }
+            }
+            let mut next = rec.clone();
+            next.status = JobStatus::Running;
+            next.started_at = Some(unix_now());
+            next.attempts += 1;
+            next.claimed_by = Some(node.to_owned());
+            if store.swap_job(&raw, &next).await? {
+                return Ok(Some(next));
+            }
         }
     }
     Ok(None)
 }
 
-/// Cluster mode: whether `job` is a turn of a conversation another live node runs now.
-fn runs_elsewhere(state: &AppState, job: &JobRecord) -> bool {
-    let (Some(cluster), JobRequest::Turn { conversation, .. }) = (state.cluster(), &job.request)
-    else {
-        return false;
-    };
-    let Some(id) = crate::ids::ConversationId::parse(conversation) else {
+/// Cluster mode: whether another live node runs `conversation` now.
+fn runs_elsewhere(state: &AppState, conversation: &str) -> bool {
+    let (Some(cluster), Some(id)) = (
+        state.cluster(),
+        crate::ids::ConversationId::parse(conversation),
+    ) else {
         return false;
     };
     matches!(

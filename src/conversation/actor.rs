@@ -794,9 +794,12 @@ impl Handler<PostUserMessage> for ConversationActor {
                 format!("model {route:?} does not exist"),
             ));
         }
-        if let Some(tier) = &msg.options.tier {
-            self.deps.router.tier_index(route, tier)?;
-        }
+        let forced = msg
+            .options
+            .tier
+            .as_deref()
+            .map(|t| self.deps.router.tier_index(route, t))
+            .transpose()?;
         let system = self.system_prompt(route)?.tokens;
         fit_history(self.deps.budget, system, msg.tokens, [])
             .map_err(|e| ApiError::new(ErrorCode::TooLarge, e.to_string()))?;
@@ -820,7 +823,7 @@ impl Handler<PostUserMessage> for ConversationActor {
         let price_model = self
             .deps
             .router
-            .primary_model(route)
+            .reserve_model(route, forced)
             .unwrap_or(route)
             .to_owned();
         let reservation = self.deps.governor.admit(

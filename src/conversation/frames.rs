@@ -40,6 +40,16 @@ pub struct WireMessage {
     pub tool_call_id: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub is_error: bool,
+    /// A reply: the upstream model that wrote it, its usage, whether the cache served it, and
+    /// a semantic route's tier (parley additions, so a client shows them after a reload too).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
 }
 
 impl From<MessageRecord> for WireMessage {
@@ -54,6 +64,14 @@ impl From<MessageRecord> for WireMessage {
             created_at: m.created_at,
             client_id: m.client_id,
             finish_reason: m.finish_reason,
+            model: m
+                .reply
+                .as_ref()
+                .map(|r| r.model.clone())
+                .filter(|x| !x.is_empty()),
+            usage: m.reply.as_ref().map(|r| r.usage),
+            cached: m.reply.as_ref().map(|r| r.cached),
+            tier: m.reply.as_ref().and_then(|r| r.tier.clone()),
             prompt_version: m.reply.and_then(|r| r.prompt_version),
             flags: m.flags,
         }

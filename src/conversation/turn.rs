@@ -405,16 +405,28 @@ fn tier_ask(deps: &Deps, input: &TurnInput) -> TierAsk {
     if forced.is_some() || tiers.sticky_turns == 0 {
         return TierAsk { forced, floor: 0 };
     }
-    let mut read_error = None;
-    let floor = earlier(deps, input, true, &mut read_error)
-        .filter_map(|m| m.reply.clone())
-        .take(tiers.sticky_turns as usize)
-        .filter(|meta| meta.tier_reason == Some(TierReason::Classified))
-        .filter_map(|meta| tiers.index(meta.tier.as_deref()?))
-        .max()
-        .unwrap_or(0);
-    if let Some(e) = read_error {
-        tracing::warn!(error = %e, "history unreadable; no sticky tier this turn");
+    // The stored replies, newest first (read lazily: only the last few are needed; the
+    // actor's recent window is bounded by tokens, not turns, and leaves out failed replies).
+    let mut floor = 0;
+    let replies = deps
+        .store
+        .messages_newest_first(&input.conversation)
+        .filter_map(|m| match m {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "history unreadable; no sticky tier this turn");
+                None
+            }
+        })
+        .filter(|m| m.seq < input.user_seq)
+        .filter_map(|m| m.reply)
+        .take(tiers.sticky_turns as usize);
+    for meta in replies {
+        if meta.tier_reason == Some(TierReason::Classified) {
+            if let Some(i) = meta.tier.as_deref().and_then(|t| tiers.index(t)) {
+                floor = floor.max(i);
+            }
+        }
     }
     TierAsk { forced, floor }
 }

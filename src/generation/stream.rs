@@ -79,7 +79,9 @@ pub(super) async fn run(
         // Cancelled before any target answered: the outcome still names where it was going.
         None => {
             let mut s = Streamed::new(FinishReason::Cancelled, None);
-            if let Some((provider, model)) = deps.router.primary_target(&req.route) {
+            if let Some((provider, model)) =
+                deps.router.primary_target(&req.route, req.tier_index())
+            {
                 (s.provider, s.model) = (provider, model);
             }
             s

@@ -278,18 +278,22 @@ impl Router {
         self.routes.get(route)?.prompt.as_deref()
     }
 
-    /// The provider and upstream model of a route's first target.
-    pub fn primary_target(&self, route: &str) -> Option<(String, String)> {
-        let t = self.routes.get(route)?.targets.first()?;
+    /// The provider and upstream model of the first target of a route's tier (0 on a plain
+    /// route).
+    pub fn primary_target(&self, route: &str, tier: usize) -> Option<(String, String)> {
+        let r = self.routes.get(route)?;
+        let t = r.targets.get(r.tiers.get(tier)?.targets.start)?;
         Some((t.provider.name.clone(), t.model.clone()))
     }
 
-    /// The upstream model of a route's first target (prices are per upstream model).
-    pub fn primary_model(&self, route: &str) -> Option<&str> {
-        self.routes
-            .get(route)?
-            .targets
-            .first()
+    /// The upstream model a request's reservation is priced at: a semantic route's forced tier,
+    /// else its last (dearest) tier, since the tier is chosen only later; a plain route's first
+    /// target.
+    pub fn reserve_model(&self, route: &str, forced: Option<usize>) -> Option<&str> {
+        let r = self.routes.get(route)?;
+        let tier = forced.or_else(|| r.tiers.len().checked_sub(1))?;
+        r.targets
+            .get(r.tiers.get(tier)?.targets.start)
             .map(|t| t.model.as_str())
     }
 

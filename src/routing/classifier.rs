@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::signals::{log_share, Subject, TextSignals};
-use crate::cache::embed::Embedder;
+use crate::cache::embed::{EmbedError, Embedder};
 
 /// Examples consulted per request.
 const NEIGHBOURS: usize = 7;
@@ -65,12 +65,14 @@ pub struct Example {
 /// Examples and, once computed, their embeddings.
 pub struct ExampleSet {
     examples: Vec<Example>,
-    vectors: tokio::sync::OnceCell<Arc<Vec<Vec<f32>>>>,
+    hard: Vec<bool>,
+    vectors: tokio::sync::OnceCell<Vec<Vec<f32>>>,
 }
 
 impl ExampleSet {
     pub fn new(examples: Vec<Example>) -> Self {
         Self {
+            hard: examples.iter().map(|e| e.label == Label::Hard).collect(),
             examples,
             vectors: tokio::sync::OnceCell::new(),
         }
@@ -84,27 +86,31 @@ impl ExampleSet {
         self.examples.is_empty()
     }
 
-    /// The examples' embeddings, computed on first use (in chunks, so a provider embedder
-    /// gets requests of a sensible size).
-    async fn vectors(&self, embedder: &dyn Embedder) -> Option<Arc<Vec<Vec<f32>>>> {
-        let made = self
-            .vectors
+    /// Embeds the examples (in chunks, so a provider embedder gets requests of a sensible
+    /// size), once.
+    ///
+    /// # Errors
+    /// The embedder's; the next call tries again.
+    async fn embed(&self, embedder: &dyn Embedder) -> Result<(), EmbedError> {
+        self.vectors
             .get_or_try_init(|| async {
                 let mut out = Vec::with_capacity(self.examples.len());
                 for chunk in self.examples.chunks(64) {
                     let texts: Vec<String> = chunk.iter().map(|e| e.text.clone()).collect();
                     out.extend(embedder.embed(&texts).await?);
                 }
-                Ok::<_, crate::cache::embed::EmbedError>(Arc::new(out))
+                Ok::<_, EmbedError>(out)
             })
-            .await;
-        match made {
-            Ok(v) => Some(Arc::clone(v)),
-            Err(e) => {
-                tracing::warn!(error = %e, "routing examples could not be embedded; scoring on signals alone");
-                None
-            }
-        }
+            .await
+            .map(|_| ())
+    }
+
+    /// The examples as neighbours, once embedded.
+    fn neighbours(&self) -> Option<Neighbours<'_>> {
+        Some(Neighbours {
+            vectors: self.vectors.get()?,
+            hard: &self.hard,
+        })
     }
 }
 
@@ -114,13 +120,15 @@ pub struct Neighbours<'a> {
     pub hard: &'a [bool],
 }
 
-/// What the nearest examples say about a vector: their vote for "hard" (`-0.5..0.5`, weighted
-/// by similarity) and how much nearer the nearest hard example is than the nearest easy one.
-/// `skip` leaves one example out (fitting scores each training example without itself).
-pub fn knn(q: &[f32], n: &Neighbours<'_>, skip: Option<usize>) -> (f32, f32) {
+/// What the nearest examples of `sets` say about a vector: their vote for "hard" (`-0.5..0.5`,
+/// weighted by similarity) and how much nearer the nearest hard example is than the nearest
+/// easy one. `skip` leaves out one example, by its index across the sets (fitting scores each
+/// training example without itself).
+pub fn knn(q: &[f32], sets: &[Neighbours<'_>], skip: Option<usize>) -> (f32, f32) {
     let mut top: Vec<(f32, bool)> = Vec::with_capacity(NEIGHBOURS + 1);
     let (mut best_hard, mut best_easy) = (0f32, 0f32);
-    for (i, (v, hard)) in n.vectors.iter().zip(n.hard).enumerate() {
+    let all = sets.iter().flat_map(|n| n.vectors.iter().zip(n.hard));
+    for (i, (v, hard)) in all.enumerate() {
         if Some(i) == skip || v.len() != q.len() {
             continue;
         }
@@ -130,7 +138,7 @@ pub fn knn(q: &[f32], n: &Neighbours<'_>, skip: Option<usize>) -> (f32, f32) {
         } else {
             best_easy = best_easy.max(sim);
         }
-        if top.len() < NEIGHBOURS || sim > top[top.len() - 1].0 {
+        if top.len() < NEIGHBOURS || top.last().is_some_and(|(s, _)| sim > *s) {
             let at = top.partition_point(|(s, _)| *s >= sim);
             top.insert(at, (sim, *hard));
             top.truncate(NEIGHBOURS);
@@ -225,10 +233,26 @@ impl Classifier {
         self.sets.iter().map(|s| s.len()).sum()
     }
 
-    /// Embeds the examples now (at start), so the first request does not wait for them.
-    pub async fn warm(&self) {
+    /// Embeds the examples at once when the embedder answers without waiting (the builtin
+    /// one), so a server's first requests already compare with them.
+    pub fn warm_now(&self) {
+        use futures_util::FutureExt as _;
         for set in &self.sets {
-            set.vectors(self.embedder.as_ref()).await;
+            let _ = set.embed(self.embedder.as_ref()).now_or_never();
+        }
+    }
+
+    /// Embeds the examples, off the request path: at start, and again with growing pauses
+    /// while the embedder fails (a provider that is down). Until then requests are scored on
+    /// the signals alone.
+    pub async fn warm(&self) {
+        let mut pause = Duration::from_secs(1);
+        for set in &self.sets {
+            while let Err(e) = set.embed(self.embedder.as_ref()).await {
+                tracing::warn!(error = %e, retry_in_s = pause.as_secs(), "routing examples could not be embedded; scoring on signals alone meanwhile");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(300));
+            }
         }
     }
 
@@ -254,15 +278,14 @@ impl Classifier {
         }
     }
 
-    /// The nearest examples' verdicts on the question and on the previous user message.
+    /// The nearest examples' verdicts on the question and on the previous user message;
+    /// `None` until the examples are embedded, or when embedding the request fails.
     async fn similarity(&self, subject: &Subject) -> Option<((f32, f32), Option<f32>)> {
-        let mut vectors = Vec::new();
-        let mut hard = Vec::new();
-        for set in &self.sets {
-            let v = set.vectors(self.embedder.as_ref()).await?;
-            vectors.extend(v.iter().cloned());
-            hard.extend(set.examples.iter().map(|e| e.label == Label::Hard));
-        }
+        let sets: Vec<Neighbours<'_>> = self
+            .sets
+            .iter()
+            .map(|s| s.neighbours())
+            .collect::<Option<_>>()?;
         let mut texts = vec![subject.question.clone()];
         texts.extend(subject.previous.clone());
         let embedded = match self.embedder.embed(&texts).await {
@@ -272,12 +295,8 @@ impl Classifier {
                 return None;
             }
         };
-        let n = Neighbours {
-            vectors: &vectors,
-            hard: &hard,
-        };
-        let question = knn(embedded.first()?, &n, None);
-        let previous = embedded.get(1).map(|v| knn(v, &n, None).0);
+        let question = knn(embedded.first()?, &sets, None);
+        let previous = embedded.get(1).map(|v| knn(v, &sets, None).0);
         Some((question, previous))
     }
 }
@@ -290,10 +309,10 @@ mod tests {
     fn knn_votes_by_similarity_and_can_leave_one_out() {
         let vectors = vec![vec![1.0, 0.0], vec![0.0, 1.0], vec![0.8, 0.6]];
         let hard = vec![true, false, true];
-        let n = Neighbours {
+        let n = [Neighbours {
             vectors: &vectors,
             hard: &hard,
-        };
+        }];
         let (vote, margin) = knn(&[1.0, 0.0], &n, None);
         assert!(
             (vote - 0.5).abs() < 1e-6,

@@ -127,10 +127,10 @@ pub async fn featurise(
         .iter()
         .map(|i| items[*i].label == Label::Hard)
         .collect();
-    let n = Neighbours {
+    let n = [Neighbours {
         vectors: &vectors,
         hard: &hard,
-    };
+    }];
     Ok(subjects
         .iter()
         .enumerate()

@@ -138,10 +138,9 @@ impl Routing {
             if !own.is_empty() {
                 sets.push(Arc::new(ExampleSet::new(own)));
             }
-            classifiers.insert(
-                r.model.clone(),
-                Arc::new(Classifier::new(Arc::clone(embedder), sets)),
-            );
+            let classifier = Classifier::new(Arc::clone(embedder), sets);
+            classifier.warm_now();
+            classifiers.insert(r.model.clone(), Arc::new(classifier));
         }
         Ok(Self { classifiers })
     }

@@ -50,7 +50,11 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
             .route(web::get().to(jobs::get))
             .route(web::delete().to(jobs::cancel)),
     )
-    .service(at("/v1/conversations").route(web::post().to(conversations::create)))
+    .service(
+        at("/v1/conversations")
+            .route(web::post().to(conversations::create))
+            .route(web::get().to(conversations::list)),
+    )
     .service(
         at("/v1/conversations/{id}")
             .route(web::get().to(conversations::get))

@@ -167,16 +167,29 @@ impl Store {
         Ok(swapped)
     }
 
-    /// Ids of up to `limit` queued jobs, oldest first.
+    /// Up to `limit` queued jobs after the queue key `after` (from the start without), oldest
+    /// first: each as its queue key and job id.
     ///
     /// # Errors
     /// Storage failures.
-    pub fn queued_jobs(&self, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.jobs_queue
-            .iter()
-            .keys()
-            .take(limit)
-            .map(|k| Ok(String::from_utf8_lossy(k?.get(8..).unwrap_or_default()).into_owned()))
+    pub fn queued_jobs(
+        &self,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, String)>, StoreError> {
+        let keys = match after {
+            Some(a) => self
+                .jobs_queue
+                .range::<&[u8], _>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+                .keys(),
+            None => self.jobs_queue.iter().keys(),
+        };
+        keys.take(limit)
+            .map(|k| {
+                let k = k?;
+                let id = String::from_utf8_lossy(k.get(8..).unwrap_or_default()).into_owned();
+                Ok((k.to_vec(), id))
+            })
             .collect()
     }
 

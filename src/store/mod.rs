@@ -144,6 +144,9 @@ pub struct Store {
     responses_by_conversation: Tree,
     /// Tenant → how many conversations it keeps (u64 big-endian).
     tenant_conversations: Tree,
+    /// Tenant ‖ 0 ‖ created at (seconds, BE) ‖ conversation id → nothing: a tenant's
+    /// conversations in order, for listing.
+    conversations_by_tenant: Tree,
     /// Conversation id → the reply streaming now, as far as it was checkpointed (cluster
     /// mode: what a node that takes over a dead node's conversation stores as interrupted).
     partials: Tree,
@@ -195,6 +198,7 @@ impl Store {
             store.migrate_usage(&old)?;
             db.drop_tree("usage")?;
         }
+        store.index_conversations()?;
         Ok(store)
     }
 
@@ -235,6 +239,7 @@ impl Store {
             responses: open("responses")?,
             responses_by_conversation: open("responses_by_conversation")?,
             tenant_conversations: open("tenant_conversations")?,
+            conversations_by_tenant: open("conversations_by_tenant")?,
             partials: open("partials")?,
             jobs: open("jobs")?,
             jobs_queue: open("jobs_queue")?,
@@ -297,8 +302,74 @@ impl Store {
     /// On a storage failure.
     pub async fn create_conversation(&self, rec: &ConversationRecord) -> Result<(), StoreError> {
         self.conversations.insert(rec.id.as_bytes(), encode(rec)?)?;
+        self.conversations_by_tenant.insert(listing_key(rec), [])?;
         self.count_conversation(&rec.tenant, 1)?;
         self.flush().await
+    }
+
+    /// A page of `tenant`'s conversations, newest first, after the conversation `after` (a
+    /// cursor from the previous page); and whether more follow.
+    ///
+    /// # Errors
+    /// On a storage failure; `NoConversation` for a cursor that is not the tenant's.
+    pub fn list_conversations(
+        &self,
+        tenant: &TenantId,
+        after: Option<&ConversationId>,
+        limit: usize,
+    ) -> Result<(Vec<ConversationRecord>, bool), StoreError> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let upper = match after {
+            Some(id) => listing_key(&self.owned_conversation(id, tenant)?),
+            None => {
+                let mut end = tenant.as_str().as_bytes().to_vec();
+                end.push(1);
+                end
+            }
+        };
+        let mut out = Vec::new();
+        for k in self
+            .conversations_by_tenant
+            .range(prefix.clone()..upper)
+            .keys()
+            .rev()
+        {
+            let k = k?;
+            let Some(id) = k
+                .get(prefix.len() + 8..)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(ConversationId::parse)
+            else {
+                continue;
+            };
+            // An entry whose conversation is gone (a delete cut short) is skipped.
+            let Some(rec) = self.conversation(&id)? else {
+                continue;
+            };
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(rec);
+        }
+        Ok((out, false))
+    }
+
+    /// Builds the listing index of conversations stored before it existed (once: at open,
+    /// when the index is empty and conversations are not).
+    fn index_conversations(&self) -> Result<(), StoreError> {
+        if !self.conversations_by_tenant.is_empty()? || self.conversations.is_empty()? {
+            return Ok(());
+        }
+        let mut n = 0usize;
+        for v in self.conversations.iter().values() {
+            if let Ok(rec) = decode::<ConversationRecord>("conversations", "", &v?) {
+                self.conversations_by_tenant.insert(listing_key(&rec), [])?;
+                n += 1;
+            }
+        }
+        tracing::info!(conversations = n, "conversation listing index built");
+        Ok(())
     }
 
     /// How many conversations `tenant` keeps stored (counted from when counting began).
@@ -396,6 +467,7 @@ impl Store {
         if let Some(old) = self.conversations.remove(id.as_bytes())? {
             let rec: ConversationRecord = decode("conversations", id.as_str(), &old)?;
             self.count_conversation(&rec.tenant, -1)?;
+            self.conversations_by_tenant.remove(listing_key(&rec))?;
         }
         self.pii_vaults.remove(id.as_bytes())?;
         self.partials.remove(id.as_bytes())?;
@@ -850,3 +922,13 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &str, raw: &[u8]) -> Res
 
 #[cfg(test)]
 mod tests;
+
+/// A conversation's key in `conversations_by_tenant`: its tenant, then its creation time and id
+/// (so a tenant's keys sort oldest first).
+fn listing_key(rec: &ConversationRecord) -> Vec<u8> {
+    let mut k = rec.tenant.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&rec.created_at.to_be_bytes());
+    k.extend_from_slice(rec.id.as_str().as_bytes());
+    k
+}

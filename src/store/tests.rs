@@ -145,6 +145,38 @@ async fn survives_reopen() {
 }
 
 #[tokio::test]
+async fn conversations_stored_before_the_listing_index_are_indexed_at_open() {
+    let dir = tempfile::tempdir().unwrap(); // ok: test code
+    let (a, b) = (conv("t"), conv("t"));
+    {
+        let store = Store::open(dir.path()).unwrap(); // ok: test code
+        store.create_conversation(&a).await.unwrap(); // ok: test code
+        store.create_conversation(&b).await.unwrap(); // ok: test code
+        store.create_conversation(&conv("other")).await.unwrap(); // ok: test code
+                                                                  // As a store of an earlier version left it: no index.
+        store.conversations_by_tenant.clear().unwrap(); // ok: test code
+        store.flush().await.unwrap(); // ok: test code
+        store.idle().await;
+    }
+    let store = Store::open(dir.path()).unwrap(); // ok: test code
+    let tenant = crate::ids::TenantId("t".into());
+    let (page, more) = store.list_conversations(&tenant, None, 10).unwrap(); // ok: test code
+    let mut ids: Vec<_> = page.iter().map(|c| c.id.clone()).collect();
+    ids.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    let mut want = vec![a.id.clone(), b.id.clone()];
+    want.sort_by(|x, y| x.as_str().cmp(y.as_str()));
+    assert_eq!(ids, want);
+    assert!(!more);
+    let (first, more) = store.list_conversations(&tenant, None, 1).unwrap(); // ok: test code
+    assert!(more);
+    let (rest, more) = store
+        .list_conversations(&tenant, Some(&first[0].id), 1)
+        .unwrap(); // ok: test code
+    assert!(!more);
+    assert_ne!(rest[0].id, first[0].id);
+}
+
+#[tokio::test]
 async fn keys_round_trip_and_revoke() {
     for (_held, store) in backends() {
         let rec = KeyRecord {

@@ -779,3 +779,86 @@ async fn client_errors_log_nothing_and_a_server_error_logs_one_line() {
         "{new:#?}"
     );
 }
+
+#[tokio::test]
+async fn conversations_are_listed_newest_first_in_pages_per_tenant() {
+    let server = TestServer::start_with_admin(config_with(None));
+    let (_, a) = server.create_key(json!({"tenant": "a"})).await;
+    let (_, b) = server.create_key(json!({"tenant": "b"})).await;
+    let mut made = Vec::new();
+    for i in 0..5 {
+        made.push(
+            create_conversation(
+                &server,
+                Some(&a),
+                json!({"model": "mock", "metadata": {"title": format!("c{i}")}}),
+            )
+            .await,
+        );
+    }
+    let theirs = create_conversation(&server, Some(&b), json!({"model": "mock"})).await;
+    let page = |after: Option<String>| {
+        let server = &server;
+        let a = a.clone();
+        async move {
+            let path = match after {
+                Some(id) => format!("/v1/conversations?limit=2&after={id}"),
+                None => "/v1/conversations?limit=2".to_owned(),
+            };
+            get_json_as(server, &path, Some(&a)).await
+        }
+    };
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let v = page(after).await;
+        assert_eq!(v["object"], "list");
+        let ids: Vec<String> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(ids.len() <= 2);
+        listed.extend(ids);
+        if v["has_more"] != true {
+            break;
+        }
+        after = Some(v["last_id"].as_str().unwrap().to_owned());
+    }
+    // Every one of the tenant's, once, none of the other's; newest first (ids of one second
+    // are in any order, so compare as sets and check the times descend).
+    let mut sorted_listed = listed.clone();
+    sorted_listed.sort();
+    let mut sorted_made = made.clone();
+    sorted_made.sort();
+    assert_eq!(sorted_listed, sorted_made);
+    assert!(!listed.contains(&theirs));
+    let all = get_json_as(&server, "/v1/conversations?limit=100", Some(&a)).await;
+    let times: Vec<i64> = all["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["created_at"].as_i64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    // A deleted one leaves the list; another tenant's cursor is not found.
+    let resp = with_key(
+        http().delete(server.url(&format!("/v1/conversations/{}", made[0]))),
+        Some(&a),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), 204);
+    let all = get_json_as(&server, "/v1/conversations?limit=100", Some(&a)).await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 4);
+    let resp = with_key(
+        http().get(server.url(&format!("/v1/conversations?after={theirs}"))),
+        Some(&a),
+    )
+    .send()
+    .await
+    .unwrap();
+    expect_error(resp, 404, "not_found").await;
+}

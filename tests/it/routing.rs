@@ -284,6 +284,7 @@ async fn an_escalated_conversation_stays_on_the_strong_tier_for_sticky_turns() {
             parley::routing::default_examples(),
         ))],
     );
+    classifier.warm().await;
     let tiers = Tiers {
         names: vec!["fast".into(), "strong".into()],
         thresholds: vec![parley::routing::DEFAULT_THRESHOLD],

@@ -133,6 +133,40 @@ pub async fn create(
     Ok(HttpResponse::Created().json(conversation_json(&rec)))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    limit: Option<usize>,
+    /// The last id of the previous page.
+    #[serde(default)]
+    after: Option<String>,
+}
+
+/// `GET /v1/conversations?limit=&after=`: the tenant's conversations, newest first.
+pub async fn list(
+    Client(p): Client,
+    state: web::Data<AppState>,
+    q: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let after = q.after.as_deref().map(parse_id).transpose()?;
+    let store = state.store().clone();
+    let tenant = p.tenant.clone();
+    let (page, has_more) =
+        web::block(move || store.list_conversations(&tenant, after.as_ref(), limit))
+            .await
+            .map_err(|_| ApiError::internal())??;
+    let data: Vec<serde_json::Value> = page.iter().map(conversation_json).collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "object": "list",
+        "first_id": page.first().map(|c| c.id.to_string()),
+        "last_id": page.last().map(|c| c.id.to_string()),
+        "has_more": has_more,
+        "data": data,
+    })))
+}
+
 pub async fn get(
     Client(p): Client,
     state: web::Data<AppState>,
@@ -195,9 +229,13 @@ pub async fn post_message(
             let options = obj
                 .entry("options")
                 .or_insert_with(|| serde_json::json!({}));
-            if let Some(o) = options.as_object_mut() {
-                o.entry("tier").or_insert(serde_json::Value::String(tier));
+            if options.is_null() {
+                *options = serde_json::json!({});
             }
+            let Some(o) = options.as_object_mut() else {
+                return Err(ApiError::bad_request("options: must be an object"));
+            };
+            o.entry("tier").or_insert(serde_json::Value::String(tier));
         }
     }
     Ok(match post(&state, p, &id, body).await? {

@@ -65,7 +65,11 @@ pub fn prepare(
     };
     let encoding = deps.router.encoding(route);
     let prompt_tokens = tokens::request_tokens(encoding, &chat.messages, &chat.tools);
-    let price_model = deps.router.primary_model(route).unwrap_or(route).to_owned();
+    let price_model = deps
+        .router
+        .reserve_model(route, forced)
+        .unwrap_or(route)
+        .to_owned();
     let reservation = deps
         .governor
         .admit(&p, &price_model, prompt_tokens, chat.max_tokens)?;
