@@ -4,7 +4,8 @@
 //! - [`cli`]: the command line of PROTOCOL §1.
 //! - [`config`]: `Config`, its embedded default, layering and validation.
 //! - [`app`]: builds the state, starts the actors, runs the HTTP server, shuts down cleanly.
-//! - [`server`]: the edges: HTTP routes (OpenAI, conversations, admin, health), SSE, WebSocket.
+//! - [`server`]: the edges: HTTP routes (OpenAI, conversations, admin, health), SSE, WebSocket,
+//!   and the chat page and dashboard (`server/ui/`, built into the binary).
 //! - [`generation`]: the one generation path every face drives (guard, cache, route, stream, settle).
 //! - [`conversation`]: one supervised actor per live conversation, its registry and its turns.
 //! - [`provider`]: provider actors, the router with fallback, OpenAI/Anthropic/mock wire formats.

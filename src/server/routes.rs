@@ -4,7 +4,7 @@
 use actix_web::error::{JsonPayloadError, PathError, QueryPayloadError};
 use actix_web::{web, HttpRequest};
 
-use super::http::{admin, batches, conversations, health, jobs, openai, responses, usage};
+use super::http::{admin, batches, conversations, health, jobs, openai, responses, ui, usage};
 use super::ws;
 use crate::error::{ApiError, ErrorCode};
 
@@ -18,6 +18,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, max_body: usize) {
     )
     .app_data(web::QueryConfig::default().error_handler(query_error))
     .app_data(web::PathConfig::default().error_handler(path_error))
+    .service(at("/").route(web::get().to(ui::chat)))
+    .service(at("/dashboard").route(web::get().to(ui::dashboard)))
+    .service(at("/ui/{name}").route(web::get().to(ui::asset)))
     .service(at("/healthz").route(web::get().to(health::healthz)))
     .service(at("/readyz").route(web::get().to(health::readyz)))
     .service(at("/metrics").route(web::get().to(health::metrics)))

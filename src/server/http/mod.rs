@@ -8,4 +8,5 @@ pub mod jobs;
 pub mod openai;
 pub mod responses;
 pub mod stateless;
+pub mod ui;
 pub mod usage;
