@@ -11,7 +11,12 @@ use parley::{app, mock_upstream, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init();
+    // `serve` sets telemetry up from its config; the other commands log to stderr.
+    let _telemetry = if matches!(cli.command, Command::Serve(_)) {
+        None
+    } else {
+        telemetry::init(&parley::config::TelemetryConfig::default()).ok()
+    };
     match cli.command {
         Command::Serve(args) => serve(&args),
         Command::MockUpstream(args) => mock(&args),
@@ -67,6 +72,10 @@ fn serve(args: &ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(&e),
     };
+    let telemetry = match telemetry::init(&config.telemetry) {
+        Ok(t) => t,
+        Err(e) => return fail(&anyhow::anyhow!(e)),
+    };
     raise_fd_limit();
     let system = actix_web::rt::System::new();
     let result = system.block_on(async move {
@@ -83,6 +92,8 @@ fn serve(args: &ServeArgs) -> ExitCode {
         handle.shutdown().await?;
         Ok::<_, anyhow::Error>(())
     });
+    // The spans still buffered go out before the process ends.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),

@@ -27,6 +27,30 @@ pub struct Metrics {
     cache_lookup_seconds: prometheus::Histogram,
     pub cache_entries: IntGauge,
     tier_decisions: IntCounterVec,
+    gen_ai: GenAi,
+}
+
+/// The GenAI semantic conventions' client and server histograms, Prometheus-named.
+#[derive(Clone)]
+struct GenAi {
+    duration: HistogramVec,
+    tokens: HistogramVec,
+    ttft: HistogramVec,
+    per_token: HistogramVec,
+}
+
+/// One generation as the GenAI histograms see it.
+pub struct GenAiObservation<'a> {
+    /// The route asked for (`gen_ai.request.model`).
+    pub request_model: &'a str,
+    pub provider: &'a str,
+    pub response_model: &'a str,
+    pub duration: Duration,
+    pub ttft: Option<Duration>,
+    pub input_tokens: u32,
+    pub output_tokens: u32,
+    /// The error code, when it failed.
+    pub error: Option<&'a str>,
 }
 
 impl Metrics {
@@ -115,7 +139,9 @@ impl Metrics {
             &["route", "tier", "reason"],
         )?;
         registry.register(Box::new(tier_decisions.clone()))?;
+        let gen_ai = GenAi::new(&registry)?;
         Ok(Self {
+            gen_ai,
             tier_decisions,
             cache_lookups,
             cache_near_misses,
@@ -150,6 +176,52 @@ impl Metrics {
             self.errors
                 .with_label_values(&[provider, code.as_str()])
                 .inc();
+        }
+    }
+
+    /// A generation, in the GenAI histograms.
+    pub fn observe_gen_ai(&self, o: &GenAiObservation<'_>) {
+        let none = |s: &str| {
+            if s.is_empty() {
+                "none".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        let (provider, response) = (none(o.provider), none(o.response_model));
+        let g = &self.gen_ai;
+        g.duration
+            .with_label_values(&[
+                "chat",
+                &provider,
+                o.request_model,
+                &response,
+                o.error.unwrap_or(""),
+            ])
+            .observe(o.duration.as_secs_f64());
+        if o.error.is_none() || o.input_tokens + o.output_tokens > 0 {
+            for (kind, n) in [("input", o.input_tokens), ("output", o.output_tokens)] {
+                g.tokens
+                    .with_label_values(&["chat", &provider, o.request_model, &response, kind])
+                    .observe(f64::from(n));
+            }
+        }
+        if let Some(ttft) = o.ttft {
+            let labels = [
+                "chat",
+                provider.as_str(),
+                o.request_model,
+                response.as_str(),
+            ];
+            g.ttft
+                .with_label_values(&labels)
+                .observe(ttft.as_secs_f64());
+            if o.output_tokens > 1 {
+                let rest = o.duration.saturating_sub(ttft).as_secs_f64();
+                g.per_token
+                    .with_label_values(&labels)
+                    .observe(rest / f64::from(o.output_tokens - 1));
+            }
         }
     }
 
@@ -196,5 +268,59 @@ impl Metrics {
         // Encoding gathered families into a Vec cannot fail but for a bug; an empty page is fine.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl GenAi {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let model = [
+            "gen_ai_operation_name",
+            "gen_ai_provider_name",
+            "gen_ai_request_model",
+            "gen_ai_response_model",
+        ];
+        let hist = |name: &str, help: &str, buckets: Vec<f64>, extra: &[&str]| {
+            let labels: Vec<&str> = model.iter().chain(extra).copied().collect();
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &labels)?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        Ok(Self {
+            duration: hist(
+                "gen_ai_client_operation_duration_seconds",
+                "GenAI operation duration (gen_ai.client.operation.duration)",
+                vec![
+                    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                    40.96, 81.92,
+                ],
+                &["error_type"],
+            )?,
+            tokens: hist(
+                "gen_ai_client_token_usage",
+                "Tokens used per GenAI operation, by gen_ai_token_type (gen_ai.client.token.usage)",
+                vec![
+                    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0,
+                    1048576.0, 4194304.0, 16777216.0, 67108864.0,
+                ],
+                &["gen_ai_token_type"],
+            )?,
+            ttft: hist(
+                "gen_ai_server_time_to_first_token_seconds",
+                "Time to the first token of a reply (gen_ai.server.time_to_first_token)",
+                vec![
+                    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                    5.0, 7.5, 10.0,
+                ],
+                &[],
+            )?,
+            per_token: hist(
+                "gen_ai_server_time_per_output_token_seconds",
+                "Time per output token after the first (gen_ai.server.time_per_output_token)",
+                vec![
+                    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                ],
+                &[],
+            )?,
+        })
     }
 }

@@ -44,6 +44,7 @@ struct FileConfig {
     cache: Option<CacheConfig>,
     server: Option<ServerConfig>,
     storage: Option<StorageConfig>,
+    telemetry: Option<TelemetryConfig>,
     cluster: Option<ClusterConfig>,
     jobs: Option<JobsConfig>,
     retry: Option<RetryConfig>,
@@ -68,6 +69,7 @@ impl FileConfig {
             cache: self.cache.unwrap_or(defaults.cache),
             server: self.server.unwrap_or(defaults.server),
             storage: self.storage.unwrap_or(defaults.storage),
+            telemetry: self.telemetry.unwrap_or(defaults.telemetry),
             cluster: self.cluster.or(defaults.cluster),
             jobs: self.jobs.unwrap_or(defaults.jobs),
             retry: self.retry.unwrap_or(defaults.retry),
@@ -87,6 +89,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub server: ServerConfig,
     pub storage: StorageConfig,
+    /// `[telemetry]`: logs' format, OpenTelemetry export.
+    pub telemetry: TelemetryConfig,
     /// `[cluster]`: several nodes sharing one Redis (PROTOCOL §9); absent on a single node.
     pub cluster: Option<ClusterConfig>,
     /// `[jobs]`: async jobs (PROTOCOL §10).
@@ -196,6 +200,31 @@ pub struct ServerConfig {
     pub conversation_threads: usize,
     /// Conversations one tenant may keep stored; creating more is `quota_exceeded`.
     pub max_conversations_per_tenant: u64,
+}
+
+/// `[telemetry]`: how logs are written and where traces go.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` (default) or `json` (one JSON object per line, for log collectors).
+    pub log_format: LogFormat,
+    /// An OTLP/HTTP collector (`http://127.0.0.1:4318`; `/v1/traces` is appended) to export
+    /// traces to. Without it the standard `OTEL_EXPORTER_OTLP_ENDPOINT` /
+    /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` variables turn export on.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans (else `OTEL_SERVICE_NAME`, else `parley`).
+    pub service_name: Option<String>,
+    /// Put the messages and replies in the spans (`gen_ai.input.messages`,
+    /// `gen_ai.output.messages`). Off: spans carry no content.
+    pub capture_content: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[storage]`: how much memory the store may keep, and how long raw usage records stay.
@@ -366,6 +395,7 @@ impl Config {
             cache: CacheConfig::default(),
             server: ServerConfig::default(),
             storage: StorageConfig::default(),
+            telemetry: TelemetryConfig::default(),
             cluster: None,
             jobs: JobsConfig::default(),
             retry: RetryConfig::default(),

@@ -53,6 +53,8 @@ struct Queued {
     principal: Principal,
     /// The key's reservation; dropping an unrun turn gives it back.
     bill: Bill,
+    /// The span of the request that posted it (the turn's span is its child).
+    span: tracing::Span,
 }
 
 #[derive(Default)]
@@ -231,6 +233,7 @@ impl ConversationActor {
             bill: Some(q.bill),
             pii: q.pii,
             flags: q.flags,
+            span: q.span,
         };
         let cancel = self.deps.shutdown.child_token();
         let ended = CancellationToken::new();
@@ -847,6 +850,7 @@ impl Handler<PostUserMessage> for ConversationActor {
             options,
             principal: msg.principal,
             bill: Bill::new(Arc::clone(&self.deps.governor), reservation),
+            span: msg.span,
         });
         self.start_next(ctx);
         Ok(Posted::Queued)

@@ -77,6 +77,9 @@ pub struct PostUserMessage {
     pub listener: Option<(SinkId, Sink, Scope)>,
     /// Who sends it: its key's limits, quotas and regions apply.
     pub principal: Principal,
+    /// The span of the request that posts it: the turn's span is its child, so a caller's
+    /// `traceparent` reaches the turn.
+    pub span: tracing::Span,
 }
 
 /// Changes the tools offered on the conversation's next turns; answers the updated record.

@@ -70,6 +70,8 @@ pub struct TurnInput {
     /// The ids of the reply's tool calls, told to the actor before the reply is stored (until
     /// it hears that the turn ended, they are the open calls).
     pub reply_calls: Arc<std::sync::OnceLock<Vec<String>>>,
+    /// The span of the request that posted the message (none for a socket).
+    pub span: tracing::Span,
 }
 
 /// How a turn ended, for its actor.
@@ -90,6 +92,7 @@ pub async fn run(
     cancel: CancellationToken,
 ) -> TurnEnd {
     let span = tracing::info_span!(
+        parent: &input.span,
         "turn",
         conversation = %input.conversation,
         seq = input.user_seq,

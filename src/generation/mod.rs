@@ -164,7 +164,107 @@ pub struct Outcome {
 /// Runs one generation: the cache, then the route with its fallbacks, streaming to `sink`, then
 /// the settlement (metrics, bill, usage record, cache entry). Never fails: a failure is an
 /// outcome with `error` set and `finish_reason` `error` (or `interrupted` after text).
+///
+/// Its span is the GenAI semantic conventions' `chat` operation: the route asked for, the
+/// provider and model that answered, the tokens, the finish reason, the tier; fallbacks,
+/// retries and cache hits are its events, each upstream attempt a child span.
 pub async fn run(
+    deps: &Deps,
+    req: Request,
+    sink: &mut impl Sink,
+    cancel: &CancellationToken,
+) -> Outcome {
+    use tracing::field::Empty;
+    let span = tracing::info_span!(
+        "chat",
+        otel.name = %format!("chat {}", req.route),
+        otel.kind = "internal",
+        gen_ai.operation.name = "chat",
+        gen_ai.request.model = %req.route,
+        gen_ai.request.max_tokens = req.chat.max_tokens.map(i64::from),
+        gen_ai.provider.name = Empty,
+        gen_ai.response.model = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        gen_ai.conversation.id = req.conversation.as_ref().map(|c| c.to_string()),
+        gen_ai.input.messages = Empty,
+        gen_ai.output.messages = Empty,
+        parley.cached = Empty,
+        parley.tier = Empty,
+        error.type = Empty,
+    );
+    let captured = crate::telemetry::captures_content();
+    let (route, begun) = (req.route.clone(), req.begun);
+    if captured {
+        span.record("gen_ai.input.messages", input_messages(&req.chat).as_str());
+    }
+    let out =
+        tracing::Instrument::instrument(run_inner(deps, req, sink, cancel), span.clone()).await;
+    if !out.provider.is_empty() {
+        span.record("gen_ai.provider.name", out.provider.as_str());
+    }
+    if !out.model.is_empty() {
+        span.record("gen_ai.response.model", out.model.as_str());
+    }
+    // As signed integers: OTLP's integer attributes are i64.
+    span.record(
+        "gen_ai.usage.input_tokens",
+        i64::from(out.usage.prompt_tokens),
+    );
+    span.record(
+        "gen_ai.usage.output_tokens",
+        i64::from(out.usage.completion_tokens),
+    );
+    span.record(
+        "gen_ai.response.finish_reasons",
+        format!("[\"{}\"]", out.finish.as_str()).as_str(),
+    );
+    span.record("parley.cached", out.cached);
+    if let Some(t) = &out.tier {
+        span.record("parley.tier", t.name.as_str());
+    }
+    if let Some(e) = &out.error {
+        span.record("error.type", e.code.as_str());
+    }
+    deps.metrics
+        .observe_gen_ai(&crate::metrics::GenAiObservation {
+            request_model: &route,
+            provider: &out.provider,
+            response_model: &out.model,
+            duration: begun.elapsed(),
+            ttft: out.ttft,
+            input_tokens: out.usage.prompt_tokens,
+            output_tokens: out.usage.completion_tokens,
+            error: out.error.as_ref().map(|e| e.code.as_str()),
+        });
+    if captured {
+        let output = serde_json::json!([{
+            "role": "assistant",
+            "parts": [{"type": "text", "content": out.text}],
+            "finish_reason": out.finish.as_str(),
+        }]);
+        span.record("gen_ai.output.messages", output.to_string().as_str());
+    }
+    out
+}
+
+/// The request's messages as the GenAI conventions' `gen_ai.input.messages` (text parts).
+fn input_messages(chat: &ChatRequest) -> String {
+    let messages: Vec<serde_json::Value> = chat
+        .messages
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "role": m.role.as_str(),
+                "parts": [{"type": "text", "content": m.content.text()}],
+            })
+        })
+        .collect();
+    serde_json::Value::Array(messages).to_string()
+}
+
+async fn run_inner(
     deps: &Deps,
     mut req: Request,
     sink: &mut impl Sink,
@@ -197,6 +297,11 @@ pub async fn run(
         };
         let l = deps.cache.lookup(query, slot.vector).await;
         if let Looked::Hit(hit) = l.outcome {
+            tracing::debug!(
+                target: crate::telemetry::OTEL_TARGET,
+                { parley.cache.similarity = hit.similarity },
+                "cache_hit"
+            );
             return settle::hit(deps, req, hit, sink).await;
         }
         looked = l.vector.map(|v| (l.key, v, slot.question));

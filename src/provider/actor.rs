@@ -376,8 +376,18 @@ fn spawn_generation(
     retry: bool,
 ) -> Generation {
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    let span =
-        tracing::debug_span!("upstream", provider = %limits.name, model = %req.model, key_index);
+    // One upstream attempt: a client span of the GenAI `chat` operation.
+    let span = tracing::info_span!(
+        "upstream",
+        otel.name = %format!("chat {}", req.model),
+        otel.kind = "client",
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = %limits.name,
+        gen_ai.request.model = %req.model,
+        parley.key_index = key_index,
+        parley.retry = retry,
+        error.type = tracing::field::Empty,
+    );
     // `tokio::spawn`, not `actix::spawn`: the caller may be a plain task outside any `LocalSet`.
     tokio::spawn(tracing::Instrument::instrument(
         async move {
@@ -386,6 +396,10 @@ fn spawn_generation(
             // one request the upstream chokes on must not open a deployment for everyone. What
             // speaks of the deployment itself (429, 503, 529, connection failures, timeouts)
             // counts on every attempt.
+            if let Outcome::Failed { status } = &outcome {
+                let kind = status.map_or_else(|| "connection".to_owned(), |s| s.to_string());
+                tracing::Span::current().record("error.type", kind.as_str());
+            }
             let outcome = match outcome {
                 Outcome::Failed { status: Some(500) } if retry => Outcome::Abandoned,
                 other => other,

@@ -11,12 +11,22 @@ pub struct SafeRootSpan;
 
 impl RootSpanBuilder for SafeRootSpan {
     fn on_request_start(request: &ServiceRequest) -> Span {
-        tracing::info_span!(
+        // The route's pattern (`/v1/conversations/{id}`) names the span; the path is recorded
+        // as it came (never the query string).
+        let route = request.match_pattern();
+        let span = tracing::info_span!(
             "http",
+            otel.name = %format!("{} {}", request.method(), route.as_deref().unwrap_or("unmatched")),
+            otel.kind = "server",
+            http.request.method = %request.method(),
+            http.route = route.as_deref().unwrap_or(""),
             method = %request.method(),
             path = %request.path(),
             status = tracing::field::Empty,
-        )
+            http.response.status_code = tracing::field::Empty,
+        );
+        crate::telemetry::adopt_remote_parent(&span, request.headers());
+        span
     }
 
     fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
@@ -28,6 +38,7 @@ impl RootSpanBuilder for SafeRootSpan {
             Err(e) => e.as_response_error().status_code(),
         };
         span.record("status", status.as_u16());
+        span.record("http.response.status_code", status.as_u16());
         let _guard = span.enter();
         // One line at most per request above debug: a 5xx is logged where it is answered
         // (`ApiError`, with its code); a 4xx is the client's and logs nothing, so log volume

@@ -11,6 +11,10 @@ use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
 
+/// One browser test at a time: Chromium is heavy on two cores, and the suite's timing-bound
+/// tests run beside these.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// chromedriver on a free port and one browser session; both end on drop.
 struct Browser {
     client: Client,
@@ -164,6 +168,7 @@ async fn stored(server: &TestServer, conv: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let server = paced_server(60.0);
     let b = Browser::start().await;
     b.client.goto(&server.url("/")).await.unwrap();
@@ -270,6 +275,7 @@ async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_tabs_show_the_same_conversation_live() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let server = paced_server(200.0);
     let one = Browser::start().await;
     one.client.goto(&server.url("/")).await.unwrap();
@@ -304,6 +310,7 @@ async fn two_tabs_show_the_same_conversation_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markup_in_a_reply_is_shown_as_text_and_never_runs() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let server = paced_server(0.0);
     let b = Browser::start().await;
     b.client.goto(&server.url("/")).await.unwrap();
@@ -343,6 +350,7 @@ async fn markup_in_a_reply_is_shown_as_text_and_never_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_a_breaker_a_test_opened() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let up = MockUpstream::spawn(Behaviour {
         error_rate: 1.0,
         ..Behaviour::default()

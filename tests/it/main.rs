@@ -22,5 +22,6 @@ mod providers;
 mod responses;
 mod routing;
 mod simulation;
+mod telemetry;
 mod tools;
 mod ws;

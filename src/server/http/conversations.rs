@@ -323,6 +323,7 @@ async fn post(
         options: body.options,
         listener: Some(listener),
         principal: p,
+        span: tracing::Span::current(),
     };
     live.ask(post).await?;
     if body.stream {

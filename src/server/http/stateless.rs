@@ -167,11 +167,16 @@ impl Running {
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         let tracker = deps.tasks.clone();
-        tracker.spawn(async move {
-            let mut sink = ChannelSink(tx);
-            let out = generation::run(&deps, request, &mut sink, &token).await;
-            let _ = sink.0.send(Piece::Done(Box::new(out))).await;
-        });
+        // The generation's span is a child of the request's.
+        let span = tracing::Span::current();
+        tracker.spawn(tracing::Instrument::instrument(
+            async move {
+                let mut sink = ChannelSink(tx);
+                let out = generation::run(&deps, request, &mut sink, &token).await;
+                let _ = sink.0.send(Piece::Done(Box::new(out))).await;
+            },
+            span,
+        ));
         Self {
             rx,
             _cancel: cancel.drop_guard(),

@@ -312,6 +312,7 @@ async fn post(
         options,
         listener,
         principal: cx.principal.clone(),
+        span: tracing::Span::current(),
     })
     .await?;
     cx.subscribed.insert(id.clone());

@@ -303,6 +303,7 @@ pub(super) async fn post_all(
                 options,
                 listener,
                 principal,
+                span: tracing::Span::current(),
             }
         }
     };
