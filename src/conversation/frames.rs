@@ -50,6 +50,8 @@ pub struct WireMessage {
     pub cached: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
 }
 
 impl From<MessageRecord> for WireMessage {
@@ -72,6 +74,7 @@ impl From<MessageRecord> for WireMessage {
             usage: m.reply.as_ref().map(|r| r.usage),
             cached: m.reply.as_ref().map(|r| r.cached),
             tier: m.reply.as_ref().and_then(|r| r.tier.clone()),
+            cost: m.reply.as_ref().and_then(|r| r.cost),
             prompt_version: m.reply.and_then(|r| r.prompt_version),
             flags: m.flags,
         }
@@ -96,6 +99,9 @@ pub struct Done {
     /// A semantic route: the tier that wrote the reply.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// What the reply cost at the price table (parley addition).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
 }
 
 /// The `error` frame's body.

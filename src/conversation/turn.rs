@@ -367,6 +367,7 @@ async fn run_steps(
             }),
             tier: out.tier.as_ref().map(|t| t.name.clone()),
             tier_reason: out.tier.as_ref().map(|t| t.reason),
+            cost: Some(out.cost),
         }),
         ..MessageRecord::default()
     };
@@ -880,6 +881,7 @@ pub fn outcome_frame(
         ttft_ms: meta.ttft_ms,
         tool_calls: reply.tool_calls.iter().map(WireToolCall::from).collect(),
         tier: meta.tier.clone(),
+        cost: meta.cost,
     }))
 }
 
@@ -910,6 +912,7 @@ pub fn failed_reply(user_seq: u64, err: &ApiError, finish: FinishReason) -> Mess
             }),
             tier: None,
             tier_reason: None,
+            cost: None,
         }),
         ..MessageRecord::default()
     }

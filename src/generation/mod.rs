@@ -159,6 +159,8 @@ pub struct Outcome {
     pub logprobs: Vec<serde_json::Value>,
     /// A semantic route: the tier the request went to, and why.
     pub tier: Option<TierDecision>,
+    /// What it cost at the price table (0 for a cached reply, and for models without a price).
+    pub cost: f64,
 }
 
 /// Runs one generation: the cache, then the route with its fallbacks, streaming to `sink`, then

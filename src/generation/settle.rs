@@ -69,6 +69,7 @@ pub(super) async fn hit(deps: &Deps, req: Request, hit: Hit, sink: &mut impl Sin
         completion_tokens,
         logprobs: Vec::new(),
         tier: req.decided,
+        cost: 0.0,
     }
 }
 
@@ -180,6 +181,7 @@ pub(super) async fn finish(
         completion_tokens,
         logprobs: s.logprobs,
         tier: req.decided,
+        cost,
     }
 }
 

@@ -61,6 +61,9 @@ pub struct ReplyMeta {
     pub tier: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier_reason: Option<crate::domain::TierReason>,
+    /// What the reply cost at the price table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<f64>,
 }
 
 /// The error a turn ended with.

@@ -131,6 +131,14 @@ fn paced_server(tokens_per_sec: f64) -> TestServer {
             p.tokens_per_sec = Some(tokens_per_sec);
         }
     }
+    // Priced, so each turn shows its cost.
+    cfg.prices.insert(
+        "mock-1".into(),
+        parley::domain::Price {
+            input_per_mtok: 1.0,
+            output_per_mtok: 2.0,
+        },
+    );
     TestServer::start(cfg)
 }
 
@@ -182,6 +190,25 @@ async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
         .await;
     let history = stored(&server, &conv).await;
     assert_eq!(history.len(), 2);
+    // Its badges: model, tokens and cost, as stored.
+    let meta = b
+        .eval(&format!(
+            "return {ASSISTANT}[0].querySelector('.meta').innerText;"
+        ))
+        .await;
+    let meta = meta.as_str().unwrap();
+    assert!(history[1]["cost"].as_f64().unwrap() > 0.0, "{}", history[1]);
+    let usage = &history[1]["usage"];
+    for part in [
+        "mock-1".to_owned(),
+        format!(
+            "{} + {} tokens",
+            usage["prompt_tokens"], usage["completion_tokens"]
+        ),
+        "cost 0.000".to_owned(),
+    ] {
+        assert!(meta.contains(&part), "{part} not in {meta}");
+    }
     let shown = b
         .eval(&format!(
             "return {ASSISTANT}[0].querySelector('.body').innerText;"
@@ -341,9 +368,33 @@ async fn markup_in_a_reply_is_shown_as_text_and_never_runs() {
         1,
         "Markdown still renders"
     );
+    // A fenced code block is a code block, its markup still text.
+    b.eval(
+        "document.getElementById('input').value = '[[mock:echo]] see:\\n```html\\n<b onmouseover=x>hi</b>\\n```'; \
+         document.getElementById('send').click(); return true;",
+    )
+    .await;
+    b.until(&format!(
+        "{ASSISTANT}.length === 2 && {ASSISTANT}[1].classList.contains('done')"
+    ))
+    .await;
+    let code = b
+        .eval(&format!(
+            "return {ASSISTANT}[1].querySelector('pre > code').innerText;"
+        ))
+        .await;
+    assert!(
+        code.as_str().unwrap().contains("<b onmouseover=x>hi</b>"),
+        "{code}"
+    );
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#messages b').length;")
+            .await,
+        0
+    );
     // Give an onerror handler every chance to have run.
     b.client.refresh().await.unwrap();
-    b.until(&format!("{ASSISTANT}.length === 1")).await;
+    b.until(&format!("{ASSISTANT}.length === 2")).await;
     assert_eq!(b.eval("return typeof window.pwned;").await, "undefined");
     b.close().await;
 }

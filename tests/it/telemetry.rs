@@ -373,3 +373,42 @@ async fn every_metric_the_grafana_dashboard_reads_is_exported() {
     }
     assert!(checked >= 10, "{checked}");
 }
+
+#[tokio::test]
+async fn content_is_in_the_spans_only_when_the_config_opts_in() {
+    let receiver = Receiver::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{}/v1/traces\"\ncapture_content = true\n",
+        receiver.port
+    );
+    let server = BinServer::start(&config, dir.path(), &[("OTEL_BSP_SCHEDULE_DELAY", "100")]);
+    let resp = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({"model": "mock", "messages": [{"role": "user", "content": "where do puffins nest?"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reply: serde_json::Value = resp.json().await.unwrap();
+    let reply = reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        wait_until(Duration::from_secs(15), || receiver
+            .spans()
+            .iter()
+            .any(|s| s.name == "chat mock"))
+        .await
+    );
+    let spans = receiver.spans();
+    let chat = spans.iter().find(|s| s.name == "chat mock").unwrap();
+    let input: serde_json::Value =
+        serde_json::from_str(&text(chat, "gen_ai.input.messages").unwrap()).unwrap();
+    assert_eq!(input[0]["role"], "user");
+    assert_eq!(input[0]["parts"][0]["content"], "where do puffins nest?");
+    let output: serde_json::Value =
+        serde_json::from_str(&text(chat, "gen_ai.output.messages").unwrap()).unwrap();
+    assert_eq!(output[0]["parts"][0]["content"], reply.as_str());
+}

@@ -379,6 +379,7 @@ async fn wait_reply(
                         "provider": done.provider,
                         "model": done.model,
                         "tier": done.tier,
+                        "cost": done.cost,
                     }),
                 ));
             }

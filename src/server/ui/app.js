@@ -325,6 +325,12 @@
     return b;
   }
 
+  // Costs are in the price table's currency; small ones keep their significant digits.
+  function formatCost(c) {
+    if (c === 0) return "0";
+    return c >= 0.01 ? c.toFixed(4) : c.toPrecision(2);
+  }
+
   function renderMeta(li, m) {
     let meta = li.querySelector(".meta");
     if (!meta) {
@@ -337,6 +343,7 @@
     if (m.tier) meta.appendChild(badge("tier " + m.tier));
     if (m.model) meta.appendChild(badge(m.model));
     if (m.usage) meta.appendChild(badge(m.usage.prompt_tokens + " + " + m.usage.completion_tokens + " tokens"));
+    if (m.cost != null && !m.cached) meta.appendChild(badge("cost " + formatCost(m.cost)));
     if (m.ttft_ms != null) meta.appendChild(badge(m.ttft_ms + " ms to first token"));
     const fr = m.finish_reason;
     if (fr && fr !== "stop" && fr !== "tool_calls") meta.appendChild(badge(fr, "warn"));
