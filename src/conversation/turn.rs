@@ -367,7 +367,7 @@ async fn run_steps(
             }),
             tier: out.tier.as_ref().map(|t| t.name.clone()),
             tier_reason: out.tier.as_ref().map(|t| t.reason),
-            cost: Some(out.cost),
+            cost: out.cost,
         }),
         ..MessageRecord::default()
     };

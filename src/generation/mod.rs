@@ -159,8 +159,9 @@ pub struct Outcome {
     pub logprobs: Vec<serde_json::Value>,
     /// A semantic route: the tier the request went to, and why.
     pub tier: Option<TierDecision>,
-    /// What it cost at the price table (0 for a cached reply, and for models without a price).
-    pub cost: f64,
+    /// What it cost at the price table (0 for a cached reply); `None` for a model the table
+    /// has no price for.
+    pub cost: Option<f64>,
 }
 
 /// Runs one generation: the cache, then the route with its fallbacks, streaming to `sink`, then
@@ -235,7 +236,8 @@ pub async fn run(
             provider: &out.provider,
             response_model: &out.model,
             duration: begun.elapsed(),
-            ttft: out.ttft,
+            // A cached reply's first token says nothing of a provider's speed.
+            ttft: out.ttft.filter(|_| !out.cached),
             input_tokens: out.usage.prompt_tokens,
             output_tokens: out.usage.completion_tokens,
             error: out.error.as_ref().map(|e| e.code.as_str()),

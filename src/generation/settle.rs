@@ -69,7 +69,7 @@ pub(super) async fn hit(deps: &Deps, req: Request, hit: Hit, sink: &mut impl Sin
         completion_tokens,
         logprobs: Vec::new(),
         tier: req.decided,
-        cost: 0.0,
+        cost: Some(0.0),
     }
 }
 
@@ -117,6 +117,7 @@ pub(super) async fn finish(
         u64::from(usage.prompt_tokens),
         u64::from(usage.completion_tokens),
     );
+    let priced = deps.governor.prices().has(&s.model);
     let mut req = req;
     if let Some(b) = req.bill.as_mut() {
         b.set(u64::from(usage.total_tokens), cost);
@@ -181,7 +182,7 @@ pub(super) async fn finish(
         completion_tokens,
         logprobs: s.logprobs,
         tier: req.decided,
-        cost,
+        cost: priced.then_some(cost),
     }
 }
 

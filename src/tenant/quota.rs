@@ -32,6 +32,11 @@ pub use crate::domain::Price;
 pub struct Prices(pub HashMap<String, Price>);
 
 impl Prices {
+    /// Whether the table prices `model`.
+    pub fn has(&self, model: &str) -> bool {
+        self.0.contains_key(model)
+    }
+
     pub fn cost(&self, model: &str, prompt_tokens: u64, completion_tokens: u64) -> f64 {
         self.0.get(model).map_or(0.0, |p| {
             (prompt_tokens as f64 * p.input_per_mtok + completion_tokens as f64 * p.output_per_mtok)

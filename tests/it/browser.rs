@@ -102,6 +102,26 @@ impl Browser {
         }
     }
 
+    async fn click(&self, id: &str) {
+        self.client
+            .find(Locator::Id(id))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    /// The words of the `i`th reply as the page shows it.
+    async fn reply_words(&self, i: usize) -> Vec<String> {
+        let shown = self
+            .eval(&format!(
+                "return {ASSISTANT}[{i}].querySelector('.body').innerText;"
+            ))
+            .await;
+        words(shown.as_str().unwrap())
+    }
+
     async fn screenshot(&self, name: &str) {
         if let Ok(dir) = std::env::var("PARLEY_SCREENSHOTS") {
             std::fs::create_dir_all(&dir).unwrap();
@@ -151,17 +171,15 @@ async fn say(b: &Browser, text: &str) {
 
 const ASSISTANT: &str = "document.querySelectorAll('.msg.assistant')";
 
+fn words(text: &str) -> Vec<String> {
+    text.split_whitespace().map(str::to_owned).collect()
+}
+
 /// Starts a conversation on the page and answers its id.
 async fn new_conversation(b: &Browser) -> String {
     b.until("document.querySelectorAll('#model option').length > 0")
         .await;
-    b.client
-        .find(Locator::Id("new"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("new").await;
     let id = b
         .until("location.hash.length > 5 && !document.getElementById('input').disabled && location.hash.slice(1)")
         .await;
@@ -209,22 +227,9 @@ async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
     ] {
         assert!(meta.contains(&part), "{part} not in {meta}");
     }
-    let shown = b
-        .eval(&format!(
-            "return {ASSISTANT}[0].querySelector('.body').innerText;"
-        ))
-        .await;
     assert_eq!(
-        shown
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        history[1]["content"]
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>()
+        b.reply_words(0).await,
+        words(history[1]["content"].as_str().unwrap())
     );
     b.screenshot("chat.png").await;
 
@@ -241,13 +246,7 @@ async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
         "{ASSISTANT}.length === 2 && {ASSISTANT}[1].innerText.length > 0"
     ))
     .await;
-    b.client
-        .find(Locator::Id("cancel"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    b.click("cancel").await;
     b.until(&format!("{ASSISTANT}[1].classList.contains('done') && {ASSISTANT}[1].innerText.includes('cancelled')"))
         .await;
     let history = stored(&server, &conv).await;
@@ -275,27 +274,39 @@ async fn a_reply_streams_survives_a_reload_a_cancel_and_a_dropped_socket() {
     assert_eq!(history.len(), 8, "{history:?}");
     let users = history.iter().filter(|m| m["role"] == "user").count();
     assert_eq!(users, 4);
-    let shown = b
-        .eval(&format!(
-            "return {ASSISTANT}[2].querySelector('.body').innerText;"
-        ))
-        .await;
     assert_eq!(
-        shown
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        history[5]["content"]
-            .as_str()
-            .unwrap()
-            .split_whitespace()
-            .collect::<Vec<_>>()
+        b.reply_words(2).await,
+        words(history[5]["content"].as_str().unwrap())
     );
     assert_eq!(
         b.eval("return document.querySelectorAll('.msg').length;")
             .await,
         8
+    );
+
+    // The socket drops after the ack, before the first word: the reply is joined mid-way on
+    // the new socket, and its beginning is read back once it is done.
+    say(&b, "[[mock:ttft_ms=200]] [[mock:words=40]] a slow start").await;
+    b.until("document.querySelectorAll('.msg.user[data-seq]:not(.pending)').length === 5")
+        .await;
+    b.eval("window.parley.dropSocket(); return true;").await;
+    b.until(&format!(
+        "{ASSISTANT}.length === 5 && {ASSISTANT}[4].classList.contains('done')"
+    ))
+    .await;
+    let history = stored(&server, &conv).await;
+    assert_eq!(history.len(), 10);
+    assert_eq!(
+        b.reply_words(4).await,
+        words(history[9]["content"].as_str().unwrap())
+    );
+    // A reload shows the same ten, once each.
+    b.client.refresh().await.unwrap();
+    b.until("document.querySelectorAll('.msg').length === 10")
+        .await;
+    assert_eq!(
+        b.reply_words(4).await,
+        words(history[9]["content"].as_str().unwrap())
     );
     b.close().await;
 }
@@ -392,10 +403,19 @@ async fn markup_in_a_reply_is_shown_as_text_and_never_runs() {
             .await,
         0
     );
-    // Give an onerror handler every chance to have run.
+    // No element of the conversation carries an event handler attribute, and none ran.
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#messages [onerror], #messages [onmouseover], #messages [onclick]').length;").await,
+        0
+    );
+    assert_eq!(b.eval("return typeof window.pwned;").await, "undefined");
+    // The same after a reload, where the history is rendered from the store.
     b.client.refresh().await.unwrap();
     b.until(&format!("{ASSISTANT}.length === 2")).await;
-    assert_eq!(b.eval("return typeof window.pwned;").await, "undefined");
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#messages img, #messages script, #messages [onerror]').length;").await,
+        0
+    );
     b.close().await;
 }
 

@@ -203,6 +203,11 @@ async fn a_fallback_and_a_cache_hit_are_traced_with_genai_attributes() {
         assert!(attr(c, "gen_ai.input.messages").is_none());
         assert!(attr(c, "gen_ai.output.messages").is_none());
     }
+    // Nor anywhere else: no span's attributes or events carry the question.
+    for s in &spans {
+        let all = format!("{:?} {:?}", s.attributes, s.events);
+        assert!(!all.contains("fjord"), "content in {}: {all}", s.name);
+    }
     // The first fell back: one failed attempt on `bad`, one on `good`, and the event between.
     let attempts: Vec<&Span> = spans
         .iter()

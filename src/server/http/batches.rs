@@ -427,18 +427,12 @@ async fn cancel_job(state: &AppState, id: &str, running: bool) -> Result<(), Api
     }
 }
 
-#[derive(Deserialize)]
-pub struct ListQuery {
-    limit: Option<usize>,
-    after: Option<String>,
-}
-
 pub async fn list(
     Client(p): Client,
     state: web::Data<AppState>,
-    q: web::Query<ListQuery>,
+    q: web::Query<super::CursorPage>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let limit = q.limit();
     let ids = state.store().tenant_batches(&p.tenant, 10_000)?;
     let start = q
         .after

@@ -133,23 +133,13 @@ pub async fn create(
     Ok(HttpResponse::Created().json(conversation_json(&rec)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    #[serde(default)]
-    limit: Option<usize>,
-    /// The last id of the previous page.
-    #[serde(default)]
-    after: Option<String>,
-}
-
 /// `GET /v1/conversations?limit=&after=`: the tenant's conversations, newest first.
 pub async fn list(
     Client(p): Client,
     state: web::Data<AppState>,
-    q: web::Query<ListQuery>,
+    q: web::Query<super::CursorPage>,
 ) -> Result<HttpResponse, ApiError> {
-    let limit = q.limit.unwrap_or(20).clamp(1, 100);
+    let limit = q.limit();
     let after = q.after.as_deref().map(parse_id).transpose()?;
     let store = state.store().clone();
     let tenant = p.tenant.clone();

@@ -207,7 +207,7 @@ fn lost() -> Outcome {
         completion_tokens: 0,
         logprobs: Vec::new(),
         tier: None,
-        cost: 0.0,
+        cost: None,
     }
 }
 

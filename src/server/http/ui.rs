@@ -7,7 +7,7 @@ use actix_web::{web, HttpResponse};
 
 use crate::error::ApiError;
 
-const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' https: data:; connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' https: data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 /// `(name, content type, bytes)` of every file under `/ui/`.
 const ASSETS: &[(&str, &str, &str)] = &[

@@ -18,6 +18,7 @@
     lastSeq: 0,          // the newest seq of it rendered
     streaming: null,     // reply_to of the reply streaming now
     replies: new Map(),  // reply_to → the <li> of its reply
+    ackedHere: new Set(), // user seqs acked on the current socket (their deltas all came here)
     shown: new Set(),    // seqs rendered
     pending: loadPending(), // client_id → {conversation, content}
     after: null,         // listing cursor
@@ -144,6 +145,7 @@
       // Deltas sent while the socket is down are lost: the reply is read back when it is done.
       const cut = state.streaming != null && state.replies.get(state.streaming);
       if (cut) cut._gap = true;
+      state.ackedHere = new Set();
       updateButtons();
       if (ev.code === 1008) {
         setStatus("key refused");
@@ -196,6 +198,7 @@
 
   function onAck(f) {
     forgetPending(f.client_id);
+    state.ackedHere.add(f.seq);
     const mine = document.querySelector('[data-client-id="' + CSS.escape(f.client_id) + '"]');
     if (mine) {
       mine.classList.remove("pending");
@@ -206,7 +209,8 @@
       // Another tab or client sent it: show it as stored.
       fetchMessages(f.seq - 1, 1);
     }
-    state.streaming = f.seq;
+    // A repeated ack (a message sent again after a reconnect) of a turn already answered.
+    if (!state.shown.has(f.seq + 1)) state.streaming = f.seq;
     updateButtons();
   }
 
@@ -216,6 +220,9 @@
       li = messageItem("assistant");
       li.dataset.replyTo = replyTo;
       li._text = "";
+      // Joined mid-reply (another tab, a reload, a socket opened after the ack): the part
+      // before is read back from the store when the reply is done.
+      li._gap = !state.ackedHere.has(replyTo);
       state.replies.set(replyTo, li);
       $("messages").appendChild(li);
     }
@@ -232,6 +239,14 @@
   }
 
   async function onDone(f) {
+    // A reply already shown from the store (a repeated done after a resend) only gets its badges.
+    const known = state.shown.has(f.seq) && document.querySelector('.msg.assistant[data-seq="' + f.seq + '"]');
+    if (known) {
+      renderMeta(known, f);
+      if (state.streaming === f.reply_to) state.streaming = null;
+      updateButtons();
+      return;
+    }
     const li = replyItem(f.reply_to);
     li.dataset.seq = f.seq;
     state.shown.add(f.seq);
@@ -353,6 +368,7 @@
     if (state.shown.has(m.seq)) return;
     state.shown.add(m.seq);
     state.lastSeq = Math.max(state.lastSeq, m.seq);
+    if (m.client_id) forgetPending(m.client_id);
     // A message this page sent (acked while the socket was down): it is already shown.
     const mine = m.client_id && document.querySelector('[data-client-id="' + CSS.escape(m.client_id) + '"]');
     if (mine) {
@@ -378,6 +394,9 @@
     if (m.client_id) li.dataset.clientId = m.client_id;
     if (m.role === "assistant") {
       li._text = typeof m.content === "string" ? m.content : "";
+      li.dataset.replyTo = m.seq - 1;
+      li.classList.add("done");
+      state.replies.set(m.seq - 1, li);
     }
     renderContent(li, m.content);
     if (m.tool_calls && m.tool_calls.length) renderCalls(li, m.tool_calls);
@@ -416,12 +435,16 @@
     for (const m of page.data) renderStored(m);
   }
 
+  const ID = /^conv_[0-9a-f]{32}$/;
+
   async function openConversation(id) {
+    if (!ID.test(id)) return;
     state.conv = id;
     state.lastSeq = 0;
     state.streaming = null;
     state.replies = new Map();
     state.shown = new Set();
+    state.ackedHere = new Set();
     $("messages").textContent = "";
     location.hash = id;
     for (const b of document.querySelectorAll("#conversations button")) {

@@ -166,6 +166,10 @@
   }
 
   $("tenant").addEventListener("change", refresh);
-  refresh();
-  setInterval(refresh, 2000);
+  // The next refresh is due two seconds after the last one ended (a slow server is never asked
+  // again before it answered).
+  (async function loop() {
+    await refresh();
+    setTimeout(loop, 2000);
+  })();
 })();
