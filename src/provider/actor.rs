@@ -207,6 +207,8 @@ struct Waiting {
     retry: bool,
     reply: Reply,
     deadline: Instant,
+    /// The caller's span: the attempt's span is its child even after a wait in the queue.
+    span: tracing::Span,
 }
 
 pub struct ProviderActor {
@@ -300,8 +302,11 @@ impl ProviderActor {
         req: ChatRequest,
         tokens: u32,
         retry: bool,
+        span: &tracing::Span,
         ctx: &mut Context<Self>,
     ) -> Result<Generation, (ChatRequest, Refusal)> {
+        // The attempt's span (made in `spawn_generation`) is a child of the caller's.
+        let _caller = span.enter();
         match self.limits.pick(tokens) {
             Ok((i, backend)) => Ok(spawn_generation(
                 Arc::clone(&self.limits),
@@ -336,7 +341,7 @@ impl ProviderActor {
                 continue;
             }
             let now = Instant::now();
-            match self.try_start(w.req, w.tokens, w.retry, ctx) {
+            match self.try_start(w.req, w.tokens, w.retry, &w.span, ctx) {
                 Ok(generation) => {
                     let _ = w.reply.send(Ok(generation));
                 }
@@ -500,6 +505,8 @@ pub struct Dispatch {
     /// A later attempt of a request that already failed: a 500 of it is not counted again.
     pub retry: bool,
     pub reply: Reply,
+    /// The caller's span, parent of the attempt's.
+    pub span: tracing::Span,
 }
 
 impl Handler<Dispatch> for ProviderActor {
@@ -511,10 +518,11 @@ impl Handler<Dispatch> for ProviderActor {
             tokens,
             retry,
             reply,
+            span,
         } = msg;
         // With others waiting already, keep the order: join the queue.
         let req = if self.queue.is_empty() {
-            match self.try_start(req, tokens, retry, ctx) {
+            match self.try_start(req, tokens, retry, &span, ctx) {
                 Ok(generation) => {
                     let _ = reply.send(Ok(generation));
                     return;
@@ -540,6 +548,7 @@ impl Handler<Dispatch> for ProviderActor {
                 retry,
                 reply,
                 deadline,
+                span,
             },
             ctx,
         );

@@ -525,6 +525,7 @@ impl Router {
                         tokens,
                         retry,
                         reply,
+                        span: tracing::Span::current(),
                     })
                     .await?;
                 answer.await.map_err(|_| ProviderError::Unavailable {
