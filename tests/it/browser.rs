@@ -466,3 +466,29 @@ async fn the_dashboard_shows_a_breaker_a_test_opened() {
     b.screenshot("dashboard.png").await;
     b.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_for_the_admin_key_and_keeps_it_hidden() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let server = TestServer::start_with_admin(config_with(None));
+    let admin = server.admin_key.clone().unwrap();
+    let b = Browser::start().await;
+    b.client.goto(&server.url("/dashboard")).await.unwrap();
+    b.until("!document.getElementById('error').hidden && document.getElementById('error').innerText.includes('refused')")
+        .await;
+    b.click("admin-key").await;
+    let input = b.client.find(Locator::Id("key-input")).await.unwrap();
+    assert_eq!(
+        input.attr("type").await.unwrap().as_deref(),
+        Some("password")
+    );
+    input.send_keys(&admin).await.unwrap();
+    b.eval("document.querySelector('#key-form button[value=save]').click(); return true;")
+        .await;
+    b.until("document.querySelectorAll('#providers tbody tr').length > 0 && document.getElementById('error').hidden")
+        .await;
+    // The key is nowhere in the page.
+    let html = b.eval("return document.documentElement.outerHTML;").await;
+    assert!(!html.as_str().unwrap().contains(&admin));
+    b.close().await;
+}

@@ -7,10 +7,14 @@
   const KEY = "parley.adminKey";
   let key = localStorage.getItem(KEY) || "";
 
+  // The key is typed into a password field, never shown.
   $("admin-key").addEventListener("click", () => {
-    const k = prompt("Admin key (kept in this browser only; empty to forget):", key);
-    if (k === null) return;
-    key = k.trim();
+    $("key-input").value = key;
+    $("key-dialog").showModal();
+  });
+  $("key-form").addEventListener("submit", (ev) => {
+    const how = ev.submitter ? ev.submitter.value : "save";
+    key = how === "clear" ? "" : $("key-input").value.trim();
     if (key) localStorage.setItem(KEY, key); else localStorage.removeItem(KEY);
     refresh();
   });
