@@ -140,7 +140,27 @@ async fn a_fallback_and_a_cache_hit_are_traced_with_genai_attributes() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    // Both requests' spans arrive (the exporter sends every 100 ms).
+    // A conversation turn over REST, in the same trace: the turn runs on its conversation's
+    // actor, and its span still descends from the request's.
+    let traced = |req: reqwest::RequestBuilder| {
+        req.header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+    };
+    let conv: serde_json::Value = traced(http().post(server.url("/v1/conversations")))
+        .json(&json!({"model": "fb"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conv = conv["id"].as_str().unwrap().to_owned();
+    let resp = traced(http().post(server.url(&format!("/v1/conversations/{conv}/messages"))))
+        .json(&json!({"content": "and what is a skerry?"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Every request's spans arrive (the exporter sends every 100 ms).
     let chats = |spans: &[Span]| -> Vec<Span> {
         spans
             .iter()
@@ -150,7 +170,8 @@ async fn a_fallback_and_a_cache_hit_are_traced_with_genai_attributes() {
     };
     let ok = wait_until(Duration::from_secs(15), || {
         let spans = receiver.spans();
-        chats(&spans).len() >= 2
+        chats(&spans).len() >= 3
+            && spans.iter().any(|s| s.name == "turn")
             && spans
                 .iter()
                 .filter(|s| s.name.starts_with("chat m-"))
@@ -186,7 +207,23 @@ async fn a_fallback_and_a_cache_hit_are_traced_with_genai_attributes() {
 
     let mut chats = chats(&spans);
     chats.sort_by_key(|s| s.start_time_unix_nano);
-    let (first, second) = (&chats[0], &chats[1]);
+    let (first, second, turned) = (&chats[0], &chats[1], &chats[2]);
+    // The turn's generation: its span is a child of the turn's, the turn's of the request's.
+    let turn = spans.iter().find(|s| s.name == "turn").unwrap();
+    assert_eq!(turned.parent_span_id, turn.span_id);
+    let posted = spans
+        .iter()
+        .find(|s| s.span_id == turn.parent_span_id)
+        .expect("the turn's parent span");
+    assert_eq!(posted.name, "POST /v1/conversations/{id}/messages");
+    assert_eq!(
+        text(turned, "gen_ai.conversation.id").as_deref(),
+        Some(conv.as_str())
+    );
+    assert_eq!(
+        text(turned, "gen_ai.response.model").as_deref(),
+        Some("m-good")
+    );
     for c in [first, second] {
         assert_eq!(text(c, "gen_ai.operation.name").as_deref(), Some("chat"));
         assert_eq!(text(c, "gen_ai.request.model").as_deref(), Some("fb"));
