@@ -180,7 +180,7 @@ pub async fn run(
     use tracing::field::Empty;
     let span = tracing::info_span!(
         "chat",
-        otel.name = %format!("chat {}", req.route),
+        otel.name = %format_args!("chat {}", req.route),
         otel.kind = "internal",
         gen_ai.operation.name = "chat",
         gen_ai.request.model = %req.route,
@@ -191,17 +191,15 @@ pub async fn run(
         gen_ai.usage.output_tokens = Empty,
         gen_ai.response.finish_reasons = Empty,
         gen_ai.conversation.id = req.conversation.as_ref().map(|c| c.to_string()),
-        gen_ai.input.messages = Empty,
-        gen_ai.output.messages = Empty,
         parley.cached = Empty,
         parley.tier = Empty,
         error.type = Empty,
     );
+    // Content goes in an event of the traces' own target, never a span field: span fields
+    // are printed on every log line inside the span.
     let captured = crate::telemetry::captures_content();
+    let input = captured.then(|| input_messages(&req.chat));
     let (route, begun) = (req.route.clone(), req.begun);
-    if captured {
-        span.record("gen_ai.input.messages", input_messages(&req.chat).as_str());
-    }
     let out =
         tracing::Instrument::instrument(run_inner(deps, req, sink, cancel), span.clone()).await;
     if !out.provider.is_empty() {
@@ -242,13 +240,19 @@ pub async fn run(
             output_tokens: out.usage.completion_tokens,
             error: out.error.as_ref().map(|e| e.code.as_str()),
         });
-    if captured {
+    if let Some(input) = input {
         let output = serde_json::json!([{
             "role": "assistant",
             "parts": [{"type": "text", "content": out.text}],
             "finish_reason": out.finish.as_str(),
         }]);
-        span.record("gen_ai.output.messages", output.to_string().as_str());
+        span.in_scope(|| {
+            tracing::debug!(
+                target: crate::telemetry::OTEL_TARGET,
+                { gen_ai.input.messages = %input, gen_ai.output.messages = %output },
+                "gen_ai.client.inference.operation.details"
+            );
+        });
     }
     out
 }
@@ -276,10 +280,24 @@ async fn run_inner(
 ) -> Outcome {
     if let Some(tiers) = deps.router.tiers(&req.route) {
         let embed = deps.cache.embedder_allowed(req.principal.regions());
-        let decided = deps
+        let (decided, question) = deps
             .routing
             .decide(&req.route, tiers, &req.chat, req.tier, embed)
             .await;
+        // The same embedder made it: the cache's lookup of the same text needs no other.
+        if let (Some(slot), Some(v)) = (req.cache.as_mut(), question) {
+            let newest_user = req
+                .chat
+                .messages
+                .iter()
+                .rev()
+                .find(|m| m.role == crate::domain::Role::User);
+            if slot.vector.is_none()
+                && newest_user.is_some_and(|m| m.content.text() == slot.question)
+            {
+                slot.vector = Some(v);
+            }
+        }
         deps.metrics
             .count_tier(&req.route, &decided.name, decided.reason.as_str());
         tracing::debug!(tier = %decided.name, reason = decided.reason.as_str(), score = ?decided.score, "tier chosen");

@@ -384,7 +384,7 @@ fn spawn_generation(
     // One upstream attempt: a client span of the GenAI `chat` operation.
     let span = tracing::info_span!(
         "upstream",
-        otel.name = %format!("chat {}", req.model),
+        otel.name = %format_args!("chat {}", req.model),
         otel.kind = "client",
         gen_ai.operation.name = "chat",
         gen_ai.provider.name = %limits.name,

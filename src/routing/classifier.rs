@@ -78,28 +78,14 @@ impl ExampleSet {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.examples.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.examples.is_empty()
-    }
-
-    /// Embeds the examples (in chunks, so a provider embedder gets requests of a sensible
-    /// size), once.
+    /// Embeds the examples, once.
     ///
     /// # Errors
     /// The embedder's; the next call tries again.
     async fn embed(&self, embedder: &dyn Embedder) -> Result<(), EmbedError> {
         self.vectors
-            .get_or_try_init(|| async {
-                let mut out = Vec::with_capacity(self.examples.len());
-                for chunk in self.examples.chunks(64) {
-                    let texts: Vec<String> = chunk.iter().map(|e| e.text.clone()).collect();
-                    out.extend(embedder.embed(&texts).await?);
-                }
-                Ok::<_, EmbedError>(out)
+            .get_or_try_init(|| {
+                embed_chunked(embedder, self.examples.iter().map(|e| e.text.clone()))
             })
             .await
             .map(|_| ())
@@ -112,6 +98,22 @@ impl ExampleSet {
             hard: &self.hard,
         })
     }
+}
+
+/// Embeds many texts in chunks of 64, so a provider embedder gets requests of a sensible size.
+///
+/// # Errors
+/// The embedder's.
+pub async fn embed_chunked(
+    embedder: &dyn Embedder,
+    texts: impl Iterator<Item = String>,
+) -> Result<Vec<Vec<f32>>, EmbedError> {
+    let texts: Vec<String> = texts.collect();
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(64) {
+        out.extend(embedder.embed(chunk).await?);
+    }
+    Ok(out)
 }
 
 /// The labelled vectors one request is compared with.
@@ -132,7 +134,7 @@ pub fn knn(q: &[f32], sets: &[Neighbours<'_>], skip: Option<usize>) -> (f32, f32
         if Some(i) == skip || v.len() != q.len() {
             continue;
         }
-        let sim: f32 = v.iter().zip(q).map(|(a, b)| a * b).sum();
+        let sim = crate::cache::embed::cosine(v, q);
         if *hard {
             best_hard = best_hard.max(sim);
         } else {
@@ -203,13 +205,13 @@ pub fn probability(weights: &Features, f: &Features) -> f32 {
     1.0 / (1.0 + (-z).exp())
 }
 
-/// A request's difficulty score and what went into it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A request's difficulty score, and its question's embedding when it was made (the cache's
+/// lookup of the same question uses it rather than embedding it again).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     /// The probability that the request is hard.
     pub score: f32,
-    /// Whether the examples' similarity was part of it (false: signals alone).
-    pub embedded: bool,
+    pub question: Option<Vec<f32>>,
 }
 
 /// Scores requests against a route's examples.
@@ -226,11 +228,6 @@ impl Classifier {
             sets,
             weights: WEIGHTS,
         }
-    }
-
-    /// Examples it compares with.
-    pub fn examples(&self) -> usize {
-        self.sets.iter().map(|s| s.len()).sum()
     }
 
     /// Embeds the examples at once when the embedder answers without waiting (the builtin
@@ -270,17 +267,20 @@ impl Classifier {
         } else {
             None
         };
-        let embedded = knn.is_some();
-        let (question, previous) = knn.map_or((None, None), |(q, p)| (Some(q), p));
+        let (question, previous, vector) = match knn {
+            Some((q, p, v)) => (Some(q), p, Some(v)),
+            None => (None, None, None),
+        };
         Scored {
             score: probability(&self.weights, &features(subject, question, previous)),
-            embedded,
+            question: vector,
         }
     }
 
-    /// The nearest examples' verdicts on the question and on the previous user message;
-    /// `None` until the examples are embedded, or when embedding the request fails.
-    async fn similarity(&self, subject: &Subject) -> Option<((f32, f32), Option<f32>)> {
+    /// The nearest examples' verdicts on the question and on the previous user message, and
+    /// the question's embedding; `None` until the examples are embedded, or when embedding the
+    /// request fails.
+    async fn similarity(&self, subject: &Subject) -> Option<((f32, f32), Option<f32>, Vec<f32>)> {
         let sets: Vec<Neighbours<'_>> = self
             .sets
             .iter()
@@ -288,16 +288,18 @@ impl Classifier {
             .collect::<Option<_>>()?;
         let mut texts = vec![subject.question.clone()];
         texts.extend(subject.previous.clone());
-        let embedded = match self.embedder.embed(&texts).await {
+        let mut embedded = match self.embedder.embed(&texts).await {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(error = %e, "routing embedding failed; scoring on signals alone");
                 return None;
             }
         };
-        let question = knn(embedded.first()?, &sets, None);
         let previous = embedded.get(1).map(|v| knn(v, &sets, None).0);
-        Some((question, previous))
+        embedded.truncate(1);
+        let vector = embedded.pop()?;
+        let question = knn(&vector, &sets, None);
+        Some((question, previous, vector))
     }
 }
 

@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use super::classifier::{features, knn, probability, Features, Label, Neighbours, FEATURES};
+use super::classifier::{
+    embed_chunked, features, knn, probability, Features, Label, Neighbours, FEATURES,
+};
 use super::signals::Subject;
 use crate::cache::embed::{EmbedError, Embedder};
 use crate::domain::{Message, Role, Tool};
@@ -114,8 +116,8 @@ pub async fn featurise(
     let train: Vec<usize> = (0..items.len())
         .filter(|i| items[*i].split == Split::Train)
         .collect();
-    let questions = embed_all(embedder, subjects.iter().map(|s| s.question.clone())).await?;
-    let previous = embed_all(
+    let questions = embed_chunked(embedder, subjects.iter().map(|s| s.question.clone())).await?;
+    let previous = embed_chunked(
         embedder,
         subjects
             .iter()
@@ -141,18 +143,6 @@ pub async fn featurise(
             features(s, Some(q), p)
         })
         .collect())
-}
-
-async fn embed_all(
-    embedder: &dyn Embedder,
-    texts: impl Iterator<Item = String>,
-) -> Result<Vec<Vec<f32>>, EmbedError> {
-    let texts: Vec<String> = texts.collect();
-    let mut out = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(64) {
-        out.extend(embedder.embed(chunk).await?);
-    }
-    Ok(out)
 }
 
 /// Fits logistic weights to `(features, hard)` by gradient descent with a little L2 penalty;

@@ -153,7 +153,8 @@ impl Routing {
     }
 
     /// Decides the tier of `chat` on a route with `tiers`. `embed`: whether the request's text
-    /// may go to the embedder (it is in the request's regions).
+    /// may go to the embedder (it is in the request's regions). Answers the decision, and the
+    /// embedding of the newest user message when the classifier made one.
     pub async fn decide(
         &self,
         route: &str,
@@ -161,7 +162,7 @@ impl Routing {
         chat: &ChatRequest,
         ask: TierAsk,
         embed: bool,
-    ) -> TierDecision {
+    ) -> (TierDecision, Option<Vec<f32>>) {
         let decision = |index: usize, reason, score| TierDecision {
             index,
             name: tiers.names.get(index).cloned().unwrap_or_default(),
@@ -169,23 +170,26 @@ impl Routing {
             score,
         };
         if let Some(forced) = ask.forced {
-            return decision(forced, TierReason::Forced, None);
+            return (decision(forced, TierReason::Forced, None), None);
         }
-        let scored = match self.classifiers.get(route) {
+        let Scored { score, question } = match self.classifiers.get(route) {
             Some(c) => {
                 c.score(&Subject::of(&chat.messages, chat.tools.len()), embed)
                     .await
-                    .score
             }
-            None => 0.0,
+            None => Scored {
+                score: 0.0,
+                question: None,
+            },
         };
-        let classified = tiers.for_score(scored);
+        let classified = tiers.for_score(score);
         let floor = ask.floor.min(tiers.names.len().saturating_sub(1));
-        if floor > classified {
-            decision(floor, TierReason::Sticky, Some(scored))
+        let decided = if floor > classified {
+            decision(floor, TierReason::Sticky, Some(score))
         } else {
-            decision(classified, TierReason::Classified, Some(scored))
-        }
+            decision(classified, TierReason::Classified, Some(score))
+        };
+        (decided, question)
     }
 }
 

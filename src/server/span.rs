@@ -16,7 +16,7 @@ impl RootSpanBuilder for SafeRootSpan {
         let route = request.match_pattern();
         let span = tracing::info_span!(
             "http",
-            otel.name = %format!("{} {}", request.method(), route.as_deref().unwrap_or("unmatched")),
+            otel.name = %format_args!("{} {}", request.method(), route.as_deref().unwrap_or("unmatched")),
             otel.kind = "server",
             http.request.method = %request.method(),
             http.route = route.as_deref().unwrap_or(""),

@@ -124,14 +124,17 @@ fn tenant_key(rec: &JobRecord) -> Vec<u8> {
 }
 
 impl Store {
-    /// Stores a new queued job and waits until it is durable.
+    /// Stores new queued jobs and waits until they are durable: one flush for all of them (a
+    /// batch's thousands of lines are not a flush each).
     ///
     /// # Errors
     /// Storage failures.
-    pub async fn put_job(&self, rec: &JobRecord) -> Result<(), StoreError> {
-        self.jobs.insert(rec.id.as_bytes(), encode(rec)?)?;
-        self.jobs_by_tenant.insert(tenant_key(rec), [])?;
-        self.jobs_queue.insert(queue_key(rec), [])?;
+    pub async fn put_jobs(&self, recs: &[JobRecord]) -> Result<(), StoreError> {
+        for rec in recs {
+            self.jobs.insert(rec.id.as_bytes(), encode(rec)?)?;
+            self.jobs_by_tenant.insert(tenant_key(rec), [])?;
+            self.jobs_queue.insert(queue_key(rec), [])?;
+        }
         self.flush().await
     }
 

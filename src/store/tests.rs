@@ -453,7 +453,7 @@ async fn ended_jobs_expire_after_their_retention_unless_still_needed() {
             ended_job("job_old_delivered", 100, Some(true)),
             ended_job("job_old_kept", 100, None),
         ] {
-            store.put_job(&job).await.unwrap(); // ok: test code
+            store.put_jobs(std::slice::from_ref(&job)).await.unwrap(); // ok: test code
         }
         let gone = store
             .expire_jobs(5_000, |j| j.id == "job_old_kept")

@@ -95,6 +95,10 @@ async fn bad_jobs_are_refused_before_they_are_stored() {
         ),
         (json!({"request": {"model": "up"}}), "request"),
         (
+            json!({"request": {"model": "up", "messages": []}, "content": "x", "client_id": "c"}),
+            "belong to a conversation turn",
+        ),
+        (
             json!({"conversation": "conv_0123456789abcdef0123456789abcdef", "content": "x", "client_id": "c"}),
             "conversation",
         ),
@@ -110,12 +114,14 @@ async fn bad_jobs_are_refused_before_they_are_stored() {
             "{body}: {v}"
         );
     }
-    let resp = http()
-        .get(server.url("/v1/jobs?status=nope"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
+    for query in ["status=nope", "limit=5", "after=job_x"] {
+        let resp = http()
+            .get(server.url(&format!("/v1/jobs?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{query}");
+    }
     let resp = http()
         .get(server.url("/v1/jobs/job_nope"))
         .send()

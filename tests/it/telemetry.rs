@@ -84,7 +84,14 @@ fn serve(conn: std::net::TcpStream, sink: &Mutex<Vec<Span>>) {
 }
 
 fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Any> {
-    span.attributes
+    find(&span.attributes, key)
+}
+
+fn find<'a>(
+    attributes: &'a [opentelemetry_proto::tonic::common::v1::KeyValue],
+    key: &str,
+) -> Option<&'a Any> {
+    attributes
         .iter()
         .find(|a| a.key == key)
         .and_then(|a| a.value.as_ref())
@@ -239,6 +246,7 @@ async fn a_fallback_and_a_cache_hit_are_traced_with_genai_attributes() {
         // No content without `capture_content`.
         assert!(attr(c, "gen_ai.input.messages").is_none());
         assert!(attr(c, "gen_ai.output.messages").is_none());
+        assert!(!c.events.iter().any(|e| e.name.starts_with("gen_ai.")));
     }
     // Nor anywhere else: no span's attributes or events carry the question.
     for s in &spans {
@@ -446,11 +454,22 @@ async fn content_is_in_the_spans_only_when_the_config_opts_in() {
     );
     let spans = receiver.spans();
     let chat = spans.iter().find(|s| s.name == "chat mock").unwrap();
-    let input: serde_json::Value =
-        serde_json::from_str(&text(chat, "gen_ai.input.messages").unwrap()).unwrap();
+    // In an event of the span (span fields would be printed on log lines).
+    let details = chat
+        .events
+        .iter()
+        .find(|e| e.name == "gen_ai.client.inference.operation.details")
+        .expect("the content event");
+    let json = |key: &str| -> serde_json::Value {
+        match find(&details.attributes, key) {
+            Some(Any::StringValue(s)) => serde_json::from_str(s).unwrap(),
+            other => panic!("{key}: {other:?}"),
+        }
+    };
+    assert!(attr(chat, "gen_ai.input.messages").is_none());
+    let input = json("gen_ai.input.messages");
     assert_eq!(input[0]["role"], "user");
     assert_eq!(input[0]["parts"][0]["content"], "where do puffins nest?");
-    let output: serde_json::Value =
-        serde_json::from_str(&text(chat, "gen_ai.output.messages").unwrap()).unwrap();
+    let output = json("gen_ai.output.messages");
     assert_eq!(output[0]["parts"][0]["content"], reply.as_str());
 }

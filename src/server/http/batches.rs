@@ -14,7 +14,7 @@ use actix_web::{web, HttpResponse};
 use futures_util::StreamExt;
 use serde::Deserialize;
 
-use super::jobs::enqueue;
+use super::jobs::new_job;
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::unix_now;
 use crate::server::auth::Client;
@@ -186,6 +186,7 @@ pub async fn create(
     }
     let id = format!("batch_{}", uuid::Uuid::new_v4().simple());
     let mut jobs = Vec::new();
+    let mut records = Vec::new();
     let mut bad = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (n, raw) in lines.iter().enumerate() {
@@ -197,9 +198,9 @@ pub async fn create(
             }),
             Ok((custom_id, request)) => {
                 let meta = serde_json::json!({"batch_id": id, "custom_id": custom_id});
-                let job =
-                    enqueue(&state, &p, JobRequest::Chat { body: request }, None, meta).await?;
-                jobs.push((custom_id, job.id));
+                let job = new_job(&p, JobRequest::Chat { body: request }, None, meta);
+                jobs.push((custom_id, job.id.clone()));
+                records.push(job);
             }
             Err((custom_id, message)) => bad.push(BadLine {
                 line: n + 1,
@@ -208,6 +209,9 @@ pub async fn create(
             }),
         }
     }
+    // Every line's job, durable with one flush.
+    state.store().put_jobs(&records).await?;
+    state.jobs.wake();
     let now = unix_now();
     let rec = BatchRecord {
         id,

@@ -99,6 +99,11 @@ pub async fn create(
                 "give request (a chat completion) or conversation (a turn), not both",
             ))
         }
+        (Some(_), None) if body.content.is_some() || body.client_id.is_some() => {
+            return Err(ApiError::bad_request(
+                "content and client_id belong to a conversation turn, not to a request",
+            ))
+        }
         (Some(req), None) => {
             // Checked now, so a malformed body is refused here, not failed later.
             let parsed: ChatCompletionRequest = serde_json::from_value(req.clone())
@@ -156,12 +161,26 @@ pub async fn enqueue(
     webhook: Option<crate::store::WebhookState>,
     metadata: serde_json::Value,
 ) -> Result<JobRecord, ApiError> {
+    let rec = new_job(p, request, webhook, metadata);
+    // Durable before the 202.
+    state.store().put_jobs(std::slice::from_ref(&rec)).await?;
+    state.jobs.wake();
+    Ok(rec)
+}
+
+/// A new queued job's record (not stored yet).
+pub fn new_job(
+    p: &crate::tenant::Principal,
+    request: JobRequest,
+    webhook: Option<crate::store::WebhookState>,
+    metadata: serde_json::Value,
+) -> JobRecord {
     let id = format!("job_{}", uuid::Uuid::new_v4().simple());
     let webhook = webhook.map(|mut w| {
         w.msg_id = format!("msg_{}", id.trim_start_matches("job_"));
         w
     });
-    let rec = JobRecord {
+    JobRecord {
         id,
         tenant: p.tenant.clone(),
         key_id: p.key_id.clone(),
@@ -178,11 +197,7 @@ pub async fn enqueue(
         claimed_by: None,
         cancel_requested: false,
         webhook,
-    };
-    // Durable before the 202.
-    state.store().put_job(&rec).await?;
-    state.jobs.wake();
-    Ok(rec)
+    }
 }
 
 fn owned(
@@ -205,7 +220,10 @@ pub async fn get(
     Ok(HttpResponse::Ok().json(job_json(&rec)))
 }
 
+/// `?status=` only: the list is the tenant's newest jobs (paging is not offered; a `limit` or
+/// `after` is refused rather than ignored).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ListQuery {
     status: Option<String>,
 }
