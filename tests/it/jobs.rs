@@ -114,6 +114,18 @@ async fn bad_jobs_are_refused_before_they_are_stored() {
             "{body}: {v}"
         );
     }
+    let resp = http()
+        .post(server.url("/v1/jobs"))
+        .header("x-parley-tier", "strong")
+        .json(&json!({"request": {"model": "up", "messages": [{"role": "user", "content": "hi"}]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        400,
+        "a tier header on a job is refused, not dropped"
+    );
     for query in ["status=nope", "limit=5", "after=job_x"] {
         let resp = http()
             .get(server.url(&format!("/v1/jobs?{query}")))

@@ -62,8 +62,15 @@ pub fn job_json(rec: &JobRecord) -> serde_json::Value {
 pub async fn create(
     Client(p): Client,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     body: web::Json<NewJob>,
 ) -> Result<HttpResponse, ApiError> {
+    // A job runs later, without its request's headers: a tier header would be lost.
+    if super::stateless::tier_header(&req)?.is_some() {
+        return Err(ApiError::bad_request(
+            "x-parley-tier: not taken on a job (it runs later, without the request's headers); a job's turns and completions are routed by their difficulty",
+        ));
+    }
     let body = body.into_inner();
     let webhook = match &body.webhook {
         None => None,
