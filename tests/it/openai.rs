@@ -176,6 +176,67 @@ async fn streamed_completion() {
     assert_eq!(text, expected.text());
 }
 
+/// A reply that trickles in reaches the client as it comes (the first words long before the
+/// last), and a client that leaves part-way is billed for what streamed: the generation, which
+/// the response was driving, finishes on its own and settles.
+#[tokio::test]
+async fn a_stream_arrives_as_it_comes_and_a_client_that_leaves_is_billed() {
+    use futures_util::StreamExt;
+    let up = MockUpstream::spawn(Behaviour {
+        tokens_per_sec: 20.0,
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let question = "tell me a long story about the sea";
+    let expected = mock_plan(0, &[("user", question)]);
+    assert!(expected.chunks.len() >= 6, "{:?}", expected.chunks);
+    let body =
+        json!({"model": "up", "stream": true, "messages": [{"role": "user", "content": question}]});
+    let resp = chat(&server, None, body).await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    let has_words = |seen: &str| {
+        sse_events(seen).iter().any(|e| {
+            serde_json::from_str::<Value>(&e.data).is_ok_and(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+            })
+        })
+    };
+    while !has_words(&seen) {
+        let chunk = tokio::time::timeout(TIMEOUT, body.next())
+            .await
+            .expect("the first words in time")
+            .expect("the stream goes on")
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // At 20 chunks a second the rest of the reply is still being written upstream.
+    assert!(!seen.contains("[DONE]"), "{seen}");
+    assert!(!seen.contains("finish_reason\":\"stop"), "{seen}");
+    drop(body);
+
+    let end = std::time::Instant::now() + TIMEOUT;
+    let total = loop {
+        let v = get_json(&server, "/v1/usage").await;
+        if v["total"]["requests"] == 1 || std::time::Instant::now() > end {
+            break v["total"].clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(total["requests"], 1, "{total}");
+    assert_eq!(total["prompt_tokens"], expected.prompt_tokens, "{total}");
+    let billed = total["completion_tokens"].as_u64().unwrap();
+    assert!(
+        billed > 0 && billed < u64::from(expected.completion_tokens),
+        "billed {billed} of {} completion tokens: {total}",
+        expected.completion_tokens
+    );
+}
+
 #[tokio::test]
 async fn content_as_a_list_of_text_parts() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();

@@ -8,7 +8,6 @@ use crate::tenant::Principal;
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
-use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
 
 use super::stateless::{failure, prepare, tier_header, with_tier, Piece, Running};
@@ -195,41 +194,40 @@ async fn stream_reply(
     };
     let text_head = reply.text_head(&model);
     let out = SseReply {
-        run,
         reply,
         model,
         text_head,
         logprobs: Vec::new(),
         include_usage,
-        ended: false,
     };
     let opening = out.chunk(ChunkDelta {
         role: Some("assistant".into()),
         content: Some(String::new()),
         tool_calls: None,
     });
-    let body = stream::unfold(out, |mut s| async move {
-        if s.ended {
-            return None;
+    let mut started = false;
+    let body = run.body(out, move |s, piece, buf| {
+        if !started {
+            // The role chunk leaves with the first piece.
+            buf.extend_from_slice(&opening);
+            started = true;
         }
-        let bytes = match s.run.next().await {
-            Piece::Event(e) => s.event_bytes(e),
-            Piece::Done(out) => {
-                s.ended = true;
-                s.end_bytes(*out)
+        match piece {
+            Piece::Event(e) => {
+                buf.extend_from_slice(&s.event_bytes(e));
+                false
             }
-        };
-        Some((Ok::<_, actix_web::Error>(bytes), s))
+            Piece::Done(out) => {
+                buf.extend_from_slice(&s.end_bytes(*out));
+                true
+            }
+        }
     });
-    Ok(with_tier(
-        sse::response(stream::once(async move { Ok(opening) }).chain(body)),
-        tier.as_deref(),
-    ))
+    Ok(with_tier(sse::response(body), tier.as_deref()))
 }
 
 /// A streaming answer in progress.
 struct SseReply {
-    run: Running,
     reply: Reply,
     model: String,
     /// The part of a text chunk before its text (see [`Reply::text_head`]).
@@ -237,7 +235,6 @@ struct SseReply {
     /// Log probabilities waiting for the text they belong to.
     logprobs: Vec<Value>,
     include_usage: bool,
-    ended: bool,
 }
 
 impl SseReply {

@@ -3,10 +3,17 @@
 //! model checks, parameters, guards, PII redaction, counting, admission, cache scope), and the
 //! generation running on its own task, its events and outcome sent to the response.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, Stream};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::cache::ScopeParts;
 use crate::domain::{FinishReason, Role};
@@ -19,6 +26,12 @@ use crate::tokens;
 
 /// Events buffered between the generation and a slow HTTP client.
 const EVENT_BUFFER: usize = 64;
+
+/// The most bytes a streaming body gathers into one chunk before handing it to the connection.
+const BODY_CHUNK: usize = 32 * 1024;
+
+/// How long a streaming body holds bytes, after its first write, for more to leave with them.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Admission, guards and the cache scope of a stateless request: the steps before the core.
 pub fn prepare(
@@ -139,7 +152,7 @@ fn cache_slot(deps: &Deps, p: &Principal, route: &str, chat: &ChatRequest) -> Ca
     }
 }
 
-/// What the generation task sends the response: its events, then its outcome.
+/// What the generation sends the response: its events, then its outcome.
 pub enum Piece {
     Event(Event),
     Done(Box<Outcome>),
@@ -154,11 +167,18 @@ impl Sink for ChannelSink {
     }
 }
 
-/// A generation running on its own task. Dropping it (the client went away) cancels the
-/// generation, which still settles what it used.
+type Generation = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A generation driven by the response that reads it: polling for the next piece runs the
+/// generation as far as it can go on the caller's own task, so a request costs no task hand-off
+/// per event, and the events of one upstream read are ready together. Dropped before the end
+/// (the client went away), the generation is cancelled and finishes on a task of its own,
+/// settling what it used.
 pub struct Running {
+    generation: Option<Generation>,
     rx: mpsc::Receiver<Piece>,
-    _cancel: DropGuard,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
 }
 
 impl Running {
@@ -166,32 +186,99 @@ impl Running {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let cancel = CancellationToken::new();
         let token = cancel.clone();
-        let tracker = deps.tasks.clone();
+        let tasks = deps.tasks.clone();
         // The generation's span is a child of the request's.
         let span = tracing::Span::current();
-        tracker.spawn(tracing::Instrument::instrument(
-            async move {
-                let mut sink = ChannelSink(tx);
-                let out = generation::run(&deps, request, &mut sink, &token).await;
-                let _ = sink.0.send(Piece::Done(Box::new(out))).await;
-            },
-            span,
-        ));
+        let generation = async move {
+            let mut sink = ChannelSink(tx);
+            let run = generation::run(&deps, request, &mut sink, &token);
+            // A panic ends this generation with an error outcome, never the worker.
+            let out = AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| lost());
+            let _ = sink.0.send(Piece::Done(Box::new(out))).await;
+        };
         Self {
+            generation: Some(Box::pin(tracing::Instrument::instrument(generation, span))),
             rx,
-            _cancel: cancel.drop_guard(),
+            cancel,
+            tasks,
         }
     }
 
-    pub async fn next(&mut self) -> Piece {
+    /// Runs the generation until it waits, then takes the next piece it produced, if any.
+    pub fn poll_piece(&mut self, cx: &mut Context<'_>) -> Poll<Piece> {
+        if let Some(generation) = self.generation.as_mut() {
+            if generation.as_mut().poll(cx).is_ready() {
+                self.generation = None;
+            }
+        }
         self.rx
-            .recv()
-            .await
-            .unwrap_or_else(|| Piece::Done(Box::new(lost())))
+            .poll_recv(cx)
+            .map(|p| p.unwrap_or_else(|| Piece::Done(Box::new(lost()))))
+    }
+
+    pub async fn next(&mut self) -> Piece {
+        std::future::poll_fn(|cx| self.poll_piece(cx)).await
+    }
+
+    /// A response body of the generation's pieces rendered by `render` into the buffer it is
+    /// given (returning whether that piece ended the answer). Pieces are gathered until the
+    /// thread has nothing else ready to run, then leave in one chunk of bytes (at most
+    /// [`BODY_CHUNK`]): the events of one upstream read reach the client in one write instead of
+    /// one write each, and a reply that trickles in still leaves as it comes.
+    pub fn body<S: 'static>(
+        mut self,
+        mut state: S,
+        mut render: impl FnMut(&mut S, Piece, &mut BytesMut) -> bool + 'static,
+    ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
+        let mut buf = BytesMut::new();
+        let mut ended = false;
+        // Bytes not sent at once wait at most this long for more.
+        let mut window: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut sent = false;
+        futures_util::stream::poll_fn(move |cx| {
+            while !ended && buf.len() < BODY_CHUNK {
+                match self.poll_piece(cx) {
+                    Poll::Ready(piece) => ended = render(&mut state, piece, &mut buf),
+                    Poll::Pending => break,
+                }
+            }
+            if buf.is_empty() {
+                return if ended {
+                    Poll::Ready(None)
+                } else {
+                    Poll::Pending
+                };
+            }
+            if sent && !ended && buf.len() < BODY_CHUNK {
+                let timer = window.get_or_insert_with(|| Box::pin(tokio::time::sleep(GATHER)));
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            window = None;
+            sent = true;
+            Poll::Ready(Some(Ok(buf.split().freeze())))
+        })
     }
 }
 
-/// The outcome of a generation task that ended without one (it panicked).
+impl Drop for Running {
+    fn drop(&mut self) {
+        let Some(generation) = self.generation.take() else {
+            return;
+        };
+        self.cancel.cancel();
+        // Outside a runtime (the process is ending) there is nothing left to settle on.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            self.tasks.spawn_on(generation, &rt);
+        }
+    }
+}
+
+/// The outcome of a generation that ended without one (it panicked).
 fn lost() -> Outcome {
     Outcome {
         finish: FinishReason::Error,

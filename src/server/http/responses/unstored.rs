@@ -84,29 +84,26 @@ pub(super) async fn stateless_response(
     }
     let mut w = Writer::new(unstored_skeleton(&rec));
     let opening = w.start();
-    let body = stream::unfold(
-        (run, w, rec, false),
-        |(mut run, mut w, rec, ended)| async move {
-            if ended {
-                return None;
-            }
-            let (bytes, ended) = match run.next().await {
-                Piece::Event(Event::Text(t)) => (bytes::Bytes::from(w.text(&t)), false),
-                Piece::Event(Event::ToolCall(d)) => {
-                    let b = w.call(
-                        d.index as usize,
-                        d.id.as_deref(),
-                        d.name.as_deref(),
-                        &d.arguments,
-                    );
-                    (bytes::Bytes::from(b), false)
-                }
-                Piece::Event(_) => (bytes::Bytes::new(), false),
-                Piece::Done(out) => (w.finish(unstored(&rec, &out)), true),
-            };
-            Some((Ok::<_, actix_web::Error>(bytes), (run, w, rec, ended)))
-        },
-    );
+    let body = run.body((w, rec), |(w, rec), piece, buf| match piece {
+        Piece::Event(Event::Text(t)) => {
+            buf.extend_from_slice(&w.text(&t));
+            false
+        }
+        Piece::Event(Event::ToolCall(d)) => {
+            buf.extend_from_slice(&w.call(
+                d.index as usize,
+                d.id.as_deref(),
+                d.name.as_deref(),
+                &d.arguments,
+            ));
+            false
+        }
+        Piece::Event(_) => false,
+        Piece::Done(out) => {
+            buf.extend_from_slice(&w.finish(unstored(rec, &out)));
+            true
+        }
+    });
     Ok(sse::response(
         stream::once(async move { Ok(opening) }).chain(body),
     ))
