@@ -210,6 +210,13 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
                 store.unqueue_job(&rec)?;
                 continue;
             }
+            // A batch past its deadline runs nothing more (it expires instead), nor does one
+            // being stopped.
+            if let Some(batch) = rec.metadata["batch_id"].as_str() {
+                if !crate::server::http::batches::runs_more(state, batch).await? {
+                    continue;
+                }
+            }
             if let JobRequest::Turn { conversation, .. } = &rec.request {
                 let skip = *elsewhere
                     .entry(conversation.clone())

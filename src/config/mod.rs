@@ -248,6 +248,9 @@ pub struct JobsConfig {
     pub allow_private_webhooks: bool,
     /// Days ended jobs, batches and batch files are kept (0: for ever).
     pub retention_days: u32,
+    /// Seconds a batch has to finish (its `completion_window`, "24h": 86 400). Past it the
+    /// batch expires: requests not yet ended are cancelled, what finished stays in its output.
+    pub batch_window_secs: u64,
 }
 
 impl Default for JobsConfig {
@@ -256,6 +259,7 @@ impl Default for JobsConfig {
             workers: 2,
             allow_private_webhooks: false,
             retention_days: 30,
+            batch_window_secs: 86_400,
         }
     }
 }
@@ -510,6 +514,9 @@ impl Config {
             {
                 problems.push("cluster.node_id: 1 to 64 characters".into());
             }
+        }
+        if self.jobs.batch_window_secs == 0 {
+            problems.push("jobs.batch_window_secs: must be greater than 0".into());
         }
         if self.cache.max_entries == 0 {
             problems.push("cache.max_entries: must be greater than 0".into());

@@ -32,7 +32,7 @@ pub struct BatchRecord {
     pub endpoint: String,
     pub input_file_id: String,
     pub completion_window: String,
-    /// `in_progress`, `cancelling`, `completed`, `cancelled`.
+    /// `in_progress`, `cancelling`, `expiring`, `completed`, `cancelled`, `expired`.
     pub status: String,
     pub created_at: i64,
     pub created_ms: i64,
@@ -50,6 +50,22 @@ pub struct BatchRecord {
     pub failed: usize,
     #[serde(default)]
     pub metadata: serde_json::Value,
+    /// When the batch expires (0 in records older than the field: 24 hours after creation).
+    #[serde(default)]
+    pub expires_at: i64,
+    #[serde(default)]
+    pub expired_at: Option<i64>,
+}
+
+impl BatchRecord {
+    /// When the batch expires, unix seconds.
+    pub fn deadline(&self) -> i64 {
+        if self.expires_at > 0 {
+            self.expires_at
+        } else {
+            self.created_at + 86_400
+        }
+    }
 }
 
 impl Store {
@@ -142,7 +158,7 @@ impl Store {
             })
             .collect();
         for b in all {
-            let ended = b.completed_at.or(b.cancelled_at);
+            let ended = b.completed_at.or(b.cancelled_at).or(b.expired_at);
             if ended.is_some_and(|t| t < before) {
                 self.batches.remove(b.id.as_bytes())?;
                 let mut k = b.tenant.as_str().as_bytes().to_vec();
@@ -181,9 +197,9 @@ impl Store {
     /// # Errors
     /// Storage failures.
     pub fn batch_running(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self
-            .batch_raw(id)?
-            .is_some_and(|(b, _)| matches!(b.status.as_str(), "in_progress" | "cancelling")))
+        Ok(self.batch_raw(id)?.is_some_and(|(b, _)| {
+            matches!(b.status.as_str(), "in_progress" | "cancelling" | "expiring")
+        }))
     }
 
     /// A tenant's batch ids, newest first, at most `limit`.

@@ -531,3 +531,98 @@ async fn a_cancelled_batch_ends_cancelled_with_what_finished() {
     let (status, _) = submit(format!("{base}/v1/batches"), json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions", "completion_window": "24h"})).await;
     assert_eq!(status, 404);
 }
+
+/// A batch that outlives its completion window expires: what finished stays in its output, the
+/// requests not yet run never reach the upstream and are reported as `batch_expired`. Nobody
+/// asks about the batch while it expires: its worker finds it past its deadline.
+#[tokio::test]
+async fn a_batch_past_its_window_expires_and_runs_nothing_more() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(Some(&up));
+    cfg.jobs.workers = 1;
+    cfg.jobs.batch_window_secs = 2;
+    let server = TestServer::start(cfg);
+    let base = format!("http://{}", server.addr);
+    let asks = [
+        "a quick one",
+        "a slow one [[mock:ttft_ms=3000]]",
+        "a late one",
+        "another late one",
+    ];
+    let lines: Vec<String> = asks
+        .iter()
+        .enumerate()
+        .map(|(i, ask)| json!({"custom_id": format!("c{i}"), "method": "POST", "url": "/v1/chat/completions", "body": {"model": "up", "messages": [{"role": "user", "content": ask}]}}).to_string())
+        .collect();
+    let file = upload(&base, &lines.join("\n")).await;
+    let (status, batch) = submit(
+        format!("{base}/v1/batches"),
+        json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{batch}");
+    let id = batch["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        batch["expires_at"].as_i64().unwrap() - batch["created_at"].as_i64().unwrap(),
+        2,
+        "{batch}"
+    );
+    assert_eq!(batch["expired_at"], Value::Null);
+
+    // The slow request ends after the deadline; then the worker finds the batch expired and
+    // the two requests left are cancelled without running.
+    let cancelled = format!("{base}/v1/jobs?status=cancelled");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = job(cancelled.clone()).await["data"]
+            .as_array()
+            .map_or(0, Vec::len);
+        if n == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.requests(), 2);
+
+    let done = job(format!("{base}/v1/batches/{id}")).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    assert!(done["expired_at"].as_i64().is_some(), "{done}");
+    assert_eq!(done["request_counts"]["total"], 4, "{done}");
+    assert_eq!(done["request_counts"]["completed"], 2, "{done}");
+    assert_eq!(done["request_counts"]["failed"], 2, "{done}");
+    let content = |file: &Value| {
+        let url = format!("{base}/v1/files/{}/content", file.as_str().unwrap());
+        async move { http().get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let output = content(&done["output_file_id"]).await;
+    let ids: Vec<String> = output
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["custom_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(ids, ["c0", "c1"], "{output}");
+    let errors = content(&done["error_file_id"]).await;
+    let expired: Vec<(String, String)> = errors
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["custom_id"].as_str().unwrap().to_owned(),
+                v["error"]["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        expired,
+        [
+            ("c2".to_owned(), "batch_expired".to_owned()),
+            ("c3".to_owned(), "batch_expired".to_owned())
+        ],
+        "{errors}"
+    );
+}

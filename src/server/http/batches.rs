@@ -234,6 +234,9 @@ pub async fn create(
         completed: 0,
         failed: 0,
         metadata: body.metadata.unwrap_or(serde_json::Value::Null),
+        expires_at: now
+            .saturating_add(i64::try_from(state.config.jobs.batch_window_secs).unwrap_or(i64::MAX)),
+        expired_at: None,
     };
     state.store().put_batch(&rec).await?;
     let rec = refresh(&state, &rec.id).await?;
@@ -245,17 +248,27 @@ fn batch_json(b: &BatchRecord) -> serde_json::Value {
     serde_json::json!({
         "id": b.id, "object": "batch", "endpoint": b.endpoint, "errors": null,
         "input_file_id": b.input_file_id, "completion_window": b.completion_window,
-        "status": b.status, "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
+        "status": shown_status(&b.status), "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
         "created_at": b.created_at, "in_progress_at": b.in_progress_at,
-        "expires_at": b.created_at + 86_400, "finalizing_at": b.finalizing_at,
-        "completed_at": b.completed_at, "failed_at": null, "expired_at": null,
+        "expires_at": b.deadline(), "finalizing_at": b.finalizing_at,
+        "completed_at": b.completed_at, "failed_at": null, "expired_at": b.expired_at,
         "cancelling_at": b.cancelling_at, "cancelled_at": b.cancelled_at,
         "request_counts": {"total": total, "completed": b.completed, "failed": b.failed + b.bad.len()},
         "metadata": b.metadata,
     })
 }
 
-/// The batch as it is now: counts brought up to date, and the output and error files written
+/// The status the API shows: a batch whose last requests are being stopped because it expired
+/// is finalizing (the SDKs know no `expiring`).
+fn shown_status(status: &str) -> &str {
+    match status {
+        "expiring" => "finalizing",
+        s => s,
+    }
+}
+
+/// The batch as it is now: past its deadline it expires (requests not yet ended are
+/// cancelled), its counts are brought up to date, and the output and error files are written
 /// once its last job has ended.
 async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
     let store = state.store();
@@ -263,7 +276,10 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
         let (rec, raw) = store
             .batch_raw(id)?
             .ok_or_else(|| ApiError::not_found("batch"))?;
-        if !matches!(rec.status.as_str(), "in_progress" | "cancelling") {
+        if !matches!(
+            rec.status.as_str(),
+            "in_progress" | "cancelling" | "expiring"
+        ) {
             return Ok(rec);
         }
         let mut ended = Vec::with_capacity(rec.jobs.len());
@@ -273,6 +289,9 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
                 Some((job, _)) if job.status.finished() => ended.push((custom_id.clone(), job)),
                 _ => all_ended = false,
             }
+        }
+        if !all_ended && expire_due(state, id).await? {
+            continue;
         }
         let mut next = rec.clone();
         next.completed = ended
@@ -289,6 +308,9 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
             if rec.status == "cancelling" {
                 next.status = "cancelled".into();
                 next.cancelled_at = Some(now);
+            } else if rec.status == "expiring" {
+                next.status = "expired".into();
+                next.expired_at = Some(now);
             } else {
                 next.status = "completed".into();
                 next.completed_at = Some(now);
@@ -318,6 +340,10 @@ fn result_files(
             (JobStatus::Succeeded, Some(body), _) => line(
                 serde_json::json!({"id": req_id, "custom_id": custom_id, "response": {"status_code": 200, "request_id": job.id, "body": body}, "error": null}),
                 &mut output,
+            ),
+            (JobStatus::Cancelled, _, None) if rec.status == "expiring" => line(
+                serde_json::json!({"id": req_id, "custom_id": custom_id, "response": null, "error": {"code": "batch_expired", "message": "the batch expired before this request ended"}}),
+                &mut errors,
             ),
             (_, _, error) => {
                 let (code, message) = error.as_ref().map_or(
@@ -397,16 +423,61 @@ pub async fn cancel(
         next.status = "cancelling".into();
         next.cancelling_at = Some(unix_now());
         if store.swap_batch(&raw, &next).await? {
-            // Queued jobs first: a worker freed by stopping a running one finds none left.
-            for running in [false, true] {
-                for (_, job_id) in &rec.jobs {
-                    cancel_job(&state, job_id, running).await?;
-                }
-            }
+            stop_jobs(&state, &rec).await?;
             break;
         }
     }
     Ok(HttpResponse::Ok().json(batch_json(&refresh(&state, &id).await?)))
+}
+
+/// Expires batch `id` if it is running past its deadline: it becomes `expiring` and every job
+/// of it not yet ended is cancelled. Whether it did.
+///
+/// # Errors
+/// Storage failures.
+pub async fn expire_due(state: &AppState, id: &str) -> Result<bool, ApiError> {
+    let store = state.store();
+    loop {
+        let Some((rec, raw)) = store.batch_raw(id)? else {
+            return Ok(false);
+        };
+        if rec.status != "in_progress" || unix_now() < rec.deadline() {
+            return Ok(false);
+        }
+        let mut next = rec.clone();
+        next.status = "expiring".into();
+        if store.swap_batch(&raw, &next).await? {
+            tracing::info!(batch = %rec.id, "batch expired; requests not ended are cancelled");
+            stop_jobs(state, &rec).await?;
+            return Ok(true);
+        }
+    }
+}
+
+/// Whether a job of batch `id` may start: the batch runs and is within its deadline (past it,
+/// the batch expires now).
+///
+/// # Errors
+/// Storage failures.
+pub async fn runs_more(state: &AppState, id: &str) -> Result<bool, ApiError> {
+    if expire_due(state, id).await? {
+        return Ok(false);
+    }
+    Ok(state
+        .store()
+        .batch_raw(id)?
+        .is_none_or(|(b, _)| b.status == "in_progress"))
+}
+
+/// Cancels every job of a batch that has not ended (cancelled or expired).
+async fn stop_jobs(state: &AppState, rec: &BatchRecord) -> Result<(), ApiError> {
+    // Queued jobs first: a worker freed by stopping a running one finds none left.
+    for running in [false, true] {
+        for (_, job_id) in &rec.jobs {
+            cancel_job(state, job_id, running).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Cancels job `id` if it is queued (or, with `running`, whatever its state) and not ended.

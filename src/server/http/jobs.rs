@@ -182,7 +182,9 @@ pub fn new_job(
     webhook: Option<crate::store::WebhookState>,
     metadata: serde_json::Value,
 ) -> JobRecord {
-    let id = format!("job_{}", uuid::Uuid::new_v4().simple());
+    // Time-ordered ids: jobs made in the same millisecond (a batch's lines) queue in the order
+    // they were made.
+    let id = format!("job_{}", uuid::Uuid::now_v7().simple());
     let webhook = webhook.map(|mut w| {
         w.msg_id = format!("msg_{}", id.trim_start_matches("job_"));
         w
