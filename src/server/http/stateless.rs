@@ -239,6 +239,18 @@ impl Running {
         let mut window: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let mut sent = false;
         futures_util::stream::poll_fn(move |cx| {
+            // While a window is open the generation is left alone: what the upstream sends
+            // meanwhile waits in its channel, and is all taken when the window closes.
+            let closing = match window.as_mut() {
+                Some(timer) => {
+                    if timer.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    window = None;
+                    true
+                }
+                None => false,
+            };
             while !ended && buf.len() < BODY_CHUNK {
                 match self.poll_piece(cx) {
                     Poll::Ready(piece) => ended = render(&mut state, piece, &mut buf),
@@ -252,13 +264,13 @@ impl Running {
                     Poll::Pending
                 };
             }
-            if sent && !ended && buf.len() < BODY_CHUNK {
-                let timer = window.get_or_insert_with(|| Box::pin(tokio::time::sleep(GATHER)));
+            if sent && !ended && !closing && buf.len() < BODY_CHUNK {
+                let mut timer = Box::pin(tokio::time::sleep(GATHER));
                 if timer.as_mut().poll(cx).is_pending() {
+                    window = Some(timer);
                     return Poll::Pending;
                 }
             }
-            window = None;
             sent = true;
             Poll::Ready(Some(Ok(buf.split().freeze())))
         })
