@@ -815,7 +815,7 @@ impl Handler<PostUserMessage> for ConversationActor {
         }
         self.deps
             .router
-            .check_regions(route, msg.principal.regions())?;
+            .check_regions(route, forced, msg.principal.regions())?;
         self.check_tool_order(&msg.message)?;
         let text = msg.message.content.text();
         let Screened { pii, flags } =

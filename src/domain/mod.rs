@@ -64,6 +64,9 @@ pub enum TierReason {
     Sticky,
     /// The client asked for it (`options.tier`, `x-parley-tier`).
     Forced,
+    /// The tier chosen has no target in a region the request may use: the nearest tier that
+    /// has one serves it (a stronger one first).
+    Region,
 }
 
 impl TierReason {
@@ -72,6 +75,7 @@ impl TierReason {
             Self::Classified => "classified",
             Self::Sticky => "sticky",
             Self::Forced => "forced",
+            Self::Region => "region",
         }
     }
 }

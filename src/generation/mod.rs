@@ -280,9 +280,12 @@ async fn run_inner(
 ) -> Outcome {
     if let Some(tiers) = deps.router.tiers(&req.route) {
         let embed = deps.cache.embedder_allowed(req.principal.regions());
+        let allowed = deps
+            .router
+            .tiers_allowed(&req.route, req.principal.regions());
         let (decided, question) = deps
             .routing
-            .decide(&req.route, tiers, &req.chat, req.tier, embed)
+            .decide(&req.route, tiers, &req.chat, req.tier, embed, &allowed)
             .await;
         // The same embedder made it: the cache's lookup of the same text needs no other.
         if let (Some(slot), Some(v)) = (req.cache.as_mut(), question) {

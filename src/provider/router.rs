@@ -358,23 +358,52 @@ impl Router {
     ///
     /// # Errors
     /// `forbidden` when no target is in an allowed region; `model_not_found` for no route.
+    /// Refuses a request none of whose targets (of the tier it forces, if it forces one) is in
+    /// a region it may use.
+    ///
+    /// # Errors
+    /// `forbidden` then; `model_not_found` for an unknown route.
     pub fn check_regions(
         &self,
         route: &str,
+        forced: Option<usize>,
         key_regions: Option<&[String]>,
     ) -> Result<(), ApiError> {
         let r = self
             .routes
             .get(route)
             .ok_or_else(|| RouterError::UnknownRoute(route.to_owned()))?;
-        if r.targets.iter().any(|t| r.allows(t, key_regions)) {
-            Ok(())
-        } else {
-            Err(ApiError::new(
+        match forced {
+            None if r.targets.iter().any(|t| r.allows(t, key_regions)) => Ok(()),
+            None => Err(ApiError::new(
                 ErrorCode::Forbidden,
                 format!("no target of {route:?} is in a region this request may use"),
-            ))
+            )),
+            Some(tier) if r.tier_allowed(tier, key_regions) => Ok(()),
+            Some(tier) => {
+                let name = r
+                    .tiering
+                    .as_ref()
+                    .and_then(|t| t.names.get(tier))
+                    .map_or("", String::as_str);
+                Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "no target of tier {name:?} of {route:?} is in a region this request may use"
+                    ),
+                ))
+            }
         }
+    }
+
+    /// Per tier of `route` (one entry for a plain route), whether it has a target in a region
+    /// the request may use.
+    pub fn tiers_allowed(&self, route: &str, key_regions: Option<&[String]>) -> Vec<bool> {
+        self.routes.get(route).map_or_else(Vec::new, |r| {
+            (0..r.tiers.len())
+                .map(|t| r.tier_allowed(t, key_regions))
+                .collect()
+        })
     }
 
     pub fn continues_on_fallback(&self, route: &str) -> bool {
@@ -578,6 +607,15 @@ impl Route {
             list.is_none_or(|l| region.is_some_and(|r| l.iter().any(|x| x == r)))
         };
         ok(self.regions.as_deref()) && ok(key_regions)
+    }
+
+    /// Whether `tier` has a target in a region both the route and the key allow.
+    fn tier_allowed(&self, tier: usize, key_regions: Option<&[String]>) -> bool {
+        self.tiers.get(tier).is_some_and(|t| {
+            self.targets[t.targets.clone()]
+                .iter()
+                .any(|x| self.allows(x, key_regions))
+        })
     }
 
     /// The targets of `tier` (0 for a plain route) in the order this request tries them.

@@ -162,6 +162,7 @@ impl Routing {
         chat: &ChatRequest,
         ask: TierAsk,
         embed: bool,
+        allowed: &[bool],
     ) -> (TierDecision, Option<Vec<f32>>) {
         let decision = |index: usize, reason, score| TierDecision {
             index,
@@ -189,8 +190,26 @@ impl Routing {
         } else {
             decision(classified, TierReason::Classified, Some(score))
         };
-        (decided, question)
+        match nearest_allowed(decided.index, allowed) {
+            Some(i) if i != decided.index => {
+                (decision(i, TierReason::Region, Some(score)), question)
+            }
+            _ => (decided, question),
+        }
     }
+}
+
+/// The tier nearest `chosen` that the request's regions allow, a stronger one before a weaker
+/// one (`None` when none is; admission refused such a request already). Every tier is allowed
+/// when `allowed` says nothing of it.
+fn nearest_allowed(chosen: usize, allowed: &[bool]) -> Option<usize> {
+    let ok = |i: usize| allowed.get(i).copied().unwrap_or(true);
+    if ok(chosen) {
+        return Some(chosen);
+    }
+    (chosen + 1..allowed.len())
+        .find(|&i| ok(i))
+        .or_else(|| (0..chosen).rev().find(|&i| ok(i)))
 }
 
 /// Reads a JSONL file of `{"text": "...", "label": "easy" | "hard"}` examples.
@@ -208,6 +227,17 @@ fn read_examples(path: &std::path::Path) -> Result<Vec<Example>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tier_outside_the_regions_gives_way_to_the_nearest_stronger_then_weaker() {
+        assert_eq!(nearest_allowed(0, &[true, true]), Some(0));
+        assert_eq!(nearest_allowed(0, &[false, true]), Some(1));
+        assert_eq!(nearest_allowed(1, &[true, false]), Some(0));
+        assert_eq!(nearest_allowed(1, &[true, false, true]), Some(2));
+        assert_eq!(nearest_allowed(2, &[false, true, false]), Some(1));
+        assert_eq!(nearest_allowed(1, &[false, false]), None);
+        assert_eq!(nearest_allowed(1, &[]), Some(1));
+    }
 
     #[test]
     fn the_shipped_examples_are_the_training_split() {

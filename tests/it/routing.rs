@@ -338,3 +338,81 @@ async fn an_escalated_conversation_stays_on_the_strong_tier_for_sticky_turns() {
         "{metrics}"
     );
 }
+
+/// A key restricted to regions is never sent to a tier outside them: a prompt the classifier
+/// gives the cheap tier goes to the nearest tier its regions allow (reason `region`), and
+/// forcing a tier it may not use is `forbidden` before anything reaches an upstream.
+#[tokio::test]
+async fn a_tier_outside_a_keys_regions_gives_way_to_one_inside() {
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let mut cfg = config_with(None);
+    for (name, region) in [("us", "us-east"), ("eu", "eu-west")] {
+        let mut p = openai_provider(name, &up.base_url());
+        p.region = Some(region.into());
+        cfg.providers.push(p);
+    }
+    let mut auto = route("auto", &[]);
+    auto.strategy = Strategy::Semantic;
+    auto.tiers = vec![
+        TierConfig {
+            name: "fast".into(),
+            targets: vec![TargetConfig::new("us", FAST_MODEL)],
+            strategy: Strategy::Fallback,
+        },
+        TierConfig {
+            name: "strong".into(),
+            targets: vec![TargetConfig::new("eu", STRONG_MODEL)],
+            strategy: Strategy::Fallback,
+        },
+    ];
+    cfg.routes.push(auto);
+    let server = TestServer::start_with_admin(cfg);
+    let (_, anywhere) = server.create_key(json!({"tenant": "t"})).await;
+    let (_, eu_only) = server
+        .create_key(json!({"tenant": "t", "regions": ["eu-west"]}))
+        .await;
+    let ask = |key: String, tier: Option<&'static str>| {
+        let url = server.url("/v1/chat/completions");
+        async move {
+            let mut req = http().post(url).bearer_auth(key).json(
+                &json!({"model": "auto", "messages": [{"role": "user", "content": "hi, thanks!"}]}),
+            );
+            if let Some(t) = tier {
+                req = req.header("x-parley-tier", t);
+            }
+            req.send().await.unwrap()
+        }
+    };
+    // Anywhere, the classifier's choice: the cheap tier.
+    let resp = ask(anywhere.clone(), None).await;
+    assert_eq!(answered_tier(&resp), "fast");
+    // Held to eu-west: the strong tier, the only one with a target there.
+    let resp = ask(eu_only.clone(), None).await;
+    assert_eq!(answered_tier(&resp), "strong");
+    assert_eq!(resp.json::<Value>().await.unwrap()["model"], STRONG_MODEL);
+    let before = up.requests();
+    let resp = ask(eu_only, Some("fast")).await;
+    expect_error(resp, 403, "forbidden").await;
+    assert_eq!(
+        up.requests(),
+        before,
+        "a forbidden request reached the upstream"
+    );
+    let metrics = http()
+        .get(server.url("/metrics"))
+        .bearer_auth(server.admin_key.as_deref().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("parley_tier_decisions_total")
+                && l.contains(r#"reason="region""#)
+                && l.contains(r#"tier="strong""#)),
+        "{metrics}"
+    );
+}

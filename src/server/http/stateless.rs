@@ -50,7 +50,7 @@ pub fn prepare(
     p.check_model(route)?;
     let forced = tier.map(|t| deps.router.tier_index(route, t)).transpose()?;
     deps.router.check_request(route, &mut chat)?;
-    deps.router.check_regions(route, p.regions())?;
+    deps.router.check_regions(route, forced, p.regions())?;
     let texts: Vec<String> = chat.messages.iter().map(|m| m.content.text()).collect();
     // Injections are looked for in the newest user message; personal data everywhere.
     let newest_user = chat
