@@ -18,7 +18,7 @@ pub const API_VERSION: &str = "2023-06-01";
 
 pub struct AnthropicClient {
     name: String,
-    url: String,
+    url: super::http::Endpoint,
     key: Option<SecretString>,
     http: reqwest::Client,
     timeout: Duration,
@@ -38,7 +38,7 @@ impl AnthropicClient {
     ) -> Self {
         Self {
             name: name.to_owned(),
-            url: format!("{base_url}/messages"),
+            url: super::http::Endpoint::new(format!("{base_url}/messages")),
             key,
             http,
             timeout,
@@ -61,8 +61,9 @@ impl AnthropicClient {
             answer_tool: anthropic::wants_answer_tool(&req),
             ..AnthropicDecoder::default()
         };
-        let mut request = super::http::local(&self.http)
-            .post(&self.url)
+        let mut request = self
+            .url
+            .post(&self.http)
             .header("anthropic-version", API_VERSION)
             .json(&body);
         if let Some(key) = &self.key {

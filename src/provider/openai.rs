@@ -18,8 +18,8 @@ use crate::wire::openai::{finish_of, ChatCompletionRequest, Text, UpstreamChunk}
 /// A client of one OpenAI-compatible provider.
 pub struct OpenAiClient {
     name: String,
-    url: String,
-    embeddings_url: String,
+    url: super::http::Endpoint,
+    embeddings_url: super::http::Endpoint,
     key: Option<SecretString>,
     http: reqwest::Client,
     timeout: Duration,
@@ -35,8 +35,8 @@ impl OpenAiClient {
     ) -> Self {
         Self {
             name: name.to_owned(),
-            url: format!("{base_url}/chat/completions"),
-            embeddings_url: format!("{base_url}/embeddings"),
+            url: super::http::Endpoint::new(format!("{base_url}/chat/completions")),
+            embeddings_url: super::http::Endpoint::new(format!("{base_url}/embeddings")),
             key,
             http,
             timeout,
@@ -53,9 +53,7 @@ impl OpenAiClient {
         RateHeaders,
     ) {
         let body = json!({"model": model, "input": texts});
-        let mut request = super::http::local(&self.http)
-            .post(&self.embeddings_url)
-            .json(&body);
+        let mut request = self.embeddings_url.post(&self.http).json(&body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
         }
@@ -101,7 +99,7 @@ impl OpenAiClient {
             body.stream = false;
             body.stream_options = None;
         }
-        let mut request = super::http::local(&self.http).post(&self.url).json(&body);
+        let mut request = self.url.post(&self.http).json(&body);
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
         }
