@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{ApiError, ErrorCode};
 use crate::ids::unix_now;
+use crate::server::http::batches;
 use crate::server::AppState;
 use crate::store::{JobError, JobRecord, JobRequest, JobStatus};
 use crate::tenant::Principal;
@@ -193,6 +194,8 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
     let store = state.store();
     // Per conversation: whether another node runs it (asked of Redis once per claim).
     let mut elsewhere: HashMap<String, bool> = HashMap::new();
+    // Batches this claim found past their deadline.
+    let mut expired: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut after: Option<Vec<u8>> = None;
     let mut seen = 0;
     while seen < CLAIM_SCAN {
@@ -210,12 +213,17 @@ async fn claim(state: &AppState, node: &str) -> Result<Option<JobRecord>, ApiErr
                 store.unqueue_job(&rec)?;
                 continue;
             }
-            // A batch past its deadline runs nothing more (it expires instead), nor does one
-            // being stopped.
-            if let Some(batch) = rec.metadata["batch_id"].as_str() {
-                if !crate::server::http::batches::runs_more(state, batch).await? {
-                    continue;
+            // A batch line past its batch's deadline never starts: the batch expires (once per
+            // claim at most), and the line is cancelled with it.
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            if rec.deadline_ms.is_some_and(|d| now_ms >= d) {
+                if let Some(batch) = rec.metadata["batch_id"].as_str() {
+                    if expired.insert(batch.to_owned()) {
+                        batches::expire_due(state, batch).await?;
+                    }
                 }
+                batches::cancel_job(state, &id, false).await?;
+                continue;
             }
             if let JobRequest::Turn { conversation, .. } = &rec.request {
                 let skip = *elsewhere

@@ -64,9 +64,6 @@ pub enum TierReason {
     Sticky,
     /// The client asked for it (`options.tier`, `x-parley-tier`).
     Forced,
-    /// The tier chosen has no target in a region the request may use: the nearest tier that
-    /// has one serves it (a stronger one first).
-    Region,
 }
 
 impl TierReason {
@@ -75,7 +72,6 @@ impl TierReason {
             Self::Classified => "classified",
             Self::Sticky => "sticky",
             Self::Forced => "forced",
-            Self::Region => "region",
         }
     }
 }

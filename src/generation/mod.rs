@@ -302,8 +302,8 @@ async fn run_inner(
             }
         }
         deps.metrics
-            .count_tier(&req.route, &decided.name, decided.reason.as_str());
-        tracing::debug!(tier = %decided.name, reason = decided.reason.as_str(), score = ?decided.score, "tier chosen");
+            .count_tier(&req.route, &decided.name, decided.label());
+        tracing::debug!(tier = %decided.name, reason = decided.label(), score = ?decided.score, "tier chosen");
         req.decided = Some(decided);
     }
     let mut looked = None;

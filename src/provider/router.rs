@@ -354,10 +354,6 @@ impl Router {
         Ok(())
     }
 
-    /// Refuses, with `forbidden`, a request whose allowed regions leave no target of the route.
-    ///
-    /// # Errors
-    /// `forbidden` when no target is in an allowed region; `model_not_found` for no route.
     /// Refuses a request none of whose targets (of the tier it forces, if it forces one) is in
     /// a region it may use.
     ///

@@ -103,6 +103,20 @@ pub struct TierDecision {
     pub reason: TierReason,
     /// The classifier's score (`None` when the client forced the tier).
     pub score: Option<f32>,
+    /// The tier chosen had no target in the request's regions; this is the nearest that has.
+    /// The reason stays the classifier's or stickiness's, so a conversation's escalation holds.
+    pub moved_for_region: bool,
+}
+
+impl TierDecision {
+    /// The decision's label in metrics: its reason, or `region` when it was moved.
+    pub fn label(&self) -> &'static str {
+        if self.moved_for_region {
+            "region"
+        } else {
+            self.reason.as_str()
+        }
+    }
 }
 
 /// The classifiers of the semantic routes.
@@ -169,6 +183,7 @@ impl Routing {
             name: tiers.names.get(index).cloned().unwrap_or_default(),
             reason,
             score,
+            moved_for_region: false,
         };
         if let Some(forced) = ask.forced {
             return (decision(forced, TierReason::Forced, None), None);
@@ -192,7 +207,9 @@ impl Routing {
         };
         match nearest_allowed(decided.index, allowed) {
             Some(i) if i != decided.index => {
-                (decision(i, TierReason::Region, Some(score)), question)
+                let mut moved = decision(i, decided.reason, Some(score));
+                moved.moved_for_region = true;
+                (moved, question)
             }
             _ => (decided, question),
         }

@@ -81,6 +81,9 @@ pub struct JobRecord {
     /// Where its end is announced, and how that went.
     #[serde(default)]
     pub webhook: Option<WebhookState>,
+    /// A batch line's: the batch's deadline (unix ms), after which it never starts.
+    #[serde(default)]
+    pub deadline_ms: Option<i64>,
 }
 
 /// A job's webhook and its delivery attempts.

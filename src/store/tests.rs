@@ -440,6 +440,7 @@ fn ended_job(id: &str, finished_at: i64, webhook_done: Option<bool>) -> JobRecor
             done,
             first_ms: None,
         }),
+        deadline_ms: None,
     }
 }
 

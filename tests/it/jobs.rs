@@ -562,11 +562,9 @@ async fn a_batch_past_its_window_expires_and_runs_nothing_more() {
     .await;
     assert_eq!(status, 200, "{batch}");
     let id = batch["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        batch["expires_at"].as_i64().unwrap() - batch["created_at"].as_i64().unwrap(),
-        2,
-        "{batch}"
-    );
+    // The window in whole seconds, never shorter than asked.
+    let window = batch["expires_at"].as_i64().unwrap() - batch["created_at"].as_i64().unwrap();
+    assert!((2..=3).contains(&window), "{batch}");
     assert_eq!(batch["expired_at"], Value::Null);
 
     // The slow request ends after the deadline; then the worker finds the batch expired and

@@ -185,6 +185,12 @@ pub async fn create(
         )));
     }
     let id = format!("batch_{}", uuid::Uuid::new_v4().simple());
+    let created_ms = chrono::Utc::now().timestamp_millis();
+    let window_ms = i64::try_from(state.config.jobs.batch_window_secs)
+        .unwrap_or(i64::MAX / 2_000)
+        .saturating_mul(1_000);
+    // Whole seconds, as the API shows it, never before the window has passed.
+    let expires_at = created_ms.saturating_add(window_ms).saturating_add(999) / 1_000;
     let mut jobs = Vec::new();
     let mut records = Vec::new();
     let mut bad = Vec::new();
@@ -198,7 +204,8 @@ pub async fn create(
             }),
             Ok((custom_id, request)) => {
                 let meta = serde_json::json!({"batch_id": id, "custom_id": custom_id});
-                let job = new_job(&p, JobRequest::Chat { body: request }, None, meta);
+                let mut job = new_job(&p, JobRequest::Chat { body: request }, None, meta);
+                job.deadline_ms = Some(expires_at.saturating_mul(1_000));
                 jobs.push((custom_id, job.id.clone()));
                 records.push(job);
             }
@@ -212,7 +219,7 @@ pub async fn create(
     // Every line's job, durable with one flush.
     state.store().put_jobs(&records).await?;
     state.jobs.wake();
-    let now = unix_now();
+    let now = created_ms / 1_000;
     let rec = BatchRecord {
         id,
         tenant: p.tenant.clone(),
@@ -221,7 +228,7 @@ pub async fn create(
         completion_window: body.completion_window,
         status: "in_progress".into(),
         created_at: now,
-        created_ms: chrono::Utc::now().timestamp_millis(),
+        created_ms,
         in_progress_at: Some(now),
         finalizing_at: None,
         completed_at: None,
@@ -234,8 +241,7 @@ pub async fn create(
         completed: 0,
         failed: 0,
         metadata: body.metadata.unwrap_or(serde_json::Value::Null),
-        expires_at: now
-            .saturating_add(i64::try_from(state.config.jobs.batch_window_secs).unwrap_or(i64::MAX)),
+        expires_at,
         expired_at: None,
     };
     state.store().put_batch(&rec).await?;
@@ -283,15 +289,22 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
             return Ok(rec);
         }
         let mut ended = Vec::with_capacity(rec.jobs.len());
-        let mut all_ended = true;
+        let mut pending = Vec::new();
         for (custom_id, job_id) in &rec.jobs {
             match store.job_raw(job_id)? {
                 Some((job, _)) if job.status.finished() => ended.push((custom_id.clone(), job)),
-                _ => all_ended = false,
+                _ => pending.push(job_id),
             }
         }
+        let all_ended = pending.is_empty();
         if !all_ended && expire_due(state, id).await? {
             continue;
+        }
+        if rec.status != "in_progress" {
+            // Being stopped: whatever a crash or a failed write left queued is stopped now.
+            for job_id in pending {
+                cancel_job(state, job_id, true).await?;
+            }
         }
         let mut next = rec.clone();
         next.completed = ended
@@ -341,10 +354,15 @@ fn result_files(
                 serde_json::json!({"id": req_id, "custom_id": custom_id, "response": {"status_code": 200, "request_id": job.id, "body": body}, "error": null}),
                 &mut output,
             ),
-            (JobStatus::Cancelled, _, None) if rec.status == "expiring" => line(
-                serde_json::json!({"id": req_id, "custom_id": custom_id, "response": null, "error": {"code": "batch_expired", "message": "the batch expired before this request ended"}}),
-                &mut errors,
-            ),
+            (JobStatus::Cancelled, _, None)
+                if rec.status == "expiring"
+                    && job.finished_at.is_some_and(|f| f >= rec.deadline()) =>
+            {
+                line(
+                    serde_json::json!({"id": req_id, "custom_id": custom_id, "response": null, "error": {"code": "batch_expired", "message": "the batch expired before this request ended"}}),
+                    &mut errors,
+                );
+            }
             (_, _, error) => {
                 let (code, message) = error.as_ref().map_or(
                     (ErrorCode::Internal, "cancelled before it ran".to_owned()),
@@ -441,7 +459,8 @@ pub async fn expire_due(state: &AppState, id: &str) -> Result<bool, ApiError> {
         let Some((rec, raw)) = store.batch_raw(id)? else {
             return Ok(false);
         };
-        if rec.status != "in_progress" || unix_now() < rec.deadline() {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        if rec.status != "in_progress" || now_ms < rec.deadline().saturating_mul(1_000) {
             return Ok(false);
         }
         let mut next = rec.clone();
@@ -452,21 +471,6 @@ pub async fn expire_due(state: &AppState, id: &str) -> Result<bool, ApiError> {
             return Ok(true);
         }
     }
-}
-
-/// Whether a job of batch `id` may start: the batch runs and is within its deadline (past it,
-/// the batch expires now).
-///
-/// # Errors
-/// Storage failures.
-pub async fn runs_more(state: &AppState, id: &str) -> Result<bool, ApiError> {
-    if expire_due(state, id).await? {
-        return Ok(false);
-    }
-    Ok(state
-        .store()
-        .batch_raw(id)?
-        .is_none_or(|(b, _)| b.status == "in_progress"))
 }
 
 /// Cancels every job of a batch that has not ended (cancelled or expired).
@@ -481,12 +485,20 @@ async fn stop_jobs(state: &AppState, rec: &BatchRecord) -> Result<(), ApiError> 
 }
 
 /// Cancels job `id` if it is queued (or, with `running`, whatever its state) and not ended.
-async fn cancel_job(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
+///
+/// # Errors
+/// Storage failures.
+pub async fn cancel_job(state: &AppState, id: &str, running: bool) -> Result<(), ApiError> {
     loop {
         let Some((job, raw)) = state.store().job_raw(id)? else {
             return Ok(());
         };
         if job.status.finished() || (!running && job.status != JobStatus::Queued) {
+            return Ok(());
+        }
+        if job.cancel_requested {
+            // Asked already (its node stops it): nothing to write again.
+            state.jobs.cancel(id);
             return Ok(());
         }
         let mut next = job;

@@ -206,6 +206,7 @@ pub fn new_job(
         claimed_by: None,
         cancel_requested: false,
         webhook,
+        deadline_ms: None,
     }
 }
 
