@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# parley's CPU time per request at full load, against the harness's mock upstream (from
+# ../shared/bench), in development mode with the cache off (peers/parley/start.sh): oha with 64
+# connections sends REQUESTS requests after a warm-up; the CPU time of the parley process is read
+# from /proc before and after. Prints the request rate and CPU milliseconds per request.
+#   MODE=stream|json (stream)  CHUNKS=8 (chunks per streamed reply)  REQUESTS=100000
+#   PARLEY_BIN (default target/release/parley)
+# Needs oha; builds the harness's mock into bench-out/ on first use.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+bench=$root/../shared/bench
+mode=${MODE:-stream}
+chunks=${CHUNKS:-8}
+requests=${REQUESTS:-100000}
+bin=${PARLEY_BIN:-$root/target/release/parley}
+mock=$root/bench-out/mock-upstream-target/release/mock-upstream
+if [ ! -x "$mock" ]; then
+  (cd "$bench/mock-upstream" && CARGO_TARGET_DIR="$root/bench-out/mock-upstream-target" cargo build --release -q)
+fi
+"$mock" --port 18080 >/dev/null 2>&1 &
+mock_pid=$!
+export MOCK_API_BASE="http://127.0.0.1:18080/chunks=$chunks/v1" PARLEY_BIN=$bin GW_PORT=4000
+"$bench/peers/parley/start.sh" >/dev/null 2>&1 &
+gw_pid=$!
+trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
+for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:4000/healthz && break; sleep 0.1; done
+stream=''
+[ "$mode" = stream ] && stream=',"stream":true'
+body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32'$stream'}'
+load() {
+  oha -n "$1" -c 64 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
+    http://127.0.0.1:4000/v1/chat/completions
+}
+load 20000 >/dev/null
+# The gateway's process (start.sh execs it).
+pid=$gw_pid
+ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+hz=$(getconf CLK_TCK)
+t0=$(ticks)
+rps=$(load "$requests" | awk '/Requests\/sec/ {print $2}')
+t1=$(ticks)
+echo "mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(echo "scale=4; ($t1 - $t0) * 1000 / $hz / $requests" | bc)"
