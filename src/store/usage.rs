@@ -42,12 +42,18 @@ fn total_key(key_id: &str, period: &str) -> Vec<u8> {
     key
 }
 
-/// The periods a record counts in: its UTC day and month.
+/// The periods a record counts in: its UTC day and month (`d2026-11-30`, `m2026-11`). Written
+/// from the date's numbers: a limit check asks for them on every request, and chrono's
+/// `format` parses its pattern each time.
 pub fn periods(ts_ms: i64) -> (String, String) {
-    let dt = chrono::DateTime::from_timestamp_millis(ts_ms).unwrap_or_default();
+    use chrono::Datelike;
+    let d = chrono::DateTime::from_timestamp_millis(ts_ms)
+        .unwrap_or_default()
+        .date_naive();
+    let (y, m) = (d.year(), d.month());
     (
-        dt.format("d%Y-%m-%d").to_string(),
-        dt.format("m%Y-%m").to_string(),
+        format!("d{y:04}-{m:02}-{:02}", d.day()),
+        format!("m{y:04}-{m:02}"),
     )
 }
 
@@ -480,6 +486,21 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periods_are_the_dates_chrono_formats() {
+        // Across years, months, days, leap days and the epoch, one step every ~7 hours.
+        let mut ts = 0_i64;
+        while ts < 4_200_000_000_000 {
+            let dt = chrono::DateTime::from_timestamp_millis(ts).unwrap(); // ok: test
+            let expected = (
+                dt.format("d%Y-%m-%d").to_string(),
+                dt.format("m%Y-%m").to_string(),
+            );
+            assert_eq!(periods(ts), expected, "{ts}");
+            ts += 25_200_001;
+        }
+    }
 
     #[test]
     fn rollup_keys_round_trip() {
