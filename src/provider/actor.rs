@@ -429,60 +429,17 @@ fn merge(a: Option<Refusal>, b: Refusal) -> Refusal {
     }
 }
 
-/// Runs the backend and forwards its events to `tx`, noting how the generation ended.
+/// Runs the backend, its events going straight to `tx`; answers how the generation ended.
 async fn forward(
     backend: &Backend,
     req: ChatRequest,
     tx: mpsc::Sender<UpstreamEvent>,
 ) -> (Outcome, RateHeaders) {
     let seen = super::Observed::default();
-    let (inner_tx, mut inner_rx) = mpsc::channel(STREAM_BUFFER);
-    let begun = Instant::now();
-    let run = backend.run(req, inner_tx, &seen);
-    // Owns `inner_rx`: when the consumer leaves, even before the first event, the relay ends and
-    // drops it, which tells `run` to close the upstream request now, not at its timeout.
-    let relay = async move {
-        let mut ttft = None;
-        loop {
-            let event = tokio::select! {
-                () = tx.closed() => return Outcome::Abandoned,
-                event = inner_rx.recv() => event,
-            };
-            let Some(event) = event else { break };
-            ttft.get_or_insert_with(|| begun.elapsed());
-            let outcome = match &event {
-                UpstreamEvent::Delta(_)
-                | UpstreamEvent::ToolCall(_)
-                | UpstreamEvent::Logprobs(_) => None,
-                UpstreamEvent::Finished { usage, .. } => Some(Outcome::Succeeded {
-                    usage: *usage,
-                    ttft: ttft.unwrap_or_default(),
-                }),
-                UpstreamEvent::Failed(e) => Some(Outcome::Failed {
-                    status: status_of(e),
-                }),
-            };
-            if tx.send(event).await.is_err() {
-                return Outcome::Abandoned;
-            }
-            if let Some(outcome) = outcome {
-                return outcome;
-            }
-        }
-        Outcome::Abandoned
-    };
-    let ((), outcome) = tokio::join!(run, relay);
+    let events = super::EventTx::new(tx);
+    backend.run(req, &events, &seen).await;
     let headers = *seen.lock();
-    (outcome, headers)
-}
-
-fn status_of(e: &ProviderError) -> Option<u16> {
-    match e {
-        ProviderError::Status { status, .. } => Some(*status),
-        // The request could not be put in the provider's format: the client's fault, as a 400.
-        ProviderError::Invalid { .. } => Some(400),
-        _ => None,
-    }
+    (events.outcome(), headers)
 }
 
 impl Actor for ProviderActor {
@@ -638,7 +595,7 @@ impl Handler<Embed> for ProviderActor {
                 Ok((_, usage)) => Outcome::Embedded { usage: *usage },
                 // A refusal of this request (an unknown model, a bad key for embeddings) says
                 // nothing of the provider's health for generations.
-                Err(e) => match status_of(e) {
+                Err(e) => match e.status() {
                     Some(s) if (400..500).contains(&s) && s != 429 => Outcome::Abandoned,
                     status => Outcome::Failed { status },
                 },

@@ -6,11 +6,10 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::mpsc;
 
 use super::openai::send;
 use super::sse::{self, Decoded, Decoder};
-use super::{ChatRequest, Observed, ProviderError, UpstreamEvent};
+use super::{ChatRequest, EventTx, Observed, ProviderError, UpstreamEvent};
 use crate::domain::{FinishReason, ToolCallDelta, UpstreamFinish, Usage};
 use crate::wire::anthropic::{self, finish_of, BlockDelta, StartBlock, StreamEvent, ANSWER_TOOL};
 
@@ -45,7 +44,7 @@ impl AnthropicClient {
         }
     }
 
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
+    pub async fn run(&self, req: ChatRequest, tx: &EventTx, seen: &Observed) {
         let body = match anthropic::encode(&req) {
             Ok(b) => b,
             Err(message) => {
@@ -69,7 +68,7 @@ impl AnthropicClient {
         if let Some(key) = &self.key {
             request = request.header("x-api-key", key.expose_secret());
         }
-        let response = match send(&self.name, request, self.timeout, &tx, seen).await {
+        let response = match send(&self.name, request, self.timeout, tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 let _ = tx.send(UpstreamEvent::Failed(e)).await;
@@ -82,7 +81,7 @@ impl AnthropicClient {
             response.bytes_stream(),
             decoder,
             self.timeout,
-            &tx,
+            tx,
         )
         .await;
     }
@@ -224,6 +223,7 @@ impl Decoder for AnthropicDecoder {
 mod tests {
     use super::*;
     use futures_util::stream;
+    use tokio::sync::mpsc;
 
     #[tokio::test]
     async fn decodes_a_message_stream() {
@@ -236,6 +236,7 @@ mod tests {
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
         );
         let (tx, mut rx) = mpsc::channel(64);
+        let tx = EventTx::new(tx);
         let s = stream::iter(
             body.as_bytes()
                 .chunks(7)
@@ -328,6 +329,7 @@ mod tests {
 
     async fn pump_all(body: &'static str, decoder: AnthropicDecoder) -> Vec<UpstreamEvent> {
         let (tx, mut rx) = mpsc::channel(64);
+        let tx = EventTx::new(tx);
         let s = stream::iter(
             body.as_bytes()
                 .chunks(11)

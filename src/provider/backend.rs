@@ -3,12 +3,11 @@
 use std::time::Duration;
 
 use secrecy::SecretString;
-use tokio::sync::mpsc;
 
 use super::anthropic::AnthropicClient;
 use super::mock::MockBackend;
 use super::openai::OpenAiClient;
-use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
+use super::{ChatRequest, EventTx, Observed, ProviderError, RateHeaders};
 use crate::config::{ProviderConfig, ProviderKind};
 
 pub enum Backend {
@@ -70,7 +69,7 @@ impl Backend {
         }
     }
 
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
+    pub async fn run(&self, req: ChatRequest, tx: &EventTx, seen: &Observed) {
         match self {
             Self::OpenAi(c) => c.run(req, tx, seen).await,
             Self::Anthropic(c) => c.run(req, tx, seen).await,

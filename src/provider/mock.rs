@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
-use super::{ChatRequest, ProviderError, UpstreamEvent};
+use super::{ChatRequest, EventTx, ProviderError, UpstreamEvent};
 use crate::domain::Usage;
 use crate::domain::{ResponseFormat, Role, ToolCallDelta, ToolChoice};
 use crate::mock_upstream::generator::{
@@ -43,14 +41,14 @@ impl MockBackend {
         self.seed
     }
 
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>) {
+    pub async fn run(&self, req: ChatRequest, tx: &EventTx) {
         let plan = generator::plan_request(self.seed, &mock_request(&req));
         let ttft = plan.ttft.unwrap_or(self.ttft);
         let gap = generator::pace(plan.tokens_per_sec.unwrap_or(self.tokens_per_sec))
             .unwrap_or(Duration::ZERO);
         let provider = self.name.clone();
         let fail = |e| UpstreamEvent::Failed(e);
-        if !wait(ttft, &tx).await {
+        if !wait(ttft, tx).await {
             return;
         }
         match plan.fault {
@@ -69,7 +67,7 @@ impl MockBackend {
             }
             // Like any provider, a silent one times out.
             Some(Fault::Hang) => {
-                if wait(self.timeout, &tx).await {
+                if wait(self.timeout, tx).await {
                     let _ = tx.send(fail(ProviderError::Timeout { provider })).await;
                 }
                 return;
@@ -84,7 +82,7 @@ impl MockBackend {
                     .await;
                 return;
             }
-            if i > 0 && !wait(gap, &tx).await {
+            if i > 0 && !wait(gap, tx).await {
                 return;
             }
             if tx.send(UpstreamEvent::Delta(chunk.clone())).await.is_err() {
@@ -191,7 +189,7 @@ fn mock_request(req: &ChatRequest) -> MockRequest {
 }
 
 /// Waits `d` unless the consumer leaves first; answers whether to go on.
-async fn wait(d: Duration, tx: &mpsc::Sender<UpstreamEvent>) -> bool {
+async fn wait(d: Duration, tx: &EventTx) -> bool {
     if d.is_zero() {
         return !tx.is_closed();
     }

@@ -27,6 +27,86 @@ use crate::error::{ApiError, ErrorCode};
 /// Events of a generation buffered between the upstream task and its consumer.
 pub const STREAM_BUFFER: usize = 64;
 
+/// Where a backend sends a generation's events: the consumer's channel, noting on the way what
+/// the deployment's accounting needs (when the first event left, how the generation ended), so
+/// no relay between the two is needed.
+pub struct EventTx {
+    tx: tokio::sync::mpsc::Sender<UpstreamEvent>,
+    begun: std::time::Instant,
+    sent: parking_lot::Mutex<Sent>,
+}
+
+/// What an [`EventTx`] has passed on.
+#[derive(Default, Clone, Copy)]
+struct Sent {
+    first: Option<Duration>,
+    end: Option<End>,
+}
+
+#[derive(Clone, Copy)]
+enum End {
+    Finished(Option<Usage>),
+    Failed(Option<u16>),
+}
+
+impl EventTx {
+    pub fn new(tx: tokio::sync::mpsc::Sender<UpstreamEvent>) -> Self {
+        Self {
+            tx,
+            begun: std::time::Instant::now(),
+            sent: parking_lot::Mutex::new(Sent::default()),
+        }
+    }
+
+    /// Sends `event` to the consumer.
+    ///
+    /// # Errors
+    /// The consumer is gone (the event comes back).
+    pub async fn send(
+        &self,
+        event: UpstreamEvent,
+    ) -> Result<(), tokio::sync::mpsc::error::SendError<UpstreamEvent>> {
+        let end = match &event {
+            UpstreamEvent::Finished { usage, .. } => Some(End::Finished(*usage)),
+            UpstreamEvent::Failed(e) => Some(End::Failed(e.status())),
+            UpstreamEvent::Delta(_) | UpstreamEvent::ToolCall(_) | UpstreamEvent::Logprobs(_) => {
+                None
+            }
+        };
+        let at = self.begun.elapsed();
+        self.tx.send(event).await?;
+        let mut sent = self.sent.lock();
+        sent.first.get_or_insert(at);
+        if sent.end.is_none() {
+            sent.end = end;
+        }
+        Ok(())
+    }
+
+    /// Resolves when the consumer has gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// How the generation ended for the deployment: succeeded (with its usage and time to the
+    /// first event), failed, or abandoned (the consumer left before an end reached it).
+    fn outcome(&self) -> deployment::Outcome {
+        let sent = *self.sent.lock();
+        match sent.end {
+            Some(End::Finished(usage)) => deployment::Outcome::Succeeded {
+                usage,
+                ttft: sent.first.unwrap_or_default(),
+            },
+            Some(End::Failed(status)) => deployment::Outcome::Failed { status },
+            None => deployment::Outcome::Abandoned,
+        }
+    }
+}
+
 /// A request for one generation, in provider-neutral terms.
 #[derive(Debug, Clone, Default)]
 pub struct ChatRequest {
@@ -108,6 +188,16 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The HTTP status this failure counts as for a deployment's health, if any.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Status { status, .. } => Some(*status),
+            // The request could not be put in the provider's format: the client's fault, as a 400.
+            Self::Invalid { .. } => Some(400),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Status { status: 429, .. } | Self::Limited { .. } => ErrorCode::RateLimited,

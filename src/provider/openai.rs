@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::sse::{self, Decoded, Decoder};
-use super::{ChatRequest, Observed, ProviderError, RateHeaders, UpstreamEvent};
+use super::{ChatRequest, EventTx, Observed, ProviderError, RateHeaders, UpstreamEvent};
 use crate::domain::{ToolCallDelta, UpstreamFinish, Usage};
 use crate::wire::openai::{finish_of, ChatCompletionRequest, Text, UpstreamChunk};
 
@@ -59,6 +59,7 @@ impl OpenAiClient {
         }
         // Nobody listens for early closing here; the channel only satisfies `send`.
         let (tx, _rx) = mpsc::channel(1);
+        let tx = EventTx::new(tx);
         let seen = Observed::default();
         let response = match send(&self.name, request, self.timeout, &tx, &seen).await {
             Some(Ok(r)) => r,
@@ -93,7 +94,7 @@ impl OpenAiClient {
     }
 
     /// Runs one generation into `tx`: streamed, or as one answer when `req.whole`.
-    pub async fn run(&self, req: ChatRequest, tx: mpsc::Sender<UpstreamEvent>, seen: &Observed) {
+    pub async fn run(&self, req: ChatRequest, tx: &EventTx, seen: &Observed) {
         let mut body = ChatCompletionRequest::encode(&req);
         if req.whole {
             body.stream = false;
@@ -103,7 +104,7 @@ impl OpenAiClient {
         if let Some(key) = &self.key {
             request = request.bearer_auth(key.expose_secret());
         }
-        let response = match send(&self.name, request, self.timeout, &tx, seen).await {
+        let response = match send(&self.name, request, self.timeout, tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
                 let _ = tx.send(UpstreamEvent::Failed(e)).await;
@@ -147,7 +148,7 @@ impl OpenAiClient {
             response.bytes_stream(),
             OpenAiDecoder::default(),
             self.timeout,
-            &tx,
+            tx,
         )
         .await;
     }
@@ -158,7 +159,7 @@ pub(super) async fn send(
     provider: &str,
     request: reqwest::RequestBuilder,
     timeout: Duration,
-    tx: &mpsc::Sender<UpstreamEvent>,
+    tx: &EventTx,
     seen: &Observed,
 ) -> Option<Result<reqwest::Response, ProviderError>> {
     let sent = tokio::select! {
@@ -446,6 +447,7 @@ mod tests {
 
     async fn run_chunks(chunks: Vec<&'static str>) -> Vec<UpstreamEvent> {
         let (tx, mut rx) = mpsc::channel(64);
+        let tx = EventTx::new(tx);
         let body = stream::iter(
             chunks
                 .into_iter()

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures_util::{FutureExt, Stream, StreamExt};
-use tokio::sync::mpsc;
 
-use super::{ProviderError, UpstreamEvent};
+use super::{EventTx, ProviderError, UpstreamEvent};
 use crate::domain::{UpstreamFinish, Usage};
 
 /// What one SSE event meant, besides the events it produced.
@@ -41,13 +40,8 @@ pub trait Decoder {
 }
 
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
-pub async fn pump<S, E, D>(
-    provider: &str,
-    body: S,
-    mut decoder: D,
-    idle: Duration,
-    tx: &mpsc::Sender<UpstreamEvent>,
-) where
+pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &EventTx)
+where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
     D: Decoder,

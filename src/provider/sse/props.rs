@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::*;
 use crate::provider::openai::OpenAiDecoder;
+use tokio::sync::mpsc;
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -87,6 +88,7 @@ fn pump_split<D: Decoder>(body: &[u8], cuts: &[usize], decoder: D) -> Vec<Pumped
     };
     rt.block_on(async {
         let (tx, mut rx) = mpsc::channel(16);
+        let tx = EventTx::new(tx);
         let pumped = async move {
             pump(
                 "p",
@@ -215,6 +217,7 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
     rt.block_on(async {
         let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
         let (tx, mut rx) = mpsc::channel(16);
+        let tx = EventTx::new(tx);
         let pumped = tokio::spawn(async move {
             let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
                 rx.recv().await.map(|chunk| (chunk, rx))
