@@ -66,6 +66,11 @@ impl BatchRecord {
             self.created_at + 86_400
         }
     }
+
+    /// Whether the batch is past its deadline now.
+    pub fn due(&self) -> bool {
+        chrono::Utc::now().timestamp_millis() >= self.deadline().saturating_mul(1_000)
+    }
 }
 
 impl Store {

@@ -297,7 +297,7 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
             }
         }
         let all_ended = pending.is_empty();
-        if !all_ended && expire_due(state, id).await? {
+        if !all_ended && rec.status == "in_progress" && rec.due() && expire_due(state, id).await? {
             continue;
         }
         if rec.status != "in_progress" {
@@ -429,22 +429,13 @@ pub async fn cancel(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     owned_batch(&state, &p, &id)?;
-    let store = state.store();
-    loop {
-        let (rec, raw) = store
-            .batch_raw(&id)?
-            .ok_or_else(|| ApiError::not_found("batch"))?;
-        if rec.status != "in_progress" {
-            break;
-        }
+    stop(&state, &id, |rec| {
         let mut next = rec.clone();
         next.status = "cancelling".into();
         next.cancelling_at = Some(unix_now());
-        if store.swap_batch(&raw, &next).await? {
-            stop_jobs(&state, &rec).await?;
-            break;
-        }
-    }
+        Some(next)
+    })
+    .await?;
     Ok(HttpResponse::Ok().json(batch_json(&refresh(&state, &id).await?)))
 }
 
@@ -454,19 +445,39 @@ pub async fn cancel(
 /// # Errors
 /// Storage failures.
 pub async fn expire_due(state: &AppState, id: &str) -> Result<bool, ApiError> {
+    let expired = stop(state, id, |rec| {
+        rec.due().then(|| {
+            let mut next = rec.clone();
+            next.status = "expiring".into();
+            next
+        })
+    })
+    .await?;
+    if expired {
+        tracing::info!(batch = %id, "batch expired; requests not ended are cancelled");
+    }
+    Ok(expired)
+}
+
+/// Moves a running batch to the stopping state `to` makes of it (`None`: leave it running),
+/// then cancels its jobs that have not ended. Whether this call stopped it.
+async fn stop(
+    state: &AppState,
+    id: &str,
+    to: impl Fn(&BatchRecord) -> Option<BatchRecord>,
+) -> Result<bool, ApiError> {
     let store = state.store();
     loop {
         let Some((rec, raw)) = store.batch_raw(id)? else {
             return Ok(false);
         };
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        if rec.status != "in_progress" || now_ms < rec.deadline().saturating_mul(1_000) {
+        if rec.status != "in_progress" {
             return Ok(false);
         }
-        let mut next = rec.clone();
-        next.status = "expiring".into();
+        let Some(next) = to(&rec) else {
+            return Ok(false);
+        };
         if store.swap_batch(&raw, &next).await? {
-            tracing::info!(batch = %rec.id, "batch expired; requests not ended are cancelled");
             stop_jobs(state, &rec).await?;
             return Ok(true);
         }
