@@ -202,31 +202,10 @@ pub async fn run(
     let (route, begun) = (req.route.clone(), req.begun);
     let out =
         tracing::Instrument::instrument(run_inner(deps, req, sink, cancel), span.clone()).await;
-    if !out.provider.is_empty() {
-        span.record("gen_ai.provider.name", out.provider.as_str());
-    }
-    if !out.model.is_empty() {
-        span.record("gen_ai.response.model", out.model.as_str());
-    }
-    // As signed integers: OTLP's integer attributes are i64.
-    span.record(
-        "gen_ai.usage.input_tokens",
-        i64::from(out.usage.prompt_tokens),
-    );
-    span.record(
-        "gen_ai.usage.output_tokens",
-        i64::from(out.usage.completion_tokens),
-    );
-    span.record(
-        "gen_ai.response.finish_reasons",
-        format!("[\"{}\"]", out.finish.as_str()).as_str(),
-    );
-    span.record("parley.cached", out.cached);
-    if let Some(t) = &out.tier {
-        span.record("parley.tier", t.name.as_str());
-    }
-    if let Some(e) = &out.error {
-        span.record("error.type", e.code.as_str());
+    // A span no layer wants (logs above info, no exporter) records nothing: its fields are not
+    // even formatted.
+    if !span.is_disabled() {
+        record_outcome(&span, &out);
     }
     deps.metrics
         .observe_gen_ai(&crate::metrics::GenAiObservation {
@@ -255,6 +234,36 @@ pub async fn run(
         });
     }
     out
+}
+
+/// The outcome's GenAI attributes on the generation's span.
+fn record_outcome(span: &tracing::Span, out: &Outcome) {
+    if !out.provider.is_empty() {
+        span.record("gen_ai.provider.name", out.provider.as_str());
+    }
+    if !out.model.is_empty() {
+        span.record("gen_ai.response.model", out.model.as_str());
+    }
+    // As signed integers: OTLP's integer attributes are i64.
+    span.record(
+        "gen_ai.usage.input_tokens",
+        i64::from(out.usage.prompt_tokens),
+    );
+    span.record(
+        "gen_ai.usage.output_tokens",
+        i64::from(out.usage.completion_tokens),
+    );
+    span.record(
+        "gen_ai.response.finish_reasons",
+        format!("[\"{}\"]", out.finish.as_str()).as_str(),
+    );
+    span.record("parley.cached", out.cached);
+    if let Some(t) = &out.tier {
+        span.record("parley.tier", t.name.as_str());
+    }
+    if let Some(e) = &out.error {
+        span.record("error.type", e.code.as_str());
+    }
 }
 
 /// The request's messages as the GenAI conventions' `gen_ai.input.messages` (text parts).
