@@ -137,14 +137,7 @@ async fn injections_are_flagged_or_blocked_per_route() {
     assert_eq!(err["client_id"], "b");
     assert_eq!(up.requests(), before);
     assert!(messages(&server, None, &guarded).await.is_empty());
-    let metrics = http()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     assert!(
         metrics
             .contains("parley_guard_events_total{action=\"block\",guard=\"prompt_injection\"} 1"),

@@ -268,14 +268,7 @@ async fn idle_conversation_actors_stop_and_come_back_from_storage() {
     let conv = ws.create("mock").await;
     ws.turn(&conv, "a", "hello").await;
     let live = || async {
-        let text = http()
-            .get(server.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&server, "/metrics").await;
         gauge(&text, "parley_live_conversations")
     };
     assert_eq!(live().await, Some(1));

@@ -398,15 +398,7 @@ async fn a_tier_outside_a_keys_regions_gives_way_to_one_inside() {
         before,
         "a forbidden request reached the upstream"
     );
-    let metrics = http()
-        .get(server.url("/metrics"))
-        .bearer_auth(server.admin_key.as_deref().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&server, "/metrics").await;
     assert!(
         metrics
             .lines()
