@@ -180,39 +180,28 @@ impl Metrics {
     }
 
     /// A generation, in the GenAI histograms.
-    pub fn observe_gen_ai(&self, o: &GenAiObservation<'_>) {
-        let none = |s: &str| {
-            if s.is_empty() {
-                "none".to_owned()
-            } else {
-                s.to_owned()
-            }
-        };
+    pub fn observe_gen_ai<'a>(&self, o: &GenAiObservation<'a>) {
+        let none = |s: &'a str| if s.is_empty() { "none" } else { s };
         let (provider, response) = (none(o.provider), none(o.response_model));
         let g = &self.gen_ai;
         g.duration
             .with_label_values(&[
                 "chat",
-                &provider,
+                provider,
                 o.request_model,
-                &response,
+                response,
                 o.error.unwrap_or(""),
             ])
             .observe(o.duration.as_secs_f64());
         if o.error.is_none() || o.input_tokens + o.output_tokens > 0 {
             for (kind, n) in [("input", o.input_tokens), ("output", o.output_tokens)] {
                 g.tokens
-                    .with_label_values(&["chat", &provider, o.request_model, &response, kind])
+                    .with_label_values(&["chat", provider, o.request_model, response, kind])
                     .observe(f64::from(n));
             }
         }
         if let Some(ttft) = o.ttft {
-            let labels = [
-                "chat",
-                provider.as_str(),
-                o.request_model,
-                response.as_str(),
-            ];
+            let labels = ["chat", provider, o.request_model, response];
             g.ttft
                 .with_label_values(&labels)
                 .observe(ttft.as_secs_f64());
