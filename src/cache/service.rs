@@ -475,8 +475,8 @@ impl Worker {
                 Ok(cmd) => Some(cmd),
                 Err(RecvTimeoutError::Timeout) => None,
             };
-            // hnsw_rs asserts its invariants: a panic must not end the worker (every lookup
-            // would then be skipped). The index may be half-updated: rebuild it from storage.
+            // A panic (a bug of ours, or a library's assertion) must not end the worker (every
+            // lookup would then be skipped). The index may be half-updated: rebuild it from storage.
             let survived = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if let Some(cmd) = cmd {
                     self.handle(cmd);

@@ -8,7 +8,7 @@
 //!   embeds each message once, not at every turn
 //!
 //! The in-memory HNSW index is restored from these trees at start, with the graphs it dumped
-//! in [`Store::cache_index_dir`] (files the cache module writes with hnsw_rs, which lives
+//! in [`Store::cache_index_dir`] (files the cache module writes with usearch, which lives
 //! there only; a dump is a copy of what these trees hold, never the truth).
 
 use serde::{Deserialize, Serialize};

@@ -764,7 +764,7 @@ async fn a_large_scopes_graph_is_dumped_at_stop_and_restored_at_start() {
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| p.to_string_lossy().ends_with(".hnsw.graph"))
+        .find(|p| p.to_string_lossy().ends_with(".usearch"))
         .unwrap();
     let mut raw = std::fs::read(&graph).unwrap();
     let middle = raw.len() / 2;

@@ -1,8 +1,9 @@
 //! Graphs on disk, so a start reloads a large scope instead of building it point by point
 //! (a million points take minutes to insert, seconds to reload).
 //!
-//! [`Index::dump`] writes each graph with hnsw_rs's `file_dump` (`<basename>.hnsw.graph` and
-//! `.hnsw.data`), then a `manifest.json` naming the files with their length and SHA-256, and
+//! [`Index::dump`] writes each graph with usearch's `save` (`<basename>.usearch`) and the ids of
+//! its living entries (`<basename>.keys`, little-endian u64s; usearch cannot list its keys),
+//! then a `manifest.json` naming the files with their length and SHA-256, and
 //! only then removes files the new manifest no longer names: a crash at any point leaves the
 //! previous manifest and its files, or the new ones. A graph no point was added to since its
 //! last dump keeps its files.
@@ -10,28 +11,25 @@
 //! [`Index::restore`] builds the index of the entries storage holds. A graph whose files match
 //! the manifest is reloaded and reconciled with storage: entries stored after the dump are
 //! inserted, points whose entry is gone are tombstones. Anything wrong — no manifest, another
-//! embedder or dimension, a file missing, truncated or altered, a graph hnsw_rs cannot read —
-//! means that scope is built from the stored vectors, as if there were no dump. hnsw_rs
-//! asserts while reading and trusts lengths it reads, so a file is only handed to it once its
-//! checksum matches, and inside `catch_unwind`.
+//! embedder or dimension, a file missing, truncated or altered, a graph usearch cannot read —
+//! means that scope is built from the stored vectors, as if there were no dump. A file is
+//! only handed to usearch once its checksum matches (it trusts the lengths it reads).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hnsw_rs::api::AnnT;
-use hnsw_rs::hnswio::HnswIo;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::quant::{QuantisedCosine, TAIL};
-use super::{EntryId, EntryMeta, Graph, Index, Partition, ScopeKey, Vectors};
+use super::{EntryId, EntryMeta, Graph, Index, Partition, ScopeKey};
 
 pub(super) const MANIFEST: &str = "manifest.json";
-/// Changes whenever what is dumped changes meaning (quantisation, distance).
-const FORMAT: u32 = 1;
-const EXTENSIONS: [&str; 2] = ["hnsw.graph", "hnsw.data"];
+/// Changes whenever what is dumped changes meaning (quantisation, distance, graph library):
+/// 1 was hnsw_rs's files.
+const FORMAT: u32 = 2;
+const EXTENSIONS: [&str; 2] = ["usearch", "keys"];
 
 #[derive(Serialize, Deserialize)]
 struct Manifest {
@@ -42,7 +40,7 @@ struct Manifest {
     graphs: Vec<DumpedGraph>,
 }
 
-/// One dumped graph: its scope, its files, and how many points it held.
+/// One dumped graph: its scope, its files, and how many living entries it held.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct DumpedGraph {
     scope: String,
@@ -107,15 +105,34 @@ impl Index {
         std::fs::create_dir_all(dir)?;
         let mut report = Dumped::default();
         let mut graphs = Vec::new();
+        // The living ids of each graph to write, in one pass over the entries.
+        let mut keys: HashMap<ScopeKey, Vec<EntryId>> = self
+            .scopes
+            .iter()
+            .filter(|(_, p)| match p {
+                Partition::Graph(g) => !g.dumped.as_ref().is_some_and(|d| files_intact(dir, d)),
+                Partition::Flat(_) => false,
+            })
+            .map(|(scope, _)| (*scope, Vec::new()))
+            .collect();
+        if !keys.is_empty() {
+            for (id, meta) in &self.entries {
+                if let Some(ids) = keys.get_mut(&meta.scope) {
+                    ids.push(*id);
+                }
+            }
+        }
         for (scope, partition) in &mut self.scopes {
             let Partition::Graph(g) = partition else {
                 continue;
             };
-            if let Some(d) = g.dumped.as_ref().filter(|d| files_intact(dir, d)) {
-                graphs.push(d.clone());
+            let Some(ids) = keys.get(scope) else {
+                if let Some(d) = &g.dumped {
+                    graphs.push(d.clone());
+                }
                 continue;
-            }
-            match dump_graph(dir, scope, g) {
+            };
+            match dump_graph(dir, scope, g, ids) {
                 Ok(d) => {
                     g.dumped = Some(d.clone());
                     graphs.push(d);
@@ -195,8 +212,8 @@ impl Index {
             let Some(stored) = by_scope.get(&scope).filter(|s| s.len() > self.graph_at) else {
                 continue;
             };
-            let hnsw = match load_graph(dir, &dumped, self.dim) {
-                Ok(hnsw) => hnsw,
+            let (g, held) = match load_graph(dir, &dumped, self.dim, self.ef_search) {
+                Ok(loaded) => loaded,
                 Err(problem) => {
                     report
                         .problems
@@ -204,30 +221,26 @@ impl Index {
                     continue;
                 }
             };
-            let held: HashSet<EntryId> = hnsw
-                .get_point_indexation()
-                .into_iter()
-                .map(|p| p.get_origin_id() as u64)
-                .collect();
+            let mut g = g;
+            let stored_ids: HashSet<EntryId> = stored.iter().map(|(id, _)| *id).collect();
+            // Entries removed since the dump become tombstones.
+            let gone: Vec<EntryId> = held.difference(&stored_ids).copied().collect();
+            for id in &gone {
+                g.remove(*id);
+            }
             let (living, added): (Vec<_>, Vec<_>) =
                 stored.iter().partition(|(id, _)| held.contains(id));
-            let mut g = Graph {
-                points: dumped.points,
-                live: living.len(),
-                hnsw,
-                dumped: Some(dumped),
-            };
+            g.dumped = Some(dumped);
             report.reloaded += 1;
-            report.tombstones += g.points - g.live;
+            report.tombstones += gone.len();
             let (vectors, metas) = self.quantised(added, vector_of, &mut report);
-            report.inserted += metas.len();
-            if !vectors.is_empty() {
-                super::add_to_graph(&mut g, &vectors);
-            }
-            report.entries += living.len() + metas.len();
+            report.entries += living.len();
             self.entries.extend(living.into_iter().copied());
-            self.entries.extend(metas);
             self.scopes.insert(scope, Partition::Graph(g));
+            let before = self.entries.len();
+            self.add_scopes(HashMap::from([(scope, vectors)]), metas);
+            report.inserted += self.entries.len() - before;
+            report.entries += self.entries.len() - before;
             by_scope.remove(&scope);
         }
         // The rest from their stored vectors.
@@ -238,9 +251,10 @@ impl Index {
             all_metas.extend(metas);
             rebuilt.insert(scope, vectors);
         }
-        report.rebuilt = all_metas.len();
-        report.entries += all_metas.len();
+        let before = self.entries.len();
         self.add_scopes(rebuilt, all_metas);
+        report.rebuilt = self.entries.len() - before;
+        report.entries += report.rebuilt;
         report
     }
 
@@ -281,28 +295,37 @@ fn unique_basename(scope: &ScopeKey) -> String {
     format!("{}-{now:x}-{n:x}", hex::encode(scope))
 }
 
-fn dump_graph(dir: &Path, scope: &ScopeKey, g: &Graph) -> Result<DumpedGraph, String> {
+fn dump_graph(
+    dir: &Path,
+    scope: &ScopeKey,
+    g: &Graph,
+    keys: &[EntryId],
+) -> Result<DumpedGraph, String> {
     let basename = unique_basename(scope);
-    // hnsw_rs panics when it cannot create a file.
-    let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        g.hnsw.file_dump(dir, &basename)
-    }));
-    match written {
-        Ok(Ok(name)) if name == basename => {}
-        Ok(Ok(name)) => return Err(format!("written as {name}, not {basename}")),
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err("hnsw_rs panicked writing it".into()),
-    }
+    let [graph_ext, keys_ext] = EXTENSIONS;
+    let graph = dir.join(format!("{basename}.{graph_ext}"));
+    let graph_path = graph
+        .to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", graph.display()))?;
+    g.vectors.save(graph_path).map_err(|e| e.to_string())?;
+    let raw: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    let keys_path = dir.join(format!("{basename}.{keys_ext}"));
+    std::fs::write(&keys_path, raw).map_err(|e| format!("{}: {e}", keys_path.display()))?;
     let mut files = Vec::new();
     for ext in EXTENSIONS {
         let name = format!("{basename}.{ext}");
-        let (len, sha256) = digest(&dir.join(&name)).map_err(|e| format!("{name}: {e}"))?;
+        let path = dir.join(&name);
+        // Durable before the manifest names it.
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| format!("{name}: {e}"))?;
+        let (len, sha256) = digest(&path).map_err(|e| format!("{name}: {e}"))?;
         files.push(DumpedFile { name, len, sha256 });
     }
     Ok(DumpedGraph {
         scope: hex::encode(scope),
         basename,
-        points: g.points,
+        points: keys.len(),
         files,
     })
 }
@@ -354,8 +377,13 @@ fn read_manifest(dir: &Path, tag: &str, dim: usize) -> Result<Vec<DumpedGraph>, 
     Ok(manifest.graphs)
 }
 
-/// Reloads one graph once its files match the manifest.
-fn load_graph(dir: &Path, d: &DumpedGraph, dim: usize) -> Result<Vectors, String> {
+/// Reloads one graph once its files match the manifest: the graph and the ids it holds.
+fn load_graph(
+    dir: &Path,
+    d: &DumpedGraph,
+    dim: usize,
+    ef_search: usize,
+) -> Result<(Graph, HashSet<EntryId>), String> {
     // Names this module wrote: hex digits and dashes, nothing that leaves `dir`.
     let plain = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
     if !plain(&d.basename) || d.files.len() != EXTENSIONS.len() {
@@ -370,26 +398,56 @@ fn load_graph(dir: &Path, d: &DumpedGraph, dim: usize) -> Result<Vectors, String
             return Err(format!("{} does not match its checksum", f.name));
         }
     }
-    // The reloaded graph borrows its loader for its lifetime (hnsw_rs can map data files);
-    // ours owns its data, but the type says 'static: one small loader per reloaded graph,
-    // per start, is leaked.
-    let io: &'static HnswIo = Box::leak(Box::new(HnswIo::new(dir, &d.basename)));
-    let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        io.load_hnsw_with_dist::<i8, QuantisedCosine>(QuantisedCosine)
-    }));
-    let hnsw = match loaded {
-        Ok(Ok(hnsw)) => hnsw,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err("hnsw_rs panicked reading it".into()),
-    };
-    let points = hnsw.get_nb_point();
-    let width = hnsw.get_point_indexation().get_data_dimension();
-    if points != d.points || points == 0 || width != dim + TAIL {
+    let raw = std::fs::read(dir.join(&d.files[1].name)).map_err(|e| e.to_string())?;
+    if raw.len() % 8 != 0 {
+        return Err("keys file of a partial id".into());
+    }
+    let held: HashSet<EntryId> = raw
+        .chunks_exact(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+        .collect();
+    let graph = dir.join(&d.files[0].name);
+    let path = graph
+        .to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", graph.display()))?;
+    let head = usearch::Index::metadata(path).map_err(|e| e.to_string())?;
+    let expected = (
+        dim as u64,
+        usearch::MetricKind::Cos,
+        usearch::ScalarKind::I8,
+        false,
+    );
+    if (head.dimensions, head.metric, head.quantization, head.multi) != expected
+        || head.count_present as usize != d.points
+        || held.len() != d.points
+        || d.points == 0
+    {
         return Err(format!(
-            "{points} points of {width} bytes, the manifest says {} of {}",
+            "{} entries of {} dimensions ({} ids), the manifest says {} of {dim}",
+            head.count_present,
+            head.dimensions,
+            held.len(),
             d.points,
-            dim + TAIL
         ));
     }
-    Ok(hnsw)
+    let mut g = Graph::new(dim, 0, ef_search)?;
+    g.vectors.load(path).map_err(|e| e.to_string())?;
+    g.vectors.change_expansion_search(ef_search);
+    if g.vectors.size() != d.points || held.iter().any(|id| !g.vectors.contains(*id)) {
+        return Err("the graph's entries are not the ids dumped with it".into());
+    }
+    g.exact.reserve(held.len());
+    for id in &held {
+        if let Some(v) = g.vector(*id) {
+            g.exact
+                .insert(super::quant::fingerprint(super::quant::components(&v)), *id);
+        }
+    }
+    g.live = d.points;
+    g.tombstones = head.count_deleted as usize;
+    Ok((g, held))
 }

@@ -4,7 +4,7 @@
 //! similarity counts, so the index keeps one partition per scope and never searches across
 //! them. Most scopes are small (the entries of one context); they are scanned exactly. A scope
 //! that grows past [`Index::graph_at`] entries (typically the first turns of one route and
-//! tenant) moves into its own HNSW graph (hnsw_rs).
+//! tenant) moves into its own HNSW graph (usearch).
 //!
 //! Memory is what limits a scope's size, so the index keeps per entry only what a search
 //! needs: its vector quantised to 8 bits ([`quant`]), its graph links, and its scope and times
@@ -12,9 +12,11 @@
 //! the index answers are approximate, and the service reads an entry back (exact vector
 //! included) before it decides on a hit.
 //!
-//! hnsw_rs cannot delete points: a removed entry of a graph stays in it as a tombstone —
-//! filtered out of search results, since only entries still in the index are eligible — until
-//! [`Index::compact`] rebuilds graphs where tombstones outnumber the living.
+//! A graph keeps its nodes flat: the 8-bit vector, the key and fixed arrays of 32-bit links,
+//! some 700 bytes an entry at 512 dimensions (hnsw_rs, used before, kept about 2.1 KiB: an
+//! allocation per link and per point). A removed entry leaves its node as a tombstone, never
+//! found again and reused by the next insertion; [`Index::compact`] rebuilds graphs where
+//! tombstones outnumber the living.
 //!
 //! Graphs are dumped to files and reloaded at start ([`dump`]), so a large scope is not built
 //! again point by point at every start.
@@ -26,22 +28,20 @@ pub mod quant;
 
 use std::collections::HashMap;
 
-use hnsw_rs::prelude::Hnsw;
-
 pub use dump::{DumpError, Dumped, Restored};
-use quant::QuantisedCosine;
 
 pub type EntryId = u64;
 pub type ScopeKey = [u8; 16];
 
-/// HNSW parameters: links per node, layers, construction and search breadth.
+/// HNSW parameters: links per node (twice as many on the lowest layer), construction and
+/// search breadth.
 const MAX_CONNECTIONS: usize = 16;
-const MAX_LAYERS: usize = 16;
-const EF_CONSTRUCTION: usize = 100;
+const EF_CONSTRUCTION: usize = 128;
 const EF_SEARCH: usize = 64;
-/// Graphs get this many points at once in parallel; fewer one by one (hnsw_rs's threads race
-/// while linking, which costs a small graph a few percent of its recall for no gain in time).
+/// Graphs get this many points at once on several threads; fewer one by one.
 const PARALLEL_FROM: usize = 10_000;
+/// A graph's first room, in entries (it doubles when full).
+const FIRST_ROOM: usize = 1024;
 
 /// What the index keeps of an entry besides its vector.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -57,16 +57,22 @@ pub enum IndexError {
     Dimensions { got: usize, want: usize },
     #[error("vector is not finite")]
     NotFinite,
+    #[error("graph refused the entry: {0}")]
+    Graph(String),
 }
 
-type Vectors = Hnsw<'static, i8, QuantisedCosine>;
-
 struct Graph {
-    hnsw: Vectors,
-    /// Points in the graph, tombstones included.
-    points: usize,
+    vectors: usearch::Index,
+    /// Each living entry by its vector's fingerprint ([`quant::fingerprint`]): an exact
+    /// repeat is found whatever the graph's shape (HNSW loses points in clusters whose members
+    /// are all about as far from each other, as templated questions that differ only in
+    /// numbers are under the builtin embedder).
+    exact: HashMap<u64, EntryId>,
+    /// Living entries.
     live: usize,
-    /// Where the graph was last dumped, while no point has been added since.
+    /// Nodes of removed entries, waiting to be reused.
+    tombstones: usize,
+    /// Where the graph was last dumped, while nothing has changed since.
     dumped: Option<dump::DumpedGraph>,
 }
 
@@ -111,6 +117,11 @@ impl Index {
     /// more of a dense cluster's members, in more time (the benches measure both).
     pub fn set_ef_search(&mut self, ef: usize) {
         self.ef_search = ef.max(EF_SEARCH);
+        for p in self.scopes.values() {
+            if let Partition::Graph(g) = p {
+                g.vectors.change_expansion_search(self.ef_search);
+            }
+        }
     }
 
     pub fn dim(&self) -> usize {
@@ -131,7 +142,7 @@ impl Index {
         self.scopes
             .values()
             .map(|p| match p {
-                Partition::Graph(g) => g.points - g.live,
+                Partition::Graph(g) => g.tombstones,
                 Partition::Flat(_) => 0,
             })
             .sum()
@@ -164,7 +175,8 @@ impl Index {
     /// Adds an entry (an id already present is replaced).
     ///
     /// # Errors
-    /// A vector of the wrong dimension or with non-finite values.
+    /// A vector of the wrong dimension or with non-finite values, or one its scope's graph
+    /// could not take (out of memory); the entry is then not in the index.
     pub fn insert(
         &mut self,
         id: EntryId,
@@ -174,38 +186,41 @@ impl Index {
         self.check(vector)?;
         self.remove(id);
         let vector = quant::quantise(vector);
-        let graph_at = self.graph_at;
-        let partition = self
-            .scopes
-            .entry(meta.scope)
-            .or_insert_with(|| Partition::Flat(Vec::new()));
-        match partition {
-            Partition::Flat(items) => {
+        match self.scopes.get_mut(&meta.scope) {
+            Some(Partition::Graph(g)) => {
+                g.add(id, &vector).map_err(IndexError::Graph)?;
+                self.entries.insert(id, meta);
+            }
+            Some(Partition::Flat(items)) if items.len() < self.graph_at => {
                 items.push((id, vector));
-                if items.len() > graph_at {
-                    let items = std::mem::take(items);
-                    *partition = Partition::Graph(build_graph(&items));
+                self.entries.insert(id, meta);
+            }
+            _ => {
+                self.entries.insert(id, meta);
+                self.add_scopes(
+                    HashMap::from([(meta.scope, vec![(id, vector)])]),
+                    Vec::new(),
+                );
+                if !self.entries.contains_key(&id) {
+                    return Err(IndexError::Graph(
+                        "its scope's graph could not be built".into(),
+                    ));
                 }
             }
-            Partition::Graph(g) => {
-                g.hnsw.insert((&vector, id as usize));
-                g.points += 1;
-                g.live += 1;
-                g.dumped = None;
-            }
         }
-        // Known only once its partition holds it (a panic above leaves no half entry).
-        self.entries.insert(id, meta);
         Ok(())
     }
 
-    /// Loads many entries at once (start-up): each scope is built in one go, graphs with
-    /// parallel insertion.
+    /// Loads many entries at once (start-up): each scope is built in one go, large graphs on
+    /// several threads.
     pub fn bulk_load(&mut self, items: Vec<(EntryId, EntryMeta, Vec<f32>)>) -> usize {
         let mut by_scope: HashMap<ScopeKey, Vec<(EntryId, Vec<i8>)>> = HashMap::new();
         let mut metas = Vec::with_capacity(items.len());
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
         for (id, meta, vector) in items {
-            if self.check(&vector).is_err() || self.entries.contains_key(&id) {
+            // An id already indexed, or twice in `items`, is loaded once (a graph refuses a
+            // key it holds).
+            if self.check(&vector).is_err() || self.entries.contains_key(&id) || !seen.insert(id) {
                 continue;
             }
             // Quantised as it comes, so the f32 vectors go one by one.
@@ -215,12 +230,14 @@ impl Index {
                 .push((id, quant::quantise(&vector)));
             metas.push((id, meta));
         }
-        let loaded = metas.len();
+        let before = self.entries.len();
         self.add_scopes(by_scope, metas);
-        loaded
+        self.entries.len() - before
     }
 
-    /// Adds quantised entries grouped by scope, with their metadata.
+    /// Adds quantised entries grouped by scope, with their metadata. An entry its graph
+    /// refuses (out of memory) is logged and left out; a scope whose graph cannot be made at
+    /// all stays an exact scan.
     fn add_scopes(
         &mut self,
         by_scope: HashMap<ScopeKey, Vec<(EntryId, Vec<i8>)>>,
@@ -228,27 +245,45 @@ impl Index {
     ) {
         self.entries.extend(metas);
         for (scope, items) in by_scope {
-            match self.scopes.remove(&scope) {
-                None if items.len() <= self.graph_at => {
-                    self.scopes.insert(scope, Partition::Flat(items));
-                }
-                None => {
-                    self.scopes
-                        .insert(scope, Partition::Graph(build_graph(&items)));
-                }
+            let (partition, refused) = match self.scopes.remove(&scope) {
+                None => self.partition(items),
                 Some(Partition::Flat(mut existing)) => {
                     existing.extend(items);
-                    let partition = if existing.len() <= self.graph_at {
-                        Partition::Flat(existing)
-                    } else {
-                        Partition::Graph(build_graph(&existing))
-                    };
-                    self.scopes.insert(scope, partition);
+                    self.partition(existing)
                 }
                 Some(Partition::Graph(mut g)) => {
-                    add_to_graph(&mut g, &items);
-                    self.scopes.insert(scope, Partition::Graph(g));
+                    let refused = g.add_all(&items);
+                    (Partition::Graph(g), refused)
                 }
+            };
+            self.scopes.insert(scope, partition);
+            if !refused.is_empty() {
+                tracing::warn!(
+                    entries = refused.len(),
+                    scope = %hex::encode(scope),
+                    "cache graph refused entries; they stay unindexed"
+                );
+                for id in refused {
+                    self.entries.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// `items` of one scope as an exact scan, or as a graph past [`Self::graph_at`]; with the
+    /// ids a graph refused.
+    fn partition(&self, items: Vec<(EntryId, Vec<i8>)>) -> (Partition, Vec<EntryId>) {
+        if items.len() <= self.graph_at {
+            return (Partition::Flat(items), Vec::new());
+        }
+        match Graph::new(self.dim, items.len(), self.ef_search) {
+            Ok(mut g) => {
+                let refused = g.add_all(&items);
+                (Partition::Graph(g), refused)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cache graph not made; its scope stays an exact scan");
+                (Partition::Flat(items), Vec::new())
             }
         }
     }
@@ -263,8 +298,7 @@ impl Index {
                     items.retain(|(i, _)| *i != id);
                     empty = items.is_empty();
                 }
-                // The point stays in the graph as a tombstone.
-                Partition::Graph(g) => g.live = g.live.saturating_sub(1),
+                Partition::Graph(g) => g.remove(id),
             }
         }
         if empty {
@@ -292,19 +326,64 @@ impl Index {
                 scored.truncate(k);
                 scored
             }
+            // A zero vector is similar to nothing (the graph would call two of them equal).
+            Some(Partition::Graph(_)) if quant::is_zero(&query) => Vec::new(),
             Some(Partition::Graph(g)) => {
-                // hnsw_rs's own filtered search can empty its result heap and panic when
-                // every near point is filtered out; search unfiltered with room for
-                // tombstones (compaction keeps them fewer than the living) and filter here.
-                let room = k + (g.points - g.live).min(4 * k + 16);
-                g.hnsw
-                    .search(&query, room, self.ef_search.max(room))
-                    .into_iter()
-                    .map(|n| (n.d_id as u64, 1.0 - n.distance))
-                    .filter(|(id, _)| self.entries.get(id).is_some_and(|m| m.scope == *scope))
-                    .take(k)
-                    .collect()
+                let components = quant::components(&query);
+                // Checked against the stored vector: a print is 64 bits, not the vector.
+                let repeat = g
+                    .exact
+                    .get(&quant::fingerprint(components))
+                    .copied()
+                    .filter(|id| {
+                        g.vector(*id)
+                            .is_some_and(|v| quant::components(&v) == components)
+                    });
+                let mut found: Vec<(EntryId, f32)> =
+                    repeat.map(|id| (id, 1.0)).into_iter().collect();
+                found.extend(
+                    self.graph_search(g, components, k)
+                        .into_iter()
+                        .filter(|(id, _)| Some(*id) != repeat),
+                );
+                found.retain(|(id, _)| self.entries.get(id).is_some_and(|m| m.scope == *scope));
+                found.truncate(k);
+                found
             }
+        }
+    }
+
+    /// What the graph alone finds (the benches measure its recall without exact repeats).
+    fn graph_search(&self, g: &Graph, components: &[i8], k: usize) -> Vec<(EntryId, f32)> {
+        match g.vectors.search(components, k) {
+            // Tombstones are never returned.
+            Ok(found) => found
+                .keys
+                .into_iter()
+                .zip(found.distances)
+                .map(|(id, d)| (id, 1.0 - d))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache graph search failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The graph's own answer for `scope`, without the exact-repeat lookup: what the benches
+    /// measure recall on. Empty for a scope that is not a graph.
+    pub fn search_graph_only(
+        &self,
+        scope: &ScopeKey,
+        vector: &[f32],
+        k: usize,
+    ) -> Vec<(EntryId, f32)> {
+        match self.scopes.get(scope) {
+            Some(Partition::Graph(g)) if self.check(vector).is_ok() => {
+                let query = quant::quantise(vector);
+                self.graph_search(g, quant::components(&query), k)
+            }
+            _ => Vec::new(),
         }
     }
 
@@ -336,71 +415,173 @@ impl Index {
     /// Rebuilds the graphs where tombstones outnumber living entries (a graph that shrank to
     /// a small scope goes back to an exact scan). Answers how many partitions were rebuilt.
     pub fn compact(&mut self) -> usize {
-        let stale: Vec<ScopeKey> = self
+        let stale: HashMap<ScopeKey, Vec<EntryId>> = self
             .scopes
             .iter()
-            .filter(|(_, p)| matches!(p, Partition::Graph(g) if g.points - g.live > g.live))
-            .map(|(k, _)| *k)
+            .filter(|(_, p)| matches!(p, Partition::Graph(g) if g.tombstones > g.live))
+            .map(|(k, _)| (*k, Vec::new()))
             .collect();
-        for scope in &stale {
-            let Some(Partition::Graph(g)) = self.scopes.remove(scope) else {
-                continue;
-            };
-            let items: Vec<(EntryId, Vec<i8>)> = g
-                .hnsw
-                .get_point_indexation()
-                .into_iter()
-                .map(|p| (p.get_origin_id() as u64, p.get_v().to_vec()))
-                .filter(|(id, _)| self.entries.get(id).is_some_and(|m| m.scope == *scope))
-                .collect();
-            if items.is_empty() {
-                continue;
+        if stale.is_empty() {
+            return 0;
+        }
+        let mut stale = stale;
+        for (id, m) in &self.entries {
+            if let Some(ids) = stale.get_mut(&m.scope) {
+                ids.push(*id);
             }
-            let partition = if items.len() <= self.graph_at {
-                Partition::Flat(items)
-            } else {
-                Partition::Graph(build_graph(&items))
+        }
+        let rebuilt = stale.len();
+        for (scope, ids) in stale {
+            let Some(Partition::Graph(g)) = self.scopes.remove(&scope) else {
+                continue;
             };
-            self.scopes.insert(*scope, partition);
+            let mut items = Vec::with_capacity(ids.len());
+            let mut lost = Vec::new();
+            for id in ids {
+                match g.vector(id) {
+                    Some(v) => items.push((id, v)),
+                    None => lost.push(id),
+                }
+            }
+            drop(g);
+            for id in lost {
+                self.entries.remove(&id);
+            }
+            if !items.is_empty() {
+                let metas = Vec::new();
+                self.add_scopes(HashMap::from([(scope, items)]), metas);
+            }
         }
-        stale.len()
+        rebuilt
     }
 }
 
-fn build_graph(items: &[(EntryId, Vec<i8>)]) -> Graph {
-    let mut hnsw = Hnsw::new(
-        MAX_CONNECTIONS,
-        items.len().max(1024),
-        MAX_LAYERS,
-        EF_CONSTRUCTION,
-        QuantisedCosine,
-    );
-    // Cache entries cluster (the same question with other numbers or names); without extended
-    // candidates, points inserted one by one among near-equal neighbours end up unreachable
-    // (a third of them in the unit test below).
-    hnsw.set_extend_candidates(true);
-    let mut g = Graph {
-        hnsw,
-        points: 0,
-        live: 0,
-        dumped: None,
-    };
-    add_to_graph(&mut g, items);
-    g
+impl Graph {
+    /// An empty graph for `dim`-dimension vectors, with room for `room` entries.
+    fn new(dim: usize, room: usize, ef_search: usize) -> Result<Self, String> {
+        let options = usearch::IndexOptions {
+            dimensions: dim,
+            metric: usearch::MetricKind::Cos,
+            quantization: usearch::ScalarKind::I8,
+            connectivity: MAX_CONNECTIONS,
+            expansion_add: EF_CONSTRUCTION,
+            expansion_search: ef_search,
+            multi: false,
+        };
+        let vectors = usearch::Index::new(&options).map_err(|e| e.to_string())?;
+        vectors
+            .reserve_capacity_and_threads(room.max(FIRST_ROOM), threads())
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            vectors,
+            exact: HashMap::new(),
+            live: 0,
+            tombstones: 0,
+            dumped: None,
+        })
+    }
+
+    /// Room for `more` entries beyond what the graph holds (tombstones are reused first).
+    fn make_room(&mut self, more: usize) -> Result<(), String> {
+        let need = (self.live + more).max(self.live + self.tombstones);
+        if need > self.vectors.capacity() {
+            let room = need.max(self.vectors.capacity() * 2);
+            self.vectors
+                .reserve_capacity_and_threads(room, threads())
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, id: EntryId, vector: &[i8]) -> Result<(), String> {
+        self.make_room(1)?;
+        let components = quant::components(vector);
+        self.vectors
+            .add(id, components)
+            .map_err(|e| e.to_string())?;
+        self.exact.insert(quant::fingerprint(components), id);
+        self.added(1);
+        Ok(())
+    }
+
+    fn added(&mut self, n: usize) {
+        self.tombstones = self.tombstones.saturating_sub(n);
+        self.live += n;
+        self.dumped = None;
+    }
+
+    /// Adds `items`, on several threads when they are many; answers the ids it refused.
+    fn add_all(&mut self, items: &[(EntryId, Vec<i8>)]) -> Vec<EntryId> {
+        if let Err(e) = self.make_room(items.len()) {
+            tracing::warn!(error = %e, "cache graph could not grow");
+            return items.iter().map(|(id, _)| *id).collect();
+        }
+        let threads = threads();
+        let refused: Vec<EntryId> = if items.len() < PARALLEL_FROM || threads == 1 {
+            items
+                .iter()
+                .filter(|(id, v)| self.vectors.add(*id, quant::components(v)).is_err())
+                .map(|(id, _)| *id)
+                .collect()
+        } else {
+            let vectors = &self.vectors;
+            let share = items.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let workers: Vec<_> = items
+                    .chunks(share)
+                    .map(|chunk| {
+                        s.spawn(move || {
+                            chunk
+                                .iter()
+                                .filter(|(id, v)| vectors.add(*id, quant::components(v)).is_err())
+                                .map(|(id, _)| *id)
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap_or_default())
+                    .collect()
+            })
+        };
+        self.added(items.len() - refused.len());
+        let refused_set: std::collections::HashSet<EntryId> = refused.iter().copied().collect();
+        self.exact.reserve(items.len());
+        for (id, v) in items.iter().filter(|(id, _)| !refused_set.contains(id)) {
+            self.exact
+                .insert(quant::fingerprint(quant::components(v)), *id);
+        }
+        refused
+    }
+
+    fn remove(&mut self, id: EntryId) {
+        if let Some(v) = self.vector(id) {
+            let print = quant::fingerprint(quant::components(&v));
+            if self.exact.get(&print) == Some(&id) {
+                self.exact.remove(&print);
+            }
+        }
+        if matches!(self.vectors.remove(id), Ok(n) if n > 0) {
+            self.live = self.live.saturating_sub(1);
+            self.tombstones += 1;
+            self.dumped = None;
+        }
+    }
+
+    /// An entry's quantised vector, as [`quant::quantise`] made it.
+    fn vector(&self, id: EntryId) -> Option<Vec<i8>> {
+        let mut v = vec![0i8; self.vectors.dimensions()];
+        match self.vectors.get(id, &mut v) {
+            Ok(1) => Some(quant::with_tail(v)),
+            _ => None,
+        }
+    }
 }
 
-fn add_to_graph(g: &mut Graph, items: &[(EntryId, Vec<i8>)]) {
-    if items.len() < PARALLEL_FROM {
-        for (id, v) in items {
-            g.hnsw.insert((v, *id as usize));
-        }
-    } else {
-        let refs: Vec<(&Vec<i8>, usize)> = items.iter().map(|(id, v)| (v, *id as usize)).collect();
-        g.hnsw.parallel_insert(&refs);
-    }
-    g.points += items.len();
-    g.live += items.len();
-    g.dumped = None;
+/// Threads a large graph is built on.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 #[cfg(test)]
@@ -473,9 +654,9 @@ mod tests {
                 .insert(i as u64, meta(7), &Builtin::vector(q))
                 .expect("insert"); // ok: test
         }
-        // Approximate search (its parallel build varies from run to run): 95% at least.
-        let found = found_first(&index, 7, &qs, 0..300);
-        assert!(found >= 285, "recall of exact questions {found}/300");
+        // These questions differ only in their numbers: under the builtin embedder every two
+        // are about as far apart, where HNSW loses points. Exact repeats are found all the same.
+        assert_eq!(found_first(&index, 7, &qs, 0..300), 300);
         // Tombstones: removed entries never come back, and compaction rebuilds.
         for i in 0..200u64 {
             index.remove(i);
@@ -491,6 +672,42 @@ mod tests {
     }
 
     #[test]
+    fn the_graph_alone_finds_templated_questions() {
+        let mut index = Index::with_graph_at(DIM, 32);
+        let qs: Vec<String> = (0..2000)
+            .map(|i| {
+                format!(
+                    "What is the {} of place number {} in {}?",
+                    i % 7,
+                    i,
+                    1900 + i
+                )
+            })
+            .collect();
+        for (i, q) in qs.iter().enumerate() {
+            index
+                .insert(i as u64, meta(7), &Builtin::vector(q))
+                .expect("insert"); // ok: test
+        }
+        let found = qs
+            .iter()
+            .enumerate()
+            .filter(|(i, q)| {
+                let top = index.search_graph_only(&[7; 16], &Builtin::vector(q), 1);
+                top.first().map(|t| t.0) == Some(*i as u64)
+            })
+            .count();
+        assert!(found >= 1900, "graph recall@1 {found}/2000");
+        // A question near an entry (not a repeat) is answered by the graph.
+        let near = index.search(
+            &[7; 16],
+            &Builtin::vector("what is the 3 of place number 10 in 1910"),
+            1,
+        );
+        assert_eq!(near.first().map(|t| t.0), Some(10));
+    }
+
+    #[test]
     fn bulk_load_expiry_and_lru() {
         let mut index = Index::with_graph_at(DIM, 16);
         let qs = questions(40);
@@ -503,11 +720,19 @@ mod tests {
                 m.last_used_ms = 100 - i as i64;
                 (i as u64, m, Builtin::vector(q))
             })
+            // An id twice (scope 1 is a graph): loaded once, and found.
+            .chain([(3, meta(1), Builtin::vector(&qs[3]))])
             .collect();
         assert_eq!(index.bulk_load(items), 40);
         assert_eq!(index.len(), 40);
         let top = index.search(&[1; 16], &Builtin::vector(&qs[3]), 1);
         assert_eq!(top.first().map(|t| t.0), Some(3));
+        assert_eq!(
+            index
+                .search_graph_only(&[1; 16], &Builtin::vector(&qs[3]), 1)
+                .len(),
+            1
+        );
         let mut expired = index.expired(5);
         expired.sort_unstable();
         assert_eq!(expired, vec![0, 1, 2, 3, 4, 5]);
@@ -571,7 +796,8 @@ mod tests {
             (1, 50, 40, 10)
         );
         assert_eq!((report.entries, index.len()), (300, 300));
-        assert_eq!(index.tombstones(), 50);
+        // The 40 inserted took the nodes of 40 of the 50 removed.
+        assert_eq!(index.tombstones(), 10);
         // Removed entries are tombstones: never found, even by their own question.
         for q in &qs[..50] {
             let top = index.search(&[7; 16], &Builtin::vector(q), 4);
@@ -616,7 +842,7 @@ mod tests {
             .expect("dir") // ok: test
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.to_string_lossy().ends_with(".hnsw.graph"))
+            .find(|p| p.to_string_lossy().ends_with(".usearch"))
             .expect("graph file") // ok: test
     }
 
@@ -631,10 +857,10 @@ mod tests {
             std::fs::write(&path, raw).expect("write"); // ok: test
         });
         assert!(report.problems[0].contains("checksum"), "{report:?}");
-        // A missing data file.
+        // A missing keys file.
         let report = restored_after(|dir| {
-            let data = graph_file(dir).with_extension("data");
-            std::fs::remove_file(data).expect("rm"); // ok: test
+            let keys = graph_file(dir).with_extension("keys");
+            std::fs::remove_file(keys).expect("rm"); // ok: test
         });
         assert_eq!(report.problems.len(), 1, "{report:?}");
         // A corrupt manifest, and one of another embedder.
@@ -650,8 +876,8 @@ mod tests {
             std::fs::write(&path, other).expect("write"); // ok: test
         });
         assert!(report.problems[0].contains("not builtin"), "{report:?}");
-        // A truncated graph file whose manifest was made to match: hnsw_rs itself fails
-        // (or panics) reading it, and nothing else happens.
+        // A truncated graph file whose manifest was made to match: usearch itself fails
+        // reading it, and nothing else happens.
         let report = restored_after(|dir| {
             let path = graph_file(dir);
             let mut raw = std::fs::read(&path).expect("read"); // ok: test

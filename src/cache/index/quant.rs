@@ -7,8 +7,6 @@
 //! is an integer dot product times two factors: the cosine of the rounded vectors, which is
 //! within about 0.01 of the cosine of the originals (see the tests).
 
-use hnsw_rs::prelude::Distance;
-
 /// Bytes after the components: the inverse length, as f32 little-endian.
 pub const TAIL: usize = 4;
 
@@ -27,10 +25,7 @@ pub fn quantise(v: &[f32]) -> Vec<i8> {
         v.iter()
             .map(|x| (x * scale).round().clamp(-127.0, 127.0) as i8),
     );
-    let norm = q.iter().map(|&x| i64::from(x) * i64::from(x)).sum::<i64>() as f32;
-    let inverse = if norm > 0.0 { norm.sqrt().recip() } else { 0.0 };
-    q.extend(inverse.to_le_bytes().map(|b| b as i8));
-    q
+    with_tail(q)
 }
 
 /// The inverse length carried in the tail (0 for a slice too short to hold one).
@@ -42,8 +37,32 @@ fn inverse_length(q: &[i8]) -> f32 {
 }
 
 /// The components of a quantised vector, without the tail.
-fn components(q: &[i8]) -> &[i8] {
+pub fn components(q: &[i8]) -> &[i8] {
     &q[..q.len().saturating_sub(TAIL)]
+}
+
+/// A fingerprint of a vector's components (64-bit FNV-1a): equal vectors, equal prints; the
+/// same in every build, so it could be stored.
+pub fn fingerprint(components: &[i8]) -> u64 {
+    components.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b as u8)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether a quantised vector is all zeros (similar to nothing).
+pub fn is_zero(q: &[i8]) -> bool {
+    components(q).iter().all(|&x| x == 0)
+}
+
+/// A quantised vector from its components alone (as a graph keeps them): the tail added.
+pub fn with_tail(mut components: Vec<i8>) -> Vec<i8> {
+    let norm = components
+        .iter()
+        .map(|&x| i64::from(x) * i64::from(x))
+        .sum::<i64>() as f32;
+    let inverse = if norm > 0.0 { norm.sqrt().recip() } else { 0.0 };
+    components.extend(inverse.to_le_bytes().map(|b| b as i8));
+    components
 }
 
 /// Integer dot product, in sixteen i32 lanes so the compiler can vectorise it.
@@ -69,24 +88,6 @@ fn dot(a: &[i8], b: &[i8]) -> i32 {
 /// The cosine similarity of two quantised vectors.
 pub fn similarity(a: &[i8], b: &[i8]) -> f32 {
     dot(components(a), components(b)) as f32 * inverse_length(a) * inverse_length(b)
-}
-
-/// Cosine distance of quantised vectors, clamped to [0, 2] (rounding can take a similarity
-/// a hair past ±1).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct QuantisedCosine;
-
-impl Distance<i8> for QuantisedCosine {
-    fn eval(&self, va: &[i8], vb: &[i8]) -> f32 {
-        let d = 1.0 - similarity(va, vb);
-        // A NaN distance panics inside hnsw_rs; the index only holds finite vectors, but
-        // stay on the safe side.
-        if d.is_nan() {
-            2.0
-        } else {
-            d.clamp(0.0, 2.0)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -135,11 +136,14 @@ mod tests {
         let zero = quantise(&[0.0; 8]);
         let one = quantise(&[1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
         assert_eq!(similarity(&zero, &one), 0.0);
-        assert_eq!(QuantisedCosine.eval(&zero, &one), 1.0);
-        assert_eq!(QuantisedCosine.eval(&one, &one), 0.0);
-        // Opposite vectors: distance 2; a slice too short for its tail: similarity 0.
+        assert!(is_zero(&zero) && !is_zero(&one));
+        assert!((similarity(&one, &one) - 1.0).abs() < 1e-6);
+        // Opposite vectors: -1; a slice too short for its tail: similarity 0.
         let minus = quantise(&[-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        assert!((QuantisedCosine.eval(&one, &minus) - 2.0).abs() < 1e-6);
+        assert!((similarity(&one, &minus) + 1.0).abs() < 1e-6);
         assert_eq!(similarity(&[1, 2], &[1, 2]), 0.0);
+        // The tail is rebuilt from the components alone.
+        let v = quantise(&[0.3, -0.2, 0.9, 0.0, 0.1, 0.0, 0.0, 0.4]);
+        assert_eq!(with_tail(components(&v).to_vec()), v);
     }
 }
