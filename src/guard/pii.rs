@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use regex::Regex;
+use regex::{Regex, RegexSet};
 use serde::{Deserialize, Serialize};
 
 /// What a route or key does with PII.
@@ -35,8 +35,22 @@ fn always(_: &str) -> bool {
     true
 }
 
+/// The detectors, and all their patterns in one set: one pass over a text tells which
+/// detectors can match at all (most texts carry no PII, and then no detector runs).
+struct Detectors {
+    list: Vec<Detector>,
+    any: RegexSet,
+}
+
 #[allow(clippy::expect_used)] // ok: constant patterns, proven by the unit tests
-static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
+static DETECTORS: LazyLock<Detectors> = LazyLock::new(|| {
+    let list = detectors();
+    let any = RegexSet::new(list.iter().map(|d| d.pattern.as_str())).expect("valid patterns"); // ok: constant patterns, tested
+    Detectors { list, any }
+});
+
+#[allow(clippy::expect_used)] // ok: constant patterns, proven by the unit tests
+fn detectors() -> Vec<Detector> {
     let d = |kind, pattern: &str, check| Detector {
         kind,
         pattern: Regex::new(pattern).expect("valid pattern"), // ok: constant patterns, tested
@@ -82,7 +96,7 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
             phone_ok,
         ),
     ]
-});
+}
 
 static PLACEHOLDER: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)] // ok: a constant pattern
@@ -123,29 +137,46 @@ impl Vault {
             }
         }
         let mut kinds = Vec::new();
-        for d in DETECTORS.iter() {
-            let mut replaced = String::with_capacity(out.len());
-            let mut last = 0;
-            for m in d.pattern.find_iter(&out) {
-                let Some(value) = checked_prefix(m.as_str().trim(), d.check) else {
-                    continue;
-                };
-                if PLACEHOLDER.is_match(value) {
-                    continue;
-                }
-                replaced.push_str(&out[last..m.start()]);
-                replaced.push_str(&self.placeholder(d.kind, value));
-                last = m.start() + m.as_str().find(value).unwrap_or(0) + value.len();
-                if !kinds.contains(&d.kind) {
-                    kinds.push(d.kind);
-                }
+        // Which detectors match the text as it stands: asked again after each replacement,
+        // so a detector is skipped only when it would have found nothing.
+        let mut candidates = DETECTORS.any.matches(&out);
+        for (i, d) in DETECTORS.list.iter().enumerate() {
+            if !candidates.matched(i) {
+                continue;
             }
-            if last > 0 {
-                replaced.push_str(&out[last..]);
+            if let Some(replaced) = self.apply(d, &out, &mut kinds) {
                 out = replaced;
+                candidates = DETECTORS.any.matches(&out);
             }
         }
         (out, kinds)
+    }
+
+    /// `text` with what detector `d` finds replaced, if it finds anything; notes its kind.
+    fn apply(&mut self, d: &Detector, text: &str, kinds: &mut Vec<&'static str>) -> Option<String> {
+        let mut replaced = String::new();
+        let mut last = 0;
+        for m in d.pattern.find_iter(text) {
+            let Some(value) = checked_prefix(m.as_str().trim(), d.check) else {
+                continue;
+            };
+            if PLACEHOLDER.is_match(value) {
+                continue;
+            }
+            if replaced.capacity() == 0 {
+                replaced.reserve(text.len() + 16);
+            }
+            replaced.push_str(&text[last..m.start()]);
+            replaced.push_str(&self.placeholder(d.kind, value));
+            last = m.start() + m.as_str().find(value).unwrap_or(0) + value.len();
+            if !kinds.contains(&d.kind) {
+                kinds.push(d.kind);
+            }
+        }
+        (last > 0).then(|| {
+            replaced.push_str(&text[last..]);
+            replaced
+        })
     }
 
     /// The original of a placeholder, if this vault made it.

@@ -37,6 +37,9 @@ struct Manifest {
     /// Whose vectors these are (the embedder's id): another embedder's graph is useless.
     tag: String,
     dim: usize,
+    /// The usearch version that wrote the graphs (it checks only its major version).
+    #[serde(default)]
+    library: String,
     graphs: Vec<DumpedGraph>,
 }
 
@@ -149,6 +152,7 @@ impl Index {
             format: FORMAT,
             tag: tag.to_owned(),
             dim: self.dim,
+            library: usearch::version().to_owned(),
             graphs,
         };
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
@@ -184,8 +188,9 @@ impl Index {
     ) -> Restored {
         let mut report = Restored::default();
         let mut by_scope: HashMap<ScopeKey, Vec<(EntryId, EntryMeta)>> = HashMap::new();
+        let mut seen = HashSet::with_capacity(entries.len());
         for (id, meta) in entries {
-            if !self.entries.contains_key(&id) {
+            if !self.entries.contains_key(&id) && seen.insert(id) {
                 by_scope.entry(meta.scope).or_default().push((id, meta));
             }
         }
@@ -230,7 +235,11 @@ impl Index {
             }
             let (living, added): (Vec<_>, Vec<_>) =
                 stored.iter().partition(|(id, _)| held.contains(id));
-            g.dumped = Some(dumped);
+            // Its files still hold it, unless entries went since (then the next dump
+            // writes it again).
+            if gone.is_empty() {
+                g.dumped = Some(dumped);
+            }
             report.reloaded += 1;
             report.tombstones += gone.len();
             let (vectors, metas) = self.quantised(added, vector_of, &mut report);
@@ -238,7 +247,9 @@ impl Index {
             self.entries.extend(living.into_iter().copied());
             self.scopes.insert(scope, Partition::Graph(g));
             let before = self.entries.len();
-            self.add_scopes(HashMap::from([(scope, vectors)]), metas);
+            if !vectors.is_empty() {
+                self.add_scopes(HashMap::from([(scope, vectors)]), metas);
+            }
             report.inserted += self.entries.len() - before;
             report.entries += self.entries.len() - before;
             by_scope.remove(&scope);
@@ -368,6 +379,13 @@ fn read_manifest(dir: &Path, tag: &str, dim: usize) -> Result<Vec<DumpedGraph>, 
     if manifest.format != FORMAT {
         return Err(format!("manifest of format {}", manifest.format));
     }
+    if manifest.library != usearch::version() {
+        return Err(format!(
+            "graphs of usearch {:?}, not {}",
+            manifest.library,
+            usearch::version()
+        ));
+    }
     if manifest.tag != tag || manifest.dim != dim {
         return Err(format!(
             "dump of {} ({} dimensions), not {tag} ({dim})",
@@ -444,7 +462,7 @@ fn load_graph(
     for id in &held {
         if let Some(v) = g.vector(*id) {
             g.exact
-                .insert(super::quant::fingerprint(super::quant::components(&v)), *id);
+                .add(super::quant::fingerprint(super::quant::components(&v)), *id);
         }
     }
     g.live = d.points;

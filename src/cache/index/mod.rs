@@ -13,7 +13,7 @@
 //! included) before it decides on a hit.
 //!
 //! A graph keeps its nodes flat: the 8-bit vector, the key and fixed arrays of 32-bit links,
-//! some 700 bytes an entry at 512 dimensions (hnsw_rs, used before, kept about 2.1 KiB: an
+//! about 900 bytes an entry at 512 dimensions in a large graph (hnsw_rs, used before, kept about 2.1 KiB: an
 //! allocation per link and per point). A removed entry leaves its node as a tombstone, never
 //! found again and reused by the next insertion; [`Index::compact`] rebuilds graphs where
 //! tombstones outnumber the living.
@@ -67,7 +67,9 @@ struct Graph {
     /// repeat is found whatever the graph's shape (HNSW loses points in clusters whose members
     /// are all about as far from each other, as templated questions that differ only in
     /// numbers are under the builtin embedder).
-    exact: HashMap<u64, EntryId>,
+    exact: Repeats,
+    /// Threads its room was reserved for (usearch refuses an add beyond them).
+    threads: usize,
     /// Living entries.
     live: usize,
     /// Nodes of removed entries, waiting to be reused.
@@ -160,7 +162,9 @@ impl Index {
     }
 
     fn check(&self, vector: &[f32]) -> Result<(), IndexError> {
-        if vector.len() != self.dim {
+        // An empty vector (an embedder that answered nothing) is similar to nothing, and a
+        // graph of zero dimensions is no graph.
+        if vector.len() != self.dim || vector.is_empty() {
             return Err(IndexError::Dimensions {
                 got: vector.len(),
                 want: self.dim,
@@ -331,14 +335,10 @@ impl Index {
             Some(Partition::Graph(g)) => {
                 let components = quant::components(&query);
                 // Checked against the stored vector: a print is 64 bits, not the vector.
-                let repeat = g
-                    .exact
-                    .get(&quant::fingerprint(components))
-                    .copied()
-                    .filter(|id| {
-                        g.vector(*id)
-                            .is_some_and(|v| quant::components(&v) == components)
-                    });
+                let repeat = g.exact.first(quant::fingerprint(components)).filter(|id| {
+                    g.vector(*id)
+                        .is_some_and(|v| quant::components(&v) == components)
+                });
                 let mut found: Vec<(EntryId, f32)> =
                     repeat.map(|id| (id, 1.0)).into_iter().collect();
                 found.extend(
@@ -469,12 +469,14 @@ impl Graph {
             multi: false,
         };
         let vectors = usearch::Index::new(&options).map_err(|e| e.to_string())?;
+        let threads = threads();
         vectors
-            .reserve_capacity_and_threads(room.max(FIRST_ROOM), threads())
+            .reserve_capacity_and_threads(room.max(FIRST_ROOM), threads)
             .map_err(|e| e.to_string())?;
         Ok(Self {
             vectors,
-            exact: HashMap::new(),
+            exact: Repeats::default(),
+            threads,
             live: 0,
             tombstones: 0,
             dumped: None,
@@ -487,7 +489,7 @@ impl Graph {
         if need > self.vectors.capacity() {
             let room = need.max(self.vectors.capacity() * 2);
             self.vectors
-                .reserve_capacity_and_threads(room, threads())
+                .reserve_capacity_and_threads(room, self.threads)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
@@ -499,15 +501,17 @@ impl Graph {
         self.vectors
             .add(id, components)
             .map_err(|e| e.to_string())?;
-        self.exact.insert(quant::fingerprint(components), id);
+        self.exact.add(quant::fingerprint(components), id);
         self.added(1);
         Ok(())
     }
 
     fn added(&mut self, n: usize) {
-        self.tombstones = self.tombstones.saturating_sub(n);
-        self.live += n;
-        self.dumped = None;
+        if n > 0 {
+            self.tombstones = self.tombstones.saturating_sub(n);
+            self.live += n;
+            self.dumped = None;
+        }
     }
 
     /// Adds `items`, on several threads when they are many; answers the ids it refused.
@@ -516,7 +520,7 @@ impl Graph {
             tracing::warn!(error = %e, "cache graph could not grow");
             return items.iter().map(|(id, _)| *id).collect();
         }
-        let threads = threads();
+        let threads = self.threads;
         let refused: Vec<EntryId> = if items.len() < PARALLEL_FROM || threads == 1 {
             items
                 .iter()
@@ -530,18 +534,28 @@ impl Graph {
                 let workers: Vec<_> = items
                     .chunks(share)
                     .map(|chunk| {
-                        s.spawn(move || {
+                        let worker = s.spawn(move || {
                             chunk
                                 .iter()
                                 .filter(|(id, v)| vectors.add(*id, quant::components(v)).is_err())
                                 .map(|(id, _)| *id)
                                 .collect::<Vec<_>>()
-                        })
+                        });
+                        (chunk, worker)
                     })
                     .collect();
                 workers
                     .into_iter()
-                    .flat_map(|w| w.join().unwrap_or_default())
+                    .flat_map(|(chunk, worker)| {
+                        // A worker that panicked: what it did not add is refused.
+                        worker.join().unwrap_or_else(|_| {
+                            chunk
+                                .iter()
+                                .filter(|(id, _)| !vectors.contains(*id))
+                                .map(|(id, _)| *id)
+                                .collect()
+                        })
+                    })
                     .collect()
             })
         };
@@ -550,17 +564,15 @@ impl Graph {
         self.exact.reserve(items.len());
         for (id, v) in items.iter().filter(|(id, _)| !refused_set.contains(id)) {
             self.exact
-                .insert(quant::fingerprint(quant::components(v)), *id);
+                .add(quant::fingerprint(quant::components(v)), *id);
         }
         refused
     }
 
     fn remove(&mut self, id: EntryId) {
         if let Some(v) = self.vector(id) {
-            let print = quant::fingerprint(quant::components(&v));
-            if self.exact.get(&print) == Some(&id) {
-                self.exact.remove(&print);
-            }
+            self.exact
+                .remove(quant::fingerprint(quant::components(&v)), id);
         }
         if matches!(self.vectors.remove(id), Ok(n) if n > 0) {
             self.live = self.live.saturating_sub(1);
@@ -576,6 +588,51 @@ impl Graph {
             Ok(1) => Some(quant::with_tail(v)),
             _ => None,
         }
+    }
+}
+
+/// Entries by their vector's fingerprint. Most prints have one entry; the few that have more
+/// (the same question stored twice) keep the others aside, so removing one leaves the rest
+/// findable.
+#[derive(Default)]
+struct Repeats {
+    first: HashMap<u64, EntryId>,
+    more: HashMap<u64, Vec<EntryId>>,
+}
+
+impl Repeats {
+    fn add(&mut self, print: u64, id: EntryId) {
+        if let Some(old) = self.first.insert(print, id) {
+            if old != id {
+                self.more.entry(print).or_default().push(old);
+            }
+        }
+    }
+
+    fn remove(&mut self, print: u64, id: EntryId) {
+        if self.first.get(&print) == Some(&id) {
+            match self.more.get_mut(&print).and_then(Vec::pop) {
+                Some(next) => {
+                    self.first.insert(print, next);
+                }
+                None => {
+                    self.first.remove(&print);
+                }
+            }
+        } else if let Some(others) = self.more.get_mut(&print) {
+            others.retain(|o| *o != id);
+        }
+        if self.more.get(&print).is_some_and(Vec::is_empty) {
+            self.more.remove(&print);
+        }
+    }
+
+    fn first(&self, print: u64) -> Option<EntryId> {
+        self.first.get(&print).copied()
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.first.reserve(n);
     }
 }
 
@@ -708,6 +765,35 @@ mod tests {
     }
 
     #[test]
+    fn repeats_keep_every_entry_of_a_print() {
+        let mut r = Repeats::default();
+        r.add(7, 1);
+        r.add(7, 2);
+        r.add(7, 3);
+        assert_eq!(r.first(7), Some(3));
+        r.remove(7, 3);
+        assert_eq!(r.first(7), Some(2));
+        r.remove(7, 1);
+        assert_eq!(r.first(7), Some(2));
+        r.remove(7, 2);
+        assert_eq!(r.first(7), None);
+        assert!(r.more.is_empty());
+        // Re-adding the same id is no duplicate.
+        r.add(8, 4);
+        r.add(8, 4);
+        r.remove(8, 4);
+        assert_eq!(r.first(8), None);
+    }
+
+    #[test]
+    fn empty_vectors_are_refused() {
+        let mut index = Index::new(0);
+        assert!(index.insert(1, meta(1), &[]).is_err());
+        assert!(index.bulk_load(vec![(2, meta(1), Vec::new())]) == 0);
+        assert!(index.search(&[1; 16], &[], 1).is_empty());
+    }
+
+    #[test]
     fn bulk_load_expiry_and_lru() {
         let mut index = Index::with_graph_at(DIM, 16);
         let qs = questions(40);
@@ -796,6 +882,16 @@ mod tests {
             (1, 50, 40, 10)
         );
         assert_eq!((report.entries, index.len()), (300, 300));
+        // Two entries of one question: removing one leaves the other found as a repeat.
+        let twice = Builtin::vector(&qs[345]);
+        index.insert(2000, meta(7), &twice).expect("insert"); // ok: test
+        index.insert(2001, meta(7), &twice).expect("insert"); // ok: test
+        index.remove(2001);
+        assert_eq!(
+            index.search(&[7; 16], &twice, 1).first().map(|t| t.0),
+            Some(2000)
+        );
+        index.remove(2000);
         // The 40 inserted took the nodes of 40 of the 50 removed.
         assert_eq!(index.tombstones(), 10);
         // Removed entries are tombstones: never found, even by their own question.
@@ -817,6 +913,22 @@ mod tests {
         // The first index's graph is gone from disk; it could still dump itself.
         let dumped = before.dump(dir.path(), "builtin").expect("dump"); // ok: test
         assert_eq!(dumped.written, 1);
+    }
+
+    #[test]
+    fn a_graph_reloaded_unchanged_is_not_written_again() {
+        let dir = tempfile::tempdir().expect("tempdir"); // ok: test
+        let qs = questions(300);
+        dumped(dir.path(), &qs);
+        let (entries, mut read) = stored(&qs, 0..300);
+        let mut index = Index::with_graph_at(DIM, 32);
+        let report = index.restore(dir.path(), "builtin", entries, &mut read);
+        assert_eq!(
+            (report.reloaded, report.inserted, report.tombstones),
+            (1, 0, 0)
+        );
+        let again = index.dump(dir.path(), "builtin").expect("dump"); // ok: test
+        assert_eq!((again.graphs, again.written), (1, 0));
     }
 
     /// Restores from `dir` after `spoil` changed it: everything is built from storage.
