@@ -55,6 +55,17 @@ pub struct BatchRecord {
     pub expires_at: i64,
     #[serde(default)]
     pub expired_at: Option<i64>,
+    /// The leading jobs known to have ended, so a poll reads only those after them.
+    #[serde(default)]
+    pub settled: Settled,
+}
+
+/// `jobs[..upto]` have all ended, `completed` of them successfully and `failed` not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settled {
+    pub upto: usize,
+    pub completed: usize,
+    pub failed: usize,
 }
 
 impl BatchRecord {

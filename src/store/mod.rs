@@ -39,7 +39,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use kv::{Batch, Tree};
 
 pub use cache::{CacheHead, CacheRecord, StoredEntry};
-pub use files::{BadLine, BatchRecord, FileRecord};
+pub use files::{BadLine, BatchRecord, FileRecord, Settled};
 pub use jobs::{Delivery, JobError, JobRecord, JobRequest, JobStatus, WebhookState};
 pub use records::{
     ConversationRecord, KeyRecord, LimitWindow, MessageRecord, PeriodTotal, PromptVersion,

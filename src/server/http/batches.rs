@@ -19,7 +19,7 @@ use crate::error::{ApiError, ErrorCode};
 use crate::ids::unix_now;
 use crate::server::auth::Client;
 use crate::server::AppState;
-use crate::store::{BadLine, BatchRecord, FileRecord, JobRequest, JobStatus};
+use crate::store::{BadLine, BatchRecord, FileRecord, JobRequest, JobStatus, Settled};
 use crate::tenant::Principal;
 use crate::wire::openai::ChatCompletionRequest;
 
@@ -243,6 +243,7 @@ pub async fn create(
         metadata: body.metadata.unwrap_or(serde_json::Value::Null),
         expires_at,
         expired_at: None,
+        settled: Settled::default(),
     };
     state.store().put_batch(&rec).await?;
     let rec = refresh(&state, &rec.id).await?;
@@ -273,9 +274,16 @@ fn shown_status(status: &str) -> &str {
     }
 }
 
+/// A poll of a running batch stops reading after this many jobs in a row that have not
+/// ended: workers take jobs in order, so what lies behind has not started. (With more workers
+/// than this across the nodes, a running batch's counts can lag; its end is never missed, as
+/// a batch whose jobs have all ended has no such run.)
+const SCAN_AHEAD: usize = 256;
+
 /// The batch as it is now: past its deadline it expires (requests not yet ended are
 /// cancelled), its counts are brought up to date, and the output and error files are written
-/// once its last job has ended.
+/// once its last job has ended. A poll reads the jobs after the leading ones known to have
+/// ended ([`Settled`]), up to [`SCAN_AHEAD`] unended ones in a row.
 async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
     let store = state.store();
     loop {
@@ -288,15 +296,38 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
         ) {
             return Ok(rec);
         }
-        let mut ended = Vec::with_capacity(rec.jobs.len());
+        // Every unended job is wanted when the batch is being stopped (or is due to be).
+        let whole = rec.status != "in_progress" || rec.due();
+        let mut settled = rec.settled;
+        let (mut completed, mut failed) = (0, 0);
         let mut pending = Vec::new();
-        for (custom_id, job_id) in &rec.jobs {
+        let mut in_a_row = 0;
+        let mut read_all = true;
+        for (i, (_, job_id)) in rec.jobs.iter().enumerate().skip(settled.upto) {
             match store.job_raw(job_id)? {
-                Some((job, _)) if job.status.finished() => ended.push((custom_id.clone(), job)),
-                _ => pending.push(job_id),
+                Some((job, _)) if job.status.finished() => {
+                    let ok = job.status == JobStatus::Succeeded;
+                    in_a_row = 0;
+                    if settled.upto == i {
+                        settled.upto = i + 1;
+                        settled.completed += usize::from(ok);
+                        settled.failed += usize::from(!ok);
+                    } else {
+                        completed += usize::from(ok);
+                        failed += usize::from(!ok);
+                    }
+                }
+                _ => {
+                    pending.push(job_id);
+                    in_a_row += 1;
+                    if !whole && in_a_row >= SCAN_AHEAD {
+                        read_all = false;
+                        break;
+                    }
+                }
             }
         }
-        let all_ended = pending.is_empty();
+        let all_ended = read_all && pending.is_empty();
         if !all_ended && rec.status == "in_progress" && rec.due() && expire_due(state, id).await? {
             continue;
         }
@@ -307,12 +338,17 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
             }
         }
         let mut next = rec.clone();
-        next.completed = ended
-            .iter()
-            .filter(|(_, j)| j.status == JobStatus::Succeeded)
-            .count();
-        next.failed = ended.len() - next.completed;
+        next.settled = settled;
+        next.completed = settled.completed + completed;
+        next.failed = settled.failed + failed;
         if all_ended {
+            // Once per batch: every job read again for the result files.
+            let mut ended = Vec::with_capacity(rec.jobs.len());
+            for (custom_id, job_id) in &rec.jobs {
+                if let Some((job, _)) = store.job_raw(job_id)? {
+                    ended.push((custom_id.clone(), job));
+                }
+            }
             let now = unix_now();
             let (output, errors) = result_files(&rec, &ended);
             next.output_file_id = Some(write_file(state, &rec, "output", output).await?);
@@ -328,7 +364,10 @@ async fn refresh(state: &AppState, id: &str) -> Result<BatchRecord, ApiError> {
                 next.status = "completed".into();
                 next.completed_at = Some(now);
             }
-        } else if next.completed == rec.completed && next.failed == rec.failed {
+        } else if next.completed == rec.completed
+            && next.failed == rec.failed
+            && next.settled == rec.settled
+        {
             return Ok(rec);
         }
         if store.swap_batch(&raw, &next).await? {
