@@ -118,6 +118,17 @@ fn queue_key(rec: &JobRecord) -> Vec<u8> {
     k
 }
 
+/// `jobs_running`: node ‖ 0 ‖ job id → nothing, the jobs each node runs. The marker key (no
+/// node name starts with 0xff) says the index was built from the jobs stored before it existed.
+pub(super) fn running_key(node: &str, id: &str) -> Vec<u8> {
+    let mut k = node.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+const RUNNING_INDEXED: &[u8] = &[0xff];
+
 fn tenant_key(rec: &JobRecord) -> Vec<u8> {
     let mut k = rec.tenant.as_str().as_bytes().to_vec();
     k.push(0);
@@ -167,6 +178,17 @@ impl Store {
                 self.jobs_queue.insert(queue_key(new), [])?;
             } else {
                 self.jobs_queue.remove(queue_key(new))?;
+            }
+            let before = decode::<JobRecord>("jobs", &new.id, old).ok();
+            if let Some(node) = before
+                .as_ref()
+                .filter(|b| b.status == JobStatus::Running)
+                .and_then(|b| b.claimed_by.as_deref())
+            {
+                self.jobs_running.remove(running_key(node, &new.id))?;
+            }
+            if let (JobStatus::Running, Some(node)) = (new.status, new.claimed_by.as_deref()) {
+                self.jobs_running.insert(running_key(node, &new.id), [])?;
             }
             self.flush().await?;
         }
@@ -349,7 +371,8 @@ impl Store {
     }
 
     /// Every job running on a node `claimed` says so of (after a crash: none of them is
-    /// really running).
+    /// really running). Reads the index of running jobs, not every job; an index entry whose
+    /// job no longer runs there (a crash between the two writes) is dropped.
     ///
     /// # Errors
     /// Storage failures.
@@ -357,17 +380,53 @@ impl Store {
         &self,
         mut claimed: impl FnMut(&str) -> bool,
     ) -> Result<Vec<String>, StoreError> {
+        self.index_running_jobs()?;
         let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for key in self.jobs_running.iter().keys() {
+            let key = key?;
+            let Some(at) = key.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let (Ok(node), Ok(id)) = (
+                std::str::from_utf8(&key[..at]),
+                std::str::from_utf8(&key[at + 1..]),
+            ) else {
+                continue;
+            };
+            if !claimed(node) {
+                continue;
+            }
+            match self.job_raw(id)? {
+                Some((rec, _))
+                    if rec.status == JobStatus::Running
+                        && rec.claimed_by.as_deref() == Some(node) =>
+                {
+                    out.push(rec.id);
+                }
+                _ => stale.push(key),
+            }
+        }
+        for key in stale {
+            self.jobs_running.remove(&key)?;
+        }
+        Ok(out)
+    }
+
+    /// Builds the index of running jobs once, from jobs stored before it existed.
+    fn index_running_jobs(&self) -> Result<(), StoreError> {
+        if self.jobs_running.contains_key(RUNNING_INDEXED)? {
+            return Ok(());
+        }
         for v in self.jobs.iter().values() {
             let Ok(rec) = decode::<JobRecord>("jobs", "", &v?) else {
                 continue;
             };
-            if rec.status == JobStatus::Running
-                && rec.claimed_by.as_deref().is_some_and(&mut claimed)
-            {
-                out.push(rec.id);
+            if let (JobStatus::Running, Some(node)) = (rec.status, rec.claimed_by.as_deref()) {
+                self.jobs_running.insert(running_key(node, &rec.id), [])?;
             }
         }
-        Ok(out)
+        self.jobs_running.insert(RUNNING_INDEXED, [])?;
+        Ok(())
     }
 }

@@ -475,3 +475,75 @@ async fn ended_jobs_expire_after_their_retention_unless_still_needed() {
         ); // ok: test code
     }
 }
+
+fn job(id: &str) -> JobRecord {
+    JobRecord {
+        id: id.into(),
+        tenant: TenantId("t".into()),
+        key_id: None,
+        status: JobStatus::Queued,
+        created_at: 1,
+        created_ms: 1_000,
+        started_at: None,
+        finished_at: None,
+        request: JobRequest::Chat {
+            body: serde_json::json!({}),
+        },
+        metadata: serde_json::Value::Null,
+        result: None,
+        error: None,
+        attempts: 0,
+        claimed_by: None,
+        cancel_requested: false,
+        webhook: None,
+        deadline_ms: None,
+    }
+}
+
+/// Moves job `id` from what is stored to `status` on `node`.
+async fn set(store: &Store, id: &str, status: JobStatus, node: Option<&str>) {
+    let (rec, raw) = store.job_raw(id).unwrap().unwrap(); // ok: test code
+    let mut next = rec;
+    next.status = status;
+    next.claimed_by = node.map(str::to_owned);
+    assert!(store.swap_job(&raw, &next).await.unwrap()); // ok: test code
+}
+
+#[tokio::test]
+async fn running_jobs_are_found_by_node_through_their_index() {
+    for (_held, store) in backends() {
+        store
+            .put_jobs(&[job("job_a"), job("job_b"), job("job_c")])
+            .await
+            .unwrap(); // ok: test code
+        set(&store, "job_a", JobStatus::Running, Some("n1")).await;
+        set(&store, "job_b", JobStatus::Running, Some("n2")).await;
+        set(&store, "job_c", JobStatus::Running, Some("n1")).await;
+        set(&store, "job_c", JobStatus::Succeeded, Some("n1")).await;
+        let mut on_n1 = store.running_jobs(|n| n == "n1").unwrap(); // ok: test code
+        on_n1.sort();
+        assert_eq!(on_n1, vec!["job_a".to_owned()]);
+        // Queued again: no longer running anywhere.
+        set(&store, "job_b", JobStatus::Queued, None).await;
+        assert!(store.running_jobs(|_| true).unwrap().len() == 1); // ok: test code
+
+        // A store written before the index existed: built once, from the jobs.
+        store.jobs_running.clear().unwrap(); // ok: test code
+        let mut all = store.running_jobs(|_| true).unwrap(); // ok: test code
+        all.sort();
+        assert_eq!(all, vec!["job_a".to_owned()]);
+        // A stale entry (its job moved on without the index) is dropped.
+        store
+            .jobs_running
+            .insert(jobs::running_key("n2", "job_c"), [])
+            .unwrap(); // ok: test code
+        assert_eq!(
+            store.running_jobs(|n| n == "n2").unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(!store
+            .jobs_running
+            .contains_key(jobs::running_key("n2", "job_c"))
+            .unwrap()); // ok: test code
+    }
+}
