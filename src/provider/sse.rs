@@ -1,14 +1,13 @@
 //! Upstream SSE → [`UpstreamEvent`]s, shared by the OpenAI and Anthropic formats.
 //!
-//! eventsource-stream does the framing (events split across network chunks, several events per
-//! chunk, CRLF, comments and keep-alives); a [`Decoder`] turns each event of one wire format into
-//! deltas and the final result. [`pump`] drives one response into the consumer's channel, stops
+//! [`frame::Framer`] does the framing (events split across network chunks, several events per
+//! chunk, CRLF, comments and keep-alives) from one reused buffer; a [`Decoder`] turns each event
+//! of one wire format into deltas and the final result. [`pump`] drives one response into the consumer's channel, stops
 //! as soon as the consumer goes away (which drops, and so closes, the upstream connection), and
 //! times out a stream that goes silent.
 
 use std::time::Duration;
 
-use eventsource_stream::Eventsource;
 use futures_util::{FutureExt, Stream, StreamExt};
 
 use super::{EventTx, ProviderError, UpstreamEvent};
@@ -46,25 +45,26 @@ where
     E: std::fmt::Display,
     D: Decoder,
 {
-    let mut events = without_bom(body).eventsource();
+    let mut body = body;
+    let mut framer = frame::Framer::default();
     let mut sent_text = false;
     let mut out = Vec::new();
     let mut joined = Vec::new();
     let failure = loop {
         let next = tokio::select! {
             () = tx.closed() => return,
-            next = tokio::time::timeout(idle, events.next()) => next,
+            next = tokio::time::timeout(idle, body.next()) => next,
         };
         let mut next = match next {
             Err(_) => break interrupted_or(provider, sent_text, "no data before the idle timeout"),
             Ok(next) => next,
         };
-        // Every event that has already arrived is read before any is passed on, so text that
-        // came in one read leaves as one delta: under load the per-event cost is paid once per
-        // read, and a stream that trickles in is passed on as it comes.
+        // Every read that has already arrived is decoded before any event is passed on, so
+        // text that came together leaves as one delta: under load the per-event cost is paid
+        // once per read, and a stream that trickles in is passed on as it comes.
         let mut ended = None;
         loop {
-            let event = match next {
+            match next {
                 None => {
                     ended = Some(match decoder.outcome() {
                         (Some(_), ..) => None,
@@ -80,31 +80,42 @@ where
                     ended = Some(interrupted_or(provider, replied, &e.to_string()));
                     break;
                 }
-                Some(Ok(event)) => event,
-            };
-            let name = if event.event.is_empty() {
-                "message"
-            } else {
-                event.event.as_str()
-            };
-            match decoder.decode(name, &event.data, &mut out) {
-                Ok(Decoded::More) => {}
-                decoded => {
-                    ended = Some(match decoded {
-                        Ok(Decoded::More | Decoded::End) => None,
-                        Ok(Decoded::Error(message)) => {
-                            let replied = sent_text || out.iter().any(carries_reply);
-                            Some(upstream_error(provider, replied, message))
-                        }
-                        Err(message) => Some(ProviderError::Protocol {
+                Some(Ok(bytes)) => framer.push(&bytes),
+            }
+            loop {
+                let decoded = match framer.next_event() {
+                    Ok(None) => break,
+                    Ok(Some((name, data))) => decoder.decode(name, data, &mut out),
+                    Err(frame::NotUtf8) => {
+                        let replied = sent_text || out.iter().any(carries_reply);
+                        ended = Some(interrupted_or(provider, replied, "stream is not UTF-8"));
+                        break;
+                    }
+                };
+                match decoded {
+                    Ok(Decoded::More) => {}
+                    Ok(Decoded::End) => {
+                        ended = Some(None);
+                        break;
+                    }
+                    Ok(Decoded::Error(message)) => {
+                        let replied = sent_text || out.iter().any(carries_reply);
+                        ended = Some(Some(upstream_error(provider, replied, message)));
+                        break;
+                    }
+                    Err(message) => {
+                        ended = Some(Some(ProviderError::Protocol {
                             provider: provider.into(),
                             message,
-                        }),
-                    });
-                    break;
+                        }));
+                        break;
+                    }
                 }
             }
-            match events.next().now_or_never() {
+            if ended.is_some() {
+                break;
+            }
+            match body.next().now_or_never() {
                 Some(more) => next = more,
                 None => break,
             }
@@ -133,47 +144,6 @@ where
     };
     // The consumer may be gone already; nothing is left to tell it then.
     let _ = tx.send(last).await;
-}
-
-/// The UTF-8 byte order mark an event stream may open with.
-const BOM: &[u8] = b"\xEF\xBB\xBF";
-
-/// `body` without the byte order marks it opens with, even one split across chunks. The SSE
-/// spec strips one; eventsource-stream 0.2 cuts a leading BOM at one byte instead of three and
-/// panics on the char boundary, so it must never see one. A second BOM would meet the same
-/// fate, so every leading one goes.
-fn without_bom<S, E>(body: S) -> impl Stream<Item = Result<bytes::Bytes, E>> + Unpin
-where
-    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
-{
-    // `head` holds the opening bytes until they are known not to be (part of) a BOM.
-    let state = (body.fuse(), Some(Vec::new()));
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut body, mut head)| async move {
-            loop {
-                let Some(opening) = head.as_mut() else {
-                    let next = body.next().await?;
-                    return Some((next, (body, head)));
-                };
-                match body.next().await {
-                    Some(Ok(chunk)) => opening.extend_from_slice(&chunk),
-                    Some(Err(e)) => return Some((Err(e), (body, head))),
-                    None => {
-                        let rest = head.take().filter(|h| !h.is_empty())?;
-                        return Some((Ok(rest.into()), (body, head)));
-                    }
-                }
-                while opening.starts_with(BOM) {
-                    opening.drain(..BOM.len());
-                }
-                if !opening.is_empty() && !BOM.starts_with(opening) {
-                    let rest = head.take().unwrap_or_default();
-                    return Some((Ok(rest.into()), (body, head)));
-                }
-            }
-        },
-    ))
 }
 
 /// Whether an event is part of the reply itself (after which a failure interrupts a reply).
@@ -282,6 +252,8 @@ mod tests {
         assert_eq!(error_message(&[b'a'; 2000]).len(), 512);
     }
 }
+
+mod frame;
 
 #[cfg(test)]
 mod props;
