@@ -86,9 +86,13 @@ where
                 let decoded = match framer.next_event() {
                     Ok(None) => break,
                     Ok(Some((name, data))) => decoder.decode(name, data, &mut out),
-                    Err(frame::NotUtf8) => {
+                    Err(e) => {
                         let replied = sent_text || out.iter().any(carries_reply);
-                        ended = Some(interrupted_or(provider, replied, "stream is not UTF-8"));
+                        let why = match e {
+                            frame::FrameError::NotUtf8 => "stream is not UTF-8",
+                            frame::FrameError::TooLong => "an event past 16 MiB",
+                        };
+                        ended = Some(interrupted_or(provider, replied, why));
                         break;
                     }
                 };

@@ -10,11 +10,17 @@
 /// The UTF-8 byte order mark an event stream may open with.
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
+/// The longest line, and the most data in one event: an upstream that never ends either is
+/// cut off, not buffered without end.
+pub const MAX_EVENT: usize = 16 << 20;
+
 #[derive(Debug, Default)]
 pub struct Framer {
     /// Bytes received and not yet read as lines, from `at`.
     buf: Vec<u8>,
     at: usize,
+    /// `buf[at..scanned]` holds no line end (a long line is not searched again per read).
+    scanned: usize,
     /// The event being read.
     data: String,
     event: String,
@@ -26,9 +32,13 @@ pub struct Framer {
     answered: bool,
 }
 
-/// An event stream that is not UTF-8.
+/// An event stream that cannot be read.
 #[derive(Debug, PartialEq, Eq)]
-pub struct NotUtf8;
+pub enum FrameError {
+    NotUtf8,
+    /// A line or an event longer than [`MAX_EVENT`].
+    TooLong,
+}
 
 impl Framer {
     /// Takes the next bytes of the stream.
@@ -36,8 +46,10 @@ impl Framer {
         if self.at > 0 && self.at == self.buf.len() {
             self.buf.clear();
             self.at = 0;
+            self.scanned = 0;
         } else if self.at > 4096 && self.at * 2 > self.buf.len() {
             self.buf.drain(..self.at);
+            self.scanned -= self.at.min(self.scanned);
             self.at = 0;
         }
         self.buf.extend_from_slice(bytes);
@@ -47,8 +59,8 @@ impl Framer {
     /// until more bytes come.
     ///
     /// # Errors
-    /// A line that is not UTF-8.
-    pub fn next_event(&mut self) -> Result<Option<(&str, &str)>, NotUtf8> {
+    /// A line that is not UTF-8, or a line or event longer than [`MAX_EVENT`].
+    pub fn next_event(&mut self) -> Result<Option<(&str, &str)>, FrameError> {
         if self.answered {
             self.answered = false;
             self.data.clear();
@@ -68,14 +80,24 @@ impl Framer {
                 self.after_cr = false;
                 continue;
             }
-            let Some(end) = rest.iter().position(|b| *b == b'\n' || *b == b'\r') else {
-                return Ok(None);
+            let from = self.scanned.saturating_sub(self.at).min(rest.len());
+            let Some(end) = rest[from..]
+                .iter()
+                .position(|b| *b == b'\n' || *b == b'\r')
+                .map(|i| from + i)
+            else {
+                self.scanned = self.buf.len();
+                return if rest.len() > MAX_EVENT {
+                    Err(FrameError::TooLong)
+                } else {
+                    Ok(None)
+                };
             };
             let line_at = self.at;
             self.after_cr = rest[end] == b'\r';
             self.at += end + 1;
-            let line =
-                std::str::from_utf8(&self.buf[line_at..line_at + end]).map_err(|_| NotUtf8)?;
+            let line = std::str::from_utf8(&self.buf[line_at..line_at + end])
+                .map_err(|_| FrameError::NotUtf8)?;
             if line.is_empty() {
                 if self.data.is_empty() {
                     self.event.clear();
@@ -98,6 +120,9 @@ impl Framer {
             };
             match field {
                 "data" => {
+                    if self.data.len() + value.len() > MAX_EVENT {
+                        return Err(FrameError::TooLong);
+                    }
                     self.data.push_str(value);
                     self.data.push('\n');
                 }
@@ -161,6 +186,11 @@ mod tests {
         assert!(events(&[b"data: half"]).is_empty());
         let mut f = Framer::default();
         f.push(b"data: \xff\n\n");
-        assert_eq!(f.next_event(), Err(NotUtf8));
+        assert_eq!(f.next_event(), Err(FrameError::NotUtf8));
+        // A line that never ends is cut off once past the bound, not buffered for ever.
+        let mut f = Framer::default();
+        f.push(b"data: ");
+        f.push(&vec![b'x'; MAX_EVENT + 1]);
+        assert_eq!(f.next_event(), Err(FrameError::TooLong));
     }
 }
