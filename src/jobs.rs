@@ -311,6 +311,10 @@ async fn requeue(state: &AppState, id: &str) -> Result<(), ApiError> {
     let Some((rec, raw)) = store.job_raw(id)? else {
         return Ok(());
     };
+    // It ended since it was found orphaned (a node whose lease lapsed may still finish it).
+    if rec.status != JobStatus::Running {
+        return Ok(());
+    }
     let mut next = rec;
     next.status = if next.cancel_requested {
         JobStatus::Cancelled

@@ -50,10 +50,12 @@ where
     let mut sent_text = false;
     let mut out = Vec::new();
     let mut joined = Vec::new();
+    // The idle timeout runs from the last event: keep-alive comments do not reset it.
+    let mut deadline = tokio::time::Instant::now() + idle;
     let failure = loop {
         let next = tokio::select! {
             () = tx.closed() => return,
-            next = tokio::time::timeout(idle, body.next()) => next,
+            next = tokio::time::timeout_at(deadline, body.next()) => next,
         };
         let mut next = match next {
             Err(_) => break interrupted_or(provider, sent_text, "no data before the idle timeout"),
@@ -85,7 +87,10 @@ where
             loop {
                 let decoded = match framer.next_event() {
                     Ok(None) => break,
-                    Ok(Some((name, data))) => decoder.decode(name, data, &mut out),
+                    Ok(Some((name, data))) => {
+                        deadline = tokio::time::Instant::now() + idle;
+                        decoder.decode(name, data, &mut out)
+                    }
                     Err(e) => {
                         let replied = sent_text || out.iter().any(carries_reply);
                         let why = match e {

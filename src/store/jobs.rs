@@ -118,16 +118,15 @@ fn queue_key(rec: &JobRecord) -> Vec<u8> {
     k
 }
 
-/// `jobs_running`: node ‖ 0 ‖ job id → nothing, the jobs each node runs. The marker key (no
-/// node name starts with 0xff) says the index was built from the jobs stored before it existed.
+/// `jobs_running`: node ‖ 0 ‖ job id → nothing, the jobs each node runs. It may hold more
+/// than runs (an entry is checked against its job when read), never less: an entry is written
+/// before its job starts running and removed only after it stopped.
 pub(super) fn running_key(node: &str, id: &str) -> Vec<u8> {
     let mut k = node.as_bytes().to_vec();
     k.push(0);
     k.extend_from_slice(id.as_bytes());
     k
 }
-
-const RUNNING_INDEXED: &[u8] = &[0xff];
 
 fn tenant_key(rec: &JobRecord) -> Vec<u8> {
     let mut k = rec.tenant.as_str().as_bytes().to_vec();
@@ -169,6 +168,13 @@ impl Store {
     /// # Errors
     /// Storage failures.
     pub async fn swap_job(&self, old: &[u8], new: &JobRecord) -> Result<bool, StoreError> {
+        let running = match (new.status, new.claimed_by.as_deref()) {
+            (JobStatus::Running, Some(node)) => Some(running_key(node, &new.id)),
+            _ => None,
+        };
+        if let Some(key) = &running {
+            self.jobs_running.insert(key, [])?;
+        }
         let swapped = self
             .jobs
             .compare_and_swap(new.id.as_bytes(), Some(old), Some(encode(new)?))?
@@ -185,10 +191,10 @@ impl Store {
                 .filter(|b| b.status == JobStatus::Running)
                 .and_then(|b| b.claimed_by.as_deref())
             {
-                self.jobs_running.remove(running_key(node, &new.id))?;
-            }
-            if let (JobStatus::Running, Some(node)) = (new.status, new.claimed_by.as_deref()) {
-                self.jobs_running.insert(running_key(node, &new.id), [])?;
+                let key = running_key(node, &new.id);
+                if running.as_ref() != Some(&key) {
+                    self.jobs_running.remove(key)?;
+                }
             }
             self.flush().await?;
         }
@@ -404,18 +410,26 @@ impl Store {
                 {
                     out.push(rec.id);
                 }
-                _ => stale.push(key),
+                _ => stale.push((key.to_vec(), node.to_owned(), id.to_owned())),
             }
         }
-        for key in stale {
+        for (key, node, id) in stale {
             self.jobs_running.remove(&key)?;
+            // Claimed again by that node since it was read: the entry stays.
+            if let Some((rec, _)) = self.job_raw(&id)? {
+                if rec.status == JobStatus::Running && rec.claimed_by.as_deref() == Some(&node) {
+                    self.jobs_running.insert(&key, [])?;
+                }
+            }
         }
         Ok(out)
     }
 
-    /// Builds the index of running jobs once, from jobs stored before it existed.
+    /// Builds the index of running jobs from the jobs, once per process (what a binary without
+    /// the index started is found too).
     fn index_running_jobs(&self) -> Result<(), StoreError> {
-        if self.jobs_running.contains_key(RUNNING_INDEXED)? {
+        use std::sync::atomic::Ordering;
+        if self.running_indexed.load(Ordering::Acquire) {
             return Ok(());
         }
         for v in self.jobs.iter().values() {
@@ -426,7 +440,7 @@ impl Store {
                 self.jobs_running.insert(running_key(node, &rec.id), [])?;
             }
         }
-        self.jobs_running.insert(RUNNING_INDEXED, [])?;
+        self.running_indexed.store(true, Ordering::Release);
         Ok(())
     }
 }

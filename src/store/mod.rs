@@ -153,6 +153,9 @@ pub struct Store {
     jobs: Tree,
     jobs_queue: Tree,
     jobs_running: Tree,
+    /// Whether this process has built `jobs_running` from the jobs once (so running jobs that
+    /// a binary without the index started are found too).
+    running_indexed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     jobs_by_tenant: Tree,
     webhooks_due: Tree,
     webhook_secrets: Tree,
@@ -245,6 +248,7 @@ impl Store {
             jobs: open("jobs")?,
             jobs_queue: open("jobs_queue")?,
             jobs_running: open("jobs_running")?,
+            running_indexed: Default::default(),
             jobs_by_tenant: open("jobs_by_tenant")?,
             webhooks_due: open("webhooks_due")?,
             webhook_secrets: open("webhook_secrets")?,

@@ -523,12 +523,23 @@ async fn running_jobs_are_found_by_node_through_their_index() {
         let mut on_n1 = store.running_jobs(|n| n == "n1").unwrap(); // ok: test code
         on_n1.sort();
         assert_eq!(on_n1, vec!["job_a".to_owned()]);
-        // Queued again: no longer running anywhere.
+        // Updated while it runs (a cancel asked): its entry stays.
+        set(&store, "job_a", JobStatus::Running, Some("n1")).await;
+        assert!(store
+            .jobs_running
+            .contains_key(jobs::running_key("n1", "job_a"))
+            .unwrap()); // ok: test code
+                        // Queued again: no longer running anywhere.
         set(&store, "job_b", JobStatus::Queued, None).await;
         assert!(store.running_jobs(|_| true).unwrap().len() == 1); // ok: test code
 
-        // A store written before the index existed: built once, from the jobs.
+        // Entries a binary without the index never wrote: a process's first read builds the
+        // index from the jobs (a new process is a new flag).
         store.jobs_running.clear().unwrap(); // ok: test code
+        assert!(store.running_jobs(|_| true).unwrap().is_empty()); // ok: test code
+        store
+            .running_indexed
+            .store(false, std::sync::atomic::Ordering::Release);
         let mut all = store.running_jobs(|_| true).unwrap(); // ok: test code
         all.sort();
         assert_eq!(all, vec!["job_a".to_owned()]);

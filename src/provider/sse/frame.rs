@@ -1,7 +1,8 @@
 //! Server-sent event framing (the WHATWG `text/event-stream` format): bytes in, one event
 //! (its name and data) out at a time, read straight from one reused buffer.
 //!
-//! Lines end at LF, CRLF or a lone CR (a CR at the end of a read waits for the next byte); a
+//! Lines end at LF, CRLF or a lone CR (a CR ends its line at once; a LF right after it, even
+//! in the next read, belongs to it); a
 //! leading byte order mark (or several) is dropped; `:` lines are comments; `data` lines are
 //! joined with LF; `event` names the event; `id` and `retry` are read and ignored (an upstream
 //! generation is never resumed); a blank line ends an event, which is passed on only if it has

@@ -309,3 +309,37 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
         pumped.await.unwrap(); // ok: test code
     });
 }
+
+/// The idle timeout runs from the last event: an upstream that sends keep-alive comments and
+/// nothing else is cut off all the same.
+#[test]
+fn keep_alives_do_not_hold_off_the_idle_timeout() {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    else {
+        panic!("no runtime");
+    };
+    rt.block_on(async {
+        // Endless: a comment every 10 ms.
+        let body = Box::pin(stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let ping: Result<bytes::Bytes, std::io::Error> =
+                Ok(bytes::Bytes::from_static(b": ping\n\n"));
+            Some((ping, ()))
+        }));
+        let (tx, mut rx) = mpsc::channel(16);
+        let tx = EventTx::new(tx);
+        let begun = std::time::Instant::now();
+        let idle = Duration::from_millis(150);
+        let pumped = tokio::time::timeout(
+            Duration::from_secs(10),
+            pump("p", body, OpenAiDecoder::default(), idle, &tx),
+        )
+        .await;
+        assert!(pumped.is_ok(), "the pump never gave up");
+        assert!(begun.elapsed() >= idle);
+        let last = rx.recv().await;
+        assert!(matches!(last, Some(UpstreamEvent::Failed(_))), "{last:?}");
+    });
+}
