@@ -257,16 +257,22 @@ fn a_leading_byte_order_mark_is_stripped() {
     }
 }
 
+/// A runtime with timers, for the tests that drive the pump in time.
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("no runtime: {e}"),
+    }
+}
+
 /// Text is passed on as soon as it arrives: what came in separate reads leaves as separate
 /// deltas (only what had already arrived together is joined).
 #[test]
 fn text_that_trickles_in_is_passed_on_as_it_comes() {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
-        panic!("no runtime");
-    };
+    let rt = runtime();
     rt.block_on(async {
         let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
         let (tx, mut rx) = mpsc::channel(16);
@@ -314,12 +320,7 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
 /// nothing else is cut off all the same.
 #[test]
 fn keep_alives_do_not_hold_off_the_idle_timeout() {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    else {
-        panic!("no runtime");
-    };
+    let rt = runtime();
     rt.block_on(async {
         // Endless: a comment every 10 ms.
         let body = Box::pin(stream::unfold((), |()| async {
