@@ -548,10 +548,8 @@ async fn running_jobs_are_found_by_node_through_their_index() {
             .jobs_running
             .insert(jobs::running_key("n2", "job_c"), [])
             .unwrap(); // ok: test code
-        assert_eq!(
-            store.running_jobs(|n| n == "n2").unwrap(),
-            Vec::<String>::new()
-        );
+        let on_n2 = store.running_jobs(|n| n == "n2").unwrap(); // ok: test code
+        assert_eq!(on_n2, Vec::<String>::new());
         assert!(!store
             .jobs_running
             .contains_key(jobs::running_key("n2", "job_c"))

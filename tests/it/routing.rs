@@ -15,24 +15,31 @@ use serde_json::{json, Value};
 const FAST_MODEL: &str = "small-model";
 const STRONG_MODEL: &str = "big-model";
 
-/// The mock's `up` route plus `auto`: tier `fast` → `small-model`, `strong` → `big-model`, both
-/// on the mock upstream; PII redaction off so the server scores exactly the evaluation's text.
-fn semantic_config(up: &MockUpstream, sticky_turns: u32) -> parley::config::Config {
-    let mut cfg = config_with(Some(up));
+/// Route `auto`, semantic: tier `fast` → `small-model` on provider `fast`, `strong` →
+/// `big-model` on provider `strong`.
+fn semantic_route(fast: &str, strong: &str) -> parley::config::RouteConfig {
     let mut auto = route("auto", &[]);
     auto.strategy = Strategy::Semantic;
     auto.tiers = vec![
         TierConfig {
             name: "fast".into(),
-            targets: vec![TargetConfig::new("up", FAST_MODEL)],
+            targets: vec![TargetConfig::new(fast, FAST_MODEL)],
             strategy: Strategy::Fallback,
         },
         TierConfig {
             name: "strong".into(),
-            targets: vec![TargetConfig::new("up", STRONG_MODEL)],
+            targets: vec![TargetConfig::new(strong, STRONG_MODEL)],
             strategy: Strategy::Fallback,
         },
     ];
+    auto
+}
+
+/// The mock's `up` route plus `auto`: tier `fast` → `small-model`, `strong` → `big-model`, both
+/// on the mock upstream; PII redaction off so the server scores exactly the evaluation's text.
+fn semantic_config(up: &MockUpstream, sticky_turns: u32) -> parley::config::Config {
+    let mut cfg = config_with(Some(up));
+    let mut auto = semantic_route("up", "up");
     auto.sticky_turns = sticky_turns;
     auto.pii = parley::guard::pii::PiiMode::Off;
     cfg.routes.push(auto);
@@ -351,21 +358,7 @@ async fn a_tier_outside_a_keys_regions_gives_way_to_one_inside() {
         p.region = Some(region.into());
         cfg.providers.push(p);
     }
-    let mut auto = route("auto", &[]);
-    auto.strategy = Strategy::Semantic;
-    auto.tiers = vec![
-        TierConfig {
-            name: "fast".into(),
-            targets: vec![TargetConfig::new("us", FAST_MODEL)],
-            strategy: Strategy::Fallback,
-        },
-        TierConfig {
-            name: "strong".into(),
-            targets: vec![TargetConfig::new("eu", STRONG_MODEL)],
-            strategy: Strategy::Fallback,
-        },
-    ];
-    cfg.routes.push(auto);
+    cfg.routes.push(semantic_route("us", "eu"));
     let server = TestServer::start_with_admin(cfg);
     let (_, anywhere) = server.create_key(json!({"tenant": "t"})).await;
     let (_, eu_only) = server
