@@ -33,14 +33,9 @@ pub const STREAM_BUFFER: usize = 64;
 pub struct EventTx {
     tx: tokio::sync::mpsc::Sender<UpstreamEvent>,
     begun: std::time::Instant,
-    sent: parking_lot::Mutex<Sent>,
-}
-
-/// What an [`EventTx`] has passed on.
-#[derive(Default, Clone, Copy)]
-struct Sent {
-    first: Option<Duration>,
-    end: Option<End>,
+    /// When the first event left, and the first end that did (each set once, no lock).
+    first: std::sync::OnceLock<Duration>,
+    end: std::sync::OnceLock<End>,
 }
 
 #[derive(Clone, Copy)]
@@ -54,7 +49,8 @@ impl EventTx {
         Self {
             tx,
             begun: std::time::Instant::now(),
-            sent: parking_lot::Mutex::new(Sent::default()),
+            first: std::sync::OnceLock::new(),
+            end: std::sync::OnceLock::new(),
         }
     }
 
@@ -75,10 +71,9 @@ impl EventTx {
         };
         let at = self.begun.elapsed();
         self.tx.send(event).await?;
-        let mut sent = self.sent.lock();
-        sent.first.get_or_insert(at);
-        if sent.end.is_none() {
-            sent.end = end;
+        let _ = self.first.set(at);
+        if let Some(end) = end {
+            let _ = self.end.set(end);
         }
         Ok(())
     }
@@ -95,13 +90,12 @@ impl EventTx {
     /// How the generation ended for the deployment: succeeded (with its usage and time to the
     /// first event), failed, or abandoned (the consumer left before an end reached it).
     fn outcome(&self) -> deployment::Outcome {
-        let sent = *self.sent.lock();
-        match sent.end {
+        match self.end.get() {
             Some(End::Finished(usage)) => deployment::Outcome::Succeeded {
-                usage,
-                ttft: sent.first.unwrap_or_default(),
+                usage: *usage,
+                ttft: self.first.get().copied().unwrap_or_default(),
             },
-            Some(End::Failed(status)) => deployment::Outcome::Failed { status },
+            Some(End::Failed(status)) => deployment::Outcome::Failed { status: *status },
             None => deployment::Outcome::Abandoned,
         }
     }
