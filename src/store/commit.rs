@@ -63,7 +63,7 @@ impl GroupCommit {
                     };
                 }
             }
-            self.start_round(db);
+            self.start_round(db, ticket);
             if rounds.changed().await.is_err() {
                 return Err(StoreError::Task("store closed".into()));
             }
@@ -82,11 +82,12 @@ impl GroupCommit {
     }
 
     /// Starts a flush covering every ticket issued so far, unless one is running (its end
-    /// starts the next).
-    fn start_round(self: &Arc<Self>, db: &sled::Db) {
+    /// starts the next) or one that ended meanwhile already covers `ticket`.
+    fn start_round(self: &Arc<Self>, db: &sled::Db, ticket: u64) {
         let covered = {
             let mut s = self.state.lock();
-            if s.running {
+            // Rounds end under this lock, so the newest one is seen here.
+            if s.running || self.ended.borrow().covered >= ticket {
                 return;
             }
             s.running = true;
@@ -116,7 +117,7 @@ impl GroupCommit {
                 more
             };
             if let Some(db) = db.filter(|_| more) {
-                this.start_round(&db);
+                this.start_round(&db, covered + 1);
             }
         });
     }
@@ -143,6 +144,9 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap(); // ok: test code
         }
+        // No round is left running for ever.
+        let idle = tokio::time::timeout(std::time::Duration::from_secs(10), commit.idle()).await;
+        assert!(idle.is_ok(), "a flush round never ended");
         let rounds = commit.ended.borrow().covered;
         assert_eq!(
             rounds,
