@@ -38,6 +38,9 @@ pub trait Decoder {
     fn outcome(&self) -> (Option<UpstreamFinish>, Option<Usage>, Option<String>);
 }
 
+/// The most body chunks decoded together before their events are passed on.
+const BURST_READS: usize = 64;
+
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
 pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &EventTx)
 where
@@ -61,24 +64,28 @@ where
             Err(_) => break interrupted_or(provider, sent_text, "no data before the idle timeout"),
             Ok(next) => next,
         };
-        // Every read that has already arrived is decoded before any event is passed on, so
-        // text that came together leaves as one delta: under load the per-event cost is paid
-        // once per read, and a stream that trickles in is passed on as it comes.
+        // Every read that has already arrived is decoded before any event is passed on, and
+        // the events of all of them are passed on together: under load the hand-off to the
+        // consumer (and the write to its client) is paid once per burst rather than once per
+        // read, and a stream that trickles in is passed on as it comes. Text of one read
+        // leaves as one delta; text of separate reads stays in separate deltas, as sent.
         let mut ended = None;
+        let mut reads = 0;
         loop {
+            let read_from = joined.len();
             match next {
                 None => {
                     ended = Some(match decoder.outcome() {
                         (Some(_), ..) => None,
                         _ => {
-                            let replied = sent_text || out.iter().any(carries_reply);
+                            let replied = replied(sent_text, &out, &joined);
                             interrupted_or(provider, replied, "stream ended before completion")
                         }
                     });
                     break;
                 }
                 Some(Err(e)) => {
-                    let replied = sent_text || out.iter().any(carries_reply);
+                    let replied = replied(sent_text, &out, &joined);
                     ended = Some(interrupted_or(provider, replied, &e.to_string()));
                     break;
                 }
@@ -92,7 +99,7 @@ where
                         decoder.decode(name, data, &mut out)
                     }
                     Err(e) => {
-                        let replied = sent_text || out.iter().any(carries_reply);
+                        let replied = replied(sent_text, &out, &joined);
                         let why = match e {
                             frame::FrameError::NotUtf8 => "stream is not UTF-8",
                             frame::FrameError::TooLong => "an event past 16 MiB",
@@ -108,7 +115,7 @@ where
                         break;
                     }
                     Ok(Decoded::Error(message)) => {
-                        let replied = sent_text || out.iter().any(carries_reply);
+                        let replied = replied(sent_text, &out, &joined);
                         ended = Some(Some(upstream_error(provider, replied, message)));
                         break;
                     }
@@ -121,15 +128,26 @@ where
                     }
                 }
             }
+            coalesce(&mut out, &mut joined, read_from);
             if ended.is_some() {
                 break;
             }
+            reads += 1;
             match body.next().now_or_never() {
                 Some(more) => next = more,
+                None if reads < BURST_READS => {
+                    // hyper hands a response over one chunk at a time, the next decoded only
+                    // once its connection's task has run again: let it run, then take what it
+                    // had already received. Nothing more there ends the burst.
+                    tokio::task::yield_now().await;
+                    match body.next().now_or_never() {
+                        Some(more) => next = more,
+                        None => break,
+                    }
+                }
                 None => break,
             }
         }
-        coalesce(&mut out, &mut joined);
         for e in joined.drain(..) {
             sent_text |= carries_reply(&e);
             if tx.send(e).await.is_err() {
@@ -155,6 +173,11 @@ where
     let _ = tx.send(last).await;
 }
 
+/// Whether part of the reply has been sent, or is about to be.
+fn replied(sent_text: bool, out: &[UpstreamEvent], joined: &[UpstreamEvent]) -> bool {
+    sent_text || out.iter().chain(joined).any(carries_reply)
+}
+
 /// Whether an event is part of the reply itself (after which a failure interrupts a reply).
 fn carries_reply(e: &UpstreamEvent) -> bool {
     match e {
@@ -164,13 +187,17 @@ fn carries_reply(e: &UpstreamEvent) -> bool {
     }
 }
 
-/// Moves `events` into `joined`, empty text deltas dropped and adjacent text deltas joined
-/// (both buffers are kept by the caller and reused from read to read).
-fn coalesce(events: &mut Vec<UpstreamEvent>, joined: &mut Vec<UpstreamEvent>) {
+/// Moves `events` into `joined`, empty text deltas dropped and adjacent text deltas joined,
+/// though never with one of `joined`'s first `from` events (those of earlier reads). Both
+/// buffers are kept by the caller and reused from read to read.
+fn coalesce(events: &mut Vec<UpstreamEvent>, joined: &mut Vec<UpstreamEvent>, from: usize) {
     for e in events.drain(..) {
+        let len = joined.len();
         match (e, joined.last_mut()) {
             (UpstreamEvent::Delta(t), _) if t.is_empty() => {}
-            (UpstreamEvent::Delta(t), Some(UpstreamEvent::Delta(prev))) => prev.push_str(&t),
+            (UpstreamEvent::Delta(t), Some(UpstreamEvent::Delta(prev))) if len > from => {
+                prev.push_str(&t);
+            }
             (e, _) => joined.push(e),
         }
     }

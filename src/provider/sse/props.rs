@@ -316,6 +316,72 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
     });
 }
 
+/// Chunks an upstream sent together leave together, though the body hands them over one at a
+/// time (as hyper does: the next chunk is decoded only once its connection task runs again):
+/// when the consumer sees the first delta, the others are already waiting, each its own delta.
+#[test]
+fn chunks_that_arrived_together_leave_together_each_its_own_delta() {
+    let rt = runtime();
+    rt.block_on(async {
+        // Capacity 1 and a task of its own, like hyper's body channel.
+        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+        let chunk = |t: &str| {
+            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
+            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
+        };
+        let words = ["one ", "two ", "three"];
+        let feeder = tokio::spawn(async move {
+            for word in words {
+                if body_tx.send(chunk(word)).await.is_err() {
+                    return None;
+                }
+            }
+            // Held open: the stream has not ended, only paused.
+            Some(body_tx)
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let tx = EventTx::new(tx);
+        let pumped = tokio::spawn(async move {
+            let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
+                rx.recv().await.map(|chunk| (chunk, rx))
+            }));
+            pump(
+                "p",
+                body,
+                OpenAiDecoder::default(),
+                Duration::from_secs(30),
+                &tx,
+            )
+            .await;
+        });
+        // The consumer is a task too, woken in turn with the feeder and the pump.
+        let consumer = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let rest: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+            (first, rest)
+        });
+        let (first, rest) = tokio::time::timeout(Duration::from_secs(10), consumer)
+            .await
+            .unwrap() // ok: test code
+            .unwrap(); // ok: test code
+        assert!(
+            matches!(first, Some(UpstreamEvent::Delta(ref t)) if t == "one "),
+            "{first:?}"
+        );
+        let rest: Vec<_> = rest
+            .iter()
+            .map(|e| match e {
+                UpstreamEvent::Delta(t) => t.as_str(),
+                _ => "(not a delta)",
+            })
+            .collect();
+        assert_eq!(rest, words[1..], "not ready with the first delta");
+        let body_tx = feeder.await.unwrap(); // ok: test code
+        drop(body_tx);
+        pumped.await.unwrap(); // ok: test code
+    });
+}
+
 /// The idle timeout runs from the last event: an upstream that sends keep-alive comments and
 /// nothing else is cut off all the same.
 #[test]
