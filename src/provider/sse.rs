@@ -2,9 +2,10 @@
 //!
 //! [`frame::Framer`] does the framing (events split across network chunks, several events per
 //! chunk, CRLF, comments and keep-alives) from one reused buffer; a [`Decoder`] turns each event
-//! of one wire format into deltas and the final result. [`pump`] drives one response into the consumer's channel, stops
-//! as soon as the consumer goes away (which drops, and so closes, the upstream connection), and
-//! times out a stream that goes silent.
+//! of one wire format into deltas and the final result. [`pump`] drives one response into the
+//! consumer's channel, decoding what arrived together (a burst) before passing it on; it stops
+//! once the consumer goes away (by the end of the burst it is reading; the upstream connection
+//! is dropped, and so closed), and times out a stream that goes silent.
 
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub trait Decoder {
 /// The most body chunks decoded together before their events are passed on.
 const BURST_READS: usize = 64;
 
+/// How long after its first read a burst may go on yielding for more.
+const BURST_WINDOW: Duration = Duration::from_millis(1);
+
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
 pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &EventTx)
 where
@@ -71,6 +75,7 @@ where
         // leaves as one delta; text of separate reads stays in separate deltas, as sent.
         let mut ended = None;
         let mut reads = 0;
+        let burst_began = tokio::time::Instant::now();
         loop {
             let read_from = joined.len();
             match next {
@@ -133,13 +138,20 @@ where
                 break;
             }
             reads += 1;
+            if reads >= BURST_READS {
+                break;
+            }
             match body.next().now_or_never() {
                 Some(more) => next = more,
-                None if reads < BURST_READS => {
+                None if burst_began.elapsed() < BURST_WINDOW => {
                     // hyper hands a response over one chunk at a time, the next decoded only
                     // once its connection's task has run again: let it run, then take what it
-                    // had already received. Nothing more there ends the burst.
+                    // has by then. Nothing more there ends the burst; so does the window, so
+                    // a busy thread never holds a steady stream back for long.
                     tokio::task::yield_now().await;
+                    if tx.is_closed() {
+                        return;
+                    }
                     match body.next().now_or_never() {
                         Some(more) => next = more,
                         None => break,

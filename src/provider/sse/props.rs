@@ -257,6 +257,19 @@ fn a_leading_byte_order_mark_is_stripped() {
     }
 }
 
+/// A runtime whose clock stands still unless every task waits (then it jumps to the next
+/// timer): the burst tests must not depend on how fast the machine runs them.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => panic!("no runtime: {e}"),
+    }
+}
+
 /// A runtime with timers, for the tests that drive the pump in time.
 fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_current_thread()
@@ -321,7 +334,7 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
 /// when the consumer sees the first delta, the others are already waiting, each its own delta.
 #[test]
 fn chunks_that_arrived_together_leave_together_each_its_own_delta() {
-    let rt = runtime();
+    let rt = paused_runtime();
     rt.block_on(async {
         // Capacity 1 and a task of its own, like hyper's body channel.
         let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
@@ -379,6 +392,58 @@ fn chunks_that_arrived_together_leave_together_each_its_own_delta() {
         let body_tx = feeder.await.unwrap(); // ok: test code
         drop(body_tx);
         pumped.await.unwrap(); // ok: test code
+    });
+}
+
+/// A body that fails in the middle of a burst: the deltas decoded before the failure still go
+/// out, in order and each its own, and then the reply is reported interrupted.
+#[test]
+fn a_failure_inside_a_burst_comes_after_the_deltas_before_it() {
+    let rt = paused_runtime();
+    rt.block_on(async {
+        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+        let chunk = |t: &str| {
+            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
+            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
+        };
+        tokio::spawn(async move {
+            let _ = body_tx.send(chunk("one ")).await;
+            let _ = body_tx.send(chunk("two")).await;
+            let _ = body_tx.send(Err(std::io::Error::other("reset"))).await;
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        let tx = EventTx::new(tx);
+        let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        }));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            pump(
+                "p",
+                body,
+                OpenAiDecoder::default(),
+                Duration::from_secs(30),
+                &tx,
+            ),
+        )
+        .await
+        .unwrap(); // ok: test code
+        drop(tx);
+        let mut got = Vec::new();
+        while let Some(e) = rx.recv().await {
+            got.push(e);
+        }
+        assert!(
+            matches!(
+                got.as_slice(),
+                [
+                    UpstreamEvent::Delta(a),
+                    UpstreamEvent::Delta(b),
+                    UpstreamEvent::Failed(ProviderError::Interrupted { .. }),
+                ] if a == "one " && b == "two"
+            ),
+            "{got:?}"
+        );
     });
 }
 
