@@ -73,73 +73,41 @@ where
         // consumer (and the write to its client) is paid once per burst rather than once per
         // read, and a stream that trickles in is passed on as it comes. Text of one read
         // leaves as one delta; text of separate reads stays in separate deltas, as sent.
-        let mut ended = None;
         let mut reads = 0;
         let burst_began = tokio::time::Instant::now();
-        loop {
+        // How the stream ended, if it did (`Some(None)`: complete).
+        let ended = loop {
             let read_from = joined.len();
-            match next {
+            let bytes = match next {
                 None => {
-                    ended = Some(match decoder.outcome() {
+                    break Some(match decoder.outcome() {
                         (Some(_), ..) => None,
                         _ => {
                             let replied = replied(sent_text, &out, &joined);
                             interrupted_or(provider, replied, "stream ended before completion")
                         }
-                    });
-                    break;
+                    })
                 }
                 Some(Err(e)) => {
                     let replied = replied(sent_text, &out, &joined);
-                    ended = Some(interrupted_or(provider, replied, &e.to_string()));
-                    break;
+                    break Some(interrupted_or(provider, replied, &e.to_string()));
                 }
-                Some(Ok(bytes)) => framer.push(&bytes),
-            }
-            loop {
-                let decoded = match framer.next_event() {
-                    Ok(None) => break,
-                    Ok(Some((name, data))) => {
-                        deadline = tokio::time::Instant::now() + idle;
-                        decoder.decode(name, data, &mut out)
-                    }
-                    Err(e) => {
-                        let replied = replied(sent_text, &out, &joined);
-                        let why = match e {
-                            frame::FrameError::NotUtf8 => "stream is not UTF-8",
-                            frame::FrameError::TooLong => "an event past 16 MiB",
-                        };
-                        ended = Some(interrupted_or(provider, replied, why));
-                        break;
-                    }
-                };
-                match decoded {
-                    Ok(Decoded::More) => {}
-                    Ok(Decoded::End) => {
-                        ended = Some(None);
-                        break;
-                    }
-                    Ok(Decoded::Error(message)) => {
-                        let replied = replied(sent_text, &out, &joined);
-                        ended = Some(Some(upstream_error(provider, replied, message)));
-                        break;
-                    }
-                    Err(message) => {
-                        ended = Some(Some(ProviderError::Protocol {
-                            provider: provider.into(),
-                            message,
-                        }));
-                        break;
-                    }
-                }
+                Some(Ok(bytes)) => bytes,
+            };
+            framer.push(&bytes);
+            let (events, end) = decode_held(provider, &mut framer, &mut decoder, &mut out, |out| {
+                replied(sent_text, out, &joined)
+            });
+            if events {
+                deadline = tokio::time::Instant::now() + idle;
             }
             coalesce(&mut out, &mut joined, read_from);
-            if ended.is_some() {
-                break;
+            if end.is_some() {
+                break end;
             }
             reads += 1;
             if reads >= BURST_READS {
-                break;
+                break None;
             }
             match body.next().now_or_never() {
                 Some(more) => next = more,
@@ -154,12 +122,12 @@ where
                     }
                     match body.next().now_or_never() {
                         Some(more) => next = more,
-                        None => break,
+                        None => break None,
                     }
                 }
-                None => break,
+                None => break None,
             }
-        }
+        };
         for e in joined.drain(..) {
             sent_text |= carries_reply(&e);
             if tx.send(e).await.is_err() {
@@ -183,6 +151,45 @@ where
     };
     // The consumer may be gone already; nothing is left to tell it then.
     let _ = tx.send(last).await;
+}
+
+/// Decodes into `out` every whole event `framer` holds. Answers whether there was any, and
+/// how the stream ended if one of them ended it (`Some(None)`: complete); `replied` says
+/// whether part of the reply came before `out`'s events.
+fn decode_held<D: Decoder>(
+    provider: &str,
+    framer: &mut frame::Framer,
+    decoder: &mut D,
+    out: &mut Vec<UpstreamEvent>,
+    replied: impl Fn(&[UpstreamEvent]) -> bool,
+) -> (bool, Option<Option<ProviderError>>) {
+    let mut events = false;
+    loop {
+        let decoded = match framer.next_event() {
+            Ok(None) => return (events, None),
+            Ok(Some((name, data))) => {
+                events = true;
+                decoder.decode(name, data, out)
+            }
+            Err(e) => {
+                let why = match e {
+                    frame::FrameError::NotUtf8 => "stream is not UTF-8",
+                    frame::FrameError::TooLong => "an event past 16 MiB",
+                };
+                return (events, Some(interrupted_or(provider, replied(out), why)));
+            }
+        };
+        let end = match decoded {
+            Ok(Decoded::More) => continue,
+            Ok(Decoded::End) => None,
+            Ok(Decoded::Error(message)) => Some(upstream_error(provider, replied(out), message)),
+            Err(message) => Some(ProviderError::Protocol {
+                provider: provider.into(),
+                message,
+            }),
+        };
+        return (events, Some(end));
+    }
 }
 
 /// Whether part of the reply has been sent, or is about to be.

@@ -257,12 +257,13 @@ fn a_leading_byte_order_mark_is_stripped() {
     }
 }
 
-/// A runtime whose clock stands still unless every task waits (then it jumps to the next
-/// timer): the burst tests must not depend on how fast the machine runs them.
-fn paused_runtime() -> tokio::runtime::Runtime {
+/// A runtime with timers, for the tests that drive the pump in time. A `paused` clock stands
+/// still unless every task waits (then it jumps to the next timer): the burst tests must not
+/// depend on how fast the machine runs them.
+fn runtime(paused: bool) -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_current_thread()
         .enable_time()
-        .start_paused(true)
+        .start_paused(paused)
         .build()
     {
         Ok(rt) => rt,
@@ -270,45 +271,47 @@ fn paused_runtime() -> tokio::runtime::Runtime {
     }
 }
 
-/// A runtime with timers, for the tests that drive the pump in time.
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => panic!("no runtime: {e}"),
-    }
+type BodyChunk = Result<bytes::Bytes, std::io::Error>;
+
+/// One OpenAI chunk carrying `text`, as one read of the body.
+fn delta_read(text: &str) -> BodyChunk {
+    let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": text}}]});
+    Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
+}
+
+/// The pump on a task of its own, reading the body `body_rx` feeds: its task and what it
+/// passes on.
+fn spawn_pump(
+    body_rx: mpsc::Receiver<BodyChunk>,
+) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<UpstreamEvent>) {
+    let (tx, rx) = mpsc::channel(16);
+    let tx = EventTx::new(tx);
+    let pumped = tokio::spawn(async move {
+        let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        }));
+        pump(
+            "p",
+            body,
+            OpenAiDecoder::default(),
+            Duration::from_secs(30),
+            &tx,
+        )
+        .await;
+    });
+    (pumped, rx)
 }
 
 /// Text is passed on as soon as it arrives: what came in separate reads leaves as separate
 /// deltas (only what had already arrived together is joined).
 #[test]
 fn text_that_trickles_in_is_passed_on_as_it_comes() {
-    let rt = runtime();
+    let rt = runtime(false);
     rt.block_on(async {
-        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-        let (tx, mut rx) = mpsc::channel(16);
-        let tx = EventTx::new(tx);
-        let pumped = tokio::spawn(async move {
-            let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
-                rx.recv().await.map(|chunk| (chunk, rx))
-            }));
-            pump(
-                "p",
-                body,
-                OpenAiDecoder::default(),
-                Duration::from_secs(30),
-                &tx,
-            )
-            .await;
-        });
-        let chunk = |t: &str| {
-            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
-            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
-        };
+        let (body_tx, body_rx) = mpsc::channel(4);
+        let (pumped, mut rx) = spawn_pump(body_rx);
         for word in ["one ", "two ", "three"] {
-            body_tx.send(chunk(word)).await.unwrap(); // ok: test code
+            body_tx.send(delta_read(word)).await.unwrap(); // ok: test code
             let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
             assert!(
                 matches!(got, Ok(Some(UpstreamEvent::Delta(ref t))) if t == word),
@@ -316,8 +319,8 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
             );
         }
         // Two events in one read leave as one delta.
-        let mut both = chunk("four ").unwrap().to_vec(); // ok: test code
-        both.extend_from_slice(&chunk("five").unwrap()); // ok: test code
+        let mut both = delta_read("four ").unwrap().to_vec(); // ok: test code
+        both.extend_from_slice(&delta_read("five").unwrap()); // ok: test code
         body_tx.send(Ok(both.into())).await.unwrap(); // ok: test code
         let got = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await;
         assert!(
@@ -334,39 +337,21 @@ fn text_that_trickles_in_is_passed_on_as_it_comes() {
 /// when the consumer sees the first delta, the others are already waiting, each its own delta.
 #[test]
 fn chunks_that_arrived_together_leave_together_each_its_own_delta() {
-    let rt = paused_runtime();
+    let rt = runtime(true);
     rt.block_on(async {
         // Capacity 1 and a task of its own, like hyper's body channel.
-        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
-        let chunk = |t: &str| {
-            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
-            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
-        };
+        let (body_tx, body_rx) = mpsc::channel(1);
         let words = ["one ", "two ", "three"];
         let feeder = tokio::spawn(async move {
             for word in words {
-                if body_tx.send(chunk(word)).await.is_err() {
+                if body_tx.send(delta_read(word)).await.is_err() {
                     return None;
                 }
             }
             // Held open: the stream has not ended, only paused.
             Some(body_tx)
         });
-        let (tx, mut rx) = mpsc::channel(16);
-        let tx = EventTx::new(tx);
-        let pumped = tokio::spawn(async move {
-            let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
-                rx.recv().await.map(|chunk| (chunk, rx))
-            }));
-            pump(
-                "p",
-                body,
-                OpenAiDecoder::default(),
-                Duration::from_secs(30),
-                &tx,
-            )
-            .await;
-        });
+        let (pumped, mut rx) = spawn_pump(body_rx);
         // The consumer is a task too, woken in turn with the feeder and the pump.
         let consumer = tokio::spawn(async move {
             let first = rx.recv().await;
@@ -399,36 +384,19 @@ fn chunks_that_arrived_together_leave_together_each_its_own_delta() {
 /// out, in order and each its own, and then the reply is reported interrupted.
 #[test]
 fn a_failure_inside_a_burst_comes_after_the_deltas_before_it() {
-    let rt = paused_runtime();
+    let rt = runtime(true);
     rt.block_on(async {
-        let (body_tx, body_rx) = mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
-        let chunk = |t: &str| {
-            let c = json!({"model": "m", "choices": [{"index": 0, "delta": {"content": t}}]});
-            Ok(bytes::Bytes::from(format!("data: {c}\n\n")))
-        };
+        let (body_tx, body_rx) = mpsc::channel(1);
         tokio::spawn(async move {
-            let _ = body_tx.send(chunk("one ")).await;
-            let _ = body_tx.send(chunk("two")).await;
+            let _ = body_tx.send(delta_read("one ")).await;
+            let _ = body_tx.send(delta_read("two")).await;
             let _ = body_tx.send(Err(std::io::Error::other("reset"))).await;
         });
-        let (tx, mut rx) = mpsc::channel(16);
-        let tx = EventTx::new(tx);
-        let body = Box::pin(stream::unfold(body_rx, |mut rx| async move {
-            rx.recv().await.map(|chunk| (chunk, rx))
-        }));
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            pump(
-                "p",
-                body,
-                OpenAiDecoder::default(),
-                Duration::from_secs(30),
-                &tx,
-            ),
-        )
-        .await
-        .unwrap(); // ok: test code
-        drop(tx);
+        let (pumped, mut rx) = spawn_pump(body_rx);
+        tokio::time::timeout(Duration::from_secs(10), pumped)
+            .await
+            .unwrap() // ok: test code
+            .unwrap(); // ok: test code
         let mut got = Vec::new();
         while let Some(e) = rx.recv().await {
             got.push(e);
@@ -451,7 +419,7 @@ fn a_failure_inside_a_burst_comes_after_the_deltas_before_it() {
 /// nothing else is cut off all the same.
 #[test]
 fn keep_alives_do_not_hold_off_the_idle_timeout() {
-    let rt = runtime();
+    let rt = runtime(false);
     rt.block_on(async {
         // Endless: a comment every 10 ms.
         let body = Box::pin(stream::unfold((), |()| async {
