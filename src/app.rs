@@ -213,6 +213,7 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
                 stats,
                 prefill,
                 kind: p.kind,
+                limits_tokens: p.tpm > 0,
             }
         })
         .collect();

@@ -27,7 +27,7 @@ use crate::provider::ChatRequest;
 use crate::routing::TierAsk;
 use crate::store::{MessageRecord, ReplyMeta, StoredError, Usage};
 use crate::tenant::{Bill, Principal};
-use crate::tokens::{self, fit_history, Encoding, Kind};
+use crate::tokens::{self, fit_history, Encoding, Kind, PromptTokens};
 use crate::wire::openai::{ToolCallChunk, WireToolCall};
 
 /// Everything a turn needs to know about its conversation and message.
@@ -306,7 +306,7 @@ async fn run_steps(
         route: input.route.clone(),
         principal: input.principal.clone(),
         chat: built.request,
-        prompt_tokens: built.prompt_tokens,
+        prompt: PromptTokens::known(input.encoding, built.prompt_tokens),
         encoding: input.encoding,
         vault: built.vault,
         system: input.system.clone(),

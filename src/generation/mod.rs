@@ -28,7 +28,7 @@ use crate::provider::{ChatRequest, Router};
 use crate::routing::{Routing, TierAsk, TierDecision};
 use crate::store::Store;
 use crate::tenant::{Bill, Principal};
-use crate::tokens::{ContextBudget, Encoding};
+use crate::tokens::{ContextBudget, Encoding, PromptTokens};
 
 /// What every generation shares.
 pub struct Deps {
@@ -85,7 +85,8 @@ pub struct Request {
     pub principal: Principal,
     /// What goes upstream: personal data already replaced when `vault` is set.
     pub chat: ChatRequest,
-    pub prompt_tokens: u32,
+    /// The prompt's size in tokens, counted from `chat` when something needs it.
+    pub prompt: PromptTokens,
     pub encoding: Encoding,
     /// Restores the personal data the request's placeholders stand for, in the reply.
     pub vault: Option<Vault>,
@@ -110,6 +111,11 @@ impl Request {
     /// The tier the generation runs on (0 on a plain route).
     pub fn tier_index(&self) -> usize {
         self.decided.as_ref().map_or(0, |d| d.index)
+    }
+
+    /// The prompt's size in tokens (counted now if it has not been).
+    pub fn prompt_tokens(&self) -> u32 {
+        self.prompt.of(&self.chat.messages, &self.chat.tools)
     }
 }
 

@@ -101,7 +101,7 @@ pub(super) async fn finish(
     let reached = s.ttft.is_some();
     let usage = match (s.usage, reached) {
         (Some(u), _) => u,
-        (None, true) => Usage::new(req.prompt_tokens, completion_tokens),
+        (None, true) => Usage::new(req.prompt_tokens(), completion_tokens),
         (None, false) => Usage::default(),
     };
     if s.usage.is_some() && usage.completion_tokens != completion_tokens {

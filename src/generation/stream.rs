@@ -67,7 +67,7 @@ pub(super) async fn run(
             &req.route,
             req.tier_index(),
             &req.chat,
-            req.prompt_tokens,
+            &req.prompt,
             regions,
         )
         .instrument(tracing::Span::current());
@@ -220,7 +220,7 @@ async fn pump(
                     };
                     let resumed = tokio::select! {
                         () = cancel.cancelled() => return end(out, FinishReason::Cancelled, None),
-                        r = deps.router.continue_reply(&req.route, req.tier_index(), &req.chat, req.prompt_tokens, &partial, &out.provider, req.principal.regions()) => r,
+                        r = deps.router.continue_reply(&req.route, req.tier_index(), &req.chat, &req.prompt, &partial, &out.provider, req.principal.regions()) => r,
                     };
                     match resumed {
                         Ok(s) => {

@@ -20,7 +20,7 @@ use super::{ChatRequest, Dispatch, ProviderActor, ProviderError, UpstreamEvent};
 use crate::config::{ProviderKind, RetryConfig, RouteConfig, Strategy};
 use crate::domain::{Message, Role};
 use crate::error::{ApiError, ErrorCode};
-use crate::tokens::Encoding;
+use crate::tokens::{Encoding, PromptTokens};
 
 /// The instruction that asks an OpenAI-compatible model to continue a cut-off reply.
 pub const CONTINUE_INSTRUCTION: &str =
@@ -82,6 +82,9 @@ pub struct ProviderHandle {
     pub prefill: bool,
     /// The wire format it speaks, which decides what a request may carry to it.
     pub kind: ProviderKind,
+    /// Whether its deployments count tokens per minute (`tpm`), which a request must then
+    /// reserve before it starts.
+    pub limits_tokens: bool,
 }
 
 #[derive(Clone)]
@@ -419,7 +422,8 @@ impl Router {
         out
     }
 
-    /// Starts a generation of `req` (with `tokens` prompt tokens) on `route`.
+    /// Starts a generation of `req` (whose prompt size `tokens` is counted if a target limits
+    /// tokens per minute) on `route`.
     ///
     /// # Errors
     /// `UnknownRoute`; otherwise the last failure once targets and retries are exhausted.
@@ -428,7 +432,7 @@ impl Router {
         route: &str,
         tier: usize,
         req: &ChatRequest,
-        tokens: u32,
+        tokens: &PromptTokens,
         regions: Option<&[String]>,
     ) -> Result<Started, RouterError> {
         self.start_excluding(route, tier, req, tokens, None, None, regions)
@@ -447,7 +451,7 @@ impl Router {
         route: &str,
         tier: usize,
         req: &ChatRequest,
-        tokens: u32,
+        tokens: &PromptTokens,
         partial: &str,
         failed_provider: &str,
         regions: Option<&[String]>,
@@ -463,7 +467,7 @@ impl Router {
         route_name: &str,
         tier: usize,
         req: &ChatRequest,
-        tokens: u32,
+        tokens: &PromptTokens,
         exclude: Option<&str>,
         partial: Option<&str>,
         regions: Option<&[String]>,
@@ -486,10 +490,18 @@ impl Router {
                 .filter(|t| Some(t.provider.name.as_str()) != exclude && route.allows(t, regions));
             for target in allowed {
                 // Each attempt gets its own copy (the only one made of the request).
-                let mut req = target.request(req, partial);
-                req.whole = whole;
+                let mut sent = target.request(req, partial);
+                sent.whole = whole;
                 match self
-                    .try_target(target, req, tokens, pass > 0, route.ttft_timeout, begun)
+                    .try_target(
+                        target,
+                        sent,
+                        req,
+                        tokens,
+                        pass > 0,
+                        route.ttft_timeout,
+                        begun,
+                    )
                     .await
                 {
                     Ok(started) => return Ok(started),
@@ -524,17 +536,25 @@ impl Router {
         Err(last_err.unwrap_or_else(|| RouterError::NoTarget(route_name.to_owned())))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn try_target(
         &self,
         target: &Target,
         req: ChatRequest,
-        tokens: u32,
+        prompt: &ChatRequest,
+        tokens: &PromptTokens,
         retry: bool,
         ttft_timeout: Option<Duration>,
         begun: Instant,
     ) -> Result<Started, RouterError> {
         let handle = &target.provider;
         let provider = handle.name.clone();
+        // Only a tokens-per-minute bucket needs the prompt's size before the answer.
+        let tokens = if handle.limits_tokens {
+            tokens.of(&prompt.messages, &prompt.tools)
+        } else {
+            0
+        };
         let generation = match handle
             .limits
             .try_dispatch(&handle.addr, req, tokens, retry)?

@@ -192,6 +192,18 @@ impl Governor {
         &self.prices
     }
 
+    /// Whether admitting `principal`'s requests needs their prompt's size: its key limits
+    /// tokens (per minute, day or month) or spend. Other keys reserve the reply alone, and the
+    /// settlement counts what was really used.
+    pub fn limits_tokens(&self, principal: &Principal) -> bool {
+        principal.limits.as_deref().is_some_and(|rec| {
+            rec.tpm.is_some()
+                || rec.daily_tokens.is_some()
+                || rec.monthly_tokens.is_some()
+                || rec.monthly_spend.is_some()
+        })
+    }
+
     /// Admits a request of `prompt_tokens` for `model` (priced by that name), or refuses it
     /// with `rate_limited` / `quota_exceeded` and a retry hint. Development mode has no limits.
     ///

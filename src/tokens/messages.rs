@@ -85,6 +85,45 @@ pub async fn content_tokens(encoding: Encoding, m: &Message) -> u32 {
         .saturating_add(images)
 }
 
+/// A prompt's token count, taken on first need: a key's token limits, a provider's tokens per
+/// minute, or an upstream that reports no usage. A request that meets none of them (development
+/// mode, an upstream that reports its usage) is never tokenized.
+#[derive(Debug)]
+pub struct PromptTokens {
+    encoding: Encoding,
+    counted: std::sync::OnceLock<u32>,
+}
+
+impl PromptTokens {
+    /// A count already known (a conversation sums the stored sizes of what it sends).
+    pub fn known(encoding: Encoding, tokens: u32) -> Self {
+        let counted = std::sync::OnceLock::new();
+        let _ = counted.set(tokens);
+        Self { encoding, counted }
+    }
+
+    /// A count to be taken, if ever, of the request it belongs to.
+    pub fn uncounted(encoding: Encoding) -> Self {
+        Self {
+            encoding,
+            counted: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The count: of `messages` and `tools` the first time (the request this count belongs
+    /// to, as it goes upstream), remembered after.
+    pub fn of(&self, messages: &[Message], tools: &[Tool]) -> u32 {
+        *self
+            .counted
+            .get_or_init(|| request_tokens(self.encoding, messages, tools))
+    }
+
+    /// Whether the count has been taken (tests).
+    pub fn is_counted(&self) -> bool {
+        self.counted.get().is_some()
+    }
+}
+
 /// Prompt tokens of a whole request: its messages and the tools it offers.
 pub fn request_tokens(encoding: Encoding, messages: &[Message], tools: &[Tool]) -> u32 {
     let mut n: u32 = messages

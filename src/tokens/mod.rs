@@ -16,6 +16,6 @@ pub use budget::{
     fit_history, group_cost, groups, ContextBudget, Kind, TooLarge, MESSAGE_FRAMING_TOKENS,
 };
 pub use messages::{
-    content_tokens, image_tokens, message_tokens, request_tokens, IMAGE_MAX_TOKENS,
+    content_tokens, image_tokens, message_tokens, request_tokens, PromptTokens, IMAGE_MAX_TOKENS,
 };
 pub use tokenizer::{count, count_async, Encoding};

@@ -1009,3 +1009,102 @@ async fn one_requests_retries_do_not_open_the_breaker_for_everyone() {
     let resp = ask("a healthy question").await.unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// The prompt's size is counted only when something needs it before the answer; a provider
+/// with a tokens-per-minute limit is such a thing. A stateless request to it takes its counted
+/// prompt from the bucket (a failed request gives none back, so the level shows the taking).
+#[tokio::test]
+async fn a_stateless_request_reserves_its_counted_prompt_with_a_provider_that_limits_tokens() {
+    let up = MockUpstream::spawn(Behaviour {
+        error_rate: 1.0,
+        ..Behaviour::default()
+    })
+    .unwrap();
+    let mut cfg = config_with(Some(&up));
+    // 20 tokens a second: what was taken stays visible for the test's duration.
+    provider_mut(&mut cfg, "up").tpm = 1200;
+    let server = TestServer::start(cfg);
+    let resp = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(
+            &json!({"model": "up", "messages": [{"role": "user", "content": "word ".repeat(300)}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    expect_error(resp, 502, "upstream_error").await;
+    assert_eq!(up.requests(), 1);
+    let d = only_deployment(&provider_info(&server, "up").await).clone();
+    // About 300 prompt tokens taken (1 200 would be left had the prompt not been counted),
+    // less what refilled since (20 a second).
+    let tpm = d["tpm_available"].as_f64().unwrap();
+    assert!((850.0..1100.0).contains(&tpm), "{d}");
+}
+
+/// An upstream that reports no usage: the reply's usage carries parley's own count of the
+/// prompt (taken only then) and of the reply.
+#[tokio::test]
+async fn an_answer_without_usage_is_billed_by_parleys_own_count() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        while let Ok((mut sock, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                // Read the head and the body its content-length announces.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).to_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            break;
+                        }
+                    }
+                }
+                let body = json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "two words"}}]
+                })
+                .to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    let mut cfg = config_with(None);
+    cfg.providers
+        .push(openai_provider("bare", &format!("http://{addr}/v1")));
+    cfg.routes.push(route("bare", &[("bare", "m")]));
+    let server = TestServer::start(cfg);
+    let resp = http()
+        .post(server.url("/v1/chat/completions"))
+        .json(&json!({"model": "bare", "messages": [{"role": "user", "content": "word ".repeat(300)}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "two words",
+        "{body}"
+    );
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!((300..320).contains(&prompt), "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 2, "{body}");
+}

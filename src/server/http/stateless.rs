@@ -22,7 +22,7 @@ use crate::generation::{self, CacheSlot, Deps, Event, Outcome, Request, Sink};
 use crate::guard::pii::{PiiMode, Vault};
 use crate::provider::ChatRequest;
 use crate::tenant::{Bill, Principal};
-use crate::tokens;
+use crate::tokens::PromptTokens;
 
 /// Events buffered between the generation and a slow HTTP client.
 const EVENT_BUFFER: usize = 64;
@@ -77,15 +77,21 @@ pub fn prepare(
         PiiMode::Off | PiiMode::Block => None,
     };
     let encoding = deps.router.encoding(route);
-    let prompt_tokens = tokens::request_tokens(encoding, &chat.messages, &chat.tools);
+    let prompt = PromptTokens::uncounted(encoding);
     let price_model = deps
         .router
         .reserve_model(route, forced)
         .unwrap_or(route)
         .to_owned();
+    // Only a key with token or spend limits needs the prompt's size before the answer.
+    let reserved_prompt = if deps.governor.limits_tokens(&p) {
+        prompt.of(&chat.messages, &chat.tools)
+    } else {
+        0
+    };
     let reservation = deps
         .governor
-        .admit(&p, &price_model, prompt_tokens, chat.max_tokens)?;
+        .admit(&p, &price_model, reserved_prompt, chat.max_tokens)?;
     if let Some(max) = reservation.as_ref().and_then(|r| r.max_tokens()) {
         chat.max_tokens = Some(max);
     }
@@ -106,7 +112,7 @@ pub fn prepare(
         bill: Some(Bill::new(Arc::clone(&deps.governor), reservation)),
         principal: p,
         chat,
-        prompt_tokens,
+        prompt,
         encoding,
         vault,
         system: None,
