@@ -42,4 +42,4 @@ if [ ! -f "$PARLEY_MINILM_DIR/model.safetensors" ]; then
   rm -rf "$tmp"
 fi
 
-cargo test --release --all-features --lib --tests "$@"
+cargo test --profile tests --all-features --lib --tests "$@"
