@@ -3,7 +3,9 @@
 //!
 //! A turn runs as its own task so the actor's mailbox stays free for `Cancel` and `Subscribe`.
 //! Ordering guarantees: the user message is durable before `ack`; the reply is durable before
-//! `done`; the deltas' concatenation is exactly the stored content.
+//! `done`; the deltas' concatenation is exactly the stored content. The request is built and
+//! the upstream asked while the user message is being stored; the reply's frames wait for the
+//! `ack`, and are dropped if the message could not be stored.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -108,6 +110,8 @@ pub async fn run(
 /// The turn's listeners: every subscriber of the conversation, as frames.
 struct FanoutSink<'a> {
     fanout: &'a Fanout,
+    /// Frames wait for the user message's ack; dropped if it was not stored.
+    acked: &'a Gate,
     conversation: &'a ConversationId,
     client_id: &'a str,
     reply_to: u64,
@@ -143,6 +147,10 @@ impl Checkpoint<'_> {
 
 impl Sink for FanoutSink<'_> {
     async fn emit(&mut self, event: Event) {
+        if matches!(event, Event::Started { .. } | Event::Logprobs(_)) || !self.acked.passed().await
+        {
+            return;
+        }
         if let (Event::Text(text), Some(c)) = (&event, self.checkpoint.as_mut()) {
             c.push(self.conversation, self.reply_to, text);
         }
@@ -194,6 +202,15 @@ async fn store_message(
     rec: MessageRecord,
     end: &mut TurnEnd,
 ) -> Result<(), crate::store::StoreError> {
+    #[cfg(feature = "fault-injection")]
+    if rec.content.contains("[[parley:store-fail]]") {
+        // A slow failing write: the reply is generated meanwhile, and must go nowhere.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        end.unsure = true;
+        return Err(crate::store::StoreError::Task(
+            "fault injection: the append failed".into(),
+        ));
+    }
     match deps.store.append_message(conv, &rec).await {
         Ok(()) => {
             end.stored.push(rec);
@@ -265,78 +282,47 @@ async fn run_steps(
         ..record_of(input.message.clone())
     };
     input.history_tokens += user.history_cost();
-    if let Err(e) = store_message(deps, &conv, user, end).await {
+
+    // The user message's durable write (and its `ack`) runs alongside building the request and
+    // the upstream call, so a real upstream's time to first token hides the flush. Nothing of
+    // the reply reaches a subscriber before the ack; if the write fails, the generation is
+    // cancelled and what it produced is dropped.
+    let user_seq = input.user_seq;
+    let acked = Gate::default();
+    let generation_cancel = cancel.child_token();
+    let store_user = async {
+        let stored = store_message(deps, &conv, user, end).await;
+        match &stored {
+            Ok(()) => {
+                let ack = ServerFrame::Ack {
+                    conversation: conv.clone(),
+                    client_id: cid.clone(),
+                    seq: user_seq,
+                };
+                fanout.broadcast(&ack, Some(&cid));
+                acked.open(true);
+            }
+            Err(_) => {
+                generation_cancel.cancel();
+                acked.open(false);
+            }
+        }
+        stored
+    };
+    let generate = generate(deps, fanout, input, &acked, &generation_cancel);
+    let (stored, generated) = futures_util::future::join(store_user, generate).await;
+    if let Err(e) = stored {
         fail(e.into(), None);
         return input.user_seq - 1;
     }
-    let ack = ServerFrame::Ack {
-        conversation: conv.clone(),
-        client_id: cid.clone(),
-        seq: input.user_seq,
-    };
-    fanout.broadcast(&ack, Some(&cid));
-
-    #[cfg(feature = "fault-injection")]
-    if input.content.contains("[[parley:panic]]") {
-        panic!("fault injection: turn panicked");
-    }
-
-    if input.message.role == Role::Tool {
-        // The next turn runs by itself once every call of the reply has its result.
-        match super::tools::open_calls(&deps.store, &conv) {
-            Ok(open) if !open.is_empty() => return input.user_seq,
-            Ok(_) => {}
-            Err(e) => {
-                let err = ApiError::from(e);
-                fail(err.clone(), Some(input.user_seq));
-                return answer_failed(deps, &conv, input.user_seq, &err, end).await;
-            }
+    let (out, checkpointed) = match generated {
+        Generated::Waiting => return input.user_seq,
+        Generated::Failed(err) => {
+            fail(err.clone(), Some(input.user_seq));
+            return answer_failed(deps, &conv, input.user_seq, &err, end).await;
         }
-    }
-
-    let begun = Instant::now();
-    let built = match build_request(deps, input).await {
-        Ok(r) => r,
-        Err(e) => {
-            fail(e.clone(), Some(input.user_seq));
-            return answer_failed(deps, &conv, input.user_seq, &e, end).await;
-        }
+        Generated::Done(out, checkpointed) => (*out, checkpointed),
     };
-    let request = Request {
-        route: input.route.clone(),
-        principal: input.principal.clone(),
-        chat: built.request,
-        prompt: PromptTokens::known(input.encoding, built.prompt_tokens),
-        encoding: input.encoding,
-        vault: built.vault,
-        system: input.system.clone(),
-        cache: built.scope.map(|key| CacheSlot {
-            key,
-            question: input.content.clone(),
-            vector: built.question_vector,
-        }),
-        conversation: Some(conv.clone()),
-        trimmed_tokens: built.trimmed,
-        bill: input.bill.take(),
-        begun,
-        tier: tier_ask(deps, input),
-        decided: None,
-    };
-    let mut sink = FanoutSink {
-        fanout,
-        conversation: &conv,
-        client_id: &cid,
-        reply_to: input.user_seq,
-        // The first checkpoint after CHECKPOINT_EVERY: a short reply never writes one.
-        checkpoint: deps.store.redis().map(|_| Checkpoint {
-            store: &deps.store,
-            text: String::new(),
-            since: std::time::Instant::now(),
-            written: false,
-        }),
-    };
-    let out = generation::run(deps, request, &mut sink, cancel).await;
-    let checkpointed = sink.checkpoint.is_some_and(|c| c.written);
     let reply_seq = input.user_seq + 1;
     let reply = MessageRecord {
         flags: out.flags.clone(),
@@ -396,6 +382,112 @@ async fn run_steps(
         }
     }
     reply_seq
+}
+
+/// Opens once the user message's durable write has ended: `true` when it was stored (and
+/// acked), `false` when it failed. The reply's frames wait on it.
+#[derive(Default)]
+struct Gate(tokio::sync::OnceCell<bool>, tokio::sync::Notify);
+
+impl Gate {
+    fn open(&self, stored: bool) {
+        let _ = self.0.set(stored);
+        self.1.notify_waiters();
+    }
+
+    /// Whether the user message was stored, once that is known.
+    async fn passed(&self) -> bool {
+        loop {
+            let notified = self.1.notified();
+            if let Some(&stored) = self.0.get() {
+                return stored;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How the generation side of a turn ended.
+enum Generated {
+    /// A tool result while other calls of its reply are still open: no turn runs yet.
+    Waiting,
+    /// The turn failed before the upstream was asked.
+    Failed(ApiError),
+    /// The reply, and whether a checkpoint of it was written.
+    Done(Box<generation::Outcome>, bool),
+}
+
+/// Builds the request and streams the reply to the subscribers once the message is acked
+/// (`acked`); runs while the user message is being stored.
+async fn generate(
+    deps: &Deps,
+    fanout: &Fanout,
+    input: &mut TurnInput,
+    acked: &Gate,
+    cancel: &CancellationToken,
+) -> Generated {
+    let conv = &input.conversation;
+    if input.message.role == Role::Tool {
+        // Which calls are still open is read from the store, with this result in it.
+        if !acked.passed().await {
+            return Generated::Waiting;
+        }
+        // The next turn runs by itself once every call of the reply has its result.
+        match super::tools::open_calls(&deps.store, conv) {
+            Ok(open) if !open.is_empty() => return Generated::Waiting,
+            Ok(_) => {}
+            Err(e) => return Generated::Failed(e.into()),
+        }
+    }
+
+    #[cfg(feature = "fault-injection")]
+    if input.content.contains("[[parley:panic]]") && acked.passed().await {
+        panic!("fault injection: turn panicked");
+    }
+
+    let begun = Instant::now();
+    let built = match build_request(deps, input).await {
+        Ok(r) => r,
+        Err(e) => return Generated::Failed(e),
+    };
+    let conv = &input.conversation;
+    let request = Request {
+        route: input.route.clone(),
+        principal: input.principal.clone(),
+        chat: built.request,
+        prompt: PromptTokens::known(input.encoding, built.prompt_tokens),
+        encoding: input.encoding,
+        vault: built.vault,
+        system: input.system.clone(),
+        cache: built.scope.map(|key| CacheSlot {
+            key,
+            question: input.content.clone(),
+            vector: built.question_vector,
+        }),
+        conversation: Some(conv.clone()),
+        trimmed_tokens: built.trimmed,
+        bill: input.bill.take(),
+        begun,
+        tier: tier_ask(deps, input),
+        decided: None,
+    };
+    let mut sink = FanoutSink {
+        fanout,
+        acked,
+        conversation: conv,
+        client_id: &input.client_id,
+        reply_to: input.user_seq,
+        // The first checkpoint after CHECKPOINT_EVERY: a short reply never writes one.
+        checkpoint: deps.store.redis().map(|_| Checkpoint {
+            store: &deps.store,
+            text: String::new(),
+            since: std::time::Instant::now(),
+            written: false,
+        }),
+    };
+    let out = generation::run(deps, request, &mut sink, cancel).await;
+    let checkpointed = sink.checkpoint.is_some_and(|c| c.written);
+    Generated::Done(Box::new(out), checkpointed)
 }
 
 /// On a semantic route: the tier the client forced (`options.tier`, checked when the message

@@ -750,6 +750,48 @@ async fn a_panicking_turn_answers_internal_and_the_conversation_recovers() {
     ws.assert_silent(QUIET).await;
 }
 
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_message_the_store_fails_is_not_acked_and_its_reply_goes_nowhere() {
+    // The upstream is asked while the user message is being stored; here the mock answers at
+    // once and the (injected) write fails 200 ms later: none of the reply may reach a client.
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    let mut watcher = Ws::connect(&server, None).await;
+    let conv = ws.create("mock").await;
+    watcher
+        .send(json!({"type": "subscribe", "conversation": conv}))
+        .await;
+    assert_eq!(watcher.recv().await["type"], "subscribed");
+
+    let frames = ws.turn(&conv, "f1", "lost [[parley:store-fail]]").await;
+    assert_eq!(frames.len(), 1, "only the error: {frames:?}");
+    assert_error(&frames[0], "internal");
+    assert_eq!(frames[0]["client_id"], "f1");
+    assert!(frames[0].get("reply_to").is_none(), "{frames:?}");
+    assert_eq!(watcher.recv().await, frames[0]);
+    assert!(messages(&server, None, &conv).await.is_empty());
+
+    // The conversation goes on from where the store stands.
+    let frames = ws.turn(&conv, "f2", "kept").await;
+    assert_eq!(frames[0]["type"], "ack", "{frames:?}");
+    assert_eq!(frames[0]["seq"], 1);
+    let done = frames.last().unwrap();
+    assert_eq!(done["type"], "done", "{frames:?}");
+    assert_eq!(done["seq"], 2);
+    assert_eq!(
+        watcher.recv_until(|f| f["type"] == "done").await,
+        frames,
+        "the watcher sees the same turn"
+    );
+    let stored = messages(&server, None, &conv).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0]["content"], "kept");
+    assert_eq!(stored[1]["content"], delta_text(&frames).as_str());
+    ws.assert_silent(QUIET).await;
+    watcher.assert_silent(QUIET).await;
+}
+
 #[tokio::test]
 async fn a_reply_outlives_its_socket_and_a_new_one_picks_it_up() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
