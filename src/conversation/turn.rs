@@ -5,11 +5,13 @@
 //! Ordering guarantees: the user message is durable before `ack`; the reply is durable before
 //! `done`; the deltas' concatenation is exactly the stored content. The request is built and
 //! the upstream asked while the user message is being stored; the reply's frames wait for the
-//! `ack`, and are dropped if the message could not be stored.
+//! `ack`; if the message could not be stored, the generation is dropped unfinished.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::future::Either;
+use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -203,7 +205,7 @@ async fn store_message(
     end: &mut TurnEnd,
 ) -> Result<(), crate::store::StoreError> {
     #[cfg(feature = "fault-injection")]
-    if rec.content.contains("[[parley:store-fail]]") {
+    if rec.role == Role::User && rec.content.contains("[[parley:store-fail]]") {
         // A slow failing write: the reply is generated meanwhile, and must go nowhere.
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         end.unsure = true;
@@ -285,36 +287,44 @@ async fn run_steps(
 
     // The user message's durable write (and its `ack`) runs alongside building the request and
     // the upstream call, so a real upstream's time to first token hides the flush. Nothing of
-    // the reply reaches a subscriber before the ack; if the write fails, the generation is
-    // cancelled and what it produced is dropped.
+    // the reply reaches a subscriber before the ack: its frames wait on `acked`. If the write
+    // fails, the generation is dropped where it stands (the upstream call closed, the key's
+    // reservation given back unused; nothing billed, recorded or cached). A panic of the
+    // generation is held until the write has ended, so that it still follows the ack.
     let user_seq = input.user_seq;
     let acked = Gate::default();
-    let generation_cancel = cancel.child_token();
-    let store_user = async {
-        let stored = store_message(deps, &conv, user, end).await;
-        match &stored {
-            Ok(()) => {
+    let outcome = {
+        let store_user = std::pin::pin!(async {
+            let stored = store_message(deps, &conv, user, end).await;
+            if stored.is_ok() {
                 let ack = ServerFrame::Ack {
                     conversation: conv.clone(),
                     client_id: cid.clone(),
                     seq: user_seq,
                 };
                 fanout.broadcast(&ack, Some(&cid));
-                acked.open(true);
             }
-            Err(_) => {
-                generation_cancel.cancel();
-                acked.open(false);
-            }
+            acked.open(stored.is_ok());
+            stored
+        });
+        let generate = std::pin::pin!(std::panic::AssertUnwindSafe(generate(
+            deps, fanout, input, &acked, cancel
+        ))
+        .catch_unwind());
+        match futures_util::future::select(store_user, generate).await {
+            Either::Left((Ok(()), generate)) => Ok(generate.await),
+            Either::Left((Err(e), _)) => Err(e),
+            Either::Right((generated, store_user)) => store_user.await.map(|()| generated),
         }
-        stored
     };
-    let generate = generate(deps, fanout, input, &acked, &generation_cancel);
-    let (stored, generated) = futures_util::future::join(store_user, generate).await;
-    if let Err(e) = stored {
-        fail(e.into(), None);
-        return input.user_seq - 1;
-    }
+    let generated = match outcome {
+        Err(e) => {
+            fail(e.into(), None);
+            return user_seq - 1;
+        }
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Ok(Ok(generated)) => generated,
+    };
     let (out, checkpointed) = match generated {
         Generated::Waiting => return input.user_seq,
         Generated::Failed(err) => {
@@ -440,8 +450,9 @@ async fn generate(
         }
     }
 
+    // At once, while the message is still being stored: the panic must still follow its ack.
     #[cfg(feature = "fault-injection")]
-    if input.content.contains("[[parley:panic]]") && acked.passed().await {
+    if input.content.contains("[[parley:panic]]") {
         panic!("fault injection: turn panicked");
     }
 
