@@ -7,6 +7,7 @@
 //! the upstream asked while the user message is being stored; the reply's frames wait for the
 //! `ack`; if the message could not be stored, the generation is dropped unfinished.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -112,7 +113,7 @@ pub async fn run(
 /// The turn's listeners: every subscriber of the conversation, as frames.
 struct FanoutSink<'a> {
     fanout: &'a Fanout,
-    /// Frames wait for the user message's ack; dropped if it was not stored.
+    /// Frames wait for the user message's ack.
     acked: &'a Gate,
     conversation: &'a ConversationId,
     client_id: &'a str,
@@ -149,10 +150,7 @@ impl Checkpoint<'_> {
 
 impl Sink for FanoutSink<'_> {
     async fn emit(&mut self, event: Event) {
-        if matches!(event, Event::Started { .. } | Event::Logprobs(_)) || !self.acked.passed().await
-        {
-            return;
-        }
+        self.acked.wait().await;
         if let (Event::Text(text), Some(c)) = (&event, self.checkpoint.as_mut()) {
             c.push(self.conversation, self.reply_to, text);
         }
@@ -303,8 +301,8 @@ async fn run_steps(
                     seq: user_seq,
                 };
                 fanout.broadcast(&ack, Some(&cid));
+                acked.open();
             }
-            acked.open(stored.is_ok());
             stored
         });
         let generate = std::pin::pin!(std::panic::AssertUnwindSafe(generate(
@@ -394,25 +392,28 @@ async fn run_steps(
     reply_seq
 }
 
-/// Opens once the user message's durable write has ended: `true` when it was stored (and
-/// acked), `false` when it failed. The reply's frames wait on it.
+/// Opens once the user message is stored and acked; the reply's frames wait for it. A write
+/// that fails leaves it shut: the generation waiting on it is dropped.
 #[derive(Default)]
-struct Gate(tokio::sync::OnceCell<bool>, tokio::sync::Notify);
+struct Gate {
+    open: AtomicBool,
+    opened: tokio::sync::Notify,
+}
 
 impl Gate {
-    fn open(&self, stored: bool) {
-        let _ = self.0.set(stored);
-        self.1.notify_waiters();
+    fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_waiters();
     }
 
-    /// Whether the user message was stored, once that is known.
-    async fn passed(&self) -> bool {
-        loop {
-            let notified = self.1.notified();
-            if let Some(&stored) = self.0.get() {
-                return stored;
+    async fn wait(&self) {
+        while !self.open.load(Ordering::Acquire) {
+            // Registered before the second look, so an `open` in between still wakes it.
+            let opened = self.opened.notified();
+            if self.open.load(Ordering::Acquire) {
+                return;
             }
-            notified.await;
+            opened.await;
         }
     }
 }
@@ -436,14 +437,11 @@ async fn generate(
     acked: &Gate,
     cancel: &CancellationToken,
 ) -> Generated {
-    let conv = &input.conversation;
     if input.message.role == Role::Tool {
         // Which calls are still open is read from the store, with this result in it.
-        if !acked.passed().await {
-            return Generated::Waiting;
-        }
+        acked.wait().await;
         // The next turn runs by itself once every call of the reply has its result.
-        match super::tools::open_calls(&deps.store, conv) {
+        match super::tools::open_calls(&deps.store, &input.conversation) {
             Ok(open) if !open.is_empty() => return Generated::Waiting,
             Ok(_) => {}
             Err(e) => return Generated::Failed(e.into()),

@@ -687,10 +687,7 @@ async fn a_panicking_turn_answers_internal_and_the_conversation_recovers() {
     let other = ws.create("mock").await;
     let frames = ws.turn(&other, "o1", "before").await;
     assert_eq!(frames.last().unwrap()["seq"], 2, "{frames:?}");
-    watcher
-        .send(json!({"type": "subscribe", "conversation": conv}))
-        .await;
-    assert_eq!(watcher.recv().await["type"], "subscribed");
+    watcher.subscribe(&conv).await;
 
     let frames = ws.turn(&conv, "p1", "boom [[parley:panic]]").await;
     assert_eq!(frames.len(), 2, "{frames:?}");
@@ -759,10 +756,7 @@ async fn a_message_the_store_fails_is_not_acked_and_its_reply_goes_nowhere() {
     let mut ws = Ws::connect(&server, None).await;
     let mut watcher = Ws::connect(&server, None).await;
     let conv = ws.create("mock").await;
-    watcher
-        .send(json!({"type": "subscribe", "conversation": conv}))
-        .await;
-    assert_eq!(watcher.recv().await["type"], "subscribed");
+    watcher.subscribe(&conv).await;
 
     let frames = ws.turn(&conv, "f1", "lost [[parley:store-fail]]").await;
     assert_eq!(frames.len(), 1, "only the error: {frames:?}");

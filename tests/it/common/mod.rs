@@ -362,6 +362,14 @@ impl Ws {
         f["conversation"].as_str().unwrap().to_owned()
     }
 
+    /// Subscribes to a conversation's live frames (no replay).
+    pub async fn subscribe(&mut self, conv: &str) {
+        self.send(json!({"type": "subscribe", "conversation": conv}))
+            .await;
+        let f = self.recv().await;
+        assert_eq!(f["type"], "subscribed", "{f}");
+    }
+
     /// Sends a user message and collects frames until its `done` or `error`.
     pub async fn turn(&mut self, conv: &str, client_id: &str, content: &str) -> Vec<Value> {
         self.send(json!({"type": "user_message", "conversation": conv, "client_id": client_id, "content": content})).await;
