@@ -131,19 +131,13 @@ impl ConversationActor {
         };
         // The last turn could not store its reply (storage unavailable: Redis away): the next
         // message is stored only once that reply is, so history keeps alternating.
-        if self.repair {
-            self.reload();
-            if self.answered() {
-                self.repair = false;
-                self.reload();
-            } else {
-                let err = ApiError::new(
-                    ErrorCode::UpstreamUnavailable,
-                    "storage is unavailable; try again shortly",
-                );
-                self.refuse_queued(&q.client_id, &err);
-                return self.start_next(ctx);
-            }
+        if self.repair && !self.repaired() {
+            let err = ApiError::new(
+                ErrorCode::UpstreamUnavailable,
+                "storage is unavailable; try again shortly",
+            );
+            self.refuse_queued(&q.client_id, &err);
+            return self.start_next(ctx);
         }
         // A user message queued behind a reply that turned out to call tools cannot be sent
         // before the calls have their results.
@@ -369,6 +363,18 @@ impl ConversationActor {
             FinishReason::Error,
             String::new(),
         );
+    }
+
+    /// After a turn whose store call failed (`repair`): makes sure the last stored message has
+    /// a reply (the failed call may have stored the message after all); answers whether it has.
+    fn repaired(&mut self) -> bool {
+        self.reload();
+        if !self.answered() {
+            return false;
+        }
+        self.repair = false;
+        self.reload();
+        true
     }
 
     /// When the actor starts: a message acked before the process died mid-turn has no reply and
@@ -772,6 +778,11 @@ impl Handler<PostUserMessage> for ConversationActor {
         let cid = msg.client_id;
         crate::ids::check_client_id(&cid).map_err(ApiError::bad_request)?;
         if let Some(seq) = self.deps.store.seq_for_client_id(&self.record.id, &cid)? {
+            // Stored by a turn told its write failed, it may have no reply yet: it gets one
+            // before the resend is answered, which would otherwise wait for a `done` forever.
+            if self.repair && self.running.is_none() {
+                self.repaired();
+            }
             let sink = self.listen(msg.listener.map(|(id, sink, scope)| match scope {
                 // The reply may still be streaming: the HTTP caller listens to that turn.
                 Scope::Turn(_) => (id, sink, Scope::Turn(cid.clone())),
