@@ -211,6 +211,16 @@ async fn store_message(
             "fault injection: the append failed".into(),
         ));
     }
+    #[cfg(feature = "fault-injection")]
+    if rec.role == Role::User && rec.content.contains("[[parley:store-fail-applied]]") {
+        // A write that lands but is reported failed (a Redis call that timed out after Redis
+        // applied it): the store now holds a message its turn was told it does not.
+        let _ = deps.store.append_message(conv, &rec).await;
+        end.unsure = true;
+        return Err(crate::store::StoreError::Task(
+            "fault injection: the append timed out after it applied".into(),
+        ));
+    }
     match deps.store.append_message(conv, &rec).await {
         Ok(()) => {
             end.stored.push(rec);

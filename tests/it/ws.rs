@@ -786,6 +786,48 @@ async fn a_message_the_store_fails_is_not_acked_and_its_reply_goes_nowhere() {
     watcher.assert_silent(QUIET).await;
 }
 
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_message_stored_by_a_write_reported_failed_is_answered_when_resent() {
+    // The write lands but reports failure (as a Redis call that times out after applying): the
+    // client hears an error and resends; it must hear the original ack and how the turn ended,
+    // not an ack alone and then silence.
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("mock").await;
+    let content = "landed [[parley:store-fail-applied]]";
+
+    let frames = ws.turn(&conv, "a1", content).await;
+    assert_eq!(frames.len(), 1, "only the error: {frames:?}");
+    assert_error(&frames[0], "internal");
+    let stored = messages(&server, None, &conv).await;
+    assert_eq!(stored.len(), 1, "the message landed: {stored:?}");
+    assert_eq!(stored[0]["content"], content);
+
+    ws.send(json!({"type": "user_message", "conversation": conv, "client_id": "a1", "content": content})).await;
+    let ack = ws.recv().await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["client_id"], "a1");
+    assert_eq!(ack["seq"], 1);
+    let end = ws.recv().await;
+    assert_error(&end, "upstream_interrupted");
+    assert_eq!(end["reply_to"], 1, "{end}");
+    assert_eq!(end["client_id"], "a1", "{end}");
+    let stored = messages(&server, None, &conv).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[1]["role"], "assistant");
+    assert_eq!(stored[1]["finish_reason"], "interrupted");
+
+    // History still alternates: the next turn follows the repaired one.
+    let frames = ws.turn(&conv, "a2", "next").await;
+    assert_eq!(frames[0]["type"], "ack", "{frames:?}");
+    assert_eq!(frames[0]["seq"], 3);
+    let done = frames.last().unwrap();
+    assert_eq!(done["type"], "done", "{frames:?}");
+    assert_eq!(done["seq"], 4);
+    ws.assert_silent(QUIET).await;
+}
+
 #[tokio::test]
 async fn a_reply_outlives_its_socket_and_a_new_one_picks_it_up() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
