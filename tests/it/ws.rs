@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -829,6 +829,49 @@ async fn a_message_stored_by_a_write_reported_failed_is_answered_when_resent() {
 }
 
 #[tokio::test]
+async fn frames_sent_just_before_a_socket_closes_are_still_worked_in_order() {
+    // A bot that sends its turns and hangs up at once: what reached the server is worked,
+    // though the socket is gone before the first reply has ended.
+    let up = MockUpstream::spawn(Behaviour::default()).unwrap();
+    let server = TestServer::start(config_with(Some(&up)));
+    let mut ws = Ws::connect(&server, None).await;
+    let conv = ws.create("up").await;
+    let turns = [
+        ("c1", "first [[mock:words=10,tps=50]]"),
+        ("c2", "second [[mock:words=10,tps=50]]"),
+        ("c3", "third [[mock:words=10,tps=50]]"),
+    ];
+    for (cid, text) in turns {
+        ws.send(json!({"type": "user_message", "conversation": conv, "client_id": cid, "content": text}))
+            .await;
+    }
+    // A clean close: the client reads on until the server's close (dropping a socket with
+    // unread frames resets the connection, and what the server had not read yet is lost).
+    ws.stream.close(None).await.unwrap();
+    let drained = tokio::time::timeout(TIMEOUT, async {
+        while let Some(Ok(_)) = ws.stream.next().await {}
+    })
+    .await;
+    assert!(drained.is_ok(), "the server never closed the socket");
+    drop(ws);
+
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    let stored = loop {
+        let stored = messages(&server, None, &conv).await;
+        if stored.len() >= 6 || tokio::time::Instant::now() >= deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(stored.len(), 6, "{stored:?}");
+    for (i, (cid, text)) in turns.into_iter().enumerate() {
+        assert_eq!(stored[2 * i]["client_id"], cid, "{stored:?}");
+        assert_eq!(stored[2 * i]["content"], text, "{stored:?}");
+        assert_eq!(stored[2 * i + 1]["role"], "assistant", "{stored:?}");
+    }
+}
+
+#[tokio::test]
 async fn a_reply_outlives_its_socket_and_a_new_one_picks_it_up() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let server = TestServer::start(config_with(Some(&up)));
@@ -1081,7 +1124,6 @@ async fn a_long_replay_is_paged_whole_and_live_frames_wait_for_it() {
 /// close (as RFC 6455 has clients do) is not held for a linger timeout.
 #[tokio::test]
 async fn a_closed_socket_ends_its_connection_at_once() {
-    use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
     let server = TestServer::start(config_with(None));
     for _ in 0..3 {

@@ -1,8 +1,12 @@
-//! The command task of one socket: takes its decoded frames in order (so turns are queued in the
-//! order the client sent them), talks to the registry and conversation actors, and answers
-//! through the socket's recipient. When the socket goes, its subscriptions go with it.
+//! The commands of one socket: its decoded frames are worked in order (so turns are queued in
+//! the order the client sent them) by a task that exists only while there is work, which talks
+//! to the registry and conversation actors and answers through the socket's recipient. An idle
+//! socket holds no task and no channel, only its parked [`CommandCtx`]. When the socket goes,
+//! what it queued is still worked, then its subscriptions go.
 
-use std::collections::{HashMap, HashSet};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::Recipient;
@@ -85,36 +89,113 @@ impl CommandCtx {
     }
 }
 
-/// Runs until the socket closes (its sender is dropped).
-pub async fn run(mut cx: CommandCtx, mut inbox: mpsc::Receiver<Box<Incoming>>) {
-    let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
-    if cx.state.cluster().is_some() {
-        cx.lost = Some(lost_tx);
+impl Drop for CommandCtx {
+    /// The socket has closed and its queue is worked off: dropping the links closes the relay
+    /// sockets (the owners unsubscribe them); the conversations here forget this socket.
+    fn drop(&mut self) {
+        self.links.clear();
+        for id in &self.subscribed {
+            if let Some(addr) = self.state.registry.peek(id) {
+                addr.do_send(Unsubscribe {
+                    sink_id: self.sink_id,
+                });
+            }
+        }
     }
+}
+
+/// What a socket's command task works, in order.
+pub enum Work {
+    Frame(Box<Incoming>),
+    /// Cluster mode: a relay to another node broke.
+    Lost(Lost),
+}
+
+/// A socket's command queue. Its frames wait here and a task works them one after the other;
+/// the task ends when the queue is empty and parks the context here, and the next frame starts
+/// a new one. The socket's actor and that task share it on the socket's arbiter thread.
+pub struct Commands(Rc<RefCell<Queue>>);
+
+struct Queue {
+    pending: VecDeque<Work>,
+    /// The context while no task works the queue.
+    parked: Option<CommandCtx>,
+    closed: bool,
+}
+
+impl Commands {
+    pub fn new(mut cx: CommandCtx) -> Self {
+        let queue = Rc::new(RefCell::new(Queue {
+            pending: VecDeque::new(),
+            parked: None,
+            closed: false,
+        }));
+        if cx.state.cluster().is_some() {
+            // The socket's relays report here when they break; the forwarder ends once the
+            // context and its links are gone (they hold the senders).
+            let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
+            cx.lost = Some(lost_tx);
+            let commands = Self(Rc::clone(&queue));
+            actix::spawn(async move {
+                while let Some(lost) = lost_rx.recv().await {
+                    commands.push(Work::Lost(lost), usize::MAX);
+                }
+            });
+        }
+        queue.borrow_mut().parked = Some(cx);
+        Self(queue)
+    }
+
+    /// Queues `work` behind what waits already; false (and nothing queued) when `limit` items
+    /// wait, or the socket has closed.
+    pub fn push(&self, work: Work, limit: usize) -> bool {
+        let mut queue = self.0.borrow_mut();
+        if queue.closed || queue.pending.len() >= limit {
+            return false;
+        }
+        queue.pending.push_back(work);
+        if let Some(cx) = queue.parked.take() {
+            actix::spawn(drain(Rc::clone(&self.0), cx));
+        }
+        true
+    }
+
+    /// The socket has closed: what it queued is still worked, then the context is dropped.
+    pub fn close(&self) {
+        let parked = {
+            let mut queue = self.0.borrow_mut();
+            queue.closed = true;
+            queue.parked.take()
+        };
+        drop(parked);
+    }
+}
+
+/// Works the queue until it is empty, then parks the context (or, the socket gone, drops it).
+async fn drain(queue: Rc<RefCell<Queue>>, mut cx: CommandCtx) {
     loop {
-        tokio::select! {
-            incoming = inbox.recv() => {
-                let Some(incoming) = incoming else { break };
+        let next = {
+            let mut q = queue.borrow_mut();
+            match q.pending.pop_front() {
+                Some(next) => next,
+                None if q.closed => break,
+                None => {
+                    q.parked = Some(cx);
+                    return;
+                }
+            }
+        };
+        match next {
+            Work::Frame(incoming) => {
                 let Incoming { frame, raw } = *incoming;
-                // Boxed so that this task, alive as long as its socket, is small while idle:
-                // the handler's state exists only while a frame is handled.
                 if let Some(raw) = raw {
-                    if Box::pin(relayed(&mut cx, &frame, raw)).await {
+                    if relayed(&mut cx, &frame, raw).await {
                         continue;
                     }
                 }
-                Box::pin(handle(&mut cx, frame)).await;
+                handle(&mut cx, frame).await;
             }
-            Some(lost) = lost_rx.recv() => Box::pin(rewatch(&mut cx, lost)).await,
-        }
-    }
-    // Dropping the links closes the relay sockets (the owners unsubscribe them).
-    cx.links.clear();
-    for id in &cx.subscribed {
-        if let Some(addr) = cx.state.registry.peek(id) {
-            addr.do_send(Unsubscribe {
-                sink_id: cx.sink_id,
-            });
+            Work::Lost(lost) => Box::pin(rewatch(&mut cx, lost)).await,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! `WsSession`: one WebSocket. It stays thin: frames in are decoded and queued, in order, to the
-//! session's command task ([`commands`](super::commands)); frames out arrive as [`Outbound`]
+//! `WsSession`: one WebSocket. It stays thin: frames in are decoded and queued, in order, for
+//! the session's commands ([`commands`](super::commands)); frames out arrive as [`Outbound`]
 //! messages and are written as text. It pings every [`PING_INTERVAL`] and drops a peer silent
 //! for [`CLIENT_TIMEOUT`]; a frame over the size limit closes the socket with 1009.
 
@@ -9,13 +9,11 @@ use actix::prelude::*;
 use actix_http::ws::Item;
 use actix_web::web;
 use actix_web_actors::ws::{self, CloseCode, CloseReason};
-use tokio::sync::mpsc;
-
 use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use super::commands::{self, CommandCtx, Incoming};
+use super::commands::{CommandCtx, Commands, Incoming, Work};
 use super::frames::decode;
 use crate::conversation::frames::ErrorFrame;
 use crate::conversation::{next_sink_id, Outbound, ServerFrame, SinkId};
@@ -27,7 +25,7 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 /// Frames delivered to the socket that may wait in its mailbox.
 const MAILBOX: usize = 8192;
-/// Client frames that may wait for the command task.
+/// Client frames that may wait for the ones before them to be worked.
 const INBOX: usize = 256;
 
 pub struct WsSession {
@@ -36,9 +34,8 @@ pub struct WsSession {
     sink_id: SinkId,
     heartbeat: Instant,
     max_frame: usize,
-    /// Boxed: the channel allocates its slots up front in blocks of 32, and a `ClientFrame`
-    /// is a few hundred bytes, which every idle socket would pay for.
-    inbox: Option<mpsc::Sender<Box<Incoming>>>,
+    /// Set when the actor starts.
+    commands: Option<Commands>,
     /// The client's key, kept only in cluster mode (relays present it to the owning node).
     token: Option<Arc<SecretString>>,
     /// A fragmented text message being reassembled.
@@ -59,7 +56,7 @@ impl WsSession {
             sink_id: next_sink_id(),
             heartbeat: Instant::now(),
             max_frame,
-            inbox: None,
+            commands: None,
             partial: None,
         }
     }
@@ -82,10 +79,12 @@ impl WsSession {
                 return Self::send_error(ctx, frame);
             }
         };
-        let Some(inbox) = &self.inbox else { return };
+        let Some(commands) = &self.commands else {
+            return;
+        };
         // Cluster mode keeps the frame as sent, for relaying.
         let raw = self.state.cluster().map(|_| Box::<str>::from(text));
-        if inbox.try_send(Box::new(Incoming { frame, raw })).is_err() {
+        if !commands.push(Work::Frame(Box::new(Incoming { frame, raw })), INBOX) {
             let err = ApiError::new(
                 ErrorCode::RateLimited,
                 "too many frames in flight on this socket",
@@ -139,20 +138,21 @@ impl Actor for WsSession {
         self.state
             .sockets
             .register(self.sink_id, self.principal.key_id.clone(), me.clone());
-        let (tx, rx) = mpsc::channel(INBOX);
-        self.inbox = Some(tx);
-        let cmd = CommandCtx::new(
+        let cx = CommandCtx::new(
             self.state.clone(),
             self.principal.clone(),
             self.sink_id,
             me,
             self.token.take(),
         );
-        actix::spawn(commands::run(cmd, rx));
+        self.commands = Some(Commands::new(cx));
         self.state.metrics.ws_connections.inc();
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some(commands) = &self.commands {
+            commands.close();
+        }
         self.state.sockets.unregister(self.sink_id);
         self.state.metrics.ws_connections.dec();
     }
