@@ -37,6 +37,7 @@ pub mod guard;
 pub mod ids;
 pub mod jobs;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod provider;
