@@ -828,6 +828,23 @@ async fn a_message_stored_by_a_write_reported_failed_is_answered_when_resent() {
     ws.assert_silent(QUIET).await;
 }
 
+#[cfg(feature = "fault-injection")]
+#[tokio::test]
+async fn a_frame_whose_handling_panics_is_answered_internal_and_the_socket_goes_on() {
+    let server = TestServer::start(config_with(None));
+    let mut ws = Ws::connect(&server, None).await;
+    ws.send(json!({"type": "create", "client_id": "[[parley:panic]]", "model": "mock"}))
+        .await;
+    let err = ws.recv().await;
+    assert_error(&err, "internal");
+    // The socket's next frames are still handled, in order.
+    let conv = ws.create("mock").await;
+    let frames = ws.turn(&conv, "p1", "still here").await;
+    assert_eq!(frames[0]["type"], "ack", "{frames:?}");
+    assert_eq!(frames.last().unwrap()["type"], "done", "{frames:?}");
+    ws.assert_silent(QUIET).await;
+}
+
 #[tokio::test]
 async fn frames_sent_just_before_a_socket_closes_are_still_worked_in_order() {
     // A bot that sends its turns and hangs up at once: what reached the server is worked,

@@ -6,11 +6,13 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use actix::Recipient;
 use actix_web::web;
+use futures_util::FutureExt;
 use secrecy::SecretString;
 use tokio::sync::mpsc;
 
@@ -120,6 +122,8 @@ struct Queue {
     pending: VecDeque<Work>,
     /// The context while no task works the queue.
     parked: Option<CommandCtx>,
+    /// A task works the queue (it holds the context).
+    working: bool,
     closed: bool,
 }
 
@@ -128,6 +132,7 @@ impl Commands {
         let queue = Rc::new(RefCell::new(Queue {
             pending: VecDeque::new(),
             parked: None,
+            working: false,
             closed: false,
         }));
         if cx.state.cluster().is_some() {
@@ -147,14 +152,20 @@ impl Commands {
     }
 
     /// Queues `work` behind what waits already; false (and nothing queued) when `limit` items
-    /// wait, or the socket has closed.
+    /// wait, or the socket has closed (a relay's report is still taken while the frames the
+    /// socket sent before it closed are being worked: it carries some of them).
     pub fn push(&self, work: Work, limit: usize) -> bool {
         let mut queue = self.0.borrow_mut();
-        if queue.closed || queue.pending.len() >= limit {
+        let refused = match work {
+            Work::Frame(_) => queue.closed,
+            Work::Lost(_) => queue.closed && !queue.working,
+        };
+        if refused || queue.pending.len() >= limit {
             return false;
         }
         queue.pending.push_back(work);
         if let Some(cx) = queue.parked.take() {
+            queue.working = true;
             actix::spawn(drain(Rc::clone(&self.0), cx));
         }
         true
@@ -172,35 +183,53 @@ impl Commands {
 }
 
 /// Works the queue until it is empty, then parks the context (or, the socket gone, drops it).
+/// A frame whose handling panics is answered `internal`; the socket goes on with the next.
 async fn drain(queue: Rc<RefCell<Queue>>, mut cx: CommandCtx) {
     loop {
         let next = {
             let mut q = queue.borrow_mut();
             match q.pending.pop_front() {
                 Some(next) => next,
-                None if q.closed => break,
                 None => {
-                    q.parked = Some(cx);
-                    return;
+                    q.working = false;
+                    if !q.closed {
+                        q.parked = Some(cx);
+                    }
+                    break;
                 }
             }
         };
-        match next {
-            Work::Frame(incoming) => {
-                let Incoming { frame, raw } = *incoming;
-                if let Some(raw) = raw {
-                    if relayed(&mut cx, &frame, raw).await {
-                        continue;
-                    }
-                }
-                handle(&mut cx, frame).await;
-            }
-            Work::Lost(lost) => Box::pin(rewatch(&mut cx, lost)).await,
+        let worked = AssertUnwindSafe(work(&mut cx, next)).catch_unwind().await;
+        if worked.is_err() {
+            tracing::error!(
+                socket = cx.sink_id,
+                "a socket's frame panicked; it was answered internal"
+            );
+            cx.fail(&ApiError::internal(), None, None);
         }
     }
 }
 
+async fn work(cx: &mut CommandCtx, next: Work) {
+    match next {
+        Work::Frame(incoming) => {
+            let Incoming { frame, raw } = *incoming;
+            if let Some(raw) = raw {
+                if relayed(cx, &frame, raw).await {
+                    return;
+                }
+            }
+            handle(cx, frame).await;
+        }
+        Work::Lost(lost) => Box::pin(rewatch(cx, lost)).await,
+    }
+}
+
 async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
+    #[cfg(feature = "fault-injection")]
+    if matches!(&frame, ClientFrame::Create { client_id, .. } if client_id == "[[parley:panic]]") {
+        panic!("fault injection: a socket's frame panics");
+    }
     match frame {
         ClientFrame::Create {
             client_id,
