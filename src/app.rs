@@ -312,17 +312,9 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         state.registry.deps().shutdown.clone(),
     );
 
-    // Open sockets at every look; live conversations (a walk of the registry) every 30 s.
-    let (sockets, registry) = (state.metrics.ws_connections.clone(), state.registry.clone());
-    let (mut looks, mut conversations) = (0_u64, 0_i64);
     crate::memory::give_back(
-        move || {
-            if looks % (30 / crate::memory::EVERY_SECS) == 0 {
-                conversations = registry.live().try_into().unwrap_or(i64::MAX);
-            }
-            looks += 1;
-            sockets.get().saturating_add(conversations)
-        },
+        state.metrics.ws_connections.clone(),
+        state.registry.clone(),
         state.registry.deps().shutdown.clone(),
     );
 

@@ -8,11 +8,15 @@
 
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio_util::sync::CancellationToken;
 
-/// How often the counts are read.
-pub const EVERY_SECS: u64 = 2;
-const EVERY: Duration = Duration::from_secs(EVERY_SECS);
+use crate::conversation::Registry;
+
+/// How often the open sockets are read (a gauge).
+const EVERY: Duration = Duration::from_secs(2);
+/// Every how many looks the live conversations are counted too (a walk of the registry).
+const CONVERSATIONS_EVERY: u32 = 15;
 /// The smallest fall worth a trim (sockets plus conversations): a trim walks the allocator's
 /// free lists under their locks, so it waits for a fall that has freed megabytes.
 const MIN_FALL: i64 = 1_000;
@@ -37,10 +41,10 @@ impl Trigger {
     }
 }
 
-/// Reads `held` (the open sockets and live conversations) every few seconds until `stop`,
-/// trimming the allocator's free pages after a large fall. A no-op where the allocator is not
-/// glibc's.
-pub fn give_back(mut held: impl FnMut() -> i64 + 'static, stop: CancellationToken) {
+/// Reads the open sockets every [`EVERY`] and the live conversations every
+/// [`CONVERSATIONS_EVERY`] looks, until `stop`, trimming the allocator's free pages after a
+/// large fall. A no-op where the allocator is not glibc's.
+pub fn give_back(sockets: IntGauge, registry: Registry, stop: CancellationToken) {
     if !cfg!(all(target_os = "linux", target_env = "gnu")) {
         return;
     }
@@ -48,12 +52,17 @@ pub fn give_back(mut held: impl FnMut() -> i64 + 'static, stop: CancellationToke
         let mut trigger = Trigger::default();
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut looks, mut conversations) = (0_u32, 0_i64);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if trigger.observe(held()) {
+            if looks % CONVERSATIONS_EVERY == 0 {
+                conversations = registry.live().try_into().unwrap_or(i64::MAX);
+            }
+            looks = looks.wrapping_add(1);
+            if trigger.observe(sockets.get().saturating_add(conversations)) {
                 // Off this thread: the trim takes milliseconds on a large heap.
                 if let Err(e) = tokio::task::spawn_blocking(trim).await {
                     tracing::warn!(error = %e, "malloc_trim failed");

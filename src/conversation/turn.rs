@@ -203,23 +203,22 @@ async fn store_message(
     end: &mut TurnEnd,
 ) -> Result<(), crate::store::StoreError> {
     #[cfg(feature = "fault-injection")]
-    if rec.role == Role::User && rec.content.contains("[[parley:store-fail]]") {
-        // A slow failing write: the reply is generated meanwhile, and must go nowhere.
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        end.unsure = true;
-        return Err(crate::store::StoreError::Task(
-            "fault injection: the append failed".into(),
-        ));
-    }
-    #[cfg(feature = "fault-injection")]
-    if rec.role == Role::User && rec.content.contains("[[parley:store-fail-applied]]") {
-        // A write that lands but is reported failed (a Redis call that timed out after Redis
-        // applied it): the store now holds a message its turn was told it does not.
-        let _ = deps.store.append_message(conv, &rec).await;
-        end.unsure = true;
-        return Err(crate::store::StoreError::Task(
-            "fault injection: the append timed out after it applied".into(),
-        ));
+    if rec.role == Role::User {
+        // A write reported failed: a slow one that fails (the reply is generated meanwhile, and
+        // must go nowhere), or one that lands all the same (a Redis call that timed out after
+        // Redis applied it: the store holds a message its turn was told it does not).
+        let applied = rec.content.contains("[[parley:store-fail-applied]]");
+        if applied || rec.content.contains("[[parley:store-fail]]") {
+            if applied {
+                let _ = deps.store.append_message(conv, &rec).await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            end.unsure = true;
+            return Err(crate::store::StoreError::Task(
+                "fault injection: the append was reported failed".into(),
+            ));
+        }
     }
     match deps.store.append_message(conv, &rec).await {
         Ok(()) => {

@@ -853,6 +853,8 @@ async fn frames_sent_just_before_a_socket_closes_are_still_worked_in_order() {
     let server = TestServer::start(config_with(Some(&up)));
     let mut ws = Ws::connect(&server, None).await;
     let conv = ws.create("up").await;
+    let mut watcher = Ws::connect(&server, None).await;
+    watcher.subscribe(&conv).await;
     let turns = [
         ("c1", "first [[mock:words=10,tps=50]]"),
         ("c2", "second [[mock:words=10,tps=50]]"),
@@ -872,14 +874,16 @@ async fn frames_sent_just_before_a_socket_closes_are_still_worked_in_order() {
     assert!(drained.is_ok(), "the server never closed the socket");
     drop(ws);
 
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    let stored = loop {
-        let stored = messages(&server, None, &conv).await;
-        if stored.len() >= 6 || tokio::time::Instant::now() >= deadline {
-            break stored;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    // A watcher sees the three turns end, each with its reply.
+    let mut ended = 0;
+    let frames = watcher
+        .recv_until(|f| {
+            ended += usize::from(f["type"] == "done" || f["type"] == "error");
+            ended == 3
+        })
+        .await;
+    assert!(frames.iter().all(|f| f["type"] != "error"), "{frames:?}");
+    let stored = messages(&server, None, &conv).await;
     assert_eq!(stored.len(), 6, "{stored:?}");
     for (i, (cid, text)) in turns.into_iter().enumerate() {
         assert_eq!(stored[2 * i]["client_id"], cid, "{stored:?}");

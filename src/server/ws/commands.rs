@@ -92,10 +92,9 @@ impl CommandCtx {
 }
 
 impl Drop for CommandCtx {
-    /// The socket has closed and its queue is worked off: dropping the links closes the relay
-    /// sockets (the owners unsubscribe them); the conversations here forget this socket.
+    /// The socket has closed and its queue is worked off: the conversations here forget this
+    /// socket (and the links, dropped with it, close the relay sockets).
     fn drop(&mut self) {
-        self.links.clear();
         for id in &self.subscribed {
             if let Some(addr) = self.state.registry.peek(id) {
                 addr.do_send(Unsubscribe {
@@ -105,6 +104,9 @@ impl Drop for CommandCtx {
         }
     }
 }
+
+/// Client frames that may wait for the ones before them to be worked.
+const INBOX: usize = 256;
 
 /// What a socket's command task works, in order.
 pub enum Work {
@@ -120,65 +122,82 @@ pub struct Commands(Rc<RefCell<Queue>>);
 
 struct Queue {
     pending: VecDeque<Work>,
-    /// The context while no task works the queue.
-    parked: Option<CommandCtx>,
-    /// A task works the queue (it holds the context).
-    working: bool,
-    closed: bool,
+    context: Context,
+}
+
+/// Where a socket's command context is.
+// One per socket, held in place as an `Option` of the context was: boxing the context would
+// add an allocation, not save one.
+#[allow(clippy::large_enum_variant)]
+enum Context {
+    /// Here: no task runs.
+    Parked(CommandCtx),
+    /// With the task that works the queue; `closing` once the socket has closed (the task
+    /// drops it when the queue is worked off).
+    Working { closing: bool },
+    /// Dropped: the socket has closed and nothing is left to work.
+    Gone,
 }
 
 impl Commands {
     pub fn new(mut cx: CommandCtx) -> Self {
-        let queue = Rc::new(RefCell::new(Queue {
+        let lost = cx.state.cluster().map(|_| {
+            let (lost_tx, lost_rx) = mpsc::unbounded_channel();
+            cx.lost = Some(lost_tx);
+            lost_rx
+        });
+        let commands = Self(Rc::new(RefCell::new(Queue {
             pending: VecDeque::new(),
-            parked: None,
-            working: false,
-            closed: false,
-        }));
-        if cx.state.cluster().is_some() {
+            context: Context::Parked(cx),
+        })));
+        if let Some(mut lost_rx) = lost {
             // The socket's relays report here when they break; the forwarder ends once the
             // context and its links are gone (they hold the senders).
-            let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
-            cx.lost = Some(lost_tx);
-            let commands = Self(Rc::clone(&queue));
+            let forward = Self(Rc::clone(&commands.0));
             actix::spawn(async move {
                 while let Some(lost) = lost_rx.recv().await {
-                    commands.push(Work::Lost(lost), usize::MAX);
+                    forward.push(Work::Lost(lost));
                 }
             });
         }
-        queue.borrow_mut().parked = Some(cx);
-        Self(queue)
+        commands
     }
 
-    /// Queues `work` behind what waits already; false (and nothing queued) when `limit` items
-    /// wait, or the socket has closed (a relay's report is still taken while the frames the
-    /// socket sent before it closed are being worked: it carries some of them).
-    pub fn push(&self, work: Work, limit: usize) -> bool {
+    /// Queues `work` behind what waits already; false (and nothing queued) for a frame when
+    /// [`INBOX`] wait or the socket has closed. A relay's report is taken while anything is
+    /// left to work: it carries frames the socket sent before it closed.
+    pub fn push(&self, work: Work) -> bool {
         let mut queue = self.0.borrow_mut();
-        let refused = match work {
-            Work::Frame(_) => queue.closed,
-            Work::Lost(_) => queue.closed && !queue.working,
+        let refused = match (&work, &queue.context) {
+            (_, Context::Gone) => true,
+            (Work::Frame(_), Context::Working { closing: true }) => true,
+            (Work::Frame(_), _) => queue.pending.len() >= INBOX,
+            (Work::Lost(_), _) => false,
         };
-        if refused || queue.pending.len() >= limit {
+        if refused {
             return false;
         }
         queue.pending.push_back(work);
-        if let Some(cx) = queue.parked.take() {
-            queue.working = true;
-            actix::spawn(drain(Rc::clone(&self.0), cx));
+        match std::mem::replace(&mut queue.context, Context::Working { closing: false }) {
+            Context::Parked(cx) => {
+                actix::spawn(drain(Rc::clone(&self.0), cx));
+            }
+            other => queue.context = other,
         }
         true
     }
 
     /// The socket has closed: what it queued is still worked, then the context is dropped.
     pub fn close(&self) {
-        let parked = {
+        let context = {
             let mut queue = self.0.borrow_mut();
-            queue.closed = true;
-            queue.parked.take()
+            let closed = match queue.context {
+                Context::Working { .. } => Context::Working { closing: true },
+                _ => Context::Gone,
+            };
+            std::mem::replace(&mut queue.context, closed)
         };
-        drop(parked);
+        drop(context);
     }
 }
 
@@ -191,9 +210,10 @@ async fn drain(queue: Rc<RefCell<Queue>>, mut cx: CommandCtx) {
             match q.pending.pop_front() {
                 Some(next) => next,
                 None => {
-                    q.working = false;
-                    if !q.closed {
-                        q.parked = Some(cx);
+                    if matches!(q.context, Context::Working { closing: false }) {
+                        q.context = Context::Parked(cx);
+                    } else {
+                        q.context = Context::Gone;
                     }
                     break;
                 }

@@ -25,8 +25,6 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(15);
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(45);
 /// Frames delivered to the socket that may wait in its mailbox.
 const MAILBOX: usize = 8192;
-/// Client frames that may wait for the ones before them to be worked.
-const INBOX: usize = 256;
 
 pub struct WsSession {
     state: web::Data<AppState>,
@@ -84,7 +82,7 @@ impl WsSession {
         };
         // Cluster mode keeps the frame as sent, for relaying.
         let raw = self.state.cluster().map(|_| Box::<str>::from(text));
-        if !commands.push(Work::Frame(Box::new(Incoming { frame, raw })), INBOX) {
+        if !commands.push(Work::Frame(Box::new(Incoming { frame, raw }))) {
             let err = ApiError::new(
                 ErrorCode::RateLimited,
                 "too many frames in flight on this socket",
