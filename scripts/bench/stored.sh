@@ -17,10 +17,8 @@ if [ -z "${PARLEY_BIN:-}" ]; then
 fi
 dir=$(mktemp -d)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# The embedded default (its built-in `mock` route), with the cache off and room for them all.
 cat >"$dir/parley.toml" <<EOF
-listen = "127.0.0.1:$port"
-data_dir = "$dir/data"
-
 [auth]
 admin_key_env = "PARLEY_STORED_BENCH_NO_ADMIN_KEY"
 
@@ -29,16 +27,9 @@ max_conversations_per_tenant = $((rounds * per_round + 1))
 
 [cache]
 enabled = false
-
-[[providers]]
-name = "mock"
-kind = "mock"
-
-[[routes]]
-model = "mock"
-targets = [{ provider = "mock", model = "mock-1" }]
 EOF
-RUST_LOG=warn "$PARLEY_BIN" serve --config "$dir/parley.toml" >"$dir/server.log" 2>&1 &
+RUST_LOG=warn "$PARLEY_BIN" serve --config "$dir/parley.toml" --listen "127.0.0.1:$port" \
+  --data-dir "$dir/data" >"$dir/server.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do curl -sf -o /dev/null "127.0.0.1:$port/health" && break; sleep 0.1; done
