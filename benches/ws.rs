@@ -11,7 +11,8 @@
 //! - `idle`: N sockets (50 000), each creating and subscribing to its own conversation, spread
 //!   over source addresses 127.0.0.2… (≤ 20 000 each); server RSS per socket.
 //! - `turns`: open loop at R turns/s (1 000) for D s (10) over C conversations (200); overhead
-//!   = `user_message` → first `delta` minus the mock's TTFT (0 ms: exactly known).
+//!   = `user_message` → first `delta` minus the mock's TTFT (0 ms: exactly known); and the
+//!   server's CPU time per turn over the load (from `/proc/<pid>/stat`).
 //! - `acks`: 1 000 conversations each keeping W (8) user messages unacked; acks per second.
 //!
 //! Knobs (environment): PARLEY_BIN (default: the bench's own build of `parley`), WS_SCENARIO
@@ -89,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     if matches!(scenario.as_str(), "all" | "turns") {
         let cfg = turns::Turns::from_env(quick);
         let server = ServerProc::start(&bin, cfg.upstream_ttft_ms)?;
-        rows.extend(rt.block_on(turns::run(&cfg, server.addr)));
+        rows.extend(rt.block_on(turns::run(&cfg, server.addr, Some(server.pid))));
     }
     if matches!(scenario.as_str(), "all" | "acks") {
         let cfg = acks::Acks::from_env(quick);
