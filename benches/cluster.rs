@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         let (rows, per_turn) = if nodes == 0 {
             let server = ServerProc::start(&bin, cfg.upstream_ttft_ms)?;
             (
-                rt.block_on(turns::run(&cfg, server.addr, Some(server.pid))),
+                rt.block_on(turns::run(&cfg, server.addr, &[server.pid])),
                 None,
             )
         } else {
@@ -90,7 +90,8 @@ fn main() -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let addrs: Vec<_> = servers.iter().map(|s| s.addr).collect();
             let before = redis_calls(&servers);
-            let rows = rt.block_on(turns::run_on(&cfg, &addrs, nodes > 1, None));
+            let pids: Vec<_> = servers.iter().map(|s| s.pid).collect();
+            let rows = rt.block_on(turns::run_on(&cfg, &addrs, nodes > 1, &pids));
             let calls = redis_calls(&servers) - before;
             (rows, Some(calls))
         };

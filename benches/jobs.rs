@@ -83,11 +83,11 @@ fn main() -> anyhow::Result<()> {
         &format!("\n[jobs]\nworkers = {workers}\n"),
     )?;
     let base = format!("http://{}", server.addr);
-    let idle = rt.block_on(turns::run(&cfg, server.addr, None));
+    let idle = rt.block_on(turns::run(&cfg, server.addr, &[]));
     let submitted = Instant::now();
     let ids = rt.block_on(submit_all(&base, jobs));
     let submit_time = submitted.elapsed();
-    let busy = rt.block_on(turns::run(&cfg, server.addr, None));
+    let busy = rt.block_on(turns::run(&cfg, server.addr, &[]));
     let measured_until = submitted.elapsed();
     // Oldest first: the last submitted ends last.
     let last = ids.last().cloned().unwrap_or_default();

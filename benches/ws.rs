@@ -90,7 +90,7 @@ fn main() -> anyhow::Result<()> {
     if matches!(scenario.as_str(), "all" | "turns") {
         let cfg = turns::Turns::from_env(quick);
         let server = ServerProc::start(&bin, cfg.upstream_ttft_ms)?;
-        rows.extend(rt.block_on(turns::run(&cfg, server.addr, Some(server.pid))));
+        rows.extend(rt.block_on(turns::run(&cfg, server.addr, &[server.pid])));
     }
     if matches!(scenario.as_str(), "all" | "acks") {
         let cfg = acks::Acks::from_env(quick);

@@ -123,18 +123,24 @@ targets = [{{ provider = "mock", model = "mock-1" }}]
     }
 }
 
-/// The CPU time (user + system) process `pid` has used so far, in milliseconds (`None` once it
-/// is gone).
-pub fn cpu_ms(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+/// The CPU time (user + system) processes `pids` have used so far between them, in
+/// milliseconds (`None` when there are none, or one is gone).
+pub fn cpu_ms(pids: &[u32]) -> Option<f64> {
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks as f64 * 1000.0 / hz as f64)
+    if pids.is_empty() || hz <= 0 {
+        return None;
+    }
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.rsplit_once(')')?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+        ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    }
+    Some(ticks as f64 * 1000.0 / hz as f64)
 }
 
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {

@@ -130,22 +130,17 @@ fn on_frame(
     }
 }
 
-/// The scenario against one server; with `cpu_of`, also the CPU time that process used per
-/// answered turn over the load (the built-in mock's generation runs in it and is included).
-pub async fn run(cfg: &Turns, server: SocketAddr, cpu_of: Option<u32>) -> Vec<Row> {
+/// The scenario against one server (see [`run_on`]).
+pub async fn run(cfg: &Turns, server: SocketAddr, cpu_of: &[u32]) -> Vec<Row> {
     run_on(cfg, &[server], false, cpu_of).await
 }
 
 /// Conversation `i` is created on node `i mod n`, which runs it; with `relay`, its turns are
 /// sent (and its frames watched) from a socket on the next node, so every frame crosses a
-/// relay (the worst case of a cluster behind a load balancer).
-/// With `cpu_of`, also the CPU time that process used per answered turn.
-pub async fn run_on(
-    cfg: &Turns,
-    servers: &[SocketAddr],
-    relay: bool,
-    cpu_of: Option<u32>,
-) -> Vec<Row> {
+/// relay (the worst case of a cluster behind a load balancer). Unless `cpu_of` is empty, also
+/// reports the CPU time those server processes used between them per answered turn over the
+/// load (the built-in mock's generation runs in them and is counted).
+pub async fn run_on(cfg: &Turns, servers: &[SocketAddr], relay: bool, cpu_of: &[u32]) -> Vec<Row> {
     let mut tasks = JoinSet::new();
     let mut senders = Vec::new();
     let wait = Duration::from_secs(30);
@@ -170,7 +165,7 @@ pub async fn run_on(
     // Open loop: turn k is due at start + k/R whatever became of the turns before it.
     let total = cfg.rate * cfg.secs as usize;
     let period = Duration::from_secs_f64(1.0 / cfg.rate as f64);
-    let cpu_before = cpu_of.and_then(super::server::cpu_ms);
+    let cpu_before = super::server::cpu_ms(cpu_of);
     let start = Instant::now();
     let mut skipped = 0;
     for k in 0..total {
@@ -190,13 +185,13 @@ pub async fn run_on(
         all.done += t.done;
         all.errors += t.errors;
     }
-    let cpu = cpu_before.zip(cpu_of.and_then(super::server::cpu_ms));
+    let cpu = cpu_before.zip(super::server::cpu_ms(cpu_of));
     let mut rows = report(cfg, &mut all, elapsed, skipped);
     if let Some((before, after)) = cpu {
         let answered = all.first_delta.len().max(1) as f64;
         rows.push(Row::new(
             "turns",
-            "server CPU per turn (built-in mock included)",
+            "server CPU per turn (every server process; built-in mock included)",
             format!("{:.3} ms", (after - before) / answered),
         ));
     }

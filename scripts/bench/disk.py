@@ -3,7 +3,8 @@
 already written (zeros), then either fdatasync (the device's cache flushed too) or
 sync_file_range (written to the device, no cache flush: what sled does for its log), one write
 every millisecond, N times each. Prints p50 / p90 / p99 in microseconds.
-  DIR (default: the data directory's filesystem, ./bench-out)  N (default 1500)
+  DIR (the directory to write in; default ./bench-out, on the filesystem parley's data uses
+  when run from the checkout)  N (default 1500)
 """
 import ctypes
 import ctypes.util

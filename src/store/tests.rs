@@ -22,15 +22,16 @@ fn backends() -> Vec<(Held, Store)> {
 /// Opens a store that another handle of this process has just let go of. sled's last handle
 /// can drop while one of sled's IO threads still holds the directory's lock for the moment it
 /// takes to finish its write (seen once in a full run: `could not acquire lock`); a new process
-/// never meets this, so the test waits for the lock, up to 10 s.
-fn reopen(dir: &std::path::Path) -> Store {
+/// never meets this, so the test waits for the lock, up to 10 s, without holding up this
+/// runtime's other tasks (one of them may be what still holds the store).
+async fn reopen(dir: &std::path::Path) -> Store {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match Store::open(dir) {
             Err(StoreError::Sled(sled::Error::Io(e)))
                 if e.to_string().contains("lock") && std::time::Instant::now() < deadline =>
             {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
             other => return other.unwrap(), // ok: test code
         }
@@ -155,7 +156,7 @@ async fn survives_reopen() {
                        // until it ends: wait for it, as shutdown does.
         store.idle().await;
     }
-    let store = reopen(dir.path());
+    let store = reopen(dir.path()).await;
     assert_eq!(
         store.messages_after(&c.id, 0, 10).unwrap()[0].content, // ok: test code
         "message 1"
@@ -176,7 +177,7 @@ async fn conversations_stored_before_the_listing_index_are_indexed_at_open() {
         store.flush().await.unwrap(); // ok: test code
         store.idle().await;
     }
-    let store = reopen(dir.path());
+    let store = reopen(dir.path()).await;
     let tenant = crate::ids::TenantId("t".into());
     let (page, more) = store.list_conversations(&tenant, None, 10).unwrap(); // ok: test code
     let mut ids: Vec<_> = page.iter().map(|c| c.id.clone()).collect();
