@@ -522,6 +522,10 @@ async fn a_local_sentence_transformer_catches_deeper_rewordings() {
     let up = MockUpstream::spawn(Behaviour::default()).unwrap();
     let mut cfg = config_with(Some(&up));
     cfg.cache.embedder = format!("local:{dir}");
+    // What is under test is what the model catches, not how fast it embeds: on two cores shared
+    // with the rest of the suite, one embedding can take longer than the default 250 ms, and a
+    // lookup that slow is skipped (a miss), by design.
+    cfg.cache.lookup_timeout_ms = 10_000;
     let server = TestServer::start(cfg);
     let mut ws = Ws::connect(&server, None).await;
     assert!(!hits(&mut ws, &up, "up", "What is the capital of France?").await);
