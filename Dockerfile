@@ -4,6 +4,7 @@ FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+COPY vendor ./vendor
 COPY benches ./benches
 COPY tests ./tests
 RUN cargo build --release --locked --bin parley
