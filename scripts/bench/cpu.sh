@@ -8,23 +8,21 @@
 # Needs oha; builds the harness's mock into bench-out/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/common.sh
 root=$PWD
 bench=$root/../shared/bench
 mode=${MODE:-stream}
 chunks=${CHUNKS:-8}
 requests=${REQUESTS:-100000}
 bin=${PARLEY_BIN:-$root/target/release/parley}
-mock=$root/bench-out/mock-upstream-target/release/mock-upstream
-if [ ! -x "$mock" ]; then
-  (cd "$bench/mock-upstream" && CARGO_TARGET_DIR="$root/bench-out/mock-upstream-target" cargo build --release -q)
-fi
+mock=$(mock_bin)
 "$mock" --port 18080 >/dev/null 2>&1 &
 mock_pid=$!
 export MOCK_API_BASE="http://127.0.0.1:18080/chunks=$chunks/v1" PARLEY_BIN=$bin GW_PORT=4000
 "$bench/peers/parley/start.sh" >/dev/null 2>&1 &
 gw_pid=$!
 trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:4000/healthz && break; sleep 0.1; done
+wait_up 127.0.0.1:4000/healthz
 stream=''
 [ "$mode" = stream ] && stream=',"stream":true'
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32'$stream'}'

@@ -8,6 +8,7 @@
 # Needs oha (cargo install oha --locked) and nginx (apt-get install nginx).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/common.sh
 root=$PWD
 bench=$root/../shared/bench
 rates=${RATES:-"20 50 500 2000"}
@@ -34,7 +35,7 @@ PARLEY_ADMIN_KEY=bench-admin-key "$PARLEY_BIN" serve --config "$BENCH_DATA/setup
   >"$BENCH_DATA/setup.log" 2>&1 &
 setup=$!
 trap 'kill "$setup" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf -o /dev/null "127.0.0.1:$port/healthz" && break; sleep 0.1; done
+wait_up "127.0.0.1:$port/healthz"
 key=$(curl -sf "127.0.0.1:$port/admin/keys" -H 'authorization: Bearer bench-admin-key' \
   -H 'content-type: application/json' \
   -d '{"tenant": "bench", "rpm": 100000000, "tpm": 4000000000}' | jq -r .key)

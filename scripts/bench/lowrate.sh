@@ -10,27 +10,35 @@
 # Needs oha and perf; builds the harness's mock into bench-out/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-root=$PWD
-bench=$root/../shared/bench
+. scripts/bench/common.sh
+bench=$PWD/../shared/bench
 rate=${RATE:-20}
 seconds=${DURATION:-10}
 rounds=${ROUNDS:-3}
-mock=$root/bench-out/mock-upstream-target/release/mock-upstream
-if [ ! -x "$mock" ]; then
-  (cd "$bench/mock-upstream" && CARGO_TARGET_DIR="$root/bench-out/mock-upstream-target" cargo build --release -q)
-fi
+mock=$(mock_bin)
 out=$(mktemp -d)
+# The round's mock and server, stopped however the script ends.
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+}
+trap 'cleanup; rm -rf "$out"' EXIT
 stream=''
 [ -n "${STREAM:-}" ] && stream=',"stream":true'
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32'$stream'}'
 one() {
   local bin=$1
   "$mock" --port 18080 >/dev/null 2>&1 &
-  local mock_pid=$!
+  pids+=($!)
   MOCK_API_BASE="http://127.0.0.1:18080/v1" PARLEY_BIN=$bin GW_PORT=4000 \
     "$bench/peers/parley/start.sh" >/dev/null 2>&1 &
+  # start.sh execs the server, so this is the server's pid.
   local gw_pid=$!
-  for _ in $(seq 100); do curl -sf -o /dev/null 127.0.0.1:4000/healthz && break; sleep 0.1; done
+  pids+=("$gw_pid")
+  wait_up 127.0.0.1:18080/health
+  wait_up 127.0.0.1:4000/healthz
   oha -n 2000 -c 64 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
     http://127.0.0.1:4000/v1/chat/completions >/dev/null
   # The same load straight to the mock first: what parley adds is the difference.
@@ -45,8 +53,7 @@ one() {
     -m POST -H 'content-type: application/json' -d "$body" \
     http://127.0.0.1:4000/v1/chat/completions >"$out/oha.json"
   wait "$perf_pid" || true
-  kill "$gw_pid" "$mock_pid" 2>/dev/null || true
-  wait "$gw_pid" "$mock_pid" 2>/dev/null || true
+  cleanup
   python3 - "$out" "$bin" <<'PY'
 import json, re, sys
 out, bin = sys.argv[1], sys.argv[2]

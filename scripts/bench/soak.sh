@@ -10,6 +10,7 @@
 # Needs oha (cargo install oha --locked), curl, jq; builds ../shared/bench's mock on first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/bench/common.sh
 root=$PWD
 minutes=${MINUTES:-10}
 round=${ROUND_SECONDS:-60}
@@ -20,15 +21,11 @@ if [ -z "${PARLEY_BIN:-}" ]; then
   PARLEY_BIN=$out/parley
   cp target/release/parley "$PARLEY_BIN"
 fi
-mock_target=$root/bench-out/mock-upstream-target
-mock=$mock_target/release/mock-upstream
-[ -x "$mock" ] || CARGO_TARGET_DIR=$mock_target cargo build --release --quiet \
-  --manifest-path "$root/../shared/bench/mock-upstream/Cargo.toml"
+mock=$(mock_bin)
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-wait_up() { for _ in $(seq 100); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; return 1; }
 
 MOCK_PORT=18090 "$mock" >"$out/mock.log" 2>&1 &
 pids+=($!)
