@@ -22,6 +22,24 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cli::MockArgs;
 
+/// Waits `d`, to within the scheduler's wake-up rather than tokio's millisecond tick (which
+/// makes a 5 ms wait last 5 to 6 ms): a load driver subtracts the mock's time to first token
+/// from what it measures, so the wait must be what it says. A timer descriptor that cannot be
+/// made (or read) leaves the rest of the wait to tokio's timer.
+pub async fn sleep(d: Duration) {
+    if d.is_zero() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + d;
+    #[cfg(target_os = "linux")]
+    if let Ok(delay) = tokio_timerfd::Delay::new(deadline) {
+        if delay.await.is_ok() {
+            return;
+        }
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+}
+
 /// Request bodies kept for inspection (the newest).
 const RECEIVED_KEPT: usize = 1000;
 
@@ -200,4 +218,20 @@ pub async fn serve(args: &MockArgs) -> std::io::Result<()> {
     let server = server::build(listener, Arc::new(MockState::new(Behaviour::from(args))), 0)?;
     tracing::info!(%addr, "mock upstream listening on {addr}");
     server.await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    #[tokio::test]
+    async fn sleep_waits_at_least_its_duration() {
+        for d in [Duration::from_micros(1500), Duration::from_millis(3)] {
+            let started = Instant::now();
+            super::sleep(d).await;
+            assert!(started.elapsed() >= d, "woke before {d:?}");
+        }
+        // Zero returns at once, without a timer.
+        super::sleep(Duration::ZERO).await;
+    }
 }

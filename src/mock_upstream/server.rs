@@ -81,7 +81,7 @@ async fn generate(state: &MockState, body: Value, wire: Wire) -> HttpResponse {
         }
     };
     let plan = generator::plan_request(behaviour.seed, &req);
-    tokio::time::sleep(plan.ttft.unwrap_or(behaviour.ttft)).await;
+    super::sleep(plan.ttft.unwrap_or(behaviour.ttft)).await;
 
     let fault = if let Some(status) = drawn_fault(state) {
         Some(Fault::Status(status))
@@ -204,7 +204,7 @@ fn stream_response(
             ));
         }
         if i > 1 && !gap.is_zero() {
-            tokio::time::sleep(gap).await;
+            super::sleep(gap).await;
         }
         Ok::<_, actix_web::Error>(Bytes::from(event))
     });

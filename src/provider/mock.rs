@@ -195,6 +195,6 @@ async fn wait(d: Duration, tx: &EventTx) -> bool {
     }
     tokio::select! {
         () = tx.closed() => false,
-        () = tokio::time::sleep(d) => true,
+        () = crate::mock_upstream::sleep(d) => true,
     }
 }
