@@ -1496,14 +1496,13 @@ where
                     // parley's change (vendor/README.md): a connection waiting with nothing
                     // buffered keeps no buffer allocations. Both were allocated at 8 KiB for every
                     // connection and kept for its life, which made them most of an idle
-                    // WebSocket's memory; the next read or response allocates them again.
-                    if inner_p.read_buf.is_empty() && inner_p.read_buf.capacity() > 0 {
+                    // WebSocket's memory; the next read or response allocates them again. (An
+                    // empty write buffer has been through `poll_flush` in full, which has
+                    // already cleared any pending reset.)
+                    if inner_p.read_buf.is_empty() {
                         *inner_p.read_buf = BytesMut::new();
                     }
-                    if inner_p.write_buf.is_empty()
-                        && inner_p.write_buf.capacity() > 0
-                        && !*inner_p.write_buf_needs_reset
-                    {
+                    if inner_p.write_buf.is_empty() {
                         *inner_p.write_buf = BytesMut::new();
                     }
                     Poll::Pending
