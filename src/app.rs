@@ -335,6 +335,8 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
     let max_body = config.server.max_frame_bytes;
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
+        // Runs on each worker thread: conversations its connections start are hosted there.
+        crate::conversation::mark_worker_thread();
         App::new()
             .app_data(app_state.clone())
             .wrap(from_fn(crate::server::relay::relay))

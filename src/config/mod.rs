@@ -196,7 +196,9 @@ pub struct ServerConfig {
     pub max_queued_turns: usize,
     /// HTTP worker threads (0 = one per core).
     pub workers: usize,
-    /// Threads that host conversation actors (0 = one per core).
+    /// Threads that host conversation actors started outside a connection (jobs, batch, a
+    /// cluster takeover); a conversation a request or socket starts runs on its worker thread
+    /// (0 = one per core).
     pub conversation_threads: usize,
     /// Conversations one tenant may keep stored; creating more is `quota_exceeded`.
     pub max_conversations_per_tenant: u64,

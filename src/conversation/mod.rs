@@ -16,7 +16,7 @@ mod turn;
 pub use actor::{ConversationActor, REPLAY_PAGE};
 pub use fanout::{next_sink_id, Scope, SinkId};
 pub use frames::{Outbound, ServerFrame, Sink, WireMessage};
-pub use registry::{Live, NewConversation, Registry};
+pub use registry::{mark_worker_thread, Live, NewConversation, Registry};
 pub use tools::open_calls;
 pub use turn::outcome_frame;
 

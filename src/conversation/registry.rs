@@ -1,5 +1,6 @@
-//! `Registry`: conversation id → its live actor, started on demand on one of the conversation
-//! arbiters under a `Supervisor`.
+//! `Registry`: conversation id → its live actor, started on demand under a `Supervisor`: on the
+//! worker thread of the connection that asked for it, or else on one of the conversation
+//! arbiters.
 //!
 //! The registry holds each actor weakly. An idle actor stops; if nobody holds its address it
 //! ends, and the next `get` starts a fresh one from storage. If a message is on its way (a
@@ -8,6 +9,7 @@
 //! nor a revived one that answers `not_found`. Deleting a conversation removes its entry and
 //! stops its actor for good.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,6 +40,17 @@ struct Inner {
     deleting: Mutex<std::collections::HashSet<ConversationId>>,
     arbiters: Vec<ArbiterHandle>,
     next: AtomicUsize,
+}
+
+thread_local! {
+    /// Whether this thread is one of the HTTP server's workers ([`mark_worker_thread`]).
+    static ON_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as an HTTP worker: conversations started from it run on it. The
+/// server's app factory calls it, as actix-web runs the factory once on each worker thread.
+pub fn mark_worker_thread() {
+    ON_WORKER.with(|w| w.set(true));
 }
 
 /// Actors started between two sweeps of the entries of actors that ended.
@@ -215,12 +228,18 @@ impl Registry {
         if n % SWEEP_EVERY == SWEEP_EVERY - 1 {
             actors.retain(|_, entry| alive(entry).is_some());
         }
-        let i = n % self.inner.arbiters.len().max(1);
-        let arbiter = self
-            .inner
-            .arbiters
-            .get(i)
-            .cloned()
+        // A conversation started by a request or a socket runs on that connection's worker
+        // thread: its turns then go from the socket to the actor, the upstream and back without
+        // waking another thread. Started elsewhere (jobs, batch, a cluster takeover), it goes
+        // to the conversation arbiters in turn.
+        let arbiter = ON_WORKER
+            .with(Cell::get)
+            .then(Arbiter::try_current)
+            .flatten()
+            .or_else(|| {
+                let i = n % self.inner.arbiters.len().max(1);
+                self.inner.arbiters.get(i).cloned()
+            })
             .unwrap_or_else(Arbiter::current);
         let deps = Arc::clone(&self.inner.deps);
         let owner = record.tenant.clone();
