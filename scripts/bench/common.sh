@@ -15,3 +15,28 @@ wait_up() {
   echo "$1 did not come up in 10 s" >&2
   return 1
 }
+
+# Prepares BENCH_DATA (exported; a new temp dir) for scripts/bench/parley-keyed.sh and sets
+# BENCH_KEY to a key made there through the admin API of PARLEY_BIN, with per-key rpm/tpm limits
+# high enough not to bind. Fails (and says so) when no key came back.
+bench_key() {
+  BENCH_DATA=$(mktemp -d)
+  export BENCH_DATA
+  local port=4099 setup key
+  cat > "$BENCH_DATA/setup.toml" <<TOML
+listen = "127.0.0.1:$port"
+data_dir = "$BENCH_DATA/data"
+TOML
+  PARLEY_ADMIN_KEY=bench-admin-key "$PARLEY_BIN" serve --config "$BENCH_DATA/setup.toml" \
+    >"$BENCH_DATA/setup.log" 2>&1 &
+  setup=$!
+  if wait_up "127.0.0.1:$port/healthz"; then
+    key=$(curl -sf "127.0.0.1:$port/admin/keys" -H 'authorization: Bearer bench-admin-key' \
+      -H 'content-type: application/json' \
+      -d '{"tenant": "bench", "rpm": 100000000, "tpm": 4000000000}' | jq -r .key)
+  fi
+  kill -TERM "$setup" 2>/dev/null || true
+  wait "$setup" || true
+  [ -n "${key:-}" ] && [ "$key" != null ] || { echo "no bench key" >&2; return 1; }
+  BENCH_KEY=$key
+}

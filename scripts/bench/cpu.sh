@@ -5,6 +5,8 @@
 # from /proc before and after. Prints the request rate and CPU milliseconds per request.
 #   MODE=stream|json (stream)  CHUNKS=8 (chunks per streamed reply)  REQUESTS=100000
 #   PARLEY_BIN (default target/release/parley)
+#   KEYED=1: parley with a real key instead (scripts/bench/parley-keyed.sh: auth, per-key limits
+#   and usage accounting on, cache off), as the harness's keyed run
 # Needs oha; builds the harness's mock into bench-out/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,16 +20,32 @@ bin=${PARLEY_BIN:-$root/target/release/parley}
 mock=$(mock_bin)
 "$mock" --port 18080 >/dev/null 2>&1 &
 mock_pid=$!
+gw_pid=''
+keyed_dir=''
+cleanup() {
+  kill ${gw_pid:+"$gw_pid"} "$mock_pid" 2>/dev/null || true
+  # The server writes its last usage records as it stops: remove its directory after.
+  wait 2>/dev/null || true
+  [ -z "$keyed_dir" ] || rm -rf "$keyed_dir"
+}
+trap cleanup EXIT
 export MOCK_API_BASE="http://127.0.0.1:18080/chunks=$chunks/v1" PARLEY_BIN=$bin GW_PORT=4000
-"$bench/peers/parley/start.sh" >/dev/null 2>&1 &
+auth=()
+if [ "${KEYED:-0}" = 1 ]; then
+  bench_key
+  keyed_dir=$BENCH_DATA
+  auth=(-H "authorization: Bearer $BENCH_KEY")
+  scripts/bench/parley-keyed.sh >/dev/null 2>&1 &
+else
+  "$bench/peers/parley/start.sh" >/dev/null 2>&1 &
+fi
 gw_pid=$!
-trap 'kill "$gw_pid" "$mock_pid" 2>/dev/null || true' EXIT
 wait_up 127.0.0.1:4000/healthz
 stream=''
 [ "$mode" = stream ] && stream=',"stream":true'
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32'$stream'}'
 load() {
-  oha -n "$1" -c 64 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
+  oha -n "$1" -c 64 --no-tui -m POST -H 'content-type: application/json' "${auth[@]}" -d "$body" \
     http://127.0.0.1:4000/v1/chat/completions
 }
 load 20000 >/dev/null
@@ -38,4 +56,4 @@ hz=$(getconf CLK_TCK)
 t0=$(ticks)
 rps=$(load "$requests" | awk '/Requests\/sec/ {print $2}')
 t1=$(ticks)
-echo "mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(echo "scale=4; ($t1 - $t0) * 1000 / $hz / $requests" | bc)"
+echo "keyed=${KEYED:-0} mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(echo "scale=4; ($t1 - $t0) * 1000 / $hz / $requests" | bc)"

@@ -24,25 +24,8 @@ export PARLEY_BIN
 common=(--rates "$rates" --stream-rate "$stream_rate" --repeat "$repeat")
 
 # The keyed peer's data directory, with one key made through the admin API.
-BENCH_DATA=$(mktemp -d)
-export BENCH_DATA
-port=4099
-cat > "$BENCH_DATA/setup.toml" <<TOML
-listen = "127.0.0.1:$port"
-data_dir = "$BENCH_DATA/data"
-TOML
-PARLEY_ADMIN_KEY=bench-admin-key "$PARLEY_BIN" serve --config "$BENCH_DATA/setup.toml" \
-  >"$BENCH_DATA/setup.log" 2>&1 &
-setup=$!
-trap 'kill "$setup" 2>/dev/null || true' EXIT
-wait_up "127.0.0.1:$port/healthz"
-key=$(curl -sf "127.0.0.1:$port/admin/keys" -H 'authorization: Bearer bench-admin-key' \
-  -H 'content-type: application/json' \
-  -d '{"tenant": "bench", "rpm": 100000000, "tpm": 4000000000}' | jq -r .key)
-kill -TERM "$setup"
-wait "$setup" || true
-trap - EXIT
-[ -n "$key" ] && [ "$key" != null ] || { echo "no bench key" >&2; exit 1; }
+bench_key
+key=$BENCH_KEY
 
 "$bench/run.sh" --name nginx-w2 --gw-cmd 'NGINX_WORKERS=2 peers/nginx/start.sh' "${common[@]}"
 PARLEY_REPO=$root "$bench/run.sh" --name parley-dev --gw-url http://127.0.0.1:4000 \
