@@ -256,7 +256,8 @@ impl Store {
             file_contents: open("file_contents")?,
             batches: open("batches")?,
             batches_by_tenant: open("batches_by_tenant")?,
-            commit: commit::GroupCommit::new(),
+            commit: commit::GroupCommit::new()
+                .map_err(|e| StoreError::Task(format!("cannot start the flusher thread: {e}")))?,
             headers: Default::default(),
             db,
         })
