@@ -175,3 +175,10 @@ impl From<actix::MailboxError> for ApiError {
         Self::internal()
     }
 }
+
+/// Fault injection (tests): unwinds as a panic does, without the panic hook, whose backtrace of
+/// the test binary (symbolising its debug info) can hold the thread for seconds under load.
+#[cfg(feature = "fault-injection")]
+pub fn injected_panic(what: &'static str) -> ! {
+    std::panic::resume_unwind(Box::new(what))
+}

@@ -460,9 +460,7 @@ async fn generate(
     // At once, while the message is still being stored: the panic must still follow its ack.
     #[cfg(feature = "fault-injection")]
     if input.content.contains("[[parley:panic]]") {
-        // Unwinds as a panic does, without the panic hook: printing a backtrace of the test
-        // binary (symbolising its debug info) can hold the thread for seconds under load.
-        std::panic::resume_unwind(Box::new("fault injection: turn panicked"));
+        crate::error::injected_panic("fault injection: turn panicked");
     }
 
     let begun = Instant::now();

@@ -130,8 +130,8 @@ fn run_rounds(commit: &Weak<GroupCommit>, rounds: &mpsc::Receiver<sled::Db>) {
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| flushing.flush()));
             let error = match flushed {
                 Ok(Ok(_)) => None,
-                Ok(Err(e)) => Some(Arc::from(format!("storage failed: {e}"))),
-                Err(_) => Some(Arc::from("storage failed: the flush panicked")),
+                Ok(Err(e)) => Some(Arc::from(e.to_string())),
+                Err(_) => Some(Arc::from("the flush panicked")),
             };
             let mut s = this.state.lock();
             if s.issued > covered {
@@ -189,11 +189,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
         let commit = GroupCommit::new().unwrap(); // ok: test code
+                                                  // A request asks for a round and is gone at once, and so is its worker's runtime.
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap(); // ok: test code
-                       // The request asks for a round and is gone at once, and so is its runtime.
         worker.block_on(async {
             let _ = tokio::time::timeout(std::time::Duration::ZERO, commit.flush(&db)).await;
         });
@@ -218,8 +218,8 @@ mod tests {
     async fn a_dropped_waiter_does_not_stall_the_next_round() {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
+                                                                       // Start a flush and abandon it at once.
         let commit = GroupCommit::new().unwrap(); // ok: test code
-                                                  // Start a flush and abandon it at once.
         let first = commit.flush(&db);
         drop(first);
         let abandoned =

@@ -248,9 +248,7 @@ async fn work(cx: &mut CommandCtx, next: Work) {
 async fn handle(cx: &mut CommandCtx, frame: ClientFrame) {
     #[cfg(feature = "fault-injection")]
     if matches!(&frame, ClientFrame::Create { client_id, .. } if client_id == "[[parley:panic]]") {
-        // Unwinds as a panic does, without the panic hook: printing a backtrace of the test
-        // binary (symbolising its debug info) can hold the thread for seconds under load.
-        std::panic::resume_unwind(Box::new("fault injection: a socket's frame panics"));
+        crate::error::injected_panic("fault injection: a socket's frame panics");
     }
     match frame {
         ClientFrame::Create {
