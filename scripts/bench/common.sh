@@ -16,9 +16,10 @@ wait_up() {
   return 1
 }
 
-# Prepares BENCH_DATA (exported; a new temp dir) for scripts/bench/parley-keyed.sh and sets
-# BENCH_KEY to a key made there through the admin API of PARLEY_BIN, with per-key rpm/tpm limits
-# high enough not to bind. Fails (and says so) when no key came back.
+# Prepares BENCH_DATA (exported; a new temp dir, the caller's to remove) for
+# scripts/bench/parley-keyed.sh and sets BENCH_KEY to a key made there through the admin API of
+# PARLEY_BIN, with per-key rpm/tpm limits high enough not to bind. Fails (and says so, the
+# directory removed) when no key came back.
 bench_key() {
   BENCH_DATA=$(mktemp -d)
   export BENCH_DATA
@@ -37,6 +38,10 @@ TOML
   fi
   kill -TERM "$setup" 2>/dev/null || true
   wait "$setup" || true
-  [ -n "${key:-}" ] && [ "$key" != null ] || { echo "no bench key" >&2; return 1; }
+  if [ -z "${key:-}" ] || [ "$key" = null ]; then
+    echo "no bench key" >&2
+    rm -rf "$BENCH_DATA"
+    return 1
+  fi
   BENCH_KEY=$key
 }

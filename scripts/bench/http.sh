@@ -15,9 +15,14 @@ rates=${RATES:-"20 50 500 2000"}
 repeat=${REPEAT:-2}
 stream_rate=${STREAM_RATE:-10}
 export DURATION=${DURATION:-10}
+# What this script makes in the temp directory (the binary's copy, the keyed peer's data, which
+# holds a run's usage records: some 200 MB) goes when it ends.
+made=()
+trap 'rm -rf ${made[@]+"${made[@]}"}' EXIT
 if [ -z "${PARLEY_BIN:-}" ]; then
   cargo build --release --quiet
-  PARLEY_BIN=$(mktemp -d)/parley
+  made+=("$(mktemp -d)")
+  PARLEY_BIN=${made[0]}/parley
   cp target/release/parley "$PARLEY_BIN"
 fi
 export PARLEY_BIN
@@ -25,6 +30,7 @@ common=(--rates "$rates" --stream-rate "$stream_rate" --repeat "$repeat")
 
 # The keyed peer's data directory, with one key made through the admin API.
 bench_key
+made+=("$BENCH_DATA")
 key=$BENCH_KEY
 
 "$bench/run.sh" --name nginx-w2 --gw-cmd 'NGINX_WORKERS=2 peers/nginx/start.sh' "${common[@]}"

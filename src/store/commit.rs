@@ -189,7 +189,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
         let commit = GroupCommit::new().unwrap(); // ok: test code
-                                                  // A request asks for a round and is gone at once, and so is its worker's runtime.
+
+        // A request asks for a round and is gone at once, and so is its worker's runtime.
         let worker = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -218,8 +219,9 @@ mod tests {
     async fn a_dropped_waiter_does_not_stall_the_next_round() {
         let dir = tempfile::tempdir().unwrap(); // ok: test code
         let db = sled::Config::new().path(dir.path()).open().unwrap(); // ok: test code
-                                                                       // Start a flush and abandon it at once.
         let commit = GroupCommit::new().unwrap(); // ok: test code
+
+        // Start a flush and abandon it at once.
         let first = commit.flush(&db);
         drop(first);
         let abandoned =
