@@ -42,8 +42,12 @@ pub trait Decoder {
 /// The most body chunks decoded together before their events are passed on.
 const BURST_READS: usize = 64;
 
-/// How long after its first read a burst may go on yielding for more.
-const BURST_WINDOW: Duration = Duration::from_millis(1);
+/// How long after its first read a burst may go on yielding for more. Each yield lets every
+/// other task ready on the thread run, so under load one costs a good part of a millisecond:
+/// at 1 ms, a reply that had arrived whole was still cut after two or three of its chunks, and
+/// left in two or three writes. A burst that finds nothing new after a yield ends at once, so
+/// the window holds back only a stream that is still coming in while the thread is busy.
+const BURST_WINDOW: Duration = Duration::from_millis(5);
 
 /// Feeds `body` through `decoder` into `tx` until the stream ends, fails, or `tx` is closed.
 pub async fn pump<S, E, D>(provider: &str, body: S, mut decoder: D, idle: Duration, tx: &EventTx)
