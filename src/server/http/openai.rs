@@ -8,10 +8,11 @@ use crate::tenant::Principal;
 use std::sync::Arc;
 
 use actix_web::{web, HttpResponse};
+use bytes::{BufMut, BytesMut};
 use serde_json::{json, Value};
 
 use super::stateless::{failure, prepare, tier_header, with_tier, Piece, Running};
-use crate::domain::FinishReason;
+use crate::domain::{FinishReason, Usage};
 use crate::error::ApiError;
 use crate::generation::{Event, Outcome};
 use crate::ids::unix_now;
@@ -19,8 +20,7 @@ use crate::provider::ChatRequest;
 use crate::server::auth::Client;
 use crate::server::{sse, AppState};
 use crate::wire::openai::{
-    AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-    ChunkChoice, ChunkDelta, ToolCallChunk,
+    AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ChunkDelta, ToolCallChunk,
 };
 
 pub async fn models(Client(p): Client, state: web::Data<AppState>) -> HttpResponse {
@@ -114,34 +114,90 @@ struct Reply {
 impl Reply {
     /// The SSE framing and JSON of a text chunk up to its text: rendered once per answer.
     fn text_head(&self, model: &str) -> String {
-        let mut head = to_json(&self.chunk(model, ChunkDelta::default(), None));
-        // `…"delta":{},"finish_reason":null}]}` → `…"delta":{"content":`
-        let cut = head.rfind("{},\"finish_reason\"").unwrap_or(head.len());
+        let mut head = BytesMut::new();
+        self.put_chunk(&mut head, model, &ChunkDelta::default(), None, None);
+        // `data: {…"delta":{},"finish_reason":null}]}\n\n` → `data: {…"delta":{"content":`
+        let cut = find(&head, b"{},\"finish_reason\"").unwrap_or(head.len());
         head.truncate(cut);
-        format!("data: {head}{{\"content\":")
+        let mut head = String::from_utf8_lossy(&head).into_owned();
+        head.push_str("{\"content\":");
+        head
     }
 
-    fn chunk(
+    /// Writes one `chat.completion.chunk` event with one choice into `buf`: the bytes
+    /// [`ChatCompletionChunk`](crate::wire::openai::ChatCompletionChunk) serialises to, written
+    /// from borrowed parts.
+    fn put_chunk(
         &self,
+        buf: &mut BytesMut,
         model: &str,
-        delta: ChunkDelta,
+        delta: &ChunkDelta,
         finish: Option<FinishReason>,
-    ) -> ChatCompletionChunk {
-        ChatCompletionChunk {
-            id: self.id.clone(),
-            object: "chat.completion.chunk".into(),
+        logprobs: Option<Value>,
+    ) {
+        let choice = ChoiceOut {
+            index: 0,
+            delta,
+            finish_reason: finish.map(FinishReason::as_str),
+            logprobs,
+        };
+        put_event(
+            buf,
+            &self.chunk_out(model, std::slice::from_ref(&choice), None),
+        );
+    }
+
+    fn chunk_out<'a>(
+        &'a self,
+        model: &'a str,
+        choices: &'a [ChoiceOut<'a>],
+        usage: Option<Usage>,
+    ) -> ChunkOut<'a> {
+        ChunkOut {
+            id: &self.id,
+            object: "chat.completion.chunk",
             created: self.created,
-            model: model.to_owned(),
-            choices: vec![ChunkChoice {
-                index: 0,
-                delta,
-                finish_reason: finish.map(|f| f.as_str().to_owned()),
-                logprobs: None,
-            }],
-            usage: None,
-            error: None,
+            model,
+            choices,
+            usage,
         }
     }
+}
+
+/// A [`ChatCompletionChunk`](crate::wire::openai::ChatCompletionChunk) as parts borrowed from
+/// the answer in progress: serialised to the same bytes, field for field, without cloning the
+/// id and model into every chunk.
+#[derive(serde::Serialize)]
+struct ChunkOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: i64,
+    model: &'a str,
+    choices: &'a [ChoiceOut<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+/// A [`ChunkChoice`](crate::wire::openai::ChunkChoice) as [`ChunkOut`] writes it.
+#[derive(serde::Serialize)]
+struct ChoiceOut<'a> {
+    index: u32,
+    delta: &'a ChunkDelta,
+    finish_reason: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Value>,
+}
+
+/// Writes `v` into `buf` as one SSE event of one `data:` line.
+fn put_event(buf: &mut BytesMut, v: &impl serde::Serialize) {
+    buf.extend_from_slice(b"data: ");
+    // Plain structs of strings and numbers, written into memory: this cannot fail.
+    let _ = serde_json::to_writer((&mut *buf).writer(), v);
+    buf.extend_from_slice(b"\n\n");
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
 }
 
 /// The whole answer, and the tier that wrote it on a semantic route.
@@ -199,26 +255,26 @@ async fn stream_reply(
         text_head,
         logprobs: Vec::new(),
         include_usage,
+        opened: false,
     };
-    let opening = out.chunk(ChunkDelta {
-        role: Some("assistant".into()),
-        content: Some(String::new()),
-        tool_calls: None,
-    });
-    let mut started = false;
-    let body = run.body(out, move |s, piece, buf| {
-        if !started {
+    let body = run.body(out, |s, piece, buf| {
+        if !s.opened {
             // The role chunk leaves with the first piece.
-            buf.extend_from_slice(&opening);
-            started = true;
+            let opening = ChunkDelta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+                tool_calls: None,
+            };
+            s.reply.put_chunk(buf, &s.model, &opening, None, None);
+            s.opened = true;
         }
         match piece {
             Piece::Event(e) => {
-                buf.extend_from_slice(&s.event_bytes(e));
+                s.put_event(e, buf);
                 false
             }
             Piece::Done(out) => {
-                buf.extend_from_slice(&s.end_bytes(*out));
+                s.put_end(*out, buf);
                 true
             }
         }
@@ -235,17 +291,17 @@ struct SseReply {
     /// Log probabilities waiting for the text they belong to.
     logprobs: Vec<Value>,
     include_usage: bool,
+    /// The role chunk has been written.
+    opened: bool,
 }
 
 impl SseReply {
-    fn chunk(&self, delta: ChunkDelta) -> bytes::Bytes {
-        let chunk = self.reply.chunk(&self.model, delta, None);
-        sse::event(None, &to_json(&chunk))
-    }
-
-    fn event_bytes(&mut self, e: Event) -> bytes::Bytes {
+    /// Writes the chunk of one event, if it makes one.
+    fn put_event(&mut self, e: Event, buf: &mut BytesMut) {
         let delta = match e {
-            Event::Text(text) if self.logprobs.is_empty() => return self.text_chunk(&text),
+            Event::Text(text) if self.logprobs.is_empty() => {
+                return put_text(buf, &self.text_head, &text)
+            }
             Event::Text(text) => ChunkDelta {
                 content: Some(text),
                 ..ChunkDelta::default()
@@ -256,67 +312,89 @@ impl SseReply {
             },
             Event::Logprobs(items) => {
                 self.logprobs.extend(items);
-                return bytes::Bytes::new();
+                return;
             }
-            Event::Started { .. } | Event::Switched { .. } => return bytes::Bytes::new(),
+            Event::Started { .. } | Event::Switched { .. } => return,
         };
-        let mut chunk = self.reply.chunk(&self.model, delta, None);
-        if self.reply.logprobs && !self.logprobs.is_empty() {
-            if let Some(c) = chunk.choices.first_mut() {
-                c.logprobs = Some(json!({"content": std::mem::take(&mut self.logprobs)}));
-            }
-        }
-        sse::event(None, &to_json(&chunk))
+        let logprobs = (self.reply.logprobs && !self.logprobs.is_empty())
+            .then(|| json!({"content": std::mem::take(&mut self.logprobs)}));
+        self.reply
+            .put_chunk(buf, &self.model, &delta, None, logprobs);
     }
 
-    /// A chunk of text alone, the most frequent event: the text escaped into the chunk's
-    /// rendered head and tail, the same bytes the chunk struct would serialise to.
-    fn text_chunk(&self, text: &str) -> bytes::Bytes {
-        render_text(&self.text_head, text)
-    }
-
-    fn end_bytes(&self, mut out: Outcome) -> bytes::Bytes {
+    /// Writes the end: the finish chunk, the usage chunk when asked and `[DONE]`, or the
+    /// error event of a failure.
+    fn put_end(&self, mut out: Outcome, buf: &mut BytesMut) {
         if let Some(err) = failure(&mut out) {
-            return sse::event(None, &err.body().to_string());
+            put_event(buf, &err.body());
+            return;
         }
-        let mut bytes = Vec::new();
-        let finish = self
-            .reply
-            .chunk(&out.model, ChunkDelta::default(), Some(out.finish));
-        bytes.extend_from_slice(&sse::event(None, &to_json(&finish)));
+        self.reply.put_chunk(
+            buf,
+            &out.model,
+            &ChunkDelta::default(),
+            Some(out.finish),
+            None,
+        );
         if self.include_usage {
-            let mut usage = self.reply.chunk(&out.model, ChunkDelta::default(), None);
-            usage.choices.clear();
-            usage.usage = Some(out.usage);
-            bytes.extend_from_slice(&sse::event(None, &to_json(&usage)));
+            put_event(buf, &self.reply.chunk_out(&out.model, &[], Some(out.usage)));
         }
-        bytes.extend_from_slice(&sse::event(None, "[DONE]"));
-        bytes::Bytes::from(bytes)
+        buf.extend_from_slice(b"data: [DONE]\n\n");
     }
 }
 
-/// A text chunk from its rendered head: the text escaped, then the chunk's closing bytes.
-fn render_text(head: &str, text: &str) -> bytes::Bytes {
+/// Writes a text chunk from its rendered head: the text escaped, then the chunk's closing
+/// bytes.
+fn put_text(buf: &mut BytesMut, head: &str, text: &str) {
     const TAIL: &str = "},\"finish_reason\":null}]}\n\n";
-    let mut out = Vec::with_capacity(head.len() + text.len() + TAIL.len() + 8);
-    out.extend_from_slice(head.as_bytes());
-    // Escaping a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, text);
-    out.extend_from_slice(TAIL.as_bytes());
-    bytes::Bytes::from(out)
-}
-
-fn to_json(v: &impl serde::Serialize) -> String {
-    // Plain structs of strings and numbers: serialising them cannot fail.
-    serde_json::to_string(v).unwrap_or_default()
+    buf.reserve(head.len() + text.len() + TAIL.len() + 8);
+    buf.extend_from_slice(head.as_bytes());
+    // Escaping a string into memory cannot fail.
+    let _ = serde_json::to_writer((&mut *buf).writer(), text);
+    buf.extend_from_slice(TAIL.as_bytes());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::openai::{ChatCompletionChunk, ChunkChoice};
+
+    /// The chunk as the wire type serialises it, framed as one event.
+    fn via_struct(
+        reply: &Reply,
+        model: &str,
+        delta: Option<ChunkDelta>,
+        finish: Option<FinishReason>,
+        usage: Option<Usage>,
+    ) -> String {
+        let chunk = ChatCompletionChunk {
+            id: reply.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: reply.created,
+            model: model.into(),
+            choices: delta
+                .map(|delta| ChunkChoice {
+                    index: 0,
+                    delta,
+                    finish_reason: finish.map(|f| f.as_str().to_owned()),
+                    logprobs: None,
+                })
+                .into_iter()
+                .collect(),
+            usage,
+            error: None,
+        };
+        format!("data: {}\n\n", serde_json::to_string(&chunk).unwrap())
+    }
+
+    fn written(f: impl FnOnce(&mut BytesMut)) -> String {
+        let mut buf = BytesMut::new();
+        f(&mut buf);
+        String::from_utf8(buf.to_vec()).unwrap()
+    }
 
     #[test]
-    fn a_rendered_text_chunk_is_the_chunk_struct_serialised() {
+    fn written_chunks_are_the_chunk_struct_serialised() {
         let reply = Reply {
             id: "chatcmpl-1".into(),
             created: 1_700_000_000,
@@ -330,20 +408,41 @@ mod tests {
                 "quote \" slash \\ newline \n tab \t",
                 "ünï 😀 \u{1}",
             ] {
-                let rendered = render_text(&head, text);
-                let via_struct = sse::event(
-                    None,
-                    &to_json(&reply.chunk(
-                        model,
-                        ChunkDelta {
-                            content: Some(text.into()),
-                            ..ChunkDelta::default()
-                        },
-                        None,
-                    )),
+                let delta = ChunkDelta {
+                    content: Some(text.into()),
+                    ..ChunkDelta::default()
+                };
+                let expected = via_struct(&reply, model, Some(delta.clone()), None, None);
+                assert_eq!(
+                    written(|b| put_text(b, &head, text)),
+                    expected,
+                    "{model:?} {text:?}"
                 );
-                assert_eq!(rendered, via_struct, "{model:?} {text:?}");
+                assert_eq!(
+                    written(|b| reply.put_chunk(b, model, &delta, None, None)),
+                    expected
+                );
             }
+            let opening = ChunkDelta {
+                role: Some("assistant".into()),
+                content: Some(String::new()),
+                tool_calls: None,
+            };
+            assert_eq!(
+                written(|b| reply.put_chunk(b, model, &opening, None, None)),
+                via_struct(&reply, model, Some(opening.clone()), None, None)
+            );
+            let finish = Some(FinishReason::Length);
+            let empty = ChunkDelta::default();
+            assert_eq!(
+                written(|b| reply.put_chunk(b, model, &empty, finish, None)),
+                via_struct(&reply, model, Some(empty), finish, None)
+            );
+            let usage = Usage::new(12, 8);
+            assert_eq!(
+                written(|b| put_event(b, &reply.chunk_out(model, &[], Some(usage)))),
+                via_struct(&reply, model, None, None, Some(usage))
+            );
         }
     }
 }

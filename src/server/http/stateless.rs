@@ -30,6 +30,10 @@ const EVENT_BUFFER: usize = 64;
 /// The most bytes a streaming body gathers into one chunk before handing it to the connection.
 const BODY_CHUNK: usize = 32 * 1024;
 
+/// The room a streaming body's buffer starts with: a short answer that arrived whole fits
+/// without the buffer growing (and being copied) chunk by chunk.
+const FIRST_CHUNK: usize = 4 * 1024;
+
 /// How long a streaming body holds bytes, after its first write, for more to leave with them.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -239,7 +243,7 @@ impl Running {
         mut state: S,
         mut render: impl FnMut(&mut S, Piece, &mut BytesMut) -> bool + 'static,
     ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(FIRST_CHUNK);
         let mut ended = false;
         // Bytes not sent at once wait at most this long for more.
         let mut window: Option<Pin<Box<tokio::time::Sleep>>> = None;
