@@ -1494,16 +1494,21 @@ where
                         cx.waker().wake_by_ref();
                     }
                     // parley's change (vendor/README.md): a connection waiting with nothing
-                    // buffered keeps no buffer allocations. Both were allocated at 8 KiB for every
-                    // connection and kept for its life, which made them most of an idle
-                    // WebSocket's memory; the next read or response allocates them again. (An
-                    // empty write buffer has been through `poll_flush` in full, which has
+                    // buffered while its request's payload is still open (a WebSocket, whose
+                    // frames are that payload) keeps no buffer allocations. Both were allocated
+                    // at 8 KiB for every connection and kept for its life, which made them most
+                    // of an idle WebSocket's memory; the next read or write allocates them
+                    // again. Between requests, and while a request is answered, they are kept:
+                    // giving them back there cost every request a new allocation of both.
+                    // (An empty write buffer has been through `poll_flush` in full, which has
                     // already cleared any pending reset.)
-                    if inner_p.read_buf.is_empty() {
-                        *inner_p.read_buf = BytesMut::new();
-                    }
-                    if inner_p.write_buf.is_empty() {
-                        *inner_p.write_buf = BytesMut::new();
+                    if inner_p.payload.is_some() {
+                        if inner_p.read_buf.is_empty() {
+                            *inner_p.read_buf = BytesMut::new();
+                        }
+                        if inner_p.write_buf.is_empty() {
+                            *inner_p.write_buf = BytesMut::new();
+                        }
                     }
                     Poll::Pending
                 };
