@@ -18,6 +18,9 @@ use crate::provider::{ProviderError, Started, UpstreamEvent};
 /// How many times one reply may move to another target after its stream broke.
 const MAX_SWITCHES: usize = 2;
 
+/// The room a reply's text starts with.
+const REPLY_START: usize = 256;
+
 /// What the stream produced, before it is settled.
 pub(super) struct Streamed {
     pub finish: FinishReason,
@@ -143,6 +146,8 @@ async fn pump(
     sink: &mut impl Sink,
     cancel: &CancellationToken,
 ) {
+    // The reply is gathered delta by delta: room for a short one from the start.
+    out.text.reserve(REPLY_START);
     let mut rest = started.rest;
     let mut next = Some(started.first);
     let mut switches = 0;

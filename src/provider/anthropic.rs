@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use super::openai::send;
 use super::sse::{self, Decoded, Decoder};
@@ -18,7 +18,7 @@ pub const API_VERSION: &str = "2023-06-01";
 pub struct AnthropicClient {
     name: String,
     url: super::http::Endpoint,
-    key: Option<SecretString>,
+    credential: Option<super::http::Credential>,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -38,7 +38,9 @@ impl AnthropicClient {
         Self {
             name: name.to_owned(),
             url: super::http::Endpoint::new(format!("{base_url}/messages")),
-            key,
+            credential: key
+                .as_ref()
+                .map(|k| super::http::Credential::header("x-api-key", k)),
             http,
             timeout,
         }
@@ -60,14 +62,10 @@ impl AnthropicClient {
             answer_tool: anthropic::wants_answer_tool(&req),
             ..AnthropicDecoder::default()
         };
-        let mut request = self
+        let request = self
             .url
-            .post(&self.http)
-            .header("anthropic-version", API_VERSION)
-            .json(&body);
-        if let Some(key) = &self.key {
-            request = request.header("x-api-key", key.expose_secret());
-        }
+            .post_json(&self.http, &body, self.credential.as_ref())
+            .header("anthropic-version", API_VERSION);
         let response = match send(&self.name, request, self.timeout, tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -20,7 +20,7 @@ pub struct OpenAiClient {
     name: String,
     url: super::http::Endpoint,
     embeddings_url: super::http::Endpoint,
-    key: Option<SecretString>,
+    credential: Option<super::http::Credential>,
     http: reqwest::Client,
     timeout: Duration,
 }
@@ -37,7 +37,7 @@ impl OpenAiClient {
             name: name.to_owned(),
             url: super::http::Endpoint::new(format!("{base_url}/chat/completions")),
             embeddings_url: super::http::Endpoint::new(format!("{base_url}/embeddings")),
-            key,
+            credential: key.as_ref().map(super::http::Credential::bearer),
             http,
             timeout,
         }
@@ -53,10 +53,9 @@ impl OpenAiClient {
         RateHeaders,
     ) {
         let body = json!({"model": model, "input": texts});
-        let mut request = self.embeddings_url.post(&self.http).json(&body);
-        if let Some(key) = &self.key {
-            request = request.bearer_auth(key.expose_secret());
-        }
+        let request = self
+            .embeddings_url
+            .post_json(&self.http, &body, self.credential.as_ref());
         // Nobody listens for early closing here; the channel only satisfies `send`.
         let (tx, _rx) = mpsc::channel(1);
         let tx = EventTx::new(tx);
@@ -100,10 +99,9 @@ impl OpenAiClient {
             body.stream = false;
             body.stream_options = None;
         }
-        let mut request = self.url.post(&self.http).json(&body);
-        if let Some(key) = &self.key {
-            request = request.bearer_auth(key.expose_secret());
-        }
+        let request = self
+            .url
+            .post_json(&self.http, &body, self.credential.as_ref());
         let response = match send(&self.name, request, self.timeout, tx, seen).await {
             Some(Ok(r)) => r,
             Some(Err(e)) => {

@@ -57,10 +57,10 @@ where
     D: Decoder,
 {
     let mut body = body;
-    let mut framer = frame::Framer::default();
+    let mut framer = frame::Framer::new();
     let mut sent_text = false;
-    let mut out = Vec::new();
-    let mut joined = Vec::new();
+    let mut out = Vec::with_capacity(8);
+    let mut joined = Vec::with_capacity(8);
     // The idle timeout runs from the last event: keep-alive comments do not reset it.
     let mut deadline = tokio::time::Instant::now() + idle;
     let failure = loop {

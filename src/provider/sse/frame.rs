@@ -41,7 +41,17 @@ pub enum FrameError {
     TooLong,
 }
 
+/// The room an event's data starts with: a chat chunk's JSON fits without growing.
+const DATA_START: usize = 512;
+
 impl Framer {
+    pub fn new() -> Self {
+        Self {
+            data: String::with_capacity(DATA_START),
+            ..Self::default()
+        }
+    }
+
     /// Takes the next bytes of the stream.
     pub fn push(&mut self, bytes: &[u8]) {
         if self.at > 0 && self.at == self.buf.len() {
