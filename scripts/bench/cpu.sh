@@ -7,6 +7,11 @@
 #   PARLEY_BIN (default target/release/parley)
 #   KEYED=1: parley with a real key instead (scripts/bench/parley-keyed.sh: auth, per-key limits
 #   and usage accounting on, cache off), as the harness's keyed run
+#   COUNT=1: also count, with perf stat on the server over the measured load, its system calls
+#   (sendto, writev, recvfrom, write, epoll_wait) and context switches, and print them per
+#   request; COUNT=2 counts calls into glibc's allocator as well (malloc, realloc,
+#   malloc_consolidate: uprobes on libc, added when missing, which needs root), which slows the
+#   server: the rate, CPU and system-call figures of such a run are not comparable with others
 # Needs oha; builds the harness's mock into bench-out/ on first use.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -53,7 +58,30 @@ load 20000 >/dev/null
 pid=$gw_pid
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 hz=$(getconf CLK_TCK)
+stat_pid=''
+if [ "${COUNT:-0}" != 0 ]; then
+  libc=$(ldd "$bin" 2>/dev/null | awk '/libc\.so/ {print $3}' || true)
+  events=syscalls:sys_enter_sendto,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom
+  events=$events,syscalls:sys_enter_write,syscalls:sys_enter_epoll_wait,context-switches
+  probes=()
+  [ "$COUNT" = 2 ] && probes=(malloc realloc malloc_consolidate)
+  for f in "${probes[@]}"; do
+    perf probe -l 2>/dev/null | grep -q "probe_libc:$f " \
+      || perf probe -q -x "$libc" --add "$f" >/dev/null 2>&1 || true
+    perf probe -l 2>/dev/null | grep -q "probe_libc:$f " && events=$events,probe_libc:$f
+  done
+  counts=$(mktemp)
+  perf stat -x, -e "$events" -p "$pid" -o "$counts" &
+  stat_pid=$!
+  sleep 1
+fi
 t0=$(ticks)
 rps=$(load "$requests" | awk '/Requests\/sec/ {print $2}')
 t1=$(ticks)
 echo "keyed=${KEYED:-0} mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(echo "scale=4; ($t1 - $t0) * 1000 / $hz / $requests" | bc)"
+if [ -n "$stat_pid" ]; then
+  kill -INT "$stat_pid"
+  wait "$stat_pid" || true
+  awk -F, -v n="$requests" '/^[0-9]/ {printf "  %-34s %8.2f per request\n", $3, $1 / n}' "$counts"
+  rm -f "$counts"
+fi
