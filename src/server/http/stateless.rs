@@ -34,9 +34,6 @@ const BODY_CHUNK: usize = 32 * 1024;
 /// without the buffer growing (and being copied) chunk by chunk.
 const FIRST_CHUNK: usize = 4 * 1024;
 
-/// How long a streaming body holds bytes, after its first write, for more to leave with them.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Admission, guards and the cache scope of a stateless request: the steps before the core.
 pub fn prepare(
     deps: &Deps,
@@ -234,10 +231,10 @@ impl Running {
     }
 
     /// A response body of the generation's pieces rendered by `render` into the buffer it is
-    /// given (returning whether that piece ended the answer). Pieces are gathered until the
-    /// thread has nothing else ready to run, then leave in one chunk of bytes (at most
-    /// [`BODY_CHUNK`]): the events of one upstream read reach the client in one write instead of
-    /// one write each, and a reply that trickles in still leaves as it comes.
+    /// given (returning whether that piece ended the answer). Every piece ready when the body is
+    /// polled leaves in one chunk of bytes (at most [`BODY_CHUNK`]): what the upstream reader
+    /// passed on together (one burst, `provider::sse`) reaches the client in one write, and a
+    /// reply that trickles in leaves piece by piece, each at once.
     pub fn body<S: 'static>(
         mut self,
         mut state: S,
@@ -245,22 +242,7 @@ impl Running {
     ) -> impl Stream<Item = Result<Bytes, actix_web::Error>> {
         let mut buf = BytesMut::with_capacity(FIRST_CHUNK);
         let mut ended = false;
-        // Bytes not sent at once wait at most this long for more.
-        let mut window: Option<Pin<Box<tokio::time::Sleep>>> = None;
-        let mut sent = false;
         futures_util::stream::poll_fn(move |cx| {
-            // While a window is open the generation is left alone: what the upstream sends
-            // meanwhile waits in its channel, and is all taken when the window closes.
-            let closing = match window.as_mut() {
-                Some(timer) => {
-                    if timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    window = None;
-                    true
-                }
-                None => false,
-            };
             while !ended && buf.len() < BODY_CHUNK {
                 match self.poll_piece(cx) {
                     Poll::Ready(piece) => ended = render(&mut state, piece, &mut buf),
@@ -274,14 +256,6 @@ impl Running {
                     Poll::Pending
                 };
             }
-            if sent && !ended && !closing && buf.len() < BODY_CHUNK {
-                let mut timer = Box::pin(tokio::time::sleep(GATHER));
-                if timer.as_mut().poll(cx).is_pending() {
-                    window = Some(timer);
-                    return Poll::Pending;
-                }
-            }
-            sent = true;
             Poll::Ready(Some(Ok(buf.split().freeze())))
         })
     }
