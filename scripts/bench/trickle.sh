@@ -2,8 +2,9 @@
 # How long a streamed reply's chunks stay in parley when the upstream trickles them, measured in
 # the server: parley in development mode (peers/parley/start.sh, cache off) in front of the
 # harness's mock on its slow route (headers after 50 ms, then 16 chunks 5 ms apart, as the
-# harness's TTFT scenario), oha sending 10 streamed requests a second with 8 connections, and
-# `perf trace` on the server for 6 s of it. Prints, per binary, from each read of the upstream
+# harness's TTFT scenario), oha sending 5 streamed requests a second over one connection (a
+# reply takes some 130 ms, so replies never overlap and every write to the client follows the
+# read of its own reply), and `perf trace` on the server for 6 s of it. Prints, per binary, from each read of the upstream
 # answer to the write to the client that follows: the first chunk's (it leaves with the head)
 # and the later chunks', p50 and p90; and from the client's request read to the upstream
 # request's write. perf trace slows each system call, so the figures are for comparing builds
@@ -36,7 +37,7 @@ for _ in $(seq "$rounds"); do
     server=$!
     pids+=("$server")
     wait_up 127.0.0.1:4000/healthz
-    oha -z 12s -q 10 -c 8 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
+    oha -z 12s -q 5 -c 1 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
       http://127.0.0.1:4000/v1/chat/completions >/dev/null 2>&1 &
     load=$!
     sleep 3

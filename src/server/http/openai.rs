@@ -191,7 +191,8 @@ struct ChoiceOut<'a> {
 /// Writes `v` into `buf` as one SSE event of one `data:` line.
 fn put_event(buf: &mut BytesMut, v: &impl serde::Serialize) {
     buf.extend_from_slice(b"data: ");
-    // Plain structs of strings and numbers, written into memory: this cannot fail.
+    // Structs of strings, numbers and JSON values (string keys only), written into memory:
+    // this cannot fail.
     let _ = serde_json::to_writer((&mut *buf).writer(), v);
     buf.extend_from_slice(b"\n\n");
 }
@@ -366,6 +367,7 @@ mod tests {
         delta: Option<ChunkDelta>,
         finish: Option<FinishReason>,
         usage: Option<Usage>,
+        logprobs: Option<Value>,
     ) -> String {
         let chunk = ChatCompletionChunk {
             id: reply.id.clone(),
@@ -377,7 +379,7 @@ mod tests {
                     index: 0,
                     delta,
                     finish_reason: finish.map(|f| f.as_str().to_owned()),
-                    logprobs: None,
+                    logprobs,
                 })
                 .into_iter()
                 .collect(),
@@ -412,7 +414,7 @@ mod tests {
                     content: Some(text.into()),
                     ..ChunkDelta::default()
                 };
-                let expected = via_struct(&reply, model, Some(delta.clone()), None, None);
+                let expected = via_struct(&reply, model, Some(delta.clone()), None, None, None);
                 assert_eq!(
                     written(|b| put_text(b, &head, text)),
                     expected,
@@ -430,18 +432,44 @@ mod tests {
             };
             assert_eq!(
                 written(|b| reply.put_chunk(b, model, &opening, None, None)),
-                via_struct(&reply, model, Some(opening.clone()), None, None)
+                via_struct(&reply, model, Some(opening.clone()), None, None, None)
             );
             let finish = Some(FinishReason::Length);
             let empty = ChunkDelta::default();
             assert_eq!(
                 written(|b| reply.put_chunk(b, model, &empty, finish, None)),
-                via_struct(&reply, model, Some(empty), finish, None)
+                via_struct(&reply, model, Some(empty), finish, None, None)
+            );
+            let call = ChunkDelta {
+                tool_calls: Some(vec![ToolCallChunk {
+                    index: 0,
+                    id: Some("call_1".into()),
+                    kind: Some("function".into()),
+                    function: crate::wire::openai::FunctionChunk {
+                        name: Some("weather".into()),
+                        arguments: Some("{\"city\":".into()),
+                    },
+                }]),
+                ..ChunkDelta::default()
+            };
+            assert_eq!(
+                written(|b| reply.put_chunk(b, model, &call, None, None)),
+                via_struct(&reply, model, Some(call.clone()), None, None, None)
+            );
+            let text = ChunkDelta {
+                content: Some("hi".into()),
+                ..ChunkDelta::default()
+            };
+            let logprobs =
+                json!({"content": [{"token": "hi", "logprob": -0.5, "bytes": [104, 105]}]});
+            assert_eq!(
+                written(|b| reply.put_chunk(b, model, &text, None, Some(logprobs.clone()))),
+                via_struct(&reply, model, Some(text), None, None, Some(logprobs))
             );
             let usage = Usage::new(12, 8);
             assert_eq!(
                 written(|b| put_event(b, &reply.chunk_out(model, &[], Some(usage)))),
-                via_struct(&reply, model, None, None, Some(usage))
+                via_struct(&reply, model, None, None, Some(usage), None)
             );
         }
     }
