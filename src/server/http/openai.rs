@@ -386,13 +386,13 @@ mod tests {
             usage,
             error: None,
         };
-        format!("data: {}\n\n", serde_json::to_string(&chunk).unwrap())
+        format!("data: {}\n\n", serde_json::to_string(&chunk).unwrap()) // ok: test code
     }
 
     fn written(f: impl FnOnce(&mut BytesMut)) -> String {
         let mut buf = BytesMut::new();
         f(&mut buf);
-        String::from_utf8(buf.to_vec()).unwrap()
+        String::from_utf8(buf.to_vec()).unwrap() // ok: test code
     }
 
     #[test]
