@@ -45,3 +45,13 @@ TOML
   fi
   BENCH_KEY=$key
 }
+
+# The background processes a script starts (its mock, its server, a sampler): each is added to
+# `started` as it starts; `stop_started` stops them all, waits for them and forgets them. Call it
+# from the script's EXIT trap too, so nothing outlives the script.
+started=()
+stop_started() {
+  for p in ${started[@]+"${started[@]}"}; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  started=()
+}

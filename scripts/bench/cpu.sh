@@ -2,7 +2,8 @@
 # parley's CPU time per request at full load, against the harness's mock upstream (from
 # ../shared/bench), in development mode with the cache off (peers/parley/start.sh): oha with 64
 # connections sends REQUESTS requests after a warm-up; the CPU time of the parley process is read
-# from /proc before and after. Prints the request rate and CPU milliseconds per request.
+# from /proc before and after. Prints the request rate, CPU milliseconds per request, and the
+# server's RSS (idle at start -> after the load) and its peak (MiB).
 #   MODE=stream|json (stream)  CHUNKS=8 (chunks per streamed reply)  REQUESTS=100000
 #   PARLEY_BIN (default target/release/parley)
 #   KEYED=1: parley with a real key instead (scripts/bench/parley-keyed.sh: auth, per-key limits
@@ -53,10 +54,13 @@ load() {
   oha -n "$1" -c 64 --no-tui -m POST -H 'content-type: application/json' "${auth[@]}" -d "$body" \
     http://127.0.0.1:4000/v1/chat/completions
 }
-load 20000 >/dev/null
 # The gateway's process (start.sh execs it).
 pid=$gw_pid
-ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+rss() { awk -v f="$1:" '$1 == f {printf "%.1f", $2 / 1024}' "/proc/$pid/status"; }
+idle_rss=$(rss VmRSS)
+load 20000 >/dev/null
+# User and system CPU ticks of the server.
+ticks() { awk '{print $14, $15}' "/proc/$pid/stat"; }
 hz=$(getconf CLK_TCK)
 stat_pid=''
 if [ "${COUNT:-0}" != 0 ]; then
@@ -75,10 +79,11 @@ if [ "${COUNT:-0}" != 0 ]; then
   stat_pid=$!
   sleep 1
 fi
-t0=$(ticks)
+read -r u0 s0 <<<"$(ticks)"
 rps=$(load "$requests" | awk '/Requests\/sec/ {print $2}')
-t1=$(ticks)
-echo "keyed=${KEYED:-0} mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(echo "scale=4; ($t1 - $t0) * 1000 / $hz / $requests" | bc)"
+read -r u1 s1 <<<"$(ticks)"
+per() { echo "scale=4; $1 * 1000 / $hz / $requests" | bc; }
+echo "keyed=${KEYED:-0} mode=$mode chunks=$chunks requests=$requests rps=$rps cpu_ms_per_request=$(per $((u1 + s1 - u0 - s0))) (user $(per $((u1 - u0))) sys $(per $((s1 - s0)))) rss_mib=$idle_rss->$(rss VmRSS) peak_mib=$(rss VmHWM)"
 if [ -n "$stat_pid" ]; then
   kill -INT "$stat_pid"
   wait "$stat_pid" || true

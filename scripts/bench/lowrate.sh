@@ -17,26 +17,19 @@ seconds=${DURATION:-10}
 rounds=${ROUNDS:-3}
 mock=$(mock_bin)
 out=$(mktemp -d)
-# The round's mock and server, stopped however the script ends.
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-}
-trap 'cleanup; rm -rf "$out"' EXIT
+trap 'stop_started; rm -rf "$out"' EXIT
 stream=''
 [ -n "${STREAM:-}" ] && stream=',"stream":true'
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32'$stream'}'
 one() {
   local bin=$1
   "$mock" --port 18080 >/dev/null 2>&1 &
-  pids+=($!)
+  started+=($!)
   MOCK_API_BASE="http://127.0.0.1:18080/v1" PARLEY_BIN=$bin GW_PORT=4000 \
     "$bench/peers/parley/start.sh" >/dev/null 2>&1 &
   # start.sh execs the server, so this is the server's pid.
   local gw_pid=$!
-  pids+=("$gw_pid")
+  started+=("$gw_pid")
   wait_up 127.0.0.1:18080/health
   wait_up 127.0.0.1:4000/healthz
   oha -n 2000 -c 64 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
@@ -53,7 +46,7 @@ one() {
     -m POST -H 'content-type: application/json' -d "$body" \
     http://127.0.0.1:4000/v1/chat/completions >"$out/oha.json"
   wait "$perf_pid" || true
-  cleanup
+  stop_started
   python3 - "$out" "$bin" <<'PY'
 import json, re, sys
 out, bin = sys.argv[1], sys.argv[2]

@@ -23,18 +23,16 @@ if [ -z "${PARLEY_BIN:-}" ]; then
 fi
 mock=$(mock_bin)
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+trap stop_started EXIT
 
 MOCK_PORT=18090 "$mock" >"$out/mock.log" 2>&1 &
-pids+=($!)
+started+=($!)
 wait_up 127.0.0.1:18090/health
 
 export BENCH_DATA=$out GW_PORT=4090 PARLEY_BIN
 export MOCK_API_BASE=http://127.0.0.1:18090/v1
 scripts/bench/parley-keyed.sh >"$out/parley.log" 2>&1 &
-pids+=($!)
+started+=($!)
 wait_up 127.0.0.1:4090/healthz
 pid=$(pgrep -f "$PARLEY_BIN serve" | head -1)
 key=$(curl -sf 127.0.0.1:4090/admin/keys -H 'authorization: Bearer bench-admin-key' \
@@ -44,7 +42,7 @@ key=$(curl -sf 127.0.0.1:4090/admin/keys -H 'authorization: Bearer bench-admin-k
 
 rss() { awk '/VmRSS/ {print $2}' "/proc/$pid/status"; }
 (while kill -0 "$pid" 2>/dev/null; do echo "$(date +%s) $(rss)"; sleep 5; done) >"$out/rss.txt" &
-pids+=($!)
+started+=($!)
 echo "idle RSS $(( $(rss) / 1024 )) MiB"
 
 body='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there"}]'

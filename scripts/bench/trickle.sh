@@ -18,13 +18,7 @@ bench=$PWD/../shared/bench
 rounds=${ROUNDS:-1}
 mock=$(mock_bin)
 out=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  pids=()
-}
-trap 'cleanup; rm -rf "$out"' EXIT
+trap 'stop_started; rm -rf "$out"' EXIT
 body='{"model":"gpt-4o-mini-slow","messages":[{"role":"user","content":"Say hello."}],"max_tokens":32,"stream":true}'
 export MOCK_API_BASE="http://127.0.0.1:18080/v1"
 export MOCK_API_BASE_SLOW="http://127.0.0.1:18080/delay_ms=50,chunk_delay_ms=5,chunks=16/v1"
@@ -32,10 +26,10 @@ export GW_PORT=4000
 for _ in $(seq "$rounds"); do
   for bin in "$@"; do
     "$mock" --port 18080 >/dev/null 2>&1 &
-    pids+=($!)
+    started+=($!)
     PARLEY_BIN=$bin "$bench/peers/parley/start.sh" >/dev/null 2>&1 &
     server=$!
-    pids+=("$server")
+    started+=("$server")
     wait_up 127.0.0.1:4000/healthz
     oha -z 12s -q 5 -c 1 --no-tui -m POST -H 'content-type: application/json' -d "$body" \
       http://127.0.0.1:4000/v1/chat/completions >/dev/null 2>&1 &
@@ -43,7 +37,7 @@ for _ in $(seq "$rounds"); do
     sleep 3
     timeout 6 perf trace -p "$server" -e recvfrom,sendto,writev -o "$out/trace.txt" 2>/dev/null || true
     wait "$load" || true
-    cleanup
+    stop_started
     python3 - "$bin" "$out/trace.txt" <<'PY'
 import re, sys
 
