@@ -312,12 +312,6 @@ pub fn start(config: Config, listener: TcpListener, store: Store) -> Result<AppH
         state.registry.deps().shutdown.clone(),
     );
 
-    crate::memory::give_back(
-        state.metrics.ws_connections.clone(),
-        state.registry.clone(),
-        state.registry.deps().shutdown.clone(),
-    );
-
     if let Some(cluster) = &cluster {
         let stop = state.registry.deps().shutdown.clone();
         keep_leases(cluster.clone(), state.registry.clone(), stop.clone());

@@ -37,7 +37,6 @@ pub mod guard;
 pub mod ids;
 pub mod jobs;
 pub mod limits;
-pub mod memory;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod provider;

@@ -9,7 +9,14 @@ use parley::cli::{Cli, Command, MockArgs, ServeArgs};
 use parley::config::Config;
 use parley::{app, mock_upstream, telemetry};
 
+/// mimalloc in place of glibc's allocator: 11–14 % less CPU per request at full load
+/// (`scripts/bench/cpu.sh`, README), and freed pages go back to the system by themselves about
+/// a second after they fall free.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    no_huge_pages();
     let cli = Cli::parse();
     // `serve` sets telemetry up from its config; the other commands log to stderr.
     let _telemetry = if matches!(cli.command, Command::Serve(_)) {
@@ -102,6 +109,19 @@ fn serve(args: &ServeArgs) -> ExitCode {
 
 /// Every socket is a file descriptor, and the usual soft limit (1024) is far below what one
 /// server holds: raise it to the hard limit. A failure only means fewer sockets, never no start.
+/// Transparent huge pages off for this process: where the kernel gives them to every large
+/// mapping (`/sys/kernel/mm/transparent_hugepage/enabled` = `always`), each of the allocator's
+/// arenas would hold 2 MiB pages of which a gateway touches a few KiB (idle RSS 78 MiB against
+/// 22 with them off, measured with mimalloc asking for them). A kernel that cannot switch
+/// them off (before Linux 3.15) leaves them as they were.
+fn no_huge_pages() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers and reads or writes no memory of ours.
+        let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    }
+}
+
 fn raise_fd_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) => tracing::debug!(limit, "open file limit raised to the hard limit"),
